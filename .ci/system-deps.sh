@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages the tests need: sshd and iproute2 for the virtual Thunderbolt cluster,
+# Chromium for the browser test. Installed only when missing, and only as root.
+set -euo pipefail
+need=()
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ip >/dev/null || need+=(iproute2)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
+command -v chromium >/dev/null || need+=(chromium)
+command -v ss >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "note: missing ${need[*]}; the multi-host and browser tests will be skipped" >&2
+    exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,24 @@
+"""Thunderbolt-cabled Apple-silicon Macs as one interactive MLX machine, from a notebook.
+
+``%load_ext mlx_cluster_magic`` registers ``%mlx_cluster``; the Python API is ``MLXCluster``.
+"""
+
+from .cluster import MLXCluster
+from .errors import MLXClusterError
+
+__version__ = "0.1.0"
+__all__ = ["MLXCluster", "MLXClusterError", "__version__", "load_ipython_extension"]
+
+
+def load_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]
+    from .magics import MLXClusterMagics
+
+    ipython.register_magics(MLXClusterMagics)
+
+
+def unload_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]
+    from .magics import MLXClusterMagics
+
+    magics = ipython.magics_manager.registry.get(MLXClusterMagics.__name__)
+    if magics is not None and magics.cluster is not None and magics.cluster.running:
+        magics.cluster.stop()

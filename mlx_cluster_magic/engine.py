@@ -1,0 +1,132 @@
+"""Engine start-up, run on every rank by mpiexec: ``python -m mlx_cluster_magic.engine``.
+
+MLX calls plain ``MPI_Init`` and fails if mpi4py initialised MPI first, and ipyparallel's
+``--mpi`` engines import mpi4py before any user code runs. So this module initialises MLX's
+distributed group first, checks that it spans every rank (MLX silently falls back to a size-1
+group when it cannot load libmpi), and only then hands over to ipyparallel's engine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from typing import Any
+
+from .launch import BACKEND_VAR, IBV_DEVICES_VAR, RING_HOSTS_VAR, STATUS_VAR
+
+#: The MLX group of this rank, set before the engine starts; ``world`` in the engine namespace.
+WORLD: Any = None
+BACKEND: str = ""
+
+# Exit code that tells the head the MLX group could not be formed (see cluster.py).
+EXIT_BAD_GROUP = 3
+
+
+def _mpi_rank_and_size() -> tuple[int, int]:
+    """Open MPI's own per-rank variables: known before MPI_Init."""
+    env = os.environ
+    rank = env.get("OMPI_COMM_WORLD_RANK", env.get("PMIX_RANK", "0"))
+    size = env.get("OMPI_COMM_WORLD_SIZE", "1")
+    return int(rank), int(size)
+
+
+def _write_private(content: str, name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"mlx-cluster-{name}-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    return path
+
+
+def prepare_backend_environment(backend: str, rank: int) -> list[str]:
+    """Turn the forwarded variables into the files and variables MLX's backends read.
+
+    Returns the temporary files written, so they can be removed when the engine exits.
+    """
+    written = []
+    if backend in ("ring", "jaccl"):
+        os.environ["MLX_RANK"] = str(rank)
+    if os.environ.get(RING_HOSTS_VAR) and backend in ("ring", "any"):
+        path = _write_private(os.environ[RING_HOSTS_VAR], "ring")
+        os.environ["MLX_HOSTFILE"] = path
+        os.environ.setdefault("MLX_RANK", str(rank))
+        written.append(path)
+    if os.environ.get(IBV_DEVICES_VAR) and backend == "jaccl":
+        path = _write_private(os.environ[IBV_DEVICES_VAR], "ibv")
+        os.environ["MLX_IBV_DEVICES"] = path
+        written.append(path)
+    return written
+
+
+def init_group(backend: str, rank: int, size: int) -> Any:
+    """Initialise MLX's group, or exit with a message the head shows the user."""
+    import mlx.core as mx
+
+    host = socket.gethostname()
+    try:
+        group = mx.distributed.init(backend=backend, strict=True)
+    except Exception as e:
+        hint = ""
+        if backend in ("mpi", "any"):
+            hint = f" (MLX_MPI_LIBNAME={os.environ.get('MLX_MPI_LIBNAME', '')!r})"
+        _fail(f"rank {rank} on {host}: MLX {backend} backend failed to initialise: {e}{hint}")
+    if group.size() != size or group.rank() != rank:
+        _fail(
+            f"rank {rank} on {host}: MLX formed a group of size {group.size()} (rank "
+            f"{group.rank()}) but mpiexec started {size} ranks; MLX could not use the {backend} "
+            "backend"
+        )
+    return group
+
+
+def _fail(message: str) -> None:
+    print(f"mlx_cluster_magic: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_GROUP)
+
+
+def rank_report() -> dict[str, Any]:
+    """What the head checks after start: ids, ranks and sizes must all agree."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return {
+        "mlx_rank": WORLD.rank(),
+        "mlx_size": WORLD.size(),
+        "mpi_rank": comm.Get_rank(),
+        "mpi_size": comm.Get_size(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "backend": BACKEND,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    global WORLD, BACKEND
+    argv = sys.argv[1:] if argv is None else argv
+    BACKEND = os.environ.get(BACKEND_VAR, "mpi")
+    rank, size = _mpi_rank_and_size()
+    written = prepare_backend_environment(BACKEND, rank)
+    WORLD = init_group(BACKEND, rank, size)
+    if os.environ.get(STATUS_VAR):
+        from .sidecar import start_sidecar
+
+        start_sidecar(os.environ[STATUS_VAR], rank)
+    try:
+        from ipyparallel.engine.app import main as ipengine_main
+
+        sys.argv = ["ipengine", *argv]
+        ipengine_main()
+    finally:
+        for path in written:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this ``__main__`` copy, so ``WORLD`` is the one user code sees.
+    from mlx_cluster_magic import engine
+
+    engine.main()

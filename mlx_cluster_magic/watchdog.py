@@ -1,0 +1,44 @@
+"""Stops a cluster's processes if the process that started it (the kernel) dies abruptly.
+
+Started by ``MLXCluster`` with the kernel's pid and our own pids; more pids arrive as lines on
+stdin. A normal stop writes ``stop`` and closes stdin. End of input without ``stop`` means the
+kernel is gone (killed, crashed), so every pid we were given is terminated, then killed.
+Kills only the processes it was given, by pid, checked against their start time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+import psutil
+
+
+def _track(pid_text: str, procs: list[psutil.Process]) -> None:
+    with contextlib.suppress(ValueError, psutil.Error):
+        procs.append(psutil.Process(int(pid_text)))
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a kernel interrupt is not a death
+    procs: list[psutil.Process] = []
+    for pid in argv[1:]:
+        _track(pid, procs)
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            return 0
+        _track(line.strip(), procs)
+    # stdin closed without "stop": our parent is gone.
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=3)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,96 @@
+"""Shared fixtures: a real IPython shell with the extension loaded, a process-leak check, and
+the virtual Thunderbolt cluster (network namespaces with sshd) for the multi-host tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+# The kinds of process this project starts. Matched on the command line.
+OURS = re.compile(
+    r"mlx_cluster_magic\.(engine|watchdog)|ipyparallel\.controller|ipcontroller|ipengine"
+    r"|(^|/)(prterun|prted|mpiexec|mpirun)(\s|$)"
+)
+
+
+# Every process this test session starts inherits this marker, so the leak checks count only
+# our own processes, not those of anything else running on the machine.
+SESSION_MARKER = f"MLX_CLUSTER_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["MLX_CLUSTER_TEST_SESSION"] = SESSION_MARKER.split("=", 1)[1]
+
+
+def _has_marker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return SESSION_MARKER.encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def our_processes(extra_pids: frozenset[int] = frozenset()) -> list[tuple[int, str]]:
+    """Live (non-zombie) processes of the kinds we start that this test session started
+    (or that run inside our virtual hosts: ``extra_pids``)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE or not p.info["cmdline"]:
+            continue
+        cmd = " ".join(p.info["cmdline"])
+        pid = p.info["pid"]
+        if pid != os.getpid() and OURS.search(cmd) and (_has_marker(pid) or pid in extra_pids):
+            found.append((pid, cmd[:160]))
+    return found
+
+
+def wait_no_processes(timeout: float = 10.0) -> list[tuple[int, str]]:
+    """Our processes still alive after ``timeout`` seconds (empty when all are gone)."""
+    deadline = time.monotonic() + timeout
+    left = our_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = our_processes()
+    return left
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_strays_at_start() -> None:
+    left = our_processes()
+    assert not left, f"processes of ours running before the tests: {left}"
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fails the test if it leaves any engine, controller, mpiexec/prterun/prted behind."""
+    yield
+    left = wait_no_processes()
+    assert not left, f"left running: {left}"
+
+
+@pytest.fixture
+def ip(no_leaks: None) -> Iterator[object]:
+    """A real IPython shell with ``%load_ext mlx_cluster_magic``; any cluster is stopped after."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "mlx_cluster_magic")
+    yield shell
+    magics = shell.magics_manager.registry.get("MLXClusterMagics")
+    if magics is not None and magics.cluster is not None and magics.cluster.running:
+        magics.cluster.stop()
+    if magics is not None:
+        magics.cluster = None
+    shell.run_line_magic("unload_ext", "mlx_cluster_magic")
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

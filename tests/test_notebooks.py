@@ -1,0 +1,76 @@
+"""Every example notebook executes on 2 local ranks; the kernel spec pre-loads the extension."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def execute(nb: nbformat.NotebookNode, kernel: str, cwd: Path) -> nbformat.NotebookNode:
+    NotebookClient(
+        nb, timeout=600, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}}
+    ).execute()
+    return nb
+
+
+def outputs_text(nb: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.output_type == "stream":
+                parts.append(o.text)
+            elif "data" in o and "text/plain" in o.data:
+                parts.append(o.data["text/plain"])
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, no_leaks: None) -> None:
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        f"{path.name} has committed outputs; clear them"
+    )
+    execute(nb, "python3", path.parent)
+    assert "Error" not in "".join(
+        o.get("ename", "") for c in nb.cells for o in c.get("outputs", [])
+    )
+
+
+def test_quickstart_prints_the_collective_result(no_leaks: None) -> None:
+    path = next(p for p in NOTEBOOKS if p.stem == "01-quickstart")
+    text = outputs_text(execute(nbformat.read(path, as_version=4), "python3", path.parent))
+    assert "rank 0 of 2: all_sum = [3.0, 3.0, 3.0, 3.0]" in text
+    assert "rank 1 of 2: all_sum = [3.0, 3.0, 3.0, 3.0]" in text
+    assert "identical on 2/2 ranks" in text
+
+
+def test_kernel_spec_is_installed_and_preloads_the_extension(
+    tmp_path: Path, no_leaks: None
+) -> None:
+    listing = subprocess.run(
+        [sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    specs = json.loads(listing.stdout)["kernelspecs"]
+    assert "mlx-cluster" in specs
+    assert specs["mlx-cluster"]["spec"]["display_name"] == "Python 3 (MLX cluster)"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("c = %mlx_cluster start -n 2"),  # no %load_ext
+        nbformat.v4.new_code_cell(
+            "%%px\nv = mx.distributed.all_sum(mx.array(world.rank() + 1)).item()"
+        ),
+        nbformat.v4.new_code_cell("print('SUM', c.view['v'])"),
+        nbformat.v4.new_code_cell("%mlx_cluster stop"),
+    ]
+    assert "SUM [3, 3]" in outputs_text(execute(nb, "mlx-cluster", tmp_path))

@@ -1,0 +1,431 @@
+"""A virtual cluster of "Macs" on one Linux machine, for multi-host tests.
+
+Each host is a network namespace with its own hostname (a UTS namespace), a
+veth cable into a bridge on the head, and an ``sshd`` listening on the host's
+own IP. The head reaches every host with ``ssh -F <cluster.ssh_config> macN``,
+which is exactly what Open MPI's rsh launcher needs. Needs root, iproute2,
+util-linux (``unshare``) and openssh-server (``/usr/sbin/sshd``).
+
+Everything lives under fixed names derived from ``prefix`` (namespaces
+``<prefix>-mac1``..., bridge ``<prefix>br0``, veths ``<prefix>v1``..., a state
+directory ``<tmp>/<prefix>-vcluster``) so that ``start()`` can tear down the
+remnants of a crashed run before building anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+SSHD = "/usr/sbin/sshd"
+# sshd refuses to start without its privilege-separation directory; Debian
+# normally creates it at boot (systemd tmpfiles), containers often lack it.
+PRIVSEP_DIR = Path("/run/sshd")
+# sshd hands its environment's PATH to sessions (before dotfiles run); give it a
+# plain system one so an activated venv on the head never leaks to the "Macs".
+SSHD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+def skip_reason() -> str | None:
+    """Say why a virtual cluster cannot be built here, or None if it can."""
+    if os.name != "posix" or not Path("/proc/self/ns/net").exists():
+        return "virtual cluster needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "virtual cluster needs root (network namespaces, bridge, sshd)"
+    for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"virtual cluster needs `{tool}` on PATH"
+    if not os.access(SSHD, os.X_OK):
+        return f"virtual cluster needs {SSHD} (Debian package openssh-server)"
+    return None
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command quietly; raise with its stderr when ``check`` and it fails.
+
+    A single argument is split on whitespace (all our arguments are space-free).
+    """
+    argv = cmd[0].split() if len(cmd) == 1 else list(cmd)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        err = proc.stderr.strip()
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {err}")
+    return proc
+
+
+def _keygen(path: Path, comment: str) -> None:
+    """Make a passphrase-less ed25519 key pair at ``path`` and ``path``.pub."""
+    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path))
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _kill(pids: list[int], timeout: float = 3.0) -> None:
+    """SIGTERM the given pids, then SIGKILL whatever is still alive after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.05)
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
+            return
+
+
+class VirtualCluster:
+    """N namespaced "Macs" behind a bridge, each reachable over ssh by name.
+
+    Host ``i`` (1-based) is called ``mac<i>``, lives in namespace
+    ``<prefix>-mac<i>`` with IP ``subnet[10 + i]``; the head's bridge has
+    ``subnet[1]``. Use distinct ``prefix`` and ``subnet`` for clusters that
+    may exist at the same time.
+    """
+
+    def __init__(
+        self,
+        n: int = 3,
+        *,
+        subnet: str = "10.213.0.0/24",
+        prefix: str = "mcm",
+        host_prefix: str = "mac",
+    ) -> None:
+        net = ipaddress.ip_network(subnet)
+        if n < 1 or net.num_addresses < 12 + n:
+            raise ValueError(f"subnet {subnet} too small for {n} hosts")
+        # Interface names are limited to 15 characters by the kernel.
+        if len(f"{prefix}br0") > 15 or len(f"{prefix}v{n}") > 15:
+            raise ValueError(f"prefix {prefix!r} too long for interface names")
+        self.n = n
+        self.prefix = prefix
+        self.subnet = str(net)
+        self.prefixlen = net.prefixlen
+        self.head_ip = str(net.network_address + 1)
+        self.hosts = [f"{host_prefix}{i}" for i in range(1, n + 1)]
+        self.ips = [str(net.network_address + 10 + i) for i in range(1, n + 1)]
+        self.bridge = f"{prefix}br0"
+        self.namespaces = [f"{prefix}-{h}" for h in self.hosts]
+        self.veths = [f"{prefix}v{i}" for i in range(1, n + 1)]
+        self.dir = Path(tempfile.gettempdir()) / f"{prefix}-vcluster"
+        self.ssh_config = self.dir / "ssh_config"
+        self.identity = self.dir / "id_ed25519"
+        self.sshd_pids: list[int] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    # -- lookup -------------------------------------------------------------
+
+    def _index(self, host: str) -> int:
+        """Position of ``host`` (a name like mac2 or its IP) in the lists."""
+        if host in self.hosts:
+            return self.hosts.index(host)
+        if host in self.ips:
+            return self.ips.index(host)
+        raise KeyError(f"unknown virtual host {host!r}")
+
+    def ip(self, host: str) -> str:
+        """IP address of ``host``."""
+        return self.ips[self._index(host)]
+
+    def namespace(self, host: str) -> str:
+        """Network namespace name of ``host``."""
+        return self.namespaces[self._index(host)]
+
+    def veth(self, host: str) -> str:
+        """Head-side veth (the bridge port) of ``host``'s cable."""
+        return self.veths[self._index(host)]
+
+    # -- life cycle ---------------------------------------------------------
+
+    def __enter__(self) -> VirtualCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 20.0) -> VirtualCluster:
+        """Build the cluster from scratch, first removing any remnant of ours."""
+        reason = skip_reason()
+        if reason:
+            raise RuntimeError(reason)
+        self.stop()
+        try:
+            self._build(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _build(self, timeout: float) -> None:
+        self.dir.mkdir(mode=0o700)
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+        _keygen(self.identity, "vcluster")
+        shutil.copy(f"{self.identity}.pub", self.dir / "authorized_keys")
+
+        _run(f"ip link add {self.bridge} type bridge")
+        _run(f"ip addr add {self.head_ip}/{self.prefixlen} dev {self.bridge}")
+        _run(f"ip link set {self.bridge} up")
+        for i, host in enumerate(self.hosts):
+            ns, veth, ip = self.namespaces[i], self.veths[i], self.ips[i]
+            _run(f"ip netns add {ns}")
+            _run(f"ip link add {veth} type veth peer name eth0 netns {ns}")
+            _run(f"ip link set {veth} master {self.bridge}")
+            _run(f"ip link set {veth} up")
+            _run(f"ip netns exec {ns} ip link set lo up")
+            _run(f"ip netns exec {ns} ip addr add {ip}/{self.prefixlen} dev eth0")
+            _run(f"ip netns exec {ns} ip link set eth0 up")
+            self._start_sshd(host, ns, ip)
+        self._write_ssh_config()
+        self._wait_ready(timeout)
+
+    def _start_sshd(self, host: str, ns: str, ip: str) -> None:
+        """Start sshd for ``host`` in its namespace under its own hostname."""
+        hdir = self.dir / host
+        hdir.mkdir()
+        key = hdir / "ssh_host_ed25519_key"
+        _keygen(key, host)
+        config = hdir / "sshd_config"
+        config.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {ip}",
+                    "Port 22",
+                    f"HostKey {key}",
+                    f"PidFile {hdir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    # StrictModes rejects key files under world-writable /tmp.
+                    "StrictModes no",
+                    "UsePAM no",
+                    "PrintMotd no",
+                    # Open MPI may open many sessions at once.
+                    "MaxStartups 100:30:200",
+                    "LogLevel INFO",
+                    "",
+                ]
+            )
+        )
+        # `ip netns exec` and `unshare` (without --fork) both exec, so the pid we
+        # get is sshd's own; sh sets the hostname inside the new UTS namespace.
+        log = (hdir / "sshd.log").open("wb")
+        proc = subprocess.Popen(
+            [
+                "ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
+                f'hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host, str(config),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=SSHD_ENV,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        self._procs.append(proc)
+        self.sshd_pids.append(proc.pid)
+
+    def _write_ssh_config(self) -> None:
+        blocks = []
+        for host, ip in zip(self.hosts, self.ips, strict=True):
+            blocks.append(
+                f"Host {host} {ip}\n"
+                f"    HostName {ip}\n"
+                "    User root\n"
+                f"    IdentityFile {self.identity}\n"
+                "    IdentitiesOnly yes\n"
+                "    StrictHostKeyChecking no\n"
+                f"    UserKnownHostsFile {self.dir / 'known_hosts'}\n"
+                "    BatchMode yes\n"
+                "    LogLevel ERROR\n"
+                "    ConnectTimeout 5\n"
+            )
+        self.ssh_config.write_text("\n".join(blocks))
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Wait until every sshd accepts connections from the head."""
+        deadline = time.monotonic() + timeout
+        for host, ip, proc in zip(self.hosts, self.ips, self._procs, strict=True):
+            while True:
+                if proc.poll() is not None:
+                    log = (self.dir / host / "sshd.log").read_text(errors="replace")
+                    raise RuntimeError(f"sshd for {host} exited ({proc.returncode}): {log}")
+                try:
+                    socket.create_connection((ip, 22), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"sshd for {host} at {ip} not reachable") from None
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Tear everything down: our processes by pid, namespaces, links, state dir."""
+        pids = [p for p in self.sshd_pids if _alive(p)]
+        pids += self._stale_sshds()
+        for ns in self.namespaces:
+            pids += self._ns_pids(ns)
+        _kill(sorted(set(pids)))
+        for proc in self._procs:  # reap our children; never hang on a stuck one
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self._procs.clear()
+        self.sshd_pids.clear()
+        existing = set(_run("ip", "netns", "list", check=False).stdout.split())
+        for ns in self.namespaces:
+            if ns in existing:
+                _run("ip", "netns", "del", ns, check=False)
+        for link in [*self.veths, self.bridge]:
+            if Path(f"/sys/class/net/{link}").exists():
+                _run("ip", "link", "del", link, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stale_sshds(self) -> list[int]:
+        """sshds of a crashed run of ours (pid file names a process on our config)."""
+        found = []
+        for pidfile in self.dir.glob("*/sshd.pid") if self.dir.is_dir() else []:
+            try:
+                pid = int(pidfile.read_text().split()[0])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            # sshd rewrites its title ("sshd: /usr/sbin/sshd -D -e -f CONFIG [listener]").
+            if str(pidfile.parent / "sshd_config").encode() in cmdline:
+                found.append(pid)
+        return found
+
+    @staticmethod
+    def _ns_pids(ns: str) -> list[int]:
+        """Every process in network namespace ``ns`` (sessions, prted, ranks)."""
+        if not Path(f"/run/netns/{ns}").exists():
+            return []
+        out = _run("ip", "netns", "pids", ns, check=False).stdout
+        return [int(p) for p in out.split() if p.isdigit()]
+
+    def leftovers(self) -> list[str]:
+        """Describe anything of ours still present; empty after a clean ``stop()``."""
+        found = []
+        existing = set(_run("ip", "netns", "list", check=False).stdout.split())
+        found += [f"netns {ns}" for ns in self.namespaces if ns in existing]
+        found += [
+            f"link {link}"
+            for link in [*self.veths, self.bridge]
+            if Path(f"/sys/class/net/{link}").exists()
+        ]
+        if self.dir.exists():
+            found.append(f"dir {self.dir}")
+        return found
+
+    # -- use ------------------------------------------------------------------
+
+    def ssh(self, host: str, *cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run a shell command on ``host`` over ssh, as Open MPI would."""
+        return subprocess.run(
+            ["ssh", "-F", str(self.ssh_config), host, *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def netns_exec(
+        self, host: str, *cmd: str, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in ``host``'s namespace directly (no ssh: head's hostname)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.namespace(host), *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    @property
+    def rsh_agent(self) -> str:
+        """Value for Open MPI's ssh agent parameter that uses our ssh config."""
+        return f"ssh -F {self.ssh_config}"
+
+    def mpiexec_args(self, prted: str | os.PathLike[str] | None = None) -> list[str]:
+        """The ``mpiexec`` (Open MPI 5) options that launch across these hosts.
+
+        ``--mca plm_rsh_agent`` is translated by Open MPI to PRRTE's
+        ``plm_ssh_agent``; note ``--prtemca plm_rsh_agent`` and the env vars
+        ``PRTE_MCA_plm_rsh_agent`` / ``OMPI_MCA_plm_rsh_agent`` are silently
+        ignored (plain ``ssh`` is used and ``mac1`` does not resolve).
+        ``PRTE_MCA_plm_ssh_agent`` in the environment works too.
+        """
+        args = ["--mca", "plm_rsh_agent", self.rsh_agent]
+        if prted is not None:
+            args += ["--prtemca", "prte_launch_agent", str(prted)]
+        args += ["--mca", "btl_tcp_if_include", self.subnet]
+        args += ["--mca", "oob_tcp_if_include", self.subnet]
+        if os.geteuid() == 0:
+            args.append("--allow-run-as-root")
+        return args
+
+    def hostfile(self, path: str | os.PathLike[str], form: str = "mlx", slots: int = 1) -> Path:
+        """Write a hostfile: ``mlx`` (mlx.launch JSON) or ``mpi`` (Open MPI, by IP)."""
+        path = Path(path)
+        if form == "mlx":
+            entries = [{"ssh": h, "ips": [ip]} for h, ip in zip(self.hosts, self.ips, strict=True)]
+            path.write_text(json.dumps(entries, indent=2) + "\n")
+        elif form == "mpi":
+            path.write_text("".join(f"{ip} slots={slots}\n" for ip in self.ips))
+        else:
+            raise ValueError(f"unknown hostfile form {form!r}")
+        return path
+
+    # -- faults and shaping ---------------------------------------------------
+
+    def cable_down(self, host: str) -> None:
+        """Unplug ``host``'s cable (its bridge port goes down, the peer loses carrier)."""
+        _run(f"ip link set {self.veth(host)} down")
+
+    def cable_up(self, host: str) -> None:
+        """Plug ``host``'s cable back in."""
+        _run(f"ip link set {self.veth(host)} up")
+
+    def shape(self, rate: str | None = "16gbit", delay: str | None = None) -> None:
+        """Limit every cable, both directions, to ``rate`` and add ``delay``.
+
+        ``delay`` needs the kernel's netem qdisc (sch_netem), which minimal
+        kernels lack; ``rate`` alone uses tbf, which is nearly always present.
+        """
+        if delay:
+            qdisc = f"netem delay {delay}" + (f" rate {rate}" if rate else "")
+        elif rate:
+            qdisc = f"tbf rate {rate} burst 256kb latency 50ms"
+        else:
+            raise ValueError("shape() needs a rate or a delay")
+        for ns, veth in zip(self.namespaces, self.veths, strict=True):
+            _run(f"tc qdisc replace dev {veth} root {qdisc}")
+            _run(f"ip netns exec {ns} tc qdisc replace dev eth0 root {qdisc}")
+
+    def unshape(self) -> None:
+        """Remove any shaping from every cable."""
+        for ns, veth in zip(self.namespaces, self.veths, strict=True):
+            _run(f"tc qdisc del dev {veth} root", check=False)
+            _run(f"ip netns exec {ns} tc qdisc del dev eth0 root", check=False)
