@@ -7,6 +7,7 @@ a bad start fail fast with one line, and clean-up that leaves no process behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shlex
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ipyparallel as ipp
@@ -195,7 +198,49 @@ class MLXCluster:
             self.activate()
         return self
 
+    def _preflight(self) -> None:
+        """Before launching anything: every remote host answers ssh and has our python stack.
+
+        mpiexec itself would wait for a daemon that never comes; this names the host instead.
+        """
+        remote = [h for h in self.placement.hosts if not h.is_local]
+        if not remote:
+            return
+        check = shlex.join(
+            [self.python, "-c", "import mlx.core, mpi4py, ipyparallel, mlx_cluster_magic"]
+        )
+        ssh = [*shlex.split(self.ssh or "ssh"), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+
+        def probe(host: hostmod.Host) -> str | None:
+            try:
+                done = subprocess.run(
+                    [*ssh, host.ssh, check], capture_output=True, text=True, timeout=20
+                )
+            except subprocess.TimeoutExpired:
+                return f"host {host.ssh!r} did not answer ssh within 20 s: is it on and reachable?"
+            err = (done.stderr.strip().splitlines() or [""])[-1]
+            if done.returncode == 255:
+                return (
+                    f"cannot ssh to {host.ssh!r}: {err or 'ssh failed'}; check `ssh {host.ssh}` "
+                    "works without a password (ssh-copy-id) or pass --ssh"
+                )
+            if done.returncode == 127:
+                return f"{self.python} not found on {host.ssh!r}: install it there or pass --python"
+            if done.returncode != 0:
+                return (
+                    f"{self.python} on {host.ssh!r} cannot start an engine: {err}; install the same"
+                    " packages as here (pip install mlx_cluster_magic)"
+                )
+            return None
+
+        with ThreadPoolExecutor(max_workers=len(remote)) as pool:
+            problems = [p for p in pool.map(probe, remote) if p]
+        if problems:
+            raise MLXClusterError(problems[0])
+
     def _start(self) -> None:
+        self._preflight()
+        _LIVE.add(self)
         self._profile_dir = tempfile.mkdtemp(prefix="mlx-cluster-")  # 0700
         for sub in ("security", "log", "startup", "pid"):
             os.makedirs(os.path.join(self._profile_dir, sub), mode=0o700)
@@ -235,7 +280,11 @@ class MLXCluster:
             mpi_cmd=[self.mpiexec],
             mpi_args=launch.mpiexec_args(self.placement, opts),
             engine_cmd=[self.python, "-m", "mlx_cluster_magic.engine"],
-            engine_args=[f"--IPEngine.startup_command={_ENGINE_NAMESPACE}"],
+            engine_args=[
+                f"--IPEngine.startup_command={_ENGINE_NAMESPACE}",
+                # No sqlite history on the engines: a write per cell costs the %%px round trip.
+                "--HistoryManager.enabled=False",
+            ],
             environment=env,
         )
         self._start_watchdog()
@@ -281,6 +330,13 @@ class MLXCluster:
         ]
         if ours:
             return f"{what}: {ours[0]}"
+        remote = [
+            ln.split(":", 1)[1].strip() for ln in output if ln.strip().startswith("Remote host:")
+        ]
+        if remote:
+            return (
+                f"{what}: mpiexec could not start its daemon on {remote[0]!r} (ssh or prted failed)"
+            )
         tail = " | ".join(ln.strip() for ln in output[-4:] if ln.strip())
         log = getattr(launcher, "output_file", "")
         return f"{what}; engine log tail: {tail or '(empty)'} (full log: {log})"
@@ -368,6 +424,7 @@ class MLXCluster:
         self._ipp = self._client = self._view = None
         self._profile_dir = None
         self._ranks = []
+        _LIVE.discard(self)
         with contextlib.suppress(Exception):
             self._refresh_widget()
 
@@ -493,6 +550,17 @@ class MLXCluster:
         if launcher is None:
             raise MLXClusterError("no cluster is running")
         return shlex.join(launcher.args)
+
+
+_LIVE: weakref.WeakSet[MLXCluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Kernel shutdown or restart: stop every cluster this process started."""
+    for cluster in list(_LIVE):
+        with contextlib.suppress(Exception):
+            cluster._teardown()
 
 
 def _reap(procs: list[psutil.Process], grace: float = 5.0) -> None:

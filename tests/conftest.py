@@ -94,3 +94,40 @@ def ip(no_leaks: None) -> Iterator[object]:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def vhosts() -> Iterator[object]:
+    """Three virtual Macs (network namespaces with their own hostname, sshd, a bridge)."""
+    from vcluster import VirtualCluster, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    vc = VirtualCluster(3, subnet="10.213.2.0/24", prefix="mcmh")
+    vc.start()
+    try:
+        yield vc
+    finally:
+        vc.stop()
+
+
+def vhost_pids(vc: object) -> frozenset[int]:
+    """Every process running inside the virtual hosts' namespaces."""
+    pids: set[int] = set()
+    for ns in vc.namespaces:  # type: ignore[attr-defined]
+        pids.update(vc._ns_pids(ns))  # type: ignore[attr-defined]
+    return frozenset(pids)
+
+
+@pytest.fixture
+def no_vhost_leaks(vhosts: object) -> Iterator[None]:
+    """Fails the test if any engine/prted is left on the virtual hosts or on the head."""
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        left = our_processes(vhost_pids(vhosts))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, f"left running: {left}"

@@ -1,0 +1,208 @@
+"""``make bench``: mlx_cluster_magic against the raw baselines, side by side in one run.
+
+Every figure is a median over repeated runs with its spread (min..max), measured alternately
+with its baseline so that machine noise hits both alike; the ratio is ours / baseline.
+Writes bench/results.json and bench/results.md (the table the README shows).
+
+    python bench/run.py [--quick] [--only startup,roundtrip,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+# Raw ipyparallel finds mpiexec on PATH, and needs Open MPI's consent to run as root.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")  # raw ipyparallel's mpiexec, as root
+os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+
+
+def stats(samples: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+    }
+
+
+def compare(
+    name: str,
+    ours: list[float],
+    base: list[float],
+    unit: str,
+    target: str,
+    baseline: str,
+    higher_is_better: bool = False,
+) -> dict[str, Any]:
+    o, b = stats(ours), stats(base)
+    ratio = o["median"] / b["median"] if b["median"] else float("nan")
+    return {
+        "name": name,
+        "unit": unit,
+        "ours": o,
+        "baseline": b,
+        "baseline_name": baseline,
+        "ratio": ratio,
+        "target": target,
+        "higher_is_better": higher_is_better,
+    }
+
+
+# ----------------------------------------------------------------------------- sections
+def bench_startup(reps: int) -> list[dict[str, Any]]:
+    """Start-to-ready and the %%px round trip, against raw ipyparallel with engines="mpi"."""
+    import ipyparallel as ipp
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from mlx_cluster_magic import MLXCluster
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "mlx_cluster_magic")
+    ours_start: list[float] = []
+    raw_start: list[float] = []
+    ours_rt: list[float] = []
+    raw_rt: list[float] = []
+    calls = 200
+    for _ in range(reps):
+        t = time.perf_counter()
+        raw = ipp.Cluster(engines="mpi", n=2, log_level=40)
+        rc = raw.start_and_connect_sync()
+        raw_start.append(time.perf_counter() - t)
+        dv = rc[:]
+        dv.block = True
+        for _ in range(20):
+            dv.execute("pass")
+        samples = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            dv.execute("pass", block=True)
+            samples.append(time.perf_counter() - t)
+        raw_rt.append(statistics.median(samples))
+        rc.close()
+        raw.stop_cluster_sync()
+
+        t = time.perf_counter()
+        cluster = MLXCluster(n=2).start(activate=True)
+        ours_start.append(time.perf_counter() - t)
+        for _ in range(20):
+            shell.run_cell_magic("px", "", "pass")
+        samples = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            shell.run_cell_magic("px", "", "pass")
+            samples.append(time.perf_counter() - t)
+        ours_rt.append(statistics.median(samples))
+        cluster.stop()
+    return [
+        compare(
+            "start to ready, 2 local ranks",
+            ours_start,
+            raw_start,
+            "s",
+            "<= 0.60x",
+            "ipp.Cluster(engines='mpi', n=2).start_and_connect_sync()",
+        ),
+        compare(
+            "%%px pass round trip",
+            [x * 1e3 for x in ours_rt],
+            [x * 1e3 for x in raw_rt],
+            "ms",
+            "<= 1.10x",
+            "dv.execute('pass', block=True)",
+        ),
+    ]
+
+
+SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
+    "startup": bench_startup,
+}
+
+
+def machine() -> dict[str, Any]:
+    import mlx.core as mx
+
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _cell(s: dict[str, Any], unit: str) -> str:
+    return f"{s['median']:.3g} {unit} ({s['min']:.3g}..{s['max']:.3g})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, MLX {m['mlx']} "
+        f"({m['device']}); {m['date']}.",
+        "",
+        "| measure | ours (median, min..max) | baseline (median, min..max) | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in results["figures"]:
+        o, b, u = r["ours"], r["baseline"], r["unit"]
+        lines.append(
+            f"| {r['name']} | {_cell(o, u)} | {_cell(b, u)} {r['baseline_name']} "
+            f"| {r['ratio']:.2f}x | {r['target']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--only", default="", help="comma-separated sections: " + ",".join(SECTIONS)
+    )
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args()
+    chosen = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    reps = args.reps or (2 if args.quick else 5)
+    out = HERE / "results.json"
+    previous = json.loads(out.read_text()) if out.exists() else {"figures": []}
+    figures = [f for f in previous.get("figures", []) if f.get("section") not in chosen]
+    for section in chosen:
+        print(f"== {section} ({reps} runs)", flush=True)
+        for fig in SECTIONS[section](reps):
+            fig["section"] = section
+            figures.append(fig)
+            print(
+                f"{fig['name']}: ours {fig['ours']['median']:.4g} {fig['unit']}, baseline "
+                f"{fig['baseline']['median']:.4g} {fig['unit']}, ratio {fig['ratio']:.2f}x "
+                f"(target {fig['target']})",
+                flush=True,
+            )
+    order = list(SECTIONS)
+    figures.sort(key=lambda f: order.index(f["section"]) if f["section"] in order else 99)
+    results = {"machine": machine(), "figures": figures}
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The live status widget in a real JupyterLab, seen through a real (headless) Chromium.
+
+Starts JupyterLab on a free loopback port with a throw-away notebook, runs it in the browser
+(Playwright), and checks what a user sees: two rank rows, ``idle`` after start, ``busy`` with a
+growing busy time while a non-blocking execute runs (the kernel refreshes the widget from a
+background thread), then the Stop button stops the cluster. Screenshot:
+``tests/artifacts/status-widget.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import psutil
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+NOTEBOOK = "status-widget.ipynb"
+BUSY_S = 8  # how long the non-blocking execute keeps both ranks busy
+CELLS = [
+    "%load_ext mlx_cluster_magic",
+    "cluster = %mlx_cluster start -n 2",
+    "cluster",
+    f'ar = cluster.view.execute("import time; time.sleep({BUSY_S})", block=False)',
+]
+
+
+def _missing() -> str | None:
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"no Chromium at {CHROMIUM}"
+    for module, what in (("playwright", "playwright (PyPI)"), ("jupyterlab", "jupyterlab")):
+        if importlib.util.find_spec(module) is None:
+            return f"{what} is not installed"
+    return None
+
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(_missing() is not None, reason=str(_missing())),
+]
+
+
+# --------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _api(base: str, token: str, path: str, method: str = "GET") -> Any:
+    req = urllib.request.Request(
+        f"{base}{path}", method=method, headers={"Authorization": f"token {token}"}
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        body = r.read()
+    return json.loads(body) if body else None
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float, period: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(period)
+
+
+def _write_notebook(path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
+    nbformat.write(nb, path)
+
+
+def _quiet_lab_settings(settings: Path) -> None:
+    """No news / update toasts over the notebook (they would also try the network)."""
+    f = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+
+
+class Lab:
+    """A JupyterLab server of our own: started, waited for, shut down (kernels included)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = secrets.token_hex(16)
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = root.parent / "jupyter-lab.log"
+        env = dict(os.environ)
+        for var, sub in (
+            ("JUPYTER_CONFIG_DIR", "config"),
+            ("JUPYTER_RUNTIME_DIR", "runtime"),
+            ("JUPYTER_DATA_DIR", "data"),
+            ("JUPYTERLAB_SETTINGS_DIR", "settings"),
+            ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
+            ("IPYTHONDIR", "ipython"),
+        ):
+            env[var] = str(root.parent / sub)
+        _quiet_lab_settings(root.parent / "settings")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "lab",
+                "--no-browser",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={self.port}",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.root_dir={root}",
+                "--allow-root",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._children: dict[int, psutil.Process] = {}
+
+    def wait_ready(self, timeout: float = 45.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"jupyter lab exited ({self.proc.returncode}):\n{self.log()}")
+            try:
+                return "started" in _api(self.base, self.token, "/api/status")
+            except (OSError, ValueError):
+                return False
+
+        _wait("jupyter lab to answer /api/status", ready, timeout, period=0.3)
+
+    def remember_children(self) -> None:
+        """The kernel and whatever else the server started, to check they all end."""
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self._children[p.pid] = p
+
+    def kernels(self) -> list[dict[str, Any]]:
+        return _api(self.base, self.token, "/api/kernels")
+
+    def log(self, tail: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-tail:]
+        return ""
+
+    def stop(self) -> list[str]:
+        """Shut kernels and server down cleanly; kill by pid what does not end. Returns
+        the processes that had to be killed (empty on a clean shutdown)."""
+        self.remember_children()
+        killed: list[str] = []
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                for k in self.kernels():
+                    _api(self.base, self.token, f"/api/kernels/{k['id']}", method="DELETE")
+            with contextlib.suppress(OSError, ValueError):
+                _api(self.base, self.token, "/api/shutdown", method="POST")
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+                    killed.append(f"jupyter lab server (pid {self.proc.pid})")
+        _gone, alive = psutil.wait_procs(list(self._children.values()), timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                killed.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        self._log.close()
+        return killed
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    root = tmp_path / "root"
+    root.mkdir()
+    _write_notebook(root / NOTEBOOK)
+    server = Lab(root)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- the page
+def _rows(page: Any) -> list[dict[str, Any]]:
+    """The status table as the user sees it: one dict per rank row."""
+    return page.evaluate(
+        """() => Array.from(
+            document.querySelectorAll('.mlx-cluster-status table.mlx-cluster-nodes tr.mlx-node')
+        ).map(tr => ({
+            rank: tr.dataset.rank,
+            cls: tr.className,
+            cells: Array.from(tr.cells).map(td => td.innerText.trim()),
+        }))"""
+    )
+
+
+def _busy_seconds(text: str) -> float | None:
+    m = re.fullmatch(r"([\d.]+) s", text)
+    return float(m.group(1)) if m else None
+
+
+def _cell_errors(page: Any) -> str:
+    """Tracebacks and one-line errors (UsageError) in the outputs; plain warnings pass."""
+    texts = page.locator(
+        ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+    ).all_inner_texts()
+    return "\n".join(t for t in texts if re.search(r"Error|Traceback", t))
+
+
+def _run_cell(page: Any, index: int) -> None:
+    """Select code cell ``index`` and run it with Shift+Enter, as a user would."""
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Shift+Enter")
+
+
+def _prompt(page: Any, index: int) -> str:
+    return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputPrompt").inner_text()
+
+
+def _wait_executed(page: Any, index: int, timeout: float) -> None:
+    def done() -> bool:
+        errors = _cell_errors(page)
+        if errors:
+            raise AssertionError(f"a notebook cell failed:\n{errors}")
+        return re.search(r"\[\d+\]", _prompt(page, index)) is not None
+
+    _wait(f"cell {index} to finish", done, timeout, period=0.25)
+
+
+def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: Path) -> None:
+    # no_leaks first: its check runs after the lab fixture has shut the server down.
+    from playwright.sync_api import sync_playwright
+
+    assert importlib.util.find_spec("jupyterlab_widgets") is not None, (
+        "jupyterlab_widgets (ipywidgets 8's widget manager for JupyterLab 4) is not installed: "
+        "the status view would render as its text/plain fallback"
+    )
+    screenshot = artifacts / "status-widget.png"
+    failure_shot = artifacts / "status-widget-failure.png"
+    for old in (screenshot, failure_shot):
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = None
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(f"{lab.base}/lab/tree/{NOTEBOOK}?token={lab.token}")
+            # The notebook is open and its kernel is up and idle.
+            page.wait_for_selector(".jp-Notebook .jp-Cell .jp-InputArea-editor", timeout=45_000)
+            _wait(
+                "the notebook's kernel to start",
+                lambda: [k for k in lab.kernels() if k["execution_state"] == "idle"],
+                timeout=45,
+                period=0.5,
+            )
+            assert len(lab.kernels()) == 1
+            lab.remember_children()
+            page.wait_for_selector(
+                ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
+            )
+
+            # Load, start, display: Shift+Enter runs a cell and moves to the next.
+            _run_cell(page, 0)
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.press("Shift+Enter")
+            _wait_executed(page, 2, timeout=75)
+            lab.remember_children()
+
+            # The widget renders (jupyterlab_widgets' manager), one row per rank, both idle.
+            page.wait_for_selector(".jp-OutputArea .mlx-cluster-status", timeout=15_000)
+            rows = _wait("2 idle rank rows", lambda: _idle_rows(page), timeout=15)
+            assert [r["rank"] for r in rows] == ["0", "1"]
+            header = page.locator(".mlx-cluster-status .widget-html").first.inner_text()
+            assert "MLX cluster (running)" in header and "2 ranks" in header
+            stop = page.locator(".mlx-cluster-status button", has_text="Stop")
+            assert stop.is_enabled()
+            assert page.locator(".mlx-cluster-status button", has_text="Restart").count() == 1
+
+            # A non-blocking execute: the kernel is idle again at once, the ranks sleep. The
+            # table must follow on its own (refreshed from the kernel's status thread).
+            _run_cell(page, 3)
+            _wait_executed(page, 3, timeout=20)
+            busy = _wait("a rank row to show busy", lambda: _busy_rows(page), timeout=10)
+            first = _busy_seconds(busy[0]["cells"][3])
+            assert first is not None, busy
+            later = _wait(
+                "the busy time to grow",
+                lambda: _busy_rows(page, longer_than=first + 0.9),
+                timeout=6,
+            )
+            assert "busy" in later[0]["cells"][2]
+            page.locator(".mlx-cluster-status").screenshot(path=str(screenshot))
+            assert screenshot.stat().st_size > 0
+
+            # Back to idle when the sleep is over, then the widget's own Stop button.
+            _wait("both ranks idle again", lambda: _idle_rows(page), timeout=BUSY_S + 10)
+            stop.click()
+            _wait(
+                "the header to say stopped",
+                lambda: (
+                    "(stopped)"
+                    in page.locator(".mlx-cluster-status .widget-html").first.inner_text()
+                ),
+                timeout=30,
+            )
+            _wait("the Stop button to be disabled", stop.is_disabled, timeout=5)
+        except BaseException:
+            if page is not None:
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(failure_shot))
+            print(f"jupyter lab log tail:\n{lab.log()}")
+            raise
+        finally:
+            browser.close()
+    killed = lab.stop()
+    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+
+
+def _idle_rows(page: Any) -> list[dict[str, Any]] | None:
+    rows = _rows(page)
+    ok = len(rows) == 2 and all("mlx-idle" in r["cls"] and "idle" in r["cells"][2] for r in rows)
+    return rows if ok else None
+
+
+def _busy_rows(page: Any, longer_than: float = -1.0) -> list[dict[str, Any]] | None:
+    rows = _rows(page)
+    busy = [
+        r
+        for r in rows
+        if "mlx-busy" in r["cls"] and (_busy_seconds(r["cells"][3]) or -1.0) > longer_than
+    ]
+    return busy or None

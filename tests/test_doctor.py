@@ -1,0 +1,405 @@
+"""``run_doctor``: every check on real hosts, healthy and broken, with no mocks.
+
+The local tests run anywhere; the multi-host ones build a virtual cluster of namespaced "Macs"
+with sshd (root only; they skip otherwise) and break it for real: unknown names, refused ssh,
+keys not authorized, a missing python, a python without MLX, version skew, a pulled cable and a
+low MTU. Every doctor call uses ``timeout=5`` and must come back well within its bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from vcluster import VirtualCluster, skip_reason
+
+import mlx_cluster_magic
+from mlx_cluster_magic.doctor import (
+    CHECKS,
+    PACKAGES,
+    DoctorReport,
+    head_versions,
+    parse_interfaces,
+    run_doctor,
+)
+from mlx_cluster_magic.errors import MLXClusterError
+from mlx_cluster_magic.hosts import Host, Placement, local, read_hostfile
+
+FIXTURES = Path(__file__).parent / "fixtures" / "macos"
+TIMEOUT = 5.0
+# A dead host costs at most connect + remote-check time, never more.
+BOUND = 2 * TIMEOUT + 3
+
+
+def _has_mlx(python: str) -> bool:
+    proc = subprocess.run([python, "-c", "import mlx.core"], capture_output=True, timeout=30)
+    return proc.returncode == 0
+
+
+def _skew_python(tmp: Path) -> str:
+    """A python whose ``mlx_cluster_magic`` claims another version (the venv's, shadowed)."""
+    pkg = tmp / "skew" / "mlx_cluster_magic"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('__version__ = "0.0.0-skew"\n')
+    wrapper = tmp / "python-skew"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={tmp / "skew"} exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def _statuses(report: DoctorReport, host: str) -> dict[str, bool | None]:
+    return {c.name: c.ok for c in report[host].checks}
+
+
+# --------------------------------------------------------------------------------- local
+
+
+def test_local_placement_is_all_green() -> None:
+    t0 = time.monotonic()
+    report = run_doctor(local(2), timeout=TIMEOUT)
+    assert time.monotonic() - t0 < TIMEOUT
+    assert report.ok, report
+    (row,) = report.rows
+    assert row.host == "localhost"
+    assert [c.name for c in row.checks] == list(CHECKS)
+    assert all(c.ok is True for c in row.checks), report
+    assert row["mlx_cluster_magic"].detail == mlx_cluster_magic.__version__
+    assert row["mpiexec"].detail == str(Path(sys.executable).parent / "mpiexec")
+    assert row["prted"].detail == str(Path(sys.executable).parent / "prted")
+    assert re.fullmatch(r"lo0? mtu \d+", row["mtu"].detail), row["mtu"]
+
+
+def test_head_versions_read_each_module_version() -> None:
+    import ipyparallel
+    import mlx.core
+    import mpi4py
+
+    assert head_versions() == {
+        "mlx": mlx.core.__version__,
+        "mpi4py": mpi4py.__version__,
+        "ipyparallel": ipyparallel.__version__,
+        "mlx_cluster_magic": mlx_cluster_magic.__version__,
+    }
+
+
+def test_report_renders_as_html_text_and_records() -> None:
+    report = run_doctor(local(1), timeout=TIMEOUT)
+    html = report._repr_html_()
+    assert html.count("<tr>") == 2  # header + one host
+    for name in CHECKS:
+        assert f">{name}</th>" in html
+    assert "&#10004;" in html and "&#10008;" not in html
+    text = repr(report)
+    assert "all ready" in text
+    assert text.splitlines()[1].split() == ["host", *CHECKS]
+    records = report.as_records()
+    assert json.loads(json.dumps(records)) == records
+    assert {r["check"] for r in records} == set(CHECKS)
+    assert all(r["status"] == "ok" and r["host"] == "localhost" for r in records)
+
+
+def test_local_missing_python_fails_the_python_check(tmp_path: Path) -> None:
+    report = run_doctor(local(1), python=str(tmp_path / "no-python"), timeout=TIMEOUT)
+    assert not report.ok
+    check = report["localhost"]["python"]
+    assert check.ok is False
+    assert f"{tmp_path / 'no-python'} not found on localhost" in check.detail
+    assert "--python" in check.fix
+    for pkg in PACKAGES:  # not run without a python: absent, not failed
+        assert report["localhost"].get(pkg) is None
+    html = report._repr_html_()
+    assert "&#10008;" in html and "not checked" in html and "--python" in html
+
+
+def test_local_version_skew_names_both_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Local checks run in the head's directory, which `python -` puts first on sys.path; leave
+    # the checkout so the skewed package on PYTHONPATH is the one found.
+    monkeypatch.chdir(tmp_path)
+    report = run_doctor(local(1), python=_skew_python(tmp_path), timeout=TIMEOUT)
+    check = report["localhost"]["mlx_cluster_magic"]
+    assert check.ok is False
+    assert "0.0.0-skew" in check.detail and mlx_cluster_magic.__version__ in check.detail
+    assert f"mlx_cluster_magic=={mlx_cluster_magic.__version__}" in check.fix
+    assert report["localhost"]["mlx"].ok is True
+
+
+def test_hanging_python_is_cut_off_at_the_timeout_and_killed(tmp_path: Path) -> None:
+    hang = tmp_path / "python-hangs"
+    hang.write_text("#!/bin/sh\nexec sleep 67.125\n")
+    hang.chmod(0o755)
+    t0 = time.monotonic()
+    report = run_doctor(local(1), python=str(hang), timeout=2)
+    assert time.monotonic() - t0 < 2 + 3
+    check = report["localhost"]["python"]
+    assert check.ok is False and "did not finish" in check.detail and "2 s" in check.detail
+    assert report["localhost"]["mpiexec"].ok is not None  # the shell's findings still count
+    left = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and p.info["cmdline"][-1] == "67.125"
+    ]
+    assert not left, "the hanging python was left running"
+
+
+@pytest.mark.parametrize("greeting", [b"", b"SSH-2.0-OpenSSH_9.6\r\n"])
+def test_ip_check_needs_the_ssh_greeting_not_just_a_connect(greeting: bytes) -> None:
+    """A silent listener (what a transparent proxy looks like) is not the host; sshd greets."""
+    server = socket.socket()
+    try:
+        server.bind(("127.0.0.2", 0))
+    except OSError:
+        server.close()
+        pytest.skip("127.0.0.2 is not a loopback address here")
+    server.listen()
+    server.settimeout(0.1)
+    port = server.getsockname()[1]
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            accepted.append(conn)
+            if greeting:
+                with contextlib.suppress(OSError):
+                    conn.sendall(greeting)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        host = Host("127.0.0.2", ("127.0.0.2",))
+        t0 = time.monotonic()
+        report = run_doctor(Placement((host,), (1,)), ssh=f"ssh -p {port}", timeout=2)
+        assert time.monotonic() - t0 < 2 * 2 + 3
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        for conn in accepted:
+            conn.close()
+    ip = report["127.0.0.2"]["ip"]
+    assert report["127.0.0.2"]["ssh"].ok is False  # no real sshd there either way
+    if greeting:
+        assert ip.ok is True and "reachable from the head" in ip.detail
+    else:
+        assert ip.ok is False and "no ssh greeting" in ip.detail, ip
+        assert f"127.0.0.2:{port}" in ip.detail
+
+
+def test_bad_arguments_raise_one_line_errors() -> None:
+    for bad in (0, -1.0, "5", True):
+        with pytest.raises(MLXClusterError, match="--timeout"):
+            run_doctor(local(1), timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(MLXClusterError, match="--python"):
+        run_doctor(local(1), python="  ")
+    with pytest.raises(MLXClusterError, match="--ssh"):
+        run_doctor(local(1), ssh="ssh -F 'unclosed")
+
+
+# --------------------------------------------------------------------------------- interfaces
+
+
+def test_interfaces_from_macos_ifconfig_capture() -> None:
+    text = (FIXTURES / "ifconfig-bridge0_mac-mini_mlx-issue-1903.txt").read_text()
+    bridge = parse_interfaces(text)["bridge0"]
+    assert bridge.mtu == 9000 and "10.25.0.1" in bridge.addresses
+    text = (FIXTURES / "ifconfig-a_macbook-pro-16-2021_macos-14.4.txt").read_text()
+    ifaces = parse_interfaces(text)
+    assert ifaces["en0"].mtu == 1500 and "192.168.2.46" in ifaces["en0"].addresses
+    assert ifaces["lo0"].mtu == 16384
+
+
+def test_interfaces_from_this_machines_ip_command() -> None:
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command here (not Linux?)")
+    addr = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True)
+    link = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True)
+    ifaces = parse_interfaces(f"{addr.stdout}@@mcmd links\n{link.stdout}")
+    assert ifaces["lo"].mtu == int(Path("/sys/class/net/lo/mtu").read_text())
+    assert "127.0.0.1" in ifaces["lo"].addresses
+
+
+# --------------------------------------------------------------------------------- multi-host
+
+
+@pytest.fixture(scope="module")
+def vc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VirtualCluster]:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = VirtualCluster(3, subnet="10.213.5.0/24", prefix="mcmd")
+    try:
+        cluster.start()
+        for host in cluster.hosts:  # a Thunderbolt bridge as it should be
+            proc = cluster.netns_exec(host, "ip", "link", "set", "eth0", "mtu", "9000")
+            assert proc.returncode == 0, proc.stderr
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def placement(vc: VirtualCluster, tmp_path_factory: pytest.TempPathFactory) -> Placement:
+    return read_hostfile(vc.hostfile(tmp_path_factory.mktemp("doctor") / "hosts.json"))
+
+
+def _doctor(vc: VirtualCluster, placement: Placement, **kw: object) -> DoctorReport:
+    t0 = time.monotonic()
+    report = run_doctor(placement, ssh=kw.pop("ssh", vc.rsh_agent), timeout=TIMEOUT, **kw)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < BOUND, report
+    return report
+
+
+@pytest.mark.multihost
+def test_healthy_virtual_cluster_is_all_green(vc: VirtualCluster, placement: Placement) -> None:
+    report = _doctor(vc, placement, python=sys.executable)
+    assert report.ok, report
+    assert [r.host for r in report.rows] == vc.hosts
+    for row, ip in zip(report.rows, vc.ips, strict=True):
+        assert [c.name for c in row.checks] == list(CHECKS)
+        assert all(c.ok is True for c in row.checks), report
+        assert f"({row.host})" in row["ssh"].detail  # the host's own hostname answered
+        assert ip in row["ip"].detail
+        assert row["mtu"].detail == "eth0 mtu 9000"
+        assert row["mpiexec"].detail == str(Path(sys.executable).parent / "mpiexec")
+
+
+@pytest.mark.multihost
+def test_unknown_host_name_fails_ssh_with_ssh_error(
+    vc: VirtualCluster, placement: Placement
+) -> None:
+    hosts = (placement.hosts[0], Host("nosuchmac"))
+    report = _doctor(vc, Placement(hosts, (1, 1)))
+    assert not report.ok
+    assert all(report["mac1"][n].ok is True for n in CHECKS), report
+    ssh = report["nosuchmac"]["ssh"]
+    assert ssh.ok is False
+    assert "nosuchmac" in ssh.detail and "Could not resolve hostname" in ssh.detail
+    assert "resolves" in ssh.fix and "nosuchmac" in ssh.fix
+    assert report["nosuchmac"].get("python") is None  # not checked without ssh
+    assert report["nosuchmac"]["ip"].ok is None  # no cluster IP given: a warning
+    assert "nosuchmac" in repr(report) and "Could not resolve hostname" in repr(report)
+
+
+@pytest.mark.multihost
+def test_refused_ssh_says_turn_on_remote_login(vc: VirtualCluster) -> None:
+    try:
+        socket.create_connection((vc.head_ip, 22), timeout=1).close()
+        pytest.skip(f"something listens on {vc.head_ip}:22")
+    except ConnectionRefusedError:
+        pass
+    report = _doctor(vc, Placement((Host(vc.head_ip, (vc.head_ip,)),), (1,)))
+    row = report[vc.head_ip]
+    assert row["ssh"].ok is False
+    assert "Connection refused" in row["ssh"].detail
+    assert "Remote Login" in row["ssh"].fix
+    assert row["ip"].ok is True and "refused" in row["ip"].detail  # it answered
+
+
+@pytest.mark.multihost
+def test_key_not_authorized_says_ssh_copy_id(
+    vc: VirtualCluster, placement: Placement, tmp_path: Path
+) -> None:
+    key = tmp_path / "stranger"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30
+    )
+    config = tmp_path / "ssh_config"
+    config.write_text(vc.ssh_config.read_text().replace(str(vc.identity), str(key)))
+    report = _doctor(vc, placement, ssh=f"ssh -F {config}")
+    for host in vc.hosts:
+        check = report[host]["ssh"]
+        assert check.ok is False and "Permission denied" in check.detail, report
+        assert check.fix == f"add your key: ssh-copy-id {host}"
+        assert report[host]["ip"].ok is True  # the network is fine
+
+
+@pytest.mark.multihost
+def test_missing_python_fails_the_python_check(vc: VirtualCluster, placement: Placement) -> None:
+    report = _doctor(vc, placement, python="/nonexistent/python")
+    assert not report.ok
+    for host in vc.hosts:
+        assert report[host]["ssh"].ok is True
+        check = report[host]["python"]
+        assert check.ok is False
+        assert check.detail == f"/nonexistent/python not found on {host}"
+        assert "/nonexistent/python" in check.fix
+
+
+@pytest.mark.multihost
+def test_python_without_mlx_fails_the_mlx_check(vc: VirtualCluster, placement: Placement) -> None:
+    python = "/usr/bin/python3"
+    if not Path(python).exists() or _has_mlx(python):
+        pytest.skip(f"{python} is missing or has mlx")
+    report = _doctor(vc, placement, python=python)
+    want = head_versions()["mlx"]
+    for host in vc.hosts:
+        row = report[host]
+        assert row["python"].ok in (True, None)  # it runs (maybe another minor version)
+        assert row["mlx"].ok is False
+        assert "No module named 'mlx'" in row["mlx"].detail and host in row["mlx"].detail
+        assert row["mlx"].fix == f"on {host}: {python} -m pip install 'mlx[cpu]=={want}'"
+
+
+@pytest.mark.multihost
+def test_version_skew_names_both_versions(
+    vc: VirtualCluster, placement: Placement, tmp_path: Path
+) -> None:
+    report = _doctor(vc, placement, python=_skew_python(tmp_path))
+    assert not report.ok
+    for host in vc.hosts:
+        check = report[host]["mlx_cluster_magic"]
+        assert check.ok is False
+        assert check.detail == (
+            f"0.0.0-skew on {host}, head has {mlx_cluster_magic.__version__}"
+        ), check
+        assert all(report[host][p].ok is True for p in ("mlx", "mpi4py", "ipyparallel"))
+
+
+@pytest.mark.multihost
+def test_cable_down_fails_that_host_only_within_the_timeout(
+    vc: VirtualCluster, placement: Placement
+) -> None:
+    vc.cable_down("mac2")
+    try:
+        report = _doctor(vc, placement)
+    finally:
+        vc.cable_up("mac2")
+    assert not report.ok
+    for host in ("mac1", "mac3"):
+        assert all(report[host][n].ok is True for n in CHECKS), report
+    row = report["mac2"]
+    assert row["ssh"].ok is False and "mac2" in row["ssh"].detail
+    assert row["ip"].ok is False and vc.ip("mac2") in row["ip"].detail
+    assert "cable" in row["ip"].fix and "mac2" in row["ip"].fix
+
+
+@pytest.mark.multihost
+def test_low_mtu_is_a_warning_with_the_fix(vc: VirtualCluster, placement: Placement) -> None:
+    assert vc.netns_exec("mac3", "ip", "link", "set", "eth0", "mtu", "1500").returncode == 0
+    try:
+        report = _doctor(vc, placement)
+    finally:
+        vc.netns_exec("mac3", "ip", "link", "set", "eth0", "mtu", "9000")
+    assert report.ok, report  # a warning does not fail the host
+    mtu = report["mac3"]["mtu"]
+    assert mtu.ok is None and mtu.detail.startswith("eth0 mtu 1500")
+    assert mtu.fix == "on mac3: sudo ip link set dev eth0 mtu 9000"
+    assert report["mac1"]["mtu"].ok is True
+    assert "#9a6700" in report._repr_html_() and "warn" in repr(report)
