@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -19,8 +20,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
 import psutil
@@ -34,6 +34,9 @@ from .gather import DEFAULT_LIMIT_BYTES, GatherResult, summarize_name
 from .remote import broadcast_from_root
 from .status import NodeStatus
 from .widgets import StatusView, header_text, nodes_html, nodes_text
+
+if TYPE_CHECKING:
+    from .doctor import DoctorReport
 
 # The controller pings engines this often (ms). ipyparallel's 3000 ms default makes every
 # engine wait up to 3 s after registering before it counts as ready, and a dead engine is
@@ -104,6 +107,7 @@ class MLXCluster:
         self.ring_port = ring_port
         self.timeout = float(timeout)
         self.mpiexec = launch.find_mpiexec(mpiexec)
+        self._explicit_mpiexec = bool(mpiexec or os.environ.get("MLX_CLUSTER_MPIEXEC"))
         self.mpi_lib = (
             launch.find_libmpi(self.mpiexec, mpi_lib) if self.backend in ("mpi", "any") else mpi_lib
         )
@@ -199,44 +203,30 @@ class MLXCluster:
         return self
 
     def _preflight(self) -> None:
-        """Before launching anything: every remote host answers ssh and has our python stack.
+        """Before launching anything, the doctor's checks on every remote host: ssh, python,
+        the same versions of mlx/mpi4py/ipyparallel/mlx_cluster_magic, mpiexec and prted.
 
-        mpiexec itself would wait for a daemon that never comes; this names the host instead.
+        mpiexec itself would wait for a daemon that never comes; this names the host and the fix.
         """
-        remote = [h for h in self.placement.hosts if not h.is_local]
-        if not remote:
+        if all(h.is_local for h in self.placement.hosts):
             return
-        check = shlex.join(
-            [self.python, "-c", "import mlx.core, mpi4py, ipyparallel, mlx_cluster_magic"]
-        )
-        ssh = [*shlex.split(self.ssh or "ssh"), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+        report = self.doctor(timeout=10.0)
+        failures = [(host, c) for host, c in report.problems() if c.ok is False]
+        if failures:
+            host, check = failures[0]
+            more = (
+                f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
+                if len(failures) > 1
+                else ""
+            )
+            fix = f"; fix: {check.fix}" if check.fix else ""
+            raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
 
-        def probe(host: hostmod.Host) -> str | None:
-            try:
-                done = subprocess.run(
-                    [*ssh, host.ssh, check], capture_output=True, text=True, timeout=20
-                )
-            except subprocess.TimeoutExpired:
-                return f"host {host.ssh!r} did not answer ssh within 20 s: is it on and reachable?"
-            err = (done.stderr.strip().splitlines() or [""])[-1]
-            if done.returncode == 255:
-                return (
-                    f"cannot ssh to {host.ssh!r}: {err or 'ssh failed'}; check `ssh {host.ssh}` "
-                    "works without a password (ssh-copy-id) or pass --ssh"
-                )
-            if done.returncode == 127:
-                return f"{self.python} not found on {host.ssh!r}: install it there or pass --python"
-            if done.returncode != 0:
-                return (
-                    f"{self.python} on {host.ssh!r} cannot start an engine: {err}; install the same"
-                    " packages as here (pip install mlx_cluster_magic)"
-                )
-            return None
+    def doctor(self, timeout: float = 10.0) -> DoctorReport:
+        """Check every host is ready (ssh, python, versions, mpiexec/prted, IP, MTU), as data."""
+        from .doctor import run_doctor
 
-        with ThreadPoolExecutor(max_workers=len(remote)) as pool:
-            problems = [p for p in pool.map(probe, remote) if p]
-        if problems:
-            raise MLXClusterError(problems[0])
+        return run_doctor(self.placement, python=self.python, ssh=self.ssh, timeout=timeout)
 
     def _start(self) -> None:
         self._preflight()
@@ -268,7 +258,7 @@ class MLXCluster:
             env[launch.STATUS_VAR] = self._status.url
         opts = launch.MPIOptions(
             forward=tuple(sorted(env)),
-            prted=os.path.join(os.path.dirname(self.mpiexec), "prted"),
+            prted=self._prted(),
             ssh_agent=self.ssh,
             subnet=self.subnet,
             workdir=self.workdir,
@@ -300,6 +290,11 @@ class MLXCluster:
     def _refresh_widget(self) -> None:
         if self._widget is not None:
             self._widget.refresh()
+
+    def _prted(self) -> str:
+        """The remote daemon: beside an explicit --mpiexec, else beside the hosts' python."""
+        base = self.mpiexec if self._explicit_mpiexec else self.python
+        return os.path.join(os.path.dirname(base), "prted")
 
     def _engine_launcher(self) -> MLXEngineSetLauncher | None:
         if self._ipp is None or not self._ipp.engines:
@@ -369,8 +364,57 @@ class MLXCluster:
         return self.placement.ranks[report["mlx_rank"]].is_local or self.placement.is_local
 
     def activate(self) -> None:
-        """Point ``%%px``, ``%px``, ``%autopx`` and ``%pxresult`` at every rank of this cluster."""
-        self.view.activate()
+        """Point ``%%px``, ``%px``, ``%autopx`` and ``%pxresult`` at every rank of this cluster.
+
+        They are ipyparallel's magics, with a wait that ends the cell when a rank dies, honours
+        interrupts and ``%%px --timeout S``.
+        """
+        from IPython import get_ipython
+
+        from .px import MLXParallelMagics
+
+        shell = get_ipython()
+        if shell is None:
+            return
+        shell.magics_manager.register(MLXParallelMagics(shell, self.view, self))
+
+    # ------------------------------------------------------------------ faults
+    def dead_ranks(self) -> list[int]:
+        """Ranks known to be gone: mpiexec exited (Open MPI aborts the job when one rank dies),
+        a local process vanished, or a rank's status reports stopped arriving."""
+        launcher = self._engine_launcher()
+        if launcher is not None and launcher.state == "after":
+            return list(range(self.n))
+        if self._status is None:
+            return []
+        return [n.rank for n in self._status.nodes() if n.state == "dead"]
+
+    def death_cause(self) -> str:
+        """What mpiexec reported about the rank that died first, if anything."""
+        from .px import death_cause
+
+        return death_cause(self._engine_output(self._engine_launcher()))
+
+    def describe_ranks(self, ranks: Sequence[int]) -> str:
+        """``rank 1 on mac2`` / ``ranks [0, 1] on vm``: for messages."""
+        hosts = [self._host_of(r) for r in ranks]
+        where = ", ".join(dict.fromkeys(hosts))
+        if len(ranks) == 1:
+            return f"rank {ranks[0]} on {where}"
+        return f"ranks {list(ranks)} on {where}"
+
+    def _host_of(self, rank: int) -> str:
+        if rank < len(self._ranks):
+            return str(self._ranks[rank]["host"])
+        return self.placement.ranks[rank].ssh
+
+    def abort(self) -> None:
+        """Stop every process of a cluster that cannot go on; the status view shows it dead."""
+        nodes = self._status.nodes() if self._status is not None else self.last_nodes
+        self._teardown()
+        self.last_nodes = [dataclasses.replace(n, state="dead") for n in nodes]
+        with contextlib.suppress(Exception):
+            self._refresh_widget()
 
     def stop(self) -> None:
         """Stop engines and controller; check that no process of ours is left; idempotent."""

@@ -354,6 +354,7 @@ class _Probe:
     info: dict[str, Any] | None = None
     python_out: str = ""
     elapsed: float = 0.0
+    limit: float = 0.0
 
 
 def _parse_probe(result: _Result) -> _Probe:
@@ -413,6 +414,7 @@ def _probe_host(host: Host, ssh: list[str], python: str, timeout: float) -> _Pro
     t0 = time.monotonic()
     probe = _parse_probe(_run(argv, timeout=limit, stdin=_SH_PROBE))
     probe.elapsed = time.monotonic() - t0
+    probe.limit = limit
     return probe
 
 
@@ -565,7 +567,6 @@ def _build_checks(
     reach: _Reach | None,
     python: str,
     head: dict[str, str | None],
-    timeout: float,
 ) -> list[Check]:
     """Turn one host's raw answers into checks; each failure says what to run, and where."""
     name = host.ssh
@@ -579,7 +580,7 @@ def _build_checks(
     elif not probe.started:
         err = _last_line(res.err)
         if res.timed_out:
-            detail = f"{name}: ssh gave no answer within {timeout:g} s" + (
+            detail = f"{name}: ssh gave no answer within {probe.limit:g} s" + (
                 f" ({err})" if err else ""
             )
             fix = _ssh_fix(name, err or "timed out")
@@ -594,7 +595,7 @@ def _build_checks(
         checks.append(Check("ssh", True, f"batch mode ok ({who})" if who else "batch mode ok"))
 
     if probe.started:
-        checks += _python_checks(host, probe, python, head, timeout)
+        checks += _python_checks(host, probe, python, head)
         remote_os = probe.values.get("os", "")
         pip_py = probe.values.get("python", python)
         for tool in ("mpiexec", "prted"):
@@ -662,7 +663,7 @@ def _build_checks(
 
 
 def _python_checks(
-    host: Host, probe: _Probe, python: str, head: dict[str, str | None], timeout: float
+    host: Host, probe: _Probe, python: str, head: dict[str, str | None]
 ) -> list[Check]:
     name = host.ssh
     on = f"on {name}"
@@ -677,12 +678,13 @@ def _python_checks(
     info = probe.info
     if info is None:
         if probe.result.timed_out and not probe.finished:
-            detail = f"{python} did not finish importing the packages within {timeout:g} s"
+            detail = f"{python} did not finish importing the packages within {probe.limit:g} s"
         else:
             rc = probe.values.get("python-rc", "?")
             out = _last_line(probe.python_out)
             detail = f"{python} failed {on} (exit {rc})" + (f": {out}" if out else "")
-        return [Check("python", False, detail, f"run `{python} -c 'import sys'` {on} to see why")]
+        imports = "import mlx.core, mpi4py, ipyparallel, mlx_cluster_magic"
+        return [Check("python", False, detail, f"{on}: run {python} -c '{imports}' to see why")]
     checks: list[Check] = []
     remote_v = str(info.get("python", "?"))
     head_v = ".".join(str(v) for v in sys.version_info[:3])
@@ -791,7 +793,7 @@ def run_doctor(
             rows.append(
                 HostCheck(
                     host=h.ssh,
-                    checks=_build_checks(h, probe, reach, python, head, timeout),
+                    checks=_build_checks(h, probe, reach, python, head),
                     address=h.ips[0] if h.ips else None,
                     elapsed=probe.elapsed,
                 )

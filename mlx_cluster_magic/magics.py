@@ -7,12 +7,13 @@ Subcommands: start, stop, restart, status, nodes, gather, doctor, hosts. Misuse 
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from .cluster import MLXCluster
 from .errors import MLXClusterError
@@ -61,6 +62,15 @@ def _hosts_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ):
         func = deco(func)
     return func
+
+
+def parse_argstring(magic: Callable[..., Any], line: str) -> argparse.Namespace:
+    """Like IPython's, but with shell quoting: ``--ssh 'ssh -F cfg'`` is one value, unquoted."""
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise UsageError(f"%mlx_cluster: {e} in {line!r}") from None
+    return magic.parser.parse_args(words)  # type: ignore[attr-defined]
 
 
 @magics_class
@@ -177,9 +187,14 @@ class MLXClusterMagics(Magics):
         from .doctor import run_doctor
 
         if args.hosts is None and args.hostfile is None and self.cluster is not None:
-            placement = self.cluster.placement
-        else:
-            placement = MLXCluster.placement_from(args.n, hosts=args.hosts, hostfile=args.hostfile)
+            cluster = self.cluster
+            return run_doctor(
+                cluster.placement,
+                python=args.python or cluster.python,
+                ssh=args.ssh or cluster.ssh,
+                timeout=args.timeout,
+            )
+        placement = MLXCluster.placement_from(args.n, hosts=args.hosts, hostfile=args.hostfile)
         return run_doctor(placement, python=args.python, ssh=args.ssh, timeout=args.timeout)
 
     @magic_arguments()

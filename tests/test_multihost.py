@@ -105,3 +105,27 @@ def test_python_missing_on_hosts(vhosts, no_vhost_leaks, tmp_path) -> None:
     with pytest.raises(MLXClusterError, match="/nonexistent/python3"):
         cluster.start()
     assert sys.executable != "/nonexistent/python3"
+
+
+def test_host_python_without_mlx_is_named_before_launch(vhosts, no_vhost_leaks, tmp_path) -> None:
+    import subprocess
+
+    bare = "/usr/bin/python3"
+    probe = subprocess.run([bare, "-c", "import mlx"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{bare} has mlx")
+    hostfile = vhosts.hostfile(tmp_path / "hosts.json")
+    cluster = MLXCluster(hostfile=hostfile, ssh=vhosts.rsh_agent, python=bare)
+    with pytest.raises(MLXClusterError, match=r"^mac1: mlx: .*fix: .*pip install") as e:
+        cluster.start()
+    assert "\n" not in str(e.value)
+
+
+def test_doctor_magic_green_on_healthy_hosts(ip, vhosts, tmp_path) -> None:
+    hostfile = vhosts.hostfile(tmp_path / "hosts.json")
+    report = ip.run_line_magic(
+        "mlx_cluster", f"doctor --hostfile {hostfile} --ssh '{vhosts.rsh_agent}' --timeout 10"
+    )
+    assert [r.host for r in report.rows] == ["mac1", "mac2", "mac3"]
+    assert report.ok, repr(report)
+    assert "mac2" in report._repr_html_()

@@ -1,0 +1,105 @@
+"""Faults: a rank dies mid-cell, a rank hangs in a collective, interrupts, timeouts."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import threading
+import time
+
+import pytest
+from IPython.core.error import UsageError
+
+from conftest import wait_no_processes
+
+STUCK = (
+    "if world.rank() == 0:\n"
+    "    mx.eval(mx.distributed.all_sum(mx.ones(3)))  # rank 1 never joins\n"
+)
+
+
+def _later(seconds: float, action) -> threading.Timer:
+    timer = threading.Timer(seconds, action)
+    timer.start()
+    return timer
+
+
+def _healthy(ip, cluster) -> None:
+    ip.run_cell_magic("px", "", "ok = mx.distributed.all_sum(mx.array(1.0)).item()")
+    assert cluster.view["ok"] == [float(cluster.n)] * cluster.n
+
+
+def test_rank_killed_mid_cell_ends_the_cell_naming_rank_and_host(ip) -> None:
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    victim = cluster.ranks[1]
+    _later(1.0, lambda: os.kill(victim["pid"], signal.SIGKILL))
+    t = time.monotonic()
+    with pytest.raises(UsageError, match=rf"rank 1 on {victim['host']}.*died") as e:
+        ip.run_cell_magic("px", "", "import time\ntime.sleep(60)")
+    elapsed = time.monotonic() - t - 1.0
+    assert elapsed < 10, f"took {elapsed:.1f} s to notice"
+    assert "restart" in str(e.value)
+    assert not cluster.running
+    assert [n.state for n in cluster.last_nodes] == ["dead", "dead"]
+    assert "dead" in cluster._repr_mimebundle_()["text/plain"]
+    assert wait_no_processes() == []
+    ip.run_line_magic("mlx_cluster", "restart")
+    _healthy(ip, cluster)
+
+
+def test_interrupt_reaches_every_rank(ip) -> None:
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    _later(1.0, _thread.interrupt_main)
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic("px", "--no-stream", "import time\ntime.sleep(60)")
+    assert time.monotonic() - t < 1.0 + 5
+    assert cluster.running
+    results = ip.magics_manager.registry["MLXParallelMagics"].last_result
+    assert all(ar.done() for ar in results._children)
+    names = [e.ename for e in results.error] if hasattr(results, "error") else []
+    assert names in ([], ["KeyboardInterrupt", "KeyboardInterrupt"])
+    _healthy(ip, cluster)
+
+
+def test_interrupt_of_a_rank_stuck_in_a_collective_aborts_the_cluster(ip) -> None:
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    _later(1.0, _thread.interrupt_main)
+    t = time.monotonic()
+    with pytest.raises(UsageError, match=r"rank 0 on .* did not respond to the interrupt") as e:
+        ip.run_cell_magic("px", "", STUCK)
+    assert time.monotonic() - t - 1.0 < 5, "control came back too late"
+    assert "native MLX/MPI collective" in str(e.value)
+    assert not cluster.running
+    assert wait_no_processes() == []
+    ip.run_line_magic("mlx_cluster", "restart")
+    _healthy(ip, cluster)
+
+
+def test_cell_timeout_on_a_stuck_collective(ip) -> None:
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    t = time.monotonic()
+    with pytest.raises(UsageError, match=r"did not finish within 1.5 s, but rank 0 on"):
+        ip.run_cell_magic("px", "--timeout 1.5", STUCK)
+    assert time.monotonic() - t < 1.5 + 5
+    assert not cluster.running
+    ip.run_line_magic("mlx_cluster", "restart")
+    _healthy(ip, cluster)
+
+
+def test_cell_timeout_on_an_interruptible_cell_keeps_the_cluster(ip) -> None:
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    t = time.monotonic()
+    with pytest.raises(UsageError, match=r"did not finish within 1 s and was interrupted"):
+        ip.run_cell_magic("px", "--timeout 1 --no-stream", "import time\ntime.sleep(60)")
+    assert time.monotonic() - t < 1 + 5
+    assert cluster.running
+    _healthy(ip, cluster)
+
+
+@pytest.mark.parametrize("flag", ["--timeout 0", "--timeout -2", "--timeout x"])
+def test_bad_timeout(ip, flag) -> None:
+    ip.run_line_magic("mlx_cluster", "start -n 2")
+    with pytest.raises(UsageError):
+        ip.run_cell_magic("px", flag, "pass")
