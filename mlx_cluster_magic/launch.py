@@ -190,6 +190,8 @@ def mpiexec_args(placement: Placement, opts: MPIOptions) -> list[str]:
     if opts.as_root:
         args.append("--allow-run-as-root")
     if placement.is_local:
+        # One machine: shared memory only, so no rank opens a TCP listener on every interface.
+        args += ["--mca", "btl", "self,sm"]
         if placement.size > opts.cpu_count:
             args += ["--map-by", ":OVERSUBSCRIBE", "--bind-to", "none"]
     else:

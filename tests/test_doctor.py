@@ -22,7 +22,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from vcluster import VirtualCluster, skip_reason
 
 import mlx_cluster_magic
 from mlx_cluster_magic.doctor import (
@@ -35,6 +34,8 @@ from mlx_cluster_magic.doctor import (
 )
 from mlx_cluster_magic.errors import MLXClusterError
 from mlx_cluster_magic.hosts import Host, Placement, local, read_hostfile
+
+from vcluster import VirtualCluster, skip_reason
 
 FIXTURES = Path(__file__).parent / "fixtures" / "macos"
 TIMEOUT = 5.0

@@ -14,8 +14,7 @@ from IPython.core.error import UsageError
 from conftest import wait_no_processes
 
 STUCK = (
-    "if world.rank() == 0:\n"
-    "    mx.eval(mx.distributed.all_sum(mx.ones(3)))  # rank 1 never joins\n"
+    "if world.rank() == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(3)))  # rank 1 never joins\n"
 )
 
 

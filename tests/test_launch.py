@@ -50,13 +50,13 @@ def test_libmpi_explicit_must_be_a_library(tmp_path) -> None:
 def test_local_args_forward_by_name_only() -> None:
     opts = launch.MPIOptions(forward=("IPP_CONNECTION_INFO", "MLX_MPI_LIBNAME"), cpu_count=4)
     args = launch.mpiexec_args(local(2), opts)
-    assert args == ["-x", "IPP_CONNECTION_INFO", "-x", "MLX_MPI_LIBNAME"]
+    assert args == ["--mca", "btl", "self,sm", "-x", "IPP_CONNECTION_INFO", "-x", "MLX_MPI_LIBNAME"]
     assert not any("=" in a for a in args)
 
 
 def test_local_oversubscription() -> None:
     args = launch.mpiexec_args(local(4), launch.MPIOptions(cpu_count=2))
-    assert args[:4] == ["--map-by", ":OVERSUBSCRIBE", "--bind-to", "none"]
+    assert args[3:7] == ["--map-by", ":OVERSUBSCRIBE", "--bind-to", "none"]
 
 
 def test_multihost_args() -> None:

@@ -7,10 +7,11 @@ import os
 import stat
 
 import pytest
-from conftest import our_processes, wait_no_processes
 from IPython.core.error import UsageError
 
 from mlx_cluster_magic import MLXCluster, MLXClusterError
+
+from conftest import our_processes, wait_no_processes
 
 
 def test_start_px_all_sum_stop(ip, capsys) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from vcluster import VirtualCluster, skip_reason
 
 pytestmark = pytest.mark.multihost

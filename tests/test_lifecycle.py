@@ -1,0 +1,133 @@
+"""No orphans and nothing exposed: start/stop cycles, kernel restart, a killed kernel, sockets,
+connection files and command lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from jupyter_client.manager import KernelManager
+
+from mlx_cluster_magic import MLXCluster
+
+from conftest import our_processes, wait_no_processes
+
+
+def test_twenty_start_stop_cycles_leave_nothing(no_leaks) -> None:
+    for cycle in range(20):
+        cluster = MLXCluster(n=2).start()
+        pids = [r["pid"] for r in cluster.ranks]
+        cluster.stop()
+        assert not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
+        )
+        left = wait_no_processes(5)
+        assert left == [], f"cycle {cycle}: {left}"
+
+
+def _kernel_with_cluster() -> tuple[KernelManager, object, list[int]]:
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    code = (
+        "%load_ext mlx_cluster_magic\n"
+        "c = %mlx_cluster start -n 2\n"
+        "import json; print('PIDS', json.dumps([r['pid'] for r in c.ranks]))"
+    )
+    collect = _Collector()
+    reply = kc.execute_interactive(code, timeout=120, output_hook=collect)
+    assert reply["content"]["status"] == "ok", collect.text
+    pids = json.loads(re.search(r"PIDS (\[.*\])", collect.text).group(1))
+    return km, kc, pids
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __call__(self, msg: dict) -> None:
+        if msg["msg_type"] == "stream":
+            self.text += msg["content"]["text"]
+
+
+def test_kernel_restart_leaves_nothing(no_leaks) -> None:
+    km, kc, pids = _kernel_with_cluster()
+    try:
+        assert all(psutil.pid_exists(p) for p in pids)
+        km.restart_kernel(now=False)
+        deadline = time.monotonic() + 15
+        while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in pids if psutil.pid_exists(p)]
+        # the new kernel runs no cluster, so none of our processes may be left
+        assert wait_no_processes(10) == []
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_kernel_killed_with_sigkill_leaves_nothing(no_leaks) -> None:
+    km, kc, _pids = _kernel_with_cluster()
+    try:
+        kernel_pid = km.provisioner.process.pid
+        ours_before = our_processes()
+        assert len(ours_before) >= 4  # mpiexec, 2 engines, controller (+ watchdog)
+        os.kill(kernel_pid, signal.SIGKILL)
+        t = time.monotonic()
+        left = wait_no_processes(15)
+        assert left == [], f"orphans after SIGKILL of the kernel: {left}"
+        assert time.monotonic() - t < 15
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def _listening(pids: set[int]) -> list[tuple[str, str]]:
+    """(address, process name) of every TCP socket listening in one of ``pids``."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                addr = line.split()[3]
+                name = re.search(r'\(\("([^"]+)"', line).group(1)
+                found.append((addr, name))
+    return found
+
+
+@pytest.mark.parametrize("backend", ["mpi", "ring"])
+def test_sockets_bind_loopback_only(backend, no_leaks) -> None:
+    if subprocess.run(["which", "ss"], capture_output=True).returncode:
+        pytest.skip("needs ss (iproute2)")
+    with MLXCluster(n=2, backend=backend, ring_port=35111) as cluster:
+        me = psutil.Process()
+        pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
+        sockets = _listening(pids)
+        python_sockets = [(a, n) for a, n in sockets if n.startswith("python")]
+        assert python_sockets, "expected the controller's and engines' ZMQ sockets"
+        exposed = [(a, n) for a, n in python_sockets if not a.startswith("127.0.0.1:")]
+        assert exposed == [], f"listening beyond loopback: {exposed}"
+        if backend == "ring":
+            ring = {a for a, _ in sockets if a.endswith((":35111", ":35112"))}
+            assert ring <= {"127.0.0.1:35111", "127.0.0.1:35112"}
+        assert cluster.running
+
+
+def test_hmac_key_never_on_a_command_line(no_leaks) -> None:
+    with MLXCluster(n=2) as cluster:
+        key = cluster.client.session.key
+        assert len(key) >= 16
+        for p in psutil.process_iter(["pid"]):
+            try:
+                with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                    assert key not in f.read(), f"key on the command line of pid {p.pid}"
+            except OSError:
+                continue
