@@ -24,13 +24,16 @@ from common import compare
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [1 * KIB, 64 * KIB, 1 * MIB, 16 * MIB, 64 * MIB]
-# Timed iterations per size, the same on every rank (a collective count must match).
-ITERS = {1 * KIB: 100, 64 * KIB: 50, 1 * MIB: 20, 16 * MIB: 6, 64 * MIB: 4}
+# Timed iterations per size: as many as fit in BUDGET_S (at least MIN_ITERS, at most these); the
+# count is agreed on by all ranks (an all_sum of the first timing), as collectives must match.
+MAX_ITERS = {1 * KIB: 100, 64 * KIB: 50, 1 * MIB: 20, 16 * MIB: 8, 64 * MIB: 5}
+MIN_ITERS = 3
+BUDGET_S = 0.3
 WARMUP = 2
 
 # Shared, verbatim, by the engines and the bare-launcher script.
 TIMING_SRC = '''
-def _mcmb_allsum_times(sizes, iters, warmup):
+def _mcmb_allsum_times(sizes, max_iters, min_iters, budget_s, warmup):
     """Median seconds of one float32 all_sum per size, barrier (1-float all_sum) before each."""
     import statistics
     import time
@@ -46,8 +49,13 @@ def _mcmb_allsum_times(sizes, iters, warmup):
         mx.eval(x)
         for _ in range(warmup):
             mx.eval(mx.distributed.all_sum(x, group=g))
+        t = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=g))
+        us = mx.array([int((time.perf_counter() - t) * 1e6) + 1], dtype=mx.int32)
+        est = mx.distributed.all_sum(us, group=g).item() / g.size() / 1e6  # same on all ranks
+        n_iter = max(min_iters, min(max_iters[nbytes], int(budget_s / (2 * est))))
         samples = []
-        for _ in range(iters[nbytes]):
+        for _ in range(n_iter):
             mx.eval(mx.distributed.all_sum(bar, group=g))
             t = time.perf_counter()
             mx.eval(mx.distributed.all_sum(x, group=g))
@@ -55,6 +63,8 @@ def _mcmb_allsum_times(sizes, iters, warmup):
         medians.append(statistics.median(samples))
     return medians
 '''
+
+CALL = f"_mcmb_allsum_times({SIZES!r}, {MAX_ITERS!r}, {MIN_ITERS}, {BUDGET_S}, {WARMUP})"
 
 SCRIPT_MAIN = f'''
 if __name__ == "__main__":
@@ -67,8 +77,8 @@ if __name__ == "__main__":
 
     g = mx.distributed.init(backend=sys.argv[1], strict=True)
     print("{benchlib.READY_TAG}", g.rank(), flush=True)
-    time.sleep(1.0)  # the runner renices mlx.launch's busy-looping launcher meanwhile
-    medians = _mcmb_allsum_times({SIZES!r}, {ITERS!r}, {WARMUP})
+    time.sleep(0.5)  # the runner renices mlx.launch's busy-looping launcher meanwhile
+    medians = {CALL}
     report = {{"medians": medians, "affinity": sorted(os.sched_getaffinity(0))}}
     print("{benchlib.RESULT_TAG}", g.rank(), json.dumps(report), flush=True)
 '''
@@ -86,7 +96,7 @@ def _per_rep(per_rank: list[list[float]]) -> list[float]:
 
 def _ours_run(cluster: Any) -> tuple[list[float], list[Any]]:
     cluster.view.execute(
-        TIMING_SRC + f"\n_mcmb_bw = _mcmb_allsum_times({SIZES!r}, {ITERS!r}, {WARMUP})\n"
+        TIMING_SRC + f"\n_mcmb_bw = {CALL}\n"
         "import os as _os\n_mcmb_aff = sorted(_os.sched_getaffinity(0))\n"
     )
     return _per_rep(cluster.view["_mcmb_bw"]), cluster.view["_mcmb_aff"]
@@ -109,7 +119,6 @@ def _measure(
     cluster = make_cluster()
     try:
         cluster.start()
-        _ours_run(cluster)  # warm the engines (imports, first collectives)
 
         def run_ours() -> None:
             times, aff = _ours_run(cluster)
@@ -214,6 +223,10 @@ def bench_bandwidth(reps: int) -> list[dict[str, Any]]:
                     [
                         mpiexec,
                         *vc.mpiexec_args(prted),
+                        # as MLXCluster does across hosts: the "hosts" share this machine's
+                        # cores, and each prted would otherwise bind its rank to core 0
+                        "--bind-to",
+                        "none",
                         "-x",
                         "MLX_MPI_LIBNAME",
                         "--host",
@@ -224,7 +237,7 @@ def bench_bandwidth(reps: int) -> list[dict[str, Any]]:
                     ],
                     mpi_env,
                     k,
-                    f"bare mpiexec --host {hosts}, same timing code",
+                    f"bare mpiexec --host {hosts} --bind-to none, same timing code",
                     reps,
                     notes,
                 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import threading
 import time
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0
-POLL_S = 0.05
+POLL_S = 0.1
 
 
 class CellAborted(MLXClusterError):
@@ -135,10 +136,9 @@ class MLXParallelMagics(ParallelMagics):
     def _wait(self, result: Any, timeout: float | None) -> None:
         """Wait for the cell, watching for dead ranks and the timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not result.ready():
-            result.wait(POLL_S)
-            if result.ready():
-                break
+        done = threading.Event()
+        result.add_done_callback(lambda _f: done.set())
+        while not done.wait(POLL_S):
             dead = self.cluster.dead_ranks()
             if dead:
                 what = self.cluster.describe_ranks(dead)

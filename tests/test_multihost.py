@@ -129,3 +129,68 @@ def test_doctor_magic_green_on_healthy_hosts(ip, vhosts, tmp_path) -> None:
     assert [r.host for r in report.rows] == ["mac1", "mac2", "mac3"]
     assert report.ok, repr(report)
     assert "mac2" in report._repr_html_()
+
+
+def test_status_and_sockets_on_virtual_hosts(vhosts, no_vhost_leaks, tmp_path) -> None:
+    import re
+    import subprocess
+    import time
+
+    hostfile = vhosts.hostfile(tmp_path / "hosts.json")
+    with MLXCluster(hostfile=hostfile, ssh=vhosts.rsh_agent, backend="ring") as cluster:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            nodes = cluster.nodes()
+            if all(n["state"] == "idle" for n in nodes):
+                break
+            time.sleep(0.2)
+        assert [n["host"] for n in nodes] == ["mac1", "mac2", "mac3"]
+        assert [n["state"] for n in nodes] == ["idle"] * 3
+        # the head's sockets (controller, status) bind the bridge IP, or loopback if internal
+        me = psutil.Process()
+        pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
+        out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
+        ours = [ln.split()[3] for ln in out.splitlines()
+                if any(int(p) in pids for p in re.findall(r"pid=(\d+)", ln)) and "python" in ln]
+        assert any(a.startswith(f"{vhosts.head_ip}:") for a in ours), ours
+        assert all(a.startswith((f"{vhosts.head_ip}:", "127.0.0.1:")) for a in ours), ours
+        for host, ip in zip(vhosts.hosts, vhosts.ips):
+            # the ring's connections run over each host's own hostfile IP
+            conns = vhosts.netns_exec(host, "ss", "-Htnp", "state", "established").stdout
+            ring = [ln.split()[2:4] for ln in conns.splitlines() if "python" in ln and ":3232" in ln]
+            assert ring and all(
+                local.startswith(f"{ip}:") and peer.startswith("10.213.2.") for local, peer in ring
+            ), (host, ring)
+            # the engines' ZMQ sockets bind loopback; the only wildcard listener is Open MPI's
+            # TCP BTL (ports from 1024), whose traffic btl_tcp_if_include pins to the subnet
+            listen = vhosts.netns_exec(host, "ss", "-Hltnp").stdout
+            engine = [ln.split()[3] for ln in listen.splitlines() if "python" in ln]
+            exposed = [
+                a for a in engine
+                if not a.startswith("127.0.0.1:") and not 1024 <= int(a.rsplit(":", 1)[1]) < 1100
+            ]
+            assert exposed == [], (host, engine)
+
+
+def test_soak_collective_cells_on_three_hosts(ip, vhosts, tmp_path) -> None:
+    import gc
+    import os
+
+    cells = int(os.environ.get("MLX_CLUSTER_SOAK_CELLS", "500"))
+    hostfile = vhosts.hostfile(tmp_path / "hosts.json")
+    cluster = ip.run_line_magic(
+        "mlx_cluster", f"start --hostfile {hostfile} --ssh '{vhosts.rsh_agent}'"
+    )
+    me = psutil.Process()
+    rss = {}
+    for i in range(1, cells + 1):
+        ip.run_cell_magic("px", "--no-stream", f"s = mx.distributed.all_sum(mx.array({i})).item()")
+        if i in (50, cells):
+            gc.collect()
+            rss[i] = me.memory_info().rss
+    assert cluster.view["s"] == [3.0 * cells] * 3
+    growth = rss[cells] / rss[50] - 1
+    print(f"soak: {cells} cells, kernel RSS {rss[50] >> 20} MiB at cell 50, "
+          f"{rss[cells] >> 20} MiB at cell {cells} ({growth:+.1%})")
+    assert growth < 0.05
+    ip.run_line_magic("mlx_cluster", "stop")
