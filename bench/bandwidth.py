@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,17 +118,24 @@ def _measure(
     base: list[list[float]] = []
     renice = backend == "ring"  # mlx.launch
     cluster = make_cluster()
+    durations = {"ours": 0.0, "baseline": 0.0}
+    t0 = time.perf_counter()
     try:
         cluster.start()
+        t_start = time.perf_counter() - t0
 
         def run_ours() -> None:
+            t = time.perf_counter()
             times, aff = _ours_run(cluster)
+            durations["ours"] += time.perf_counter() - t
             ours.append(times)
             notes.setdefault(f"affinity ours {backend} {where}", aff)
 
         def run_base() -> None:
+            t = time.perf_counter()
             reports = benchlib.run_ranks(base_cmd, n, env=base_env, renice_launcher=renice)
             base.append(_per_rep([r["medians"] for r in reports]))
+            durations["baseline"] += time.perf_counter() - t
             notes.setdefault(
                 f"affinity baseline {backend} {where}", [r["affinity"] for r in reports]
             )
@@ -136,6 +144,12 @@ def _measure(
     finally:
         if cluster.running:
             cluster.stop()
+    print(
+        f"bandwidth: {backend}, {where}: {time.perf_counter() - t0:.0f} s "
+        f"(cluster start {t_start:.1f} s, runs: ours {durations['ours']:.0f} s, "
+        f"baseline {durations['baseline']:.0f} s)",
+        flush=True,
+    )
     figures = []
     for i, nbytes in enumerate(SIZES):
         gbs_ours = [nbytes / rep[i] / 1e9 for rep in ours]

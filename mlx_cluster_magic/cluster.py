@@ -210,7 +210,7 @@ class MLXCluster:
         """
         if all(h.is_local for h in self.placement.hosts):
             return
-        report = self.doctor(timeout=10.0)
+        report = self.doctor(timeout=10.0, backend=self.backend)
         failures = [(host, c) for host, c in report.problems() if c.ok is False]
         if failures:
             host, check = failures[0]
@@ -222,11 +222,18 @@ class MLXCluster:
             fix = f"; fix: {check.fix}" if check.fix else ""
             raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
 
-    def doctor(self, timeout: float = 10.0) -> DoctorReport:
-        """Check every host is ready (ssh, python, versions, mpiexec/prted, IP, MTU), as data."""
+    def doctor(self, timeout: float = 10.0, backend: str | None = None) -> DoctorReport:
+        """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
+        IP, MTU), as data."""
         from .doctor import run_doctor
 
-        return run_doctor(self.placement, python=self.python, ssh=self.ssh, timeout=timeout)
+        return run_doctor(
+            self.placement,
+            python=self.python,
+            ssh=self.ssh,
+            timeout=timeout,
+            backend=backend or self.backend,
+        )
 
     def _start(self) -> None:
         self._preflight()

