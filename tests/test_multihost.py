@@ -150,14 +150,19 @@ def test_status_and_sockets_on_virtual_hosts(vhosts, no_vhost_leaks, tmp_path) -
         me = psutil.Process()
         pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
         out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
-        ours = [ln.split()[3] for ln in out.splitlines()
-                if any(int(p) in pids for p in re.findall(r"pid=(\d+)", ln)) and "python" in ln]
+        ours = [
+            ln.split()[3]
+            for ln in out.splitlines()
+            if any(int(p) in pids for p in re.findall(r"pid=(\d+)", ln)) and "python" in ln
+        ]
         assert any(a.startswith(f"{vhosts.head_ip}:") for a in ours), ours
         assert all(a.startswith((f"{vhosts.head_ip}:", "127.0.0.1:")) for a in ours), ours
         for host, ip in zip(vhosts.hosts, vhosts.ips):
             # the ring's connections run over each host's own hostfile IP
             conns = vhosts.netns_exec(host, "ss", "-Htnp", "state", "established").stdout
-            ring = [ln.split()[2:4] for ln in conns.splitlines() if "python" in ln and ":3232" in ln]
+            ring = [
+                ln.split()[2:4] for ln in conns.splitlines() if "python" in ln and ":3232" in ln
+            ]
             assert ring and all(
                 local.startswith(f"{ip}:") and peer.startswith("10.213.2.") for local, peer in ring
             ), (host, ring)
@@ -166,7 +171,8 @@ def test_status_and_sockets_on_virtual_hosts(vhosts, no_vhost_leaks, tmp_path) -
             listen = vhosts.netns_exec(host, "ss", "-Hltnp").stdout
             engine = [ln.split()[3] for ln in listen.splitlines() if "python" in ln]
             exposed = [
-                a for a in engine
+                a
+                for a in engine
                 if not a.startswith("127.0.0.1:") and not 1024 <= int(a.rsplit(":", 1)[1]) < 1100
             ]
             assert exposed == [], (host, engine)
@@ -190,8 +196,10 @@ def test_soak_collective_cells_on_three_hosts(ip, vhosts, tmp_path) -> None:
             rss[i] = me.memory_info().rss
     assert cluster.view["s"] == [3.0 * cells] * 3
     growth = rss[cells] / rss[50] - 1
-    print(f"soak: {cells} cells, kernel RSS {rss[50] >> 20} MiB at cell 50, "
-          f"{rss[cells] >> 20} MiB at cell {cells} ({growth:+.1%})")
+    print(
+        f"soak: {cells} cells, kernel RSS {rss[50] >> 20} MiB at cell 50, "
+        f"{rss[cells] >> 20} MiB at cell {cells} ({growth:+.1%})"
+    )
     assert growth < 0.05
     ip.run_line_magic("mlx_cluster", "stop")
 
@@ -201,15 +209,25 @@ def test_backend_unavailable_on_the_hosts_is_found_before_launch(
 ) -> None:
     hostfile = tmp_path / "hosts.json"
     n = len(vhosts.hosts)
-    hostfile.write_text(json.dumps({
-        "backend": "jaccl",
-        "hosts": [
-            {"ssh": h, "ips": [ip], "rdma": [None if j == i else f"rdma_en{j + 2}" for j in range(n)]}
-            for i, (h, ip) in enumerate(zip(vhosts.hosts, vhosts.ips))
-        ],
-    }))
+    hostfile.write_text(
+        json.dumps(
+            {
+                "backend": "jaccl",
+                "hosts": [
+                    {
+                        "ssh": h,
+                        "ips": [ip],
+                        "rdma": [None if j == i else f"rdma_en{j + 2}" for j in range(n)],
+                    }
+                    for i, (h, ip) in enumerate(zip(vhosts.hosts, vhosts.ips))
+                ],
+            }
+        )
+    )
     cluster = MLXCluster(hostfile=hostfile, ssh=vhosts.rsh_agent)
     assert cluster.backend == "jaccl"
-    with pytest.raises(MLXClusterError, match=r"^mac1: backend: MLX's jaccl backend is not available"):
+    with pytest.raises(
+        MLXClusterError, match=r"^mac1: backend: MLX's jaccl backend is not available"
+    ):
         cluster.start()
     assert not cluster.running
