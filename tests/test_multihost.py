@@ -231,3 +231,37 @@ def test_backend_unavailable_on_the_hosts_is_found_before_launch(
     ):
         cluster.start()
     assert not cluster.running
+
+
+def test_cable_pulled_mid_cell_ends_the_cell_naming_the_host(ip, vhosts, tmp_path) -> None:
+    import threading
+    import time
+
+    from IPython.core.error import UsageError
+
+    hostfile = vhosts.hostfile(tmp_path / "hosts.json")
+    cluster = ip.run_line_magic(
+        "mlx_cluster", f"start --hostfile {hostfile} --ssh '{vhosts.rsh_agent}'"
+    )
+    timer = threading.Timer(1.0, vhosts.cable_down, args=("mac2",))
+    timer.start()
+    t = time.monotonic()
+    try:
+        with pytest.raises(UsageError, match=r"rank 1 on mac2 died while the cell ran"):
+            ip.run_cell_magic("px", "", "import time\ntime.sleep(60)")
+        assert time.monotonic() - t - 1.0 < 10
+        assert not cluster.running
+        assert [n.state for n in cluster.last_nodes] == ["dead"] * 3
+    finally:
+        timer.join()
+        vhosts.cable_up("mac2")
+    # once the cable is back, the orphaned rank on mac2 notices and exits
+    from conftest import our_processes, vhost_pids
+
+    deadline = time.monotonic() + 30
+    while our_processes(vhost_pids(vhosts)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert our_processes(vhost_pids(vhosts)) == []
+    ip.run_line_magic("mlx_cluster", "restart")
+    ip.run_cell_magic("px", "", "ok = mx.distributed.all_sum(mx.array(1.0)).item()")
+    assert cluster.view["ok"] == [3.0] * 3
