@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,8 @@ class MLXCluster:
         live_status: bool = True,
     ) -> None:
         placement = self.placement_from(n, hosts=hosts, hostfile=hostfile)
+        if not placement.is_local:
+            placement = hostmod.mark_head(placement, _own_names())
         self.placement: hostmod.Placement = placement
         self.backend: str = hostmod.check_backend(backend or placement.backend or "mpi")
         if not (isinstance(ring_port, int) and 1024 <= ring_port <= 65535 - placement.size):
@@ -620,6 +623,14 @@ class MLXCluster:
         if launcher is None:
             raise MLXClusterError("no cluster is running")
         return shlex.join(launcher.args)
+
+
+def _own_names() -> set[str]:
+    """This machine's host names and addresses, to recognise the head in a hostfile."""
+    names = {socket.gethostname(), socket.gethostname().split(".")[0]}
+    for addrs in psutil.net_if_addrs().values():
+        names.update(a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
+    return names
 
 
 _LIVE: weakref.WeakSet[MLXCluster] = weakref.WeakSet()

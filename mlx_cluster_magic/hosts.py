@@ -67,6 +67,18 @@ class Placement:
         return sum(1 for h in self.ranks[:rank] if h is host)
 
 
+def mark_head(placement: Placement, own_names: set[str]) -> Placement:
+    """The head (this machine) may be one of the hosts: its entry becomes ``localhost``, so
+    mpiexec starts its ranks directly and no ssh to itself is needed."""
+    hosts = tuple(
+        Host("localhost", h.ips, h.slots, h.rdma)
+        if h.ssh in own_names or any(ip in own_names for ip in h.ips)
+        else h
+        for h in placement.hosts
+    )
+    return Placement(hosts, placement.per_host, placement.backend, placement.envs)
+
+
 def local(n: int) -> Placement:
     """``n`` ranks on this machine."""
     check_rank_count(n, "-n")

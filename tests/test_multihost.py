@@ -265,3 +265,20 @@ def test_cable_pulled_mid_cell_ends_the_cell_naming_the_host(ip, vhosts, tmp_pat
     ip.run_line_magic("mlx_cluster", "restart")
     ip.run_cell_magic("px", "", "ok = mx.distributed.all_sum(mx.array(1.0)).item()")
     assert cluster.view["ok"] == [3.0] * 3
+
+
+def test_head_as_one_of_the_hosts_and_remote_workdir(vhosts, no_vhost_leaks, tmp_path) -> None:
+    import socket
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps(
+        [{"ssh": "head", "ips": [vhosts.head_ip]}]
+        + [{"ssh": h, "ips": [ip]} for h, ip in zip(vhosts.hosts[:2], vhosts.ips[:2])]
+    ))
+    with MLXCluster(hostfile=hostfile, ssh=vhosts.rsh_agent, workdir="/tmp") as cluster:
+        assert [r["host"] for r in cluster.ranks] == [socket.gethostname(), "mac1", "mac2"]
+        cluster.view.execute(
+            "import os\ncwd = os.getcwd()\nt = mx.distributed.all_sum(mx.array(2.0)).item()"
+        )
+        assert cluster.view["t"] == [6.0] * 3
+        assert cluster.view["cwd"] == ["/tmp"] * 3
