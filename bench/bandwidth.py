@@ -171,10 +171,17 @@ def _measure(
 def bench_bandwidth(reps: int) -> list[dict[str, Any]]:
     """all_sum algorithmic bandwidth (bytes / time): MLXCluster's view vs bare mpiexec and
     mlx.launch running the same timing code, mpi and ring backends, local and virtual hosts."""
+    work = benchlib.tmpdir("mcmb-bw-")
+    try:
+        return _bench(reps, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(reps: int, work: str) -> list[dict[str, Any]]:
     from mlx_cluster_magic import MLXCluster
 
     mpiexec, libmpi = benchlib.mpi_paths()
-    work = benchlib.tmpdir("mcmb-bw-")
     script = benchlib.write_script(TIMING_SRC + SCRIPT_MAIN, work, "allsum_times.py")
     mpi_env = {"MLX_MPI_LIBNAME": libmpi}
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
@@ -284,7 +291,6 @@ def bench_bandwidth(reps: int) -> list[dict[str, Any]]:
                     reps,
                     notes,
                 )
-    shutil.rmtree(work, ignore_errors=True)
     print("bandwidth: rank CPU affinity:", json.dumps(notes), flush=True)
     return figures
 

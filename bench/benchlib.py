@@ -193,10 +193,6 @@ def alternate(reps: int, ours: Any, base: Any) -> None:
             f()
 
 
-def wait_quiet(seconds: float = 0.3) -> None:
-    time.sleep(seconds)
-
-
 def print_figure(fig: dict[str, Any]) -> None:
     o, b = fig["ours"], fig["baseline"]
     print(

@@ -1,6 +1,6 @@
-"""Sending a large array from the notebook to every rank: ``cluster.broadcast`` (one push to the
-root, then an MPI broadcast between the ranks) against ipyparallel's ``view.push`` (the notebook
-sends the array to every engine).
+"""Sending a large array from the notebook to every rank: ``cluster.broadcast`` (one direct
+stream to the root, then an MPI broadcast between the ranks) against ipyparallel's
+``view.push`` (the notebook sends the array to every engine).
 
     python bench/broadcast.py [reps]
 """
@@ -8,7 +8,6 @@ sends the array to every engine).
 from __future__ import annotations
 
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,14 +45,11 @@ def _verify(cluster: Any, name: str, expected: float) -> None:
 def _measure(cluster: Any, where: str, reps: int) -> list[dict[str, Any]]:
     import numpy as np
 
-    from mlx_cluster_magic.remote import broadcast_from_root
-
     rng = np.random.default_rng(0)
     arr = rng.standard_normal(NBYTES // 4, dtype=np.float32)
     expected = float(arr.astype(np.float64).sum())
     ours: list[float] = []
     base: list[float] = []
-    parts: dict[str, list[float]] = {"push to root": [], "MPI broadcast step": []}
 
     # One untimed round of each, checked: every rank holds the same array afterwards.
     cluster.broadcast("w_ours", arr)
@@ -68,15 +64,6 @@ def _measure(cluster: Any, where: str, reps: int) -> list[dict[str, Any]]:
         cluster.broadcast("w", arr)
         ours.append(time.perf_counter() - t)
         cluster.view.apply_sync(_drop, "w")
-        # Where the time goes: the two steps of broadcast(), timed apart.
-        t = time.perf_counter()
-        cluster.client[0].push({"w": arr}, block=True)
-        t1 = time.perf_counter()
-        cluster.view.apply_sync(broadcast_from_root, "w", 0)
-        t2 = time.perf_counter()
-        parts["push to root"].append(t1 - t)
-        parts["MPI broadcast step"].append(t2 - t1)
-        cluster.view.apply_sync(_drop, "w")
 
     def run_base() -> None:
         t = time.perf_counter()
@@ -85,8 +72,6 @@ def _measure(cluster: Any, where: str, reps: int) -> list[dict[str, Any]]:
         cluster.view.apply_sync(_drop, "w")
 
     benchlib.alternate(reps, run_ours, run_base)
-    detail = ", ".join(f"{k} {statistics.median(v) * 1e3:.0f} ms" for k, v in parts.items())
-    print(f"broadcast, {where}: broadcast() = {detail}", flush=True)
     return [
         compare(
             f"broadcast 64 MiB float32 to every rank, {where}",

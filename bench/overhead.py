@@ -21,7 +21,7 @@ import benchlib  # sets PATH, sys.path, OMPI_ALLOW_RUN_AS_ROOT
 from common import compare
 
 THREAD_NAME = "mlx-cluster-status"  # the sidecar's (engines) and the receiver's (head) thread
-CELL_S = 4.0  # the compute-bound cell's target length
+CELL_S = 3.0  # the compute-bound cell's target length
 IDLE_S = 10.0  # the idle window for the CPU reading
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -45,109 +45,149 @@ def _sidecar_ids() -> tuple[int, int | None]:
     return os.getpid(), None
 
 
-def _ticks(path: str) -> int:
-    """utime + stime (clock ticks) from a /proc .../stat file."""
+def _cpu_s(path: str) -> float:
+    """CPU seconds: a thread's ``.../schedstat`` (ns on CPU, precise), or a process's ``stat``
+    (utime + stime of all its threads, in clock ticks)."""
     with open(path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+        text = f.read()
+    if path.endswith("schedstat"):
+        return int(text.split()[0]) / 1e9
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _idle_cpu(cluster: Any, window: float) -> dict[str, list[float]]:
-    """% of a core over ``window`` idle seconds, per engine: whole process, sidecar thread; and
-    the head's receiver thread."""
-    ids = cluster.view.apply_sync(_sidecar_ids)
-    head = [t.native_id for t in threading.enumerate() if t.name == THREAD_NAME]
-    paths = {
-        "engine": [f"/proc/{pid}/stat" for pid, _ in ids],
-        "sidecar": [f"/proc/{pid}/task/{tid}/stat" for pid, tid in ids if tid is not None],
-        "head receiver": [f"/proc/{os.getpid()}/task/{tid}/stat" for tid in head],
-    }
-    before = {k: [_ticks(p) for p in v] for k, v in paths.items()}
-    t = time.monotonic()
-    time.sleep(window)
-    after = {k: [_ticks(p) for p in v] for k, v in paths.items()}
-    dt = time.monotonic() - t
-    return {k: [100.0 * (a - b) / CLK_TCK / dt for a, b in zip(after[k], before[k])] for k in paths}
+class _CPUReader:
+    """CPU time of every engine process, its status sidecar thread, and the head's receiver
+    thread, between ``start()`` and ``stop()``: % of a core per process/thread."""
+
+    def __init__(self, cluster: Any) -> None:
+        ids = cluster.view.apply_sync(_sidecar_ids)
+        self.paths = {
+            "engine": [f"/proc/{pid}/stat" for pid, _ in ids],
+            "sidecar": [f"/proc/{pid}/task/{tid}/schedstat" for pid, tid in ids if tid is not None],
+        }
+        self.n = cluster.n
+
+    def start(self) -> None:
+        self.t = time.monotonic()
+        self.before = {k: [_cpu_s(p) for p in v] for k, v in self.paths.items()}
+
+    def stop(self) -> dict[str, list[float]]:
+        after = {k: [_cpu_s(p) for p in v] for k, v in self.paths.items()}
+        dt = time.monotonic() - self.t
+        return {
+            k: [100.0 * (a - b) / dt for a, b in zip(after[k], self.before[k])] for k in self.paths
+        }
+
+
+def _head_receivers() -> list[str]:
+    return [
+        f"/proc/{os.getpid()}/task/{t.native_id}/schedstat"
+        for t in threading.enumerate()
+        if t.name == THREAD_NAME
+    ]
 
 
 def _calibrate(shell: Any) -> int:
     """Steps of the cell that take about CELL_S seconds on this machine."""
-    shell.run_cell_magic("px", "", CELL.format(steps=20))  # warm-up
+    shell.run_cell_magic("px", "", CELL.format(steps=5))  # warm-up
     t = time.perf_counter()
-    shell.run_cell_magic("px", "", CELL.format(steps=100))
-    per_step = (time.perf_counter() - t) / 100
-    return max(50, int(CELL_S / per_step))
+    shell.run_cell_magic("px", "", CELL.format(steps=20))
+    per_step = (time.perf_counter() - t) / 20
+    return max(20, int(CELL_S / per_step))
 
 
 def bench_overhead(reps: int) -> list[dict[str, Any]]:
-    """A compute-bound %%px cell (2 local ranks) with live status on vs off (a fresh cluster per
-    run, alternating); the sidecar thread's idle CPU per engine over IDLE_S seconds."""
+    """A compute-bound %%px cell (2 local ranks) with live status on vs off, and the sidecar
+    thread's CPU per engine over an idle IDLE_S window.
+
+    Per repetition both clusters are started (fresh), then the cell runs on, off, off, on, on, off
+    (re-activating %%px for each), so that load from elsewhere hits both alike; the idle window
+    reads both clusters at once.
+    """
     from IPython.core.interactiveshell import InteractiveShell
 
     from mlx_cluster_magic import MLXCluster
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "mlx_cluster_magic")
-    cell_on: list[float] = []
-    cell_off: list[float] = []
-    sidecar: list[float] = []
-    engine_on: list[float] = []
-    engine_off: list[float] = []
+    cell = {True: [], False: []}
+    sidecar_idle: list[float] = []
+    sidecar_busy: list[float] = []
+    engine_idle = {True: [], False: []}
     receiver: list[float] = []
     steps = 0
-
-    def run(live: bool) -> None:
-        nonlocal steps
-        cluster = MLXCluster(n=2, live_status=live)
+    for rep in range(reps):
+        clusters = {
+            True: MLXCluster(n=2, live_status=True),
+            False: MLXCluster(n=2, live_status=False),
+        }
         try:
-            cluster.start()
-            cluster.activate()
+            for live in (True, False) if rep % 2 == 0 else (False, True):
+                clusters[live].start()
             if not steps:
+                clusters[False].activate()
                 steps = _calibrate(shell)
-            shell.run_cell_magic("px", "", CELL.format(steps=20))  # warm-up
-            t = time.perf_counter()
-            shell.run_cell_magic("px", "", CELL.format(steps=steps))
-            (cell_on if live else cell_off).append(time.perf_counter() - t)
+            readers = {live: _CPUReader(c) for live, c in clusters.items()}
+            times: dict[bool, list[float]] = {True: [], False: []}
+            pattern = (True, False, False, True, True, False)
+            for live in pattern if rep % 2 == 0 else tuple(not x for x in pattern):
+                clusters[live].activate()
+                shell.run_cell_magic("px", "", CELL.format(steps=5))  # warm-up
+                readers[live].start()
+                t = time.perf_counter()
+                shell.run_cell_magic("px", "", CELL.format(steps=steps))
+                times[live].append(time.perf_counter() - t)
+                busy = readers[live].stop()
+                if live:
+                    sidecar_busy.append(max(busy["sidecar"]))
+            for live in (True, False):
+                cell[live].append(statistics.median(times[live]))
             time.sleep(1.0)  # let the status settle to idle
-            cpu = _idle_cpu(cluster, IDLE_S)
-            (engine_on if live else engine_off).append(statistics.median(cpu["engine"]))
-            if live:
-                if len(cpu["sidecar"]) != cluster.n:
-                    raise RuntimeError(f"sidecar thread not found on every engine: {cpu}")
-                sidecar.append(max(cpu["sidecar"]))
-                receiver.extend(cpu["head receiver"])
+            head = _head_receivers()
+            head_before = [_cpu_s(p) for p in head]
+            for r in readers.values():
+                r.start()
+            time.sleep(IDLE_S)
+            idle = {live: r.stop() for live, r in readers.items()}
+            receiver += [100.0 * (_cpu_s(p) - b) / IDLE_S for p, b in zip(head, head_before)]
+            if len(idle[True]["sidecar"]) != 2:
+                raise RuntimeError(f"status sidecar thread not found on every engine: {idle}")
+            sidecar_idle.append(max(idle[True]["sidecar"]))
+            for live in (True, False):
+                engine_idle[live].append(statistics.median(idle[live]["engine"]))
         finally:
-            if cluster.running:
-                cluster.stop()
-
-    benchlib.alternate(reps, lambda: run(True), lambda: run(False))
+            for c in clusters.values():
+                if c.running:
+                    c.stop()
     print(
-        f"overhead: cell = {steps} steps of 512x512 matmul+tanh; head receiver thread idle CPU "
-        f"{json.dumps([round(x, 3) for x in receiver])} % of a core",
+        f"overhead: cell = {steps} steps of 512x512 matmul+tanh; sidecar thread CPU while the "
+        f"cell ran: {json.dumps([round(x, 3) for x in sidecar_busy])} % of a core; head "
+        f"receiver thread idle CPU {json.dumps([round(x, 3) for x in receiver])} % of a core",
         flush=True,
     )
     return [
         compare(
             f"%%px compute-bound cell (~{CELL_S:g} s of MLX matmuls), 2 local ranks, live status "
             "on",
-            cell_on,
-            cell_off,
+            cell[True],
+            cell[False],
             "s",
             "<= 1.02x",
             "the same cell, live status off",
         ),
         compare(
             f"status sidecar thread CPU, idle {IDLE_S:g} s, busiest engine",
-            sidecar,
-            engine_off,
+            sidecar_idle,
+            engine_idle[False],
             "% of a core",
             "< 1% of a core (absolute)",
             "whole idle engine process, status off (for scale)",
         ),
         compare(
             f"idle engine process CPU over {IDLE_S:g} s, live status on",
-            engine_on,
-            engine_off,
+            engine_idle[True],
+            engine_idle[False],
             "% of a core",
             "report only",
             "idle engine process, status off",

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -33,7 +34,7 @@ from . import launch
 from .engine import EXIT_BAD_GROUP
 from .errors import MLXClusterError
 from .gather import DEFAULT_LIMIT_BYTES, GatherResult, summarize_name
-from .remote import broadcast_from_root
+from .remote import open_listener, receive_broadcast
 from .status import NodeStatus
 from .widgets import StatusView, header_text, nodes_html, nodes_text
 
@@ -325,6 +326,20 @@ class MLXCluster:
         base = self.mpiexec if self._explicit_mpiexec else self.python
         return os.path.join(os.path.dirname(base), "prted")
 
+    def _mpiexec_exited(self) -> bool:
+        """Asks the process itself: ipyparallel learns of the exit only on its event loop,
+        which nothing runs while we wait."""
+        launcher = self._engine_launcher()
+        if launcher is None:
+            return False
+        if launcher.state == "after":
+            return True
+        popen = getattr(launcher, "_popen_process", None)
+        if popen is not None:
+            return popen.poll() is not None
+        proc = getattr(launcher, "process", None)
+        return proc is not None and not proc.is_running()
+
     def _engine_launcher(self) -> MLXEngineSetLauncher | None:
         if self._ipp is None or not self._ipp.engines:
             return None
@@ -336,7 +351,7 @@ class MLXCluster:
         deadline = time.monotonic() + self.timeout
         launcher = self._engine_launcher()
         while len(self._client.ids) < self.n:
-            if launcher is not None and launcher.state == "after":
+            if self._mpiexec_exited():
                 raise MLXClusterError(self._launch_failure(launcher, "mpiexec exited"))
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.n)) - set(self._client.ids))
@@ -411,8 +426,7 @@ class MLXCluster:
     def dead_ranks(self) -> list[int]:
         """Ranks known to be gone: mpiexec exited (Open MPI aborts the job when one rank dies),
         a local process vanished, or a rank's status reports stopped arriving."""
-        launcher = self._engine_launcher()
-        if launcher is not None and launcher.state == "after":
+        if self._mpiexec_exited():
             return list(range(self.n))
         if self._status is None:
             return []
@@ -566,17 +580,44 @@ class MLXCluster:
         return GatherResult(name, list(summaries), hosts)
 
     def broadcast(self, name: str, value: Any, root: int = 0) -> None:
-        """Send ``value`` (a large array) from the notebook to every rank as variable ``name``.
+        """Send ``value`` (a large NumPy or MLX array) from the notebook to every rank as
+        variable ``name``.
 
-        One push to ``root``, then an MPI broadcast between the ranks: the notebook sends the
-        data once, not once per engine as ``view.push`` does.
+        The notebook streams it once, over one direct TCP connection, to ``root``; the ranks
+        pass it on with MPI's broadcast as it arrives. ``view.push`` instead sends a copy to
+        every engine through the controller.
         """
+        import numpy as np
+
         if not isinstance(name, str) or not name.isidentifier():
             raise MLXClusterError(f"broadcast takes a variable name, got {name!r}")
         if not 0 <= root < self.n:
             raise MLXClusterError(f"root must be a rank from 0 to {self.n - 1}, got {root}")
-        self.client[root].push({name: value}, block=True)
-        self.view.apply_sync(broadcast_from_root, name, root)
+        to_mlx = type(value).__module__.startswith("mlx")
+        if to_mlx and "bfloat16" in str(getattr(value, "dtype", "")):
+            raise MLXClusterError("broadcast: bfloat16 has no NumPy type; send .astype(mx.float32)")
+        arr = np.require(np.asarray(value), requirements="C")  # keeps 0-d arrays 0-d
+        if arr.dtype.hasobject:
+            raise MLXClusterError("broadcast sends numeric arrays; use view.push for objects")
+        token = secrets.token_hex(16)
+        ip = self._address_of(root)
+        port = self.client[root].apply_sync(open_listener, ip, token)
+        ar = self.view.apply_async(
+            receive_broadcast, name, arr.shape, arr.dtype.str, to_mlx, token, root
+        )
+        try:
+            with socket.create_connection((ip, port), timeout=30) as conn:
+                conn.sendall(token.encode())
+                conn.sendall(memoryview(arr.reshape(-1)).cast("B"))
+        finally:
+            ar.get()
+
+    def _address_of(self, rank: int) -> str:
+        """Where the notebook reaches ``rank``'s host: loopback here, else its cluster IP."""
+        host = self.placement.ranks[rank]
+        if self.placement.is_local or host.is_local:
+            return "127.0.0.1"
+        return host.address
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         nodes = (

@@ -65,7 +65,8 @@ def init_group(backend: str, rank: int, size: int) -> Any:
 
     host = socket.gethostname()
     try:
-        group = mx.distributed.init(backend=backend, strict=True)
+        # MLX refuses a strict group of one process; a single rank is a valid cluster.
+        group = mx.distributed.init(backend=backend, strict=size > 1)
     except Exception as e:
         hint = ""
         if backend in ("mpi", "any"):

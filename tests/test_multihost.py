@@ -282,3 +282,14 @@ def test_head_as_one_of_the_hosts_and_remote_workdir(vhosts, no_vhost_leaks, tmp
         )
         assert cluster.view["t"] == [6.0] * 3
         assert cluster.view["cwd"] == ["/tmp"] * 3
+
+
+def test_broadcast_across_hosts(vhosts, no_vhost_leaks, tmp_path) -> None:
+    import numpy as np
+
+    hostfile = vhosts.hostfile(tmp_path / "hosts.json")
+    with MLXCluster(hostfile=hostfile, ssh=vhosts.rsh_agent, live_status=False) as cluster:
+        arr = np.arange(3_000_000, dtype=np.float32)
+        cluster.broadcast("w", arr)
+        cluster.view.execute("import numpy as np\ns = float(np.asarray(w, dtype=np.float64).sum())")
+        assert cluster.view["s"] == [float(arr.astype(np.float64).sum())] * 3
