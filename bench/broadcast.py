@@ -21,23 +21,20 @@ from common import compare
 NBYTES = 64 * 1024 * 1024  # 64 MiB of float32
 
 
-def _checksum(name: str) -> float:
-    """On an engine: float64 sum of the variable ``name`` (numpy or MLX)."""
-    import numpy as np
-    from IPython import get_ipython
+# Run on the engines as code, not shipped as functions: the engines cannot import this module.
+def _checksums(cluster: Any, name: str) -> list[float]:
+    """Per rank: the float64 sum of the variable ``name`` (numpy or MLX)."""
+    code = f"import numpy as _np\n_sum = float(_np.asarray({name}, _np.float64).sum())"
+    cluster.view.execute(code)
+    return cluster.view["_sum"]
 
-    value = get_ipython().user_ns[name]  # type: ignore[union-attr]
-    return float(np.asarray(value, dtype=np.float64).sum())
 
-
-def _drop(name: str) -> None:
-    from IPython import get_ipython
-
-    get_ipython().user_ns.pop(name, None)  # type: ignore[union-attr]
+def _drop(cluster: Any, name: str) -> None:
+    cluster.view.execute(f"globals().pop({name!r}, None)")
 
 
 def _verify(cluster: Any, name: str, expected: float) -> None:
-    sums = cluster.view.apply_sync(_checksum, name)
+    sums = _checksums(cluster, name)
     if any(abs(s - expected) > 1e-6 * abs(expected) for s in sums):
         raise RuntimeError(f"{name}: checksums {sums} on the ranks, expected {expected}")
 
@@ -56,20 +53,20 @@ def _measure(cluster: Any, where: str, reps: int) -> list[dict[str, Any]]:
     _verify(cluster, "w_ours", expected)
     cluster.view.push({"w_base": arr}, block=True)
     _verify(cluster, "w_base", expected)
-    cluster.view.apply_sync(_drop, "w_ours")
-    cluster.view.apply_sync(_drop, "w_base")
+    _drop(cluster, "w_ours")
+    _drop(cluster, "w_base")
 
     def run_ours() -> None:
         t = time.perf_counter()
         cluster.broadcast("w", arr)
         ours.append(time.perf_counter() - t)
-        cluster.view.apply_sync(_drop, "w")
+        _drop(cluster, "w")
 
     def run_base() -> None:
         t = time.perf_counter()
         cluster.view.push({"w": arr}, block=True)
         base.append(time.perf_counter() - t)
-        cluster.view.apply_sync(_drop, "w")
+        _drop(cluster, "w")
 
     benchlib.alternate(reps, run_ours, run_base)
     return [

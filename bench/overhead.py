@@ -34,15 +34,18 @@ for _ in range({steps}):
 """
 
 
-def _sidecar_ids() -> tuple[int, int | None]:
-    """On an engine: (pid, native thread id of the status sidecar or None)."""
-    import os
-    import threading
+# Run on the engines as code, not shipped as a function: the engines cannot import this module.
+SIDECAR_IDS = """
+import os as _os, threading as _th
+_sidecar = ([t.native_id for t in _th.enumerate() if t.name == "mlx-cluster-status"] or [None])[0]
+_ids = (_os.getpid(), _sidecar)
+"""
 
-    for t in threading.enumerate():
-        if t.name == "mlx-cluster-status":
-            return os.getpid(), t.native_id
-    return os.getpid(), None
+
+def _sidecar_ids(cluster: Any) -> list[tuple[int, int | None]]:
+    """Per engine: (pid, native thread id of the status sidecar or None)."""
+    cluster.view.execute(SIDECAR_IDS)
+    return cluster.view["_ids"]
 
 
 def _cpu_s(path: str) -> float:
@@ -61,7 +64,7 @@ class _CPUReader:
     thread, between ``start()`` and ``stop()``: % of a core per process/thread."""
 
     def __init__(self, cluster: Any) -> None:
-        ids = cluster.view.apply_sync(_sidecar_ids)
+        ids = _sidecar_ids(cluster)
         self.paths = {
             "engine": [f"/proc/{pid}/stat" for pid, _ in ids],
             "sidecar": [f"/proc/{pid}/task/{tid}/schedstat" for pid, tid in ids if tid is not None],

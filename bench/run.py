@@ -22,77 +22,94 @@ from typing import Any
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
-# Raw ipyparallel finds mpiexec on PATH, and needs Open MPI's consent to run as root.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")  # raw ipyparallel's mpiexec, as root
-os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+# benchlib puts mpiexec on PATH (raw ipyparallel looks there) and allows Open MPI to run as root.
+from bandwidth import bench_bandwidth  # noqa: E402
+from broadcast import bench_broadcast  # noqa: E402
+from overhead import bench_overhead  # noqa: E402
+from scaling import bench_scaling  # noqa: E402
 
-
+import benchlib  # noqa: E402, F401
 from common import compare  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- sections
+def _median_call(f: Callable[[], Any], calls: int = 300, warm: int = 30) -> float:
+    for _ in range(warm):
+        f()
+    samples = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        f()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
 def bench_startup(reps: int) -> list[dict[str, Any]]:
     """Start-to-ready and the %%px round trip, against raw ipyparallel with engines="mpi"."""
     import ipyparallel as ipp
+    from ipyparallel.client.magics import ParallelMagics
     from IPython.core.interactiveshell import InteractiveShell
 
     from mlx_cluster_magic import MLXCluster
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "mlx_cluster_magic")
-    ours_start: list[float] = []
-    raw_start: list[float] = []
-    ours_rt: list[float] = []
-    raw_rt: list[float] = []
-    calls = 200
+    m: dict[str, list[float]] = {
+        k: [] for k in ("ours start", "raw start", "ours px", "raw exec", "raw px", "ours exec")
+    }
     for _ in range(reps):
         t = time.perf_counter()
         raw = ipp.Cluster(engines="mpi", n=2, log_level=40)
         rc = raw.start_and_connect_sync()
-        raw_start.append(time.perf_counter() - t)
+        m["raw start"].append(time.perf_counter() - t)
         dv = rc[:]
         dv.block = True
-        for _ in range(20):
-            dv.execute("pass")
-        samples = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            dv.execute("pass", block=True)
-            samples.append(time.perf_counter() - t)
-        raw_rt.append(statistics.median(samples))
+        m["raw exec"].append(_median_call(lambda dv=dv: dv.execute("pass", block=True)))
+        shell.magics_manager.register(ParallelMagics(shell, dv))  # ipyparallel's own %%px
+        m["raw px"].append(_median_call(lambda: shell.run_cell_magic("px", "", "pass")))
         rc.close()
         raw.stop_cluster_sync()
 
         t = time.perf_counter()
         cluster = MLXCluster(n=2).start(activate=True)
-        ours_start.append(time.perf_counter() - t)
-        for _ in range(20):
-            shell.run_cell_magic("px", "", "pass")
-        samples = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            shell.run_cell_magic("px", "", "pass")
-            samples.append(time.perf_counter() - t)
-        ours_rt.append(statistics.median(samples))
+        m["ours start"].append(time.perf_counter() - t)
+        m["ours px"].append(_median_call(lambda: shell.run_cell_magic("px", "", "pass")))
+        view = cluster.view
+        m["ours exec"].append(_median_call(lambda v=view: v.execute("pass", block=True)))
         cluster.stop()
+    ms = {k: [x * 1e3 for x in v] for k, v in m.items()}
     return [
         compare(
             "start to ready, 2 local ranks",
-            ours_start,
-            raw_start,
+            m["ours start"],
+            m["raw start"],
             "s",
             "<= 0.60x",
             "ipp.Cluster(engines='mpi', n=2).start_and_connect_sync()",
         ),
         compare(
             "%%px pass round trip",
-            [x * 1e3 for x in ours_rt],
-            [x * 1e3 for x in raw_rt],
+            ms["ours px"],
+            ms["raw exec"],
             "ms",
             "<= 1.10x",
+            "dv.execute('pass', block=True)",
+        ),
+        compare(
+            "%%px pass round trip vs ipyparallel's own %%px",
+            ms["ours px"],
+            ms["raw px"],
+            "ms",
+            "report",
+            "%%px pass (ipyparallel's magic, raw cluster)",
+        ),
+        compare(
+            "dv.execute('pass') on our engines",
+            ms["ours exec"],
+            ms["raw exec"],
+            "ms",
+            "report",
             "dv.execute('pass', block=True)",
         ),
     ]
@@ -100,6 +117,10 @@ def bench_startup(reps: int) -> list[dict[str, Any]]:
 
 SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "startup": bench_startup,
+    "bandwidth": bench_bandwidth,
+    "overhead": bench_overhead,
+    "broadcast": bench_broadcast,
+    "scaling": bench_scaling,
 }
 
 
@@ -151,7 +172,7 @@ def main() -> int:
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    reps = args.reps or (2 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 3)
     out = HERE / "results.json"
     previous = json.loads(out.read_text()) if out.exists() else {"figures": []}
     figures = [f for f in previous.get("figures", []) if f.get("section") not in chosen]

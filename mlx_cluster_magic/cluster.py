@@ -685,17 +685,27 @@ def _stop_all_at_exit() -> None:
             cluster._teardown()
 
 
+def _running(p: psutil.Process) -> bool:
+    """Alive and not a zombie: a zombie has exited and only waits for its parent to reap it."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _reap(procs: list[psutil.Process], grace: float = 5.0) -> None:
     """Terminate our processes that are still running; SIGKILL what is left after ``grace``."""
-    procs = [p for p in procs if p.is_running()]
+    procs = [p for p in procs if _running(p)]
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-    _gone, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    deadline = time.monotonic() + grace
+    while any(_running(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for p in procs:
+        if _running(p):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 __all__ = ["EXIT_BAD_GROUP", "MLXCluster", "MLXClusterError", "MLXEngineSetLauncher"]
