@@ -508,6 +508,7 @@ class MLXCluster:
         self._stop_watchdog()
         if self._profile_dir:
             shutil.rmtree(self._profile_dir, ignore_errors=True)
+            _REMOVE_AT_EXIT.add(self._profile_dir)  # ipyparallel may still write a late log
         self._ipp = self._client = self._view = None
         self._profile_dir = None
         self._ranks = []
@@ -521,7 +522,14 @@ class MLXCluster:
         pids = self._launcher_pids()
         self._track(pids)
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-m", "mlx_cluster_magic.watchdog", str(os.getpid()), *map(str, pids)],
+            [
+                sys.executable,
+                "-m",
+                "mlx_cluster_magic.watchdog",
+                str(self._profile_dir),
+                str(os.getpid()),
+                *map(str, pids),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -677,12 +685,17 @@ def _own_names() -> set[str]:
 _LIVE: weakref.WeakSet[MLXCluster] = weakref.WeakSet()
 
 
+_REMOVE_AT_EXIT: set[str] = set()
+
+
 @atexit.register
 def _stop_all_at_exit() -> None:
     """Kernel shutdown or restart: stop every cluster this process started."""
     for cluster in list(_LIVE):
         with contextlib.suppress(Exception):
             cluster._teardown()
+    for path in _REMOVE_AT_EXIT:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _running(p: psutil.Process) -> bool:

@@ -1,14 +1,17 @@
 """Stops a cluster's processes if the process that started it (the kernel) dies abruptly.
 
-Started by ``MLXCluster`` with the kernel's pid and our own pids; more pids arrive as lines on
-stdin. A normal stop writes ``stop`` and closes stdin. End of input without ``stop`` means the
-kernel is gone (killed, crashed), so every pid we were given is terminated, then killed.
-Kills only the processes it was given, by pid, checked against their start time.
+Started by ``MLXCluster`` with the cluster's private directory, the kernel's pid and our own
+pids; more pids arrive as lines on stdin. A normal stop writes ``stop`` and closes stdin. End of
+input without ``stop`` means the kernel is gone (killed, crashed), so every pid we were given is
+terminated, then killed, and the directory (connection files, logs) removed. Kills only the
+processes it was given, by pid, checked against their start time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import signal
 import sys
 
@@ -22,8 +25,9 @@ def _track(pid_text: str, procs: list[psutil.Process]) -> None:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a kernel interrupt is not a death
+    profile_dir, _kernel_pid, *pids = argv
     procs: list[psutil.Process] = []
-    for pid in argv[1:]:
+    for pid in pids:
         _track(pid, procs)
     for line in sys.stdin:
         if line.strip() == "stop":
@@ -37,6 +41,9 @@ def main(argv: list[str]) -> int:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    psutil.wait_procs(alive, timeout=3)
+    if os.path.basename(profile_dir).startswith("mlx-cluster-"):
+        shutil.rmtree(profile_dir, ignore_errors=True)
     return 0
 
 

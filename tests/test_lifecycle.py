@@ -74,7 +74,15 @@ def test_kernel_restart_leaves_nothing(no_leaks) -> None:
         km.shutdown_kernel(now=True)
 
 
+def _profile_dirs() -> set[str]:
+    import glob
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "mlx-cluster-*")))
+
+
 def test_kernel_killed_with_sigkill_leaves_nothing(no_leaks) -> None:
+    dirs_before = _profile_dirs()
     km, kc, _pids = _kernel_with_cluster()
     try:
         kernel_pid = km.provisioner.process.pid
@@ -84,6 +92,10 @@ def test_kernel_killed_with_sigkill_leaves_nothing(no_leaks) -> None:
         t = time.monotonic()
         left = wait_no_processes(15)
         assert left == [], f"orphans after SIGKILL of the kernel: {left}"
+        deadline = time.monotonic() + 5
+        while _profile_dirs() - dirs_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _profile_dirs() - dirs_before == set(), "connection files left behind"
         assert time.monotonic() - t < 15
     finally:
         kc.stop_channels()
