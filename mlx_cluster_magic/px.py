@@ -13,7 +13,6 @@ The magics are ipyparallel's own (``ParallelMagics``); only the blocking wait ch
 from __future__ import annotations
 
 import re
-import shlex
 import threading
 import time
 from contextlib import nullcontext
@@ -38,22 +37,13 @@ class CellAborted(MLXClusterError):
     """A cell could not finish: a rank died, hung past its timeout, or ignored an interrupt."""
 
 
+_TIMEOUT_OPTION = re.compile(r"(?:^|\s)--timeout(?:=|\s+)\S+")
+
+
 def _strip_timeout(line: str) -> str:
-    """The cell line without ``--timeout S`` (ipyparallel's own parser does not know it)."""
-    words = shlex.split(line)
-    out = []
-    skip = False
-    for w in words:
-        if skip:
-            skip = False
-            continue
-        if w == "--timeout":
-            skip = True
-            continue
-        if w.startswith("--timeout="):
-            continue
-        out.append(w)
-    return shlex.join(out)
+    """The cell line without ``--timeout S`` (ipyparallel's own parser does not know it); the
+    rest is left exactly as written, quotes included."""
+    return _TIMEOUT_OPTION.sub(" ", line).strip()
 
 
 class MLXParallelMagics(ParallelMagics):
@@ -117,7 +107,7 @@ class MLXParallelMagics(ParallelMagics):
                 try:
                     self._wait(result, self.cell_timeout)
                 except KeyboardInterrupt:
-                    self._interrupt(result)
+                    self._interrupt(result, sig=signal_on_interrupt or self.signal_on_interrupt)
                     raise
                 try:
                     result.get()
@@ -155,13 +145,13 @@ class MLXParallelMagics(ParallelMagics):
                 )
         result.wait_for_output(1)
 
-    def _interrupt(self, result: Any, why: str = "was interrupted") -> None:
-        """Send SIGINT to every rank still running; abort the cluster if one does not stop."""
+    def _interrupt(self, result: Any, why: str = "was interrupted", sig: Any = "SIGINT") -> None:
+        """Send ``sig`` to every rank still running; abort the cluster if one does not stop."""
         running = [t for t, ar in zip(result._targets, result._children) if not ar.done()]
         if not running:
             return
         try:
-            self.view.client.send_signal("SIGINT", targets=running, block=True)
+            self.view.client.send_signal(sig, targets=running, block=True)
         except Exception:
             pass
         deadline = time.monotonic() + INTERRUPT_GRACE_S

@@ -102,3 +102,10 @@ def test_bad_timeout(ip, flag) -> None:
     ip.run_line_magic("mlx_cluster", "start -n 2")
     with pytest.raises(UsageError):
         ip.run_cell_magic("px", flag, "pass")
+
+
+def test_timeout_combines_with_ipyparallel_options(ip) -> None:
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    ip.run_cell_magic("px", "", "hit = 0")
+    ip.run_cell_magic("px", "--targets 1 --timeout 5", "hit = 1")
+    assert cluster.view["hit"] == [0, 1]

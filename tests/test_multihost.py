@@ -271,10 +271,12 @@ def test_head_as_one_of_the_hosts_and_remote_workdir(vhosts, no_vhost_leaks, tmp
     import socket
 
     hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps(
-        [{"ssh": "head", "ips": [vhosts.head_ip]}]
-        + [{"ssh": h, "ips": [ip]} for h, ip in zip(vhosts.hosts[:2], vhosts.ips[:2])]
-    ))
+    hostfile.write_text(
+        json.dumps(
+            [{"ssh": "head", "ips": [vhosts.head_ip]}]
+            + [{"ssh": h, "ips": [ip]} for h, ip in zip(vhosts.hosts[:2], vhosts.ips[:2])]
+        )
+    )
     with MLXCluster(hostfile=hostfile, ssh=vhosts.rsh_agent, workdir="/tmp") as cluster:
         assert [r["host"] for r in cluster.ranks] == [socket.gethostname(), "mac1", "mac2"]
         cluster.view.execute(
