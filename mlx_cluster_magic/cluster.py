@@ -401,6 +401,10 @@ class MLXCluster:
                 )
         self._ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
         local = [r["pid"] for r in reports if self._is_local_rank(r)]
+        # Each engine's kernel nanny (a child process) is ours to stop as well.
+        for pid in list(local):
+            with contextlib.suppress(psutil.Error):
+                local += [c.pid for c in psutil.Process(pid).children(recursive=True)]
         self._track(local)
         self._watch_pids(local)
 

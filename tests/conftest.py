@@ -17,7 +17,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 # The kinds of process this project starts. Matched on the command line.
 OURS = re.compile(
-    r"mlx_cluster_magic\.(engine|watchdog)|ipyparallel\.controller|ipcontroller|ipengine"
+    r"mlx_cluster_magic\.(engine|watchdog)|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
     r"|(^|/)(prterun|prted|mpiexec|mpirun)(\s|$)"
 )
 
