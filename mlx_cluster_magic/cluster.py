@@ -458,6 +458,11 @@ class MLXCluster:
     def abort(self) -> None:
         """Stop every process of a cluster that cannot go on; the status view shows it dead."""
         nodes = self._status.nodes() if self._status is not None else self.last_nodes
+        if self._ipp is not None:
+            # No graceful wait: a rank may be unreachable (cable pulled) or stuck in C code.
+            for launcher in [self._ipp.controller, *self._ipp.engines.values()]:
+                if launcher is not None:
+                    launcher.stop_seconds_until_kill = 1
         self._teardown()
         self.last_nodes = [dataclasses.replace(n, state="dead") for n in nodes]
         with contextlib.suppress(Exception):
