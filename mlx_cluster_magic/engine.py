@@ -71,6 +71,8 @@ def init_group(backend: str, rank: int, size: int) -> Any:
         hint = ""
         if backend in ("mpi", "any"):
             hint = f" (MLX_MPI_LIBNAME={os.environ.get('MLX_MPI_LIBNAME', '')!r})"
+        if backend == "ring" and "bind" in str(e):
+            hint = " (is the ring port in use? pass another --ring-port, below 32768)"
         _fail(f"rank {rank} on {host}: MLX {backend} backend failed to initialise: {e}{hint}")
     if group.size() != size or group.rank() != rank:
         _fail(

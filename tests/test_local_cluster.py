@@ -59,7 +59,7 @@ def test_mpi4py_sees_the_same_world(ip) -> None:
 
 
 def test_ring_backend_on_localhost(ip) -> None:
-    cluster = ip.run_line_magic("mlx_cluster", "start -n 2 --backend ring --ring-port 34567")
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2 --backend ring --ring-port 30567")
     cluster.view.execute(
         "g = mx.distributed.all_gather(mx.array([world.rank()]))\n"
         "s = mx.distributed.all_sum(mx.arange(3) * (world.rank() + 1))\n"
