@@ -34,9 +34,9 @@ MLX_LAUNCH = str(BIN / "mlx.launch")
 # The benchmarks' own virtual hosts: a prefix and subnet no test uses.
 VHOST_PREFIX = "mcmb"
 VHOST_SUBNET = "10.213.7.0/24"
-# Ring ports away from the default (32323), which tests running beside us may use on loopback.
-RING_PORT_OURS = 34511
-RING_PORT_LAUNCH = 34611
+# Ring ports away from the default (32323) and below Linux's ephemeral range (32768 up).
+RING_PORT_OURS = 31511
+RING_PORT_LAUNCH = 31611
 
 RESULT_TAG = "MCMB_RESULT"
 READY_TAG = "MCMB_READY"
