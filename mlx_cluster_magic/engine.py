@@ -8,6 +8,7 @@ group when it cannot load libmpi), and only then hands over to ipyparallel's eng
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -42,7 +43,7 @@ def _write_private(content: str, name: str) -> str:
 def prepare_backend_environment(backend: str, rank: int) -> list[str]:
     """Turn the forwarded variables into the files and variables MLX's backends read.
 
-    Returns the temporary files written, so they can be removed when the engine exits.
+    Returns the temporary files written, so they can be removed once the group is formed.
     """
     written = []
     if backend in ("ring", "jaccl"):
@@ -110,22 +111,22 @@ def main(argv: list[str] | None = None) -> None:
     BACKEND = os.environ.get(BACKEND_VAR, "mpi")
     rank, size = _mpi_rank_and_size()
     written = prepare_backend_environment(BACKEND, rank)
-    WORLD = init_group(BACKEND, rank, size)
+    try:
+        WORLD = init_group(BACKEND, rank, size)
+    finally:
+        # MLX reads these files only while it forms the group: remove them now, so a rank
+        # that is later killed leaves nothing behind.
+        for path in written:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     if os.environ.get(STATUS_VAR):
         from .sidecar import start_sidecar
 
         start_sidecar(os.environ[STATUS_VAR], rank)
-    try:
-        from ipyparallel.engine.app import main as ipengine_main
+    from ipyparallel.engine.app import main as ipengine_main
 
-        sys.argv = ["ipengine", *argv]
-        ipengine_main()
-    finally:
-        for path in written:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    sys.argv = ["ipengine", *argv]
+    ipengine_main()
 
 
 if __name__ == "__main__":
