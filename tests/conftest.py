@@ -3,12 +3,14 @@ the virtual Thunderbolt cluster (network namespaces with sshd) for the multi-hos
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -96,20 +98,28 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-@pytest.fixture(scope="session")
-def vhosts() -> Iterator[object]:
-    """Three virtual Macs (network namespaces with their own hostname, sshd, a bridge)."""
+@contextlib.contextmanager
+def virtual_macs(n: int, subnet: str, prefix: str) -> Iterator[Any]:
+    """A started VirtualCluster (skips the test where one cannot be built), always torn down.
+    Every fixture uses its own subnet and prefix so they never clash."""
     from vcluster import VirtualCluster, skip_reason
 
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    vc = VirtualCluster(3, subnet="10.213.2.0/24", prefix="mcmh")
-    vc.start()
+    vc = VirtualCluster(n, subnet=subnet, prefix=prefix)
     try:
+        vc.start()
         yield vc
     finally:
         vc.stop()
+
+
+@pytest.fixture(scope="session")
+def vhosts() -> Iterator[object]:
+    """Three virtual Macs (network namespaces with their own hostname, sshd, a bridge)."""
+    with virtual_macs(3, "10.213.2.0/24", "mcmh") as vc:
+        yield vc
 
 
 def vhost_pids(vc: object) -> frozenset[int]:

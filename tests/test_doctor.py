@@ -35,7 +35,8 @@ from mlx_cluster_magic.doctor import (
 from mlx_cluster_magic.errors import MLXClusterError
 from mlx_cluster_magic.hosts import Host, Placement, local, read_hostfile
 
-from vcluster import VirtualCluster, skip_reason
+from conftest import virtual_macs
+from vcluster import VirtualCluster
 
 FIXTURES = Path(__file__).parent / "fixtures" / "macos"
 TIMEOUT = 5.0
@@ -241,18 +242,11 @@ def test_interfaces_from_this_machines_ip_command() -> None:
 
 @pytest.fixture(scope="module")
 def vc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VirtualCluster]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = VirtualCluster(3, subnet="10.213.5.0/24", prefix="mcmd")
-    try:
-        cluster.start()
+    with virtual_macs(3, "10.213.5.0/24", "mcmd") as cluster:
         for host in cluster.hosts:  # a Thunderbolt bridge as it should be
             proc = cluster.netns_exec(host, "ip", "link", "set", "eth0", "mtu", "9000")
             assert proc.returncode == 0, proc.stderr
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")

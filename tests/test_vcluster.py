@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import virtual_macs
 from vcluster import VirtualCluster, skip_reason
 
 pytestmark = pytest.mark.multihost
@@ -37,15 +38,8 @@ print("RESULT", socket.gethostname(), g.rank(), g.size(), x.tolist(), flush=True
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[VirtualCluster]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    vc = VirtualCluster(3, subnet="10.213.0.0/24", prefix="mcm")
-    try:
-        vc.start()
+    with virtual_macs(3, "10.213.0.0/24", "mcm") as vc:
         yield vc
-    finally:
-        vc.stop()
 
 
 def _connects(ip: str, port: int = 22, timeout: float = 0.5) -> bool:
