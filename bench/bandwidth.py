@@ -85,6 +85,22 @@ if __name__ == "__main__":
 '''
 
 
+def _mlx_launch(script: str, *where: str) -> list[str]:
+    """``mlx.launch`` running the timing script on the ring backend; ``where`` places ranks."""
+    return [
+        benchlib.MLX_LAUNCH,
+        *where,
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(benchlib.RING_PORT_LAUNCH),
+        "--",
+        benchlib.PYTHON,
+        script,
+        "ring",
+    ]
+
+
 def _label(nbytes: int) -> str:
     return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // KIB} KiB"
 
@@ -204,19 +220,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
         "2 local ranks",
         "ring",
         lambda: MLXCluster(n=2, backend="ring", ring_port=benchlib.RING_PORT_OURS),
-        [
-            benchlib.MLX_LAUNCH,
-            "-n",
-            "2",
-            "--backend",
-            "ring",
-            "--starting-port",
-            str(benchlib.RING_PORT_LAUNCH),
-            "--",
-            benchlib.PYTHON,
-            script,
-            "ring",
-        ],
+        _mlx_launch(script, "-n", "2"),
         {},
         2,
         "mlx.launch -n 2, same timing code",
@@ -272,19 +276,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
                         ring_port=benchlib.RING_PORT_OURS,
                         timeout=60,
                     ),
-                    [
-                        benchlib.MLX_LAUNCH,
-                        "--hostfile",
-                        hf,
-                        "--backend",
-                        "ring",
-                        "--starting-port",
-                        str(benchlib.RING_PORT_LAUNCH),
-                        "--",
-                        benchlib.PYTHON,
-                        script,
-                        "ring",
-                    ],
+                    _mlx_launch(script, "--hostfile", hf),
                     {"PATH": f"{sshbin}{os.pathsep}{os.environ['PATH']}"},
                     k,
                     f"mlx.launch --hostfile ({k} hosts), same timing code",
