@@ -5,7 +5,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SOURCES := pyproject.toml $(shell find mlx_cluster_magic jupyter-config -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
 .PHONY: demo test bench lint system-deps clean
 
@@ -13,14 +12,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Dependencies (PyPI) once per pyproject change; the package itself whenever its files change.
-# A regular (non-editable) install, so the Jupyter kernel spec lands in the venv.
+# Dependencies (PyPI) once per pyproject change. The package itself is an editable install, so
+# engines and tests always run the checkout; the kernel spec (which a regular `pip install`
+# places through data-files) is installed into the venv explicitly.
 $(VENV)/.deps: pyproject.toml | $(PY)
-	$(PY) -m pip install -q '.[test]'
+	$(PY) -m pip install -q '.[test,lm]'
+	rm -rf build
 	touch $@
 
-$(VENV)/.installed: $(SOURCES) $(VENV)/.deps
-	$(PY) -m pip install -q --no-deps --force-reinstall .
+$(VENV)/.installed: pyproject.toml $(VENV)/.deps
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m jupyter kernelspec install --sys-prefix --name mlx-cluster jupyter-config/kernels/mlx-cluster >/dev/null
+	rm -rf build
 	touch $@
 
 system-deps:

@@ -1,0 +1,73 @@
+"""The plain data every view renders: a frozen snapshot of one cluster, taken on the head.
+
+Views (the live widget, the HTML and text fallbacks, the side panel) get a ``ClusterSnapshot``
+and callbacks, never the cluster itself; this module imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Every state a rank can be in, in the order the views explain them.
+NODE_STATES = ("starting", "idle", "busy", "unresponsive", "dead", "stopped")
+#: Every state of the cluster's life cycle.
+CLUSTER_STATES = ("stopped", "starting", "running", "broken")
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One rank, as ``cluster.nodes()`` returns it and the status view shows it.
+
+    ``state``: ``starting`` (no report yet), ``idle``, ``busy`` (a request runs: ``busy_s`` since
+    it started), ``unresponsive`` (the process lives but its reports stopped ``silent_s`` ago,
+    e.g. a C call holding the GIL), ``dead`` (evidence the process is gone) or ``stopped``.
+    """
+
+    rank: int
+    host: str
+    state: str
+    busy_s: float
+    last_seen_s: float | None
+    rss_bytes: int | None
+    mlx_active_bytes: int | None
+    mlx_peak_bytes: int | None
+    device: str | None
+    pid: int | None
+    silent_s: float | None = None
+    why: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One number a rank recorded with ``report(name=value, step=...)``."""
+
+    rank: int
+    name: str
+    value: float
+    step: float | None
+    time: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """The header and rows of the status view at one moment."""
+
+    state: str  # one of CLUSTER_STATES
+    backend: str
+    n: int
+    hosts: int
+    uptime_s: float | None
+    nodes: tuple[NodeStatus, ...]
+    reason: str | None = None  # why the cluster is broken
+    banner: str | None = None  # a warning to show above the table (e.g. a hang verdict)
+    metrics: tuple[MetricPoint, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
