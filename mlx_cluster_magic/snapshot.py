@@ -68,6 +68,7 @@ class ClusterSnapshot:
     reason: str | None = None  # why the cluster is broken
     banner: str | None = None  # a warning to show above the table (e.g. a hang verdict)
     metrics: tuple[MetricPoint, ...] = field(default_factory=tuple)
+    topology_svg: str | None = None  # the measured fabric, once ``links()`` has run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
