@@ -1,6 +1,9 @@
 """Execute a notebook headless (nbclient) and print its text outputs: ``make demo`` uses this.
 
 python notebooks/run.py notebooks/01-quickstart.ipynb [--kernel NAME] [--timeout S]
+
+Without --kernel it runs on the kernel the notebook declares, or ``python3`` where that one is
+not installed.
 """
 
 from __future__ import annotations
@@ -10,8 +13,20 @@ import sys
 from pathlib import Path
 
 import nbformat
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+
+def kernel_for(nb: nbformat.NotebookNode) -> str:
+    """The kernel the notebook declares ("Python 3 (MLX cluster)") where it is installed, else
+    the plain ``python3``: the notebooks load the extension themselves, so both run them."""
+    declared = nb.metadata.get("kernelspec", {}).get("name", "python3")
+    try:
+        KernelSpecManager().get_kernel_spec(declared)
+    except NoSuchKernel:
+        return "python3"
+    return str(declared)
 
 
 def run(path: Path, kernel: str | None = None, timeout: int = 600) -> nbformat.NotebookNode:
@@ -19,7 +34,7 @@ def run(path: Path, kernel: str | None = None, timeout: int = 600) -> nbformat.N
     client = NotebookClient(
         nb,
         timeout=timeout,
-        kernel_name=kernel or nb.metadata.get("kernelspec", {}).get("name", "python3"),
+        kernel_name=kernel or kernel_for(nb),
         resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()
