@@ -1,0 +1,164 @@
+"""Small line charts as inline SVG: one line per rank, axes with ticks, one legend.
+
+Drawn in Python for the static views (gather results, the HTML fallback of the status view),
+which must render anywhere a notebook's HTML does, with no plotting library. The live widget
+draws the same charts in its ES module (``status.js``) with the same rules.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: One colour per rank, shared with ``status.js``.
+RANK_COLOURS = ("#1565c0", "#c62828", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#5d4037")
+#: A range spanning at least this ratio (two decades) of positive values is drawn on a log axis.
+LOG_RATIO = 100.0
+
+
+@dataclass(frozen=True)
+class Line:
+    """One rank's series: x and y of equal length."""
+
+    rank: int
+    xs: Sequence[float]
+    ys: Sequence[float]
+
+
+def rank_colour(rank: int) -> str:
+    return RANK_COLOURS[rank % len(RANK_COLOURS)]
+
+
+def wants_log(values: Sequence[float]) -> bool:
+    """Log scale when every value is positive and the range spans two decades or more."""
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) >= LOG_RATIO
+
+
+def is_constant(values: Sequence[float]) -> bool:
+    return len(set(values)) <= 1
+
+
+def fmt(v: float) -> str:
+    """A tick or value label: short, no float noise."""
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        return f"{v:.2g}"
+    return f"{v:.4g}"
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values (1, 2, 5 times a power of ten) covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(count - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    t = first
+    while t <= hi + step * 1e-9:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten within [lo, hi] (lo > 0)."""
+    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    return [10.0**k for k in range(a, b + 1) if lo * (1 - 1e-9) <= 10.0**k <= hi * (1 + 1e-9)]
+
+
+def line_chart_svg(
+    lines: Sequence[Line],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str = "",
+    width: int = 420,
+    height: int = 200,
+    line_class: str = "mlx-line",
+    legend: bool = True,
+) -> str:
+    """One polyline per rank with axes (ticks on x and y, log y when it spans decades) and one
+    legend on the right. Empty string when there is nothing to draw."""
+    lines = [ln for ln in lines if len(ln.xs) and len(ln.xs) == len(ln.ys)]
+    xs = [x for ln in lines for x in ln.xs if math.isfinite(x)]
+    ys = [y for ln in lines for y in ln.ys if math.isfinite(y)]
+    if not xs or not ys:
+        return ""
+    log = wants_log(ys)
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = min(ys), max(ys)
+    if y_lo == y_hi:
+        y_lo, y_hi = (y_lo * 0.9, y_hi * 1.1) if log else (y_lo - 1, y_hi + 1)
+    if x_lo == x_hi:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    left, right, top, bottom = 52, 12, 22, 34
+    legend_w = 70 if legend else 0
+    pw, ph = width - left - right - legend_w, height - top - bottom
+
+    def tx(x: float) -> float:
+        return left + pw * (x - x_lo) / (x_hi - x_lo)
+
+    def ty(y: float) -> float:
+        if log:
+            frac = (math.log10(y) - math.log10(y_lo)) / (math.log10(y_hi) - math.log10(y_lo))
+        else:
+            frac = (y - y_lo) / (y_hi - y_lo)
+        return top + ph * (1 - frac)
+
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"class='mlx-chart' font-family='sans-serif' font-size='10'>",
+        f"<text x='{left}' y='13' font-size='12' font-weight='bold'>{html.escape(title)}</text>",
+        f"<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#bbb'/>",
+    ]
+    for t in log_ticks(y_lo, y_hi) if log else nice_ticks(y_lo, y_hi):
+        y = ty(t)
+        parts.append(
+            f"<line x1='{left - 3}' x2='{left + pw}' y1='{y:.1f}' y2='{y:.1f}' stroke='#eee'/>"
+            f"<text x='{left - 5}' y='{y + 3:.1f}' text-anchor='end'>{fmt(t)}</text>"
+        )
+    for t in nice_ticks(x_lo, x_hi):
+        x = tx(t)
+        parts.append(
+            f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{top + ph}' y2='{top + ph + 3}' stroke='#888'/>"
+            f"<text x='{x:.1f}' y='{top + ph + 13}' text-anchor='middle'>{fmt(t)}</text>"
+        )
+    y_axis = html.escape(y_label + (" (log)" if log else ""))
+    parts.append(
+        f"<text x='{left + pw / 2:.1f}' y='{height - 4}' text-anchor='middle' "
+        f"class='mlx-x-label'>{html.escape(x_label)}</text>"
+        f"<text x='10' y='{top + ph / 2:.1f}' text-anchor='middle' class='mlx-y-label' "
+        f"transform='rotate(-90 10 {top + ph / 2:.1f})'>{y_axis}</text>"
+    )
+    for ln in lines:
+        pts = " ".join(
+            f"{tx(x):.1f},{ty(y):.1f}"
+            for x, y in zip(ln.xs, ln.ys)
+            if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log)
+        )
+        colour = rank_colour(ln.rank)
+        parts.append(
+            f"<polyline class='{line_class}' data-rank='{ln.rank}' fill='none' "
+            f"stroke='{colour}' stroke-width='1.5' points='{pts}'>"
+            f"<title>rank {ln.rank}</title></polyline>"
+        )
+    if legend:
+        lx = width - legend_w + 6
+        for i, ln in enumerate(sorted(lines, key=lambda ln: ln.rank)):
+            y = top + 8 + 14 * i
+            colour = rank_colour(ln.rank)
+            parts.append(
+                f"<g class='mlx-legend'><line x1='{lx}' x2='{lx + 14}' y1='{y - 3}' y2='{y - 3}' "
+                f"stroke='{colour}' stroke-width='2'/><text x='{lx + 18}' y='{y}' "
+                f"fill='{colour}'>rank {ln.rank}</text></g>"
+            )
+    parts.append("</svg>")
+    return "".join(parts)

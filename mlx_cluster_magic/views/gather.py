@@ -1,0 +1,152 @@
+"""How a gathered variable reads: one verdict wording for text and HTML, series as charts.
+
+Typed against the shape of ``gather.GatherResult`` (a protocol), so this module imports nothing
+of the package: ``gather.py`` calls it to render itself.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Protocol
+
+from .charts import Line, fmt, is_constant, line_chart_svg
+
+AGREE_COLOUR = "#2e7d32"
+DIFFER_COLOUR = "#c62828"
+NEUTRAL_COLOUR = "#555"
+
+
+class SummaryLike(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def series(self) -> list[float] | None: ...
+
+
+class ResultLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def summaries(self) -> Sequence[SummaryLike]: ...
+    @property
+    def hosts(self) -> Sequence[str]: ...
+    @property
+    def diverged(self) -> list[int]: ...
+    @property
+    def agree(self) -> bool: ...
+
+
+def ranks_text(ranks: Sequence[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
+def is_series(r: ResultLike) -> bool:
+    return any(s.kind == "series" for s in r.summaries)
+
+
+def verdict(r: ResultLike) -> str:
+    """The one wording: ``identical on 2/2 ranks`` or ``differs from rank 0 on 1/2 ranks
+    (rank 1)``; ``not defined on rank 0`` when rank 0 lacks it."""
+    n = len(r.summaries)
+    if r.summaries and r.summaries[0].kind == "missing":
+        return "not defined on rank 0"
+    if r.agree:
+        return f"identical on {n}/{n} ranks"
+    d = r.diverged
+    return f"differs from rank 0 on {len(d)}/{n} ranks ({ranks_text(d)})"
+
+
+def verdict_colour(r: ResultLike) -> str:
+    """Green when identical; red when values differ; neutral for series (per-rank loss
+    histories are expected to differ)."""
+    if r.agree:
+        return AGREE_COLOUR
+    return NEUTRAL_COLOUR if is_series(r) else DIFFER_COLOUR
+
+
+def constant_note(r: ResultLike) -> str | None:
+    """``constant 3 at every step`` (or per rank) when every rank's series is flat."""
+    series = [s.series for s in r.summaries]
+    if not any(series) or not all(s and is_constant(s) for s in series if s is not None):
+        return None
+    values = [(rank, s[0]) for rank, s in enumerate(series) if s]
+    if len({v for _, v in values}) == 1:
+        return f"constant {fmt(values[0][1])} at every step"
+    return "constant at every step: " + ", ".join(f"rank {r} {fmt(v)}" for r, v in values)
+
+
+def gather_text(r: ResultLike) -> str:
+    head = f"{r.name}: {verdict(r)}"
+    note = constant_note(r)
+    if r.agree:
+        text = f"{head}: {r.summaries[0].text}"
+        return f"{text} ({note})" if note else text
+    lines = [head + (f"; {note}" if note else "")]
+    for rank, s in enumerate(r.summaries):
+        mark = "*" if rank in r.diverged else " "
+        lines.append(f"{mark} rank {rank} ({r.hosts[rank]}): {s.text}")
+    return "\n".join(lines)
+
+
+def series_chart(r: ResultLike, width: int = 480, height: int = 220) -> str:
+    """One line per rank (rank 0's alone when all agree) against the step; "" when flat."""
+    if constant_note(r) is not None:
+        return ""
+    lines = [
+        Line(rank, list(range(len(s.series))), s.series)
+        for rank, s in enumerate(r.summaries)
+        if s.series and (not r.agree or rank == 0)
+    ]
+    return line_chart_svg(
+        lines,
+        title=f"{r.name} per rank" if not r.agree else f"{r.name} (identical on every rank)",
+        x_label="step",
+        y_label=r.name,
+        width=width,
+        height=height,
+        line_class="mlx-series",
+    )
+
+
+def gather_html(r: ResultLike) -> str:
+    name = html.escape(r.name)
+    colour = verdict_colour(r)
+    series = is_series(r)
+    note = constant_note(r)
+    note_html = f" <span class='mlx-constant'>({html.escape(note)})</span>" if note else ""
+    head = (
+        f"<b>{name}</b>: <span class='mlx-verdict' style='color:{colour}'>"
+        f"{html.escape(verdict(r))}</span>{note_html}"
+    )
+    if r.agree:
+        body = f"<pre>{html.escape(r.summaries[0].text)}</pre>"
+        cls = "mlx-agree"
+    else:
+        rows = []
+        for rank, s in enumerate(r.summaries):
+            differs = rank in r.diverged
+            style = ""
+            if differs:
+                style = " style='background:#f3f3f3'" if series else " style='background:#ffebee'"
+            rows.append(
+                f"<tr class='{'mlx-diverged' if differs else 'mlx-same'}'{style}><td>{rank}</td>"
+                f"<td>{html.escape(r.hosts[rank])}</td>"
+                f"<td><code>{html.escape(s.text)}</code></td></tr>"
+            )
+        body = (
+            "<table><tr><th>rank</th><th>host</th><th>value</th></tr>" + "".join(rows) + "</table>"
+        )
+        cls = "mlx-differ mlx-neutral" if series else "mlx-differ"
+    chart = series_chart(r) if any(s.series for s in r.summaries) else ""
+    return f"<div class='mlx-gather {cls}'>{head}{body}{chart}</div>"
+
+
+def many_text(results: Sequence[ResultLike]) -> str:
+    return "\n".join(gather_text(r) for r in results)
+
+
+def many_html(results: Sequence[ResultLike]) -> str:
+    return "<div class='mlx-gather-many'>" + "".join(gather_html(r) for r in results) + "</div>"

@@ -1,0 +1,179 @@
+"""The live status view: an anywidget whose synced traits are the cluster's snapshot.
+
+Python only sets data (``update(snapshot)``, about twice a second from the status thread);
+``status.js`` renders it in the browser. Button clicks come back as custom messages and call the
+callbacks given at construction; the front end shows at once that a click was received.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import traitlets
+
+from ..snapshot import ClusterSnapshot, MetricPoint
+from .text import group_metrics, snapshot_html, snapshot_text
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+#: Points per (metric, rank) sent to the browser; longer series are thinned evenly, last kept.
+MAX_CHART_POINTS = 500
+
+
+def _num(v: float | None) -> float | None:
+    """JSON has no NaN or infinity: such points travel as null and are not drawn."""
+    return v if v is None or math.isfinite(v) else None
+
+
+def _thin(n: int, limit: int = MAX_CHART_POINTS) -> list[int]:
+    """Evenly spaced indices into a series of ``n`` points, the first and last included."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
+def metrics_series(points: Sequence[MetricPoint]) -> list[dict[str, Any]]:
+    """The metric records as the widget syncs them: one entry per (name, rank), columns
+    ``step``, ``time``, ``value`` (thinned to ``MAX_CHART_POINTS``)."""
+    out = []
+    for s in group_metrics(points):
+        idx = _thin(len(s.values))
+        out.append(
+            {
+                "name": s.name,
+                "rank": s.rank,
+                "step": [_num(s.steps[i]) for i in idx],
+                "time": [s.times[i] for i in idx],
+                "value": [_num(s.values[i]) for i in idx],
+            }
+        )
+    return out
+
+
+def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
+    """The ``snapshot`` trait: the snapshot's header and rows (metrics and topology travel in
+    their own traits, so a table refresh does not resend them)."""
+    d = s.as_dict()
+    d.pop("metrics")
+    d.pop("topology_svg")
+    d["nodes"] = list(d["nodes"])
+    return d
+
+
+class StatusWidget(anywidget.AnyWidget):
+    """Header, Stop / Restart (and "Restart and replay") / Side panel buttons, one row per
+    rank, a banner, live metric charts and the topology, from ``ClusterSnapshot`` data.
+
+    ``on_stop()`` runs on Stop; ``on_restart(replay)`` on Restart (``replay`` True for
+    "Restart and replay"); ``on_side()`` on "Side panel" (None: the widget opens its own side
+    panel with ``views.side.open_side_panel``). A callback's exception is shown in the view
+    as one line and logged with its traceback.
+    """
+
+    _esm = HERE / "status.js"
+    _css = HERE / "status.css"
+
+    snapshot = traitlets.Dict().tag(sync=True)
+    metrics: traitlets.List[dict[str, Any]] = traitlets.List().tag(sync=True)
+    topology_svg = traitlets.Unicode("").tag(sync=True)
+    side_button = traitlets.Bool(True).tag(sync=True)
+    #: Set by the browser: "jupyterlab", "notebook" or "other" ("" until a view renders).
+    frontend = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(
+        self,
+        on_stop: Callable[[], object],
+        on_restart: Callable[[bool], object],
+        on_side: Callable[[], object] | None = None,
+        snapshot: ClusterSnapshot | None = None,
+        side_button: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(side_button=side_button, **kwargs)
+        self._on_stop = on_stop
+        self._on_restart = on_restart
+        self._on_side = on_side
+        self._lock = threading.Lock()
+        self._metrics_src: tuple[MetricPoint, ...] = ()
+        self.last: ClusterSnapshot | None = None
+        self.side_panel: Any = None  # the Sidecar showing this widget, once opened
+        self.on_msg(self._on_message)
+        if snapshot is not None:
+            self.update(snapshot)
+
+    def update(self, snapshot: ClusterSnapshot) -> None:
+        """Show ``snapshot``. Cheap and thread-safe: unchanged parts are not resent."""
+        with self._lock:
+            state = snapshot_state(snapshot)
+            metrics_changed = snapshot.metrics is not self._metrics_src and (
+                snapshot.metrics != self._metrics_src
+            )
+            topology = snapshot.topology_svg or ""
+            self.last = snapshot
+            if state == self.snapshot and not metrics_changed and topology == self.topology_svg:
+                return
+            with self.hold_sync():
+                if state != self.snapshot:
+                    self.snapshot = state
+                if metrics_changed:
+                    self._metrics_src = snapshot.metrics
+                    self.metrics = metrics_series(snapshot.metrics)
+                if topology != self.topology_svg:
+                    self.topology_svg = topology
+
+    # ------------------------------------------------------------------ clicks
+    def _on_message(self, _widget: object, content: Any, _buffers: object) -> None:
+        if not isinstance(content, dict) or "action" not in content:
+            return
+        action = str(content["action"])
+        error = None
+        message = None
+        try:
+            if action == "stop":
+                self._on_stop()
+            elif action in ("restart", "replay"):
+                self._on_restart(bool(content.get("replay", action == "replay")))
+            elif action == "side":
+                if self._on_side is not None:
+                    self._on_side()
+                else:
+                    from .side import open_side_panel
+
+                    message = open_side_panel(self)
+            else:
+                error = f"unknown action {action!r}"
+        except Exception as e:  # shown in the view; the traceback goes to the log
+            log.exception("the status view's %s button failed", action)
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        self.send({"ack": action, "error": error, "message": message})
+
+    def click(self, action: str, replay: bool = False) -> None:
+        """Act as the browser does when a button is clicked (``stop``, ``restart``, ``replay``,
+        ``side``): for code and tests without a browser."""
+        self._on_message(self, {"action": action, "replay": replay}, None)
+
+    # ------------------------------------------------------------------ fallbacks
+    def text(self) -> str:
+        return snapshot_text(self.last) if self.last is not None else "MLX cluster"
+
+    def html(self) -> str:
+        return snapshot_html(self.last) if self.last is not None else "<b>MLX cluster</b>"
+
+    def mimebundle(self) -> dict[str, Any]:
+        """The display data: the widget view, with this snapshot as text and static HTML for
+        front ends without widgets (terminal, nbconvert, a notebook opened without kernel)."""
+        return self._repr_mimebundle_()[0]
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        found = super()._repr_mimebundle_(**kwargs)
+        data, meta = (dict(found[0]), dict(found[1])) if found else ({}, {})
+        data["text/plain"] = self.text()
+        data["text/html"] = self.html()
+        return data, meta

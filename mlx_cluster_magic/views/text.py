@@ -1,0 +1,246 @@
+"""The status view as text and as static HTML, from a ``ClusterSnapshot`` alone.
+
+These are the fallbacks of the live widget (terminal IPython, nbconvert, a notebook opened
+without its kernel) and what ``repr`` shows; they word everything as the widget does.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from .charts import Line, fmt, line_chart_svg, rank_colour
+
+STATE_COLOURS = {
+    "starting": "#8a8a8a",
+    "idle": "#2e7d32",
+    "busy": "#1565c0",
+    "unresponsive": "#ef6c00",
+    "dead": "#c62828",
+    "stopped": "#616161",
+}
+CLUSTER_COLOURS = {
+    "running": "#2e7d32",
+    "starting": "#8a8a8a",
+    "stopped": "#616161",
+    "broken": "#c62828",
+}
+COLUMNS = ("rank", "host", "state", "busy", "heartbeat", "RSS", "MLX active", "MLX peak", "device")
+RESTART_HINT = "`%mlx_cluster restart` brings it back"
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def human_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(int(s), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def heartbeat_cell(node: NodeStatus) -> str:
+    """How fresh the rank's reports are; an unresponsive rank says how long it has been silent
+    and that its process is alive (a C call holding the GIL, not a crash)."""
+    if node.state == "unresponsive":
+        silent = node.silent_s if node.silent_s is not None else node.last_seen_s
+        return f"silent {human_seconds(silent)}, process alive"
+    return "-" if node.last_seen_s is None else f"{node.last_seen_s:.1f} s ago"
+
+
+def node_cells(node: NodeStatus) -> list[str]:
+    return [
+        str(node.rank),
+        node.host,
+        node.state,
+        human_seconds(node.busy_s) if node.state in ("busy", "unresponsive") else "-",
+        heartbeat_cell(node),
+        human_bytes(node.rss_bytes),
+        human_bytes(node.mlx_active_bytes),
+        human_bytes(node.mlx_peak_bytes),
+        node.device or "-",
+    ]
+
+
+def header_text(s: ClusterSnapshot) -> str:
+    """``MLX cluster (running): backend mpi, 2 ranks on 1 host, uptime 3.2 s``."""
+    uptime = human_seconds(s.uptime_s) if s.state == "running" else "-"
+    return (
+        f"MLX cluster ({s.state}): backend {s.backend}, {s.n} ranks on "
+        f"{s.hosts} host{'s' if s.hosts != 1 else ''}, uptime {uptime}"
+    )
+
+
+def broken_text(s: ClusterSnapshot) -> str | None:
+    """Why the cluster broke and how to bring it back; None unless it is broken."""
+    if s.state != "broken":
+        return None
+    reason = (s.reason or "the cluster was aborted").rstrip(". ")
+    return f"broken: {reason}; {RESTART_HINT}."
+
+
+def nodes_text(nodes: Sequence[NodeStatus]) -> str:
+    table = [list(COLUMNS), *(node_cells(n) for n in nodes)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines += [f"rank {n.rank}: {n.why}" for n in nodes if n.why]
+    return "\n".join(lines)
+
+
+def nodes_html(nodes: Sequence[NodeStatus]) -> str:
+    head = "".join(f"<th style='text-align:left;padding:2px 8px'>{c}</th>" for c in COLUMNS)
+    rows = []
+    for node in nodes:
+        cells = [html.escape(c) for c in node_cells(node)]
+        colour = STATE_COLOURS.get(node.state, "#000")
+        cells[2] = f"<span style='color:{colour};font-weight:bold'>&#9679; {cells[2]}</span>"
+        tds = "".join(f"<td style='padding:2px 8px'>{c}</td>" for c in cells)
+        title = f" title='{html.escape(node.why, quote=True)}'" if node.why else ""
+        rows.append(
+            f"<tr class='mlx-node mlx-{node.state}' data-rank='{node.rank}'{title}>{tds}</tr>"
+        )
+    return (
+        "<table class='mlx-cluster-nodes' style='border-collapse:collapse;font-family:monospace'>"
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+# --------------------------------------------------------------------------- metrics
+@dataclass(frozen=True)
+class Series:
+    """One metric of one rank, in the order it was reported."""
+
+    name: str
+    rank: int
+    steps: tuple[float | None, ...]
+    times: tuple[float, ...]
+    values: tuple[float, ...]
+
+    @property
+    def by_step(self) -> bool:
+        return all(s is not None for s in self.steps)
+
+
+def group_metrics(points: Iterable[MetricPoint]) -> list[Series]:
+    """The records grouped by metric name, then rank (names in first-reported order)."""
+    groups: dict[tuple[str, int], list[MetricPoint]] = {}
+    for p in points:
+        groups.setdefault((p.name, p.rank), []).append(p)
+    order = {name: i for i, name in enumerate(dict.fromkeys(name for name, _ in groups))}
+    return [
+        Series(
+            name=name,
+            rank=rank,
+            steps=tuple(p.step for p in pts),
+            times=tuple(p.time for p in pts),
+            values=tuple(p.value for p in pts),
+        )
+        for (name, rank), pts in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
+    ]
+
+
+def _chart_lines(series: Sequence[Series]) -> tuple[list[Line], str]:
+    """x = step when every rank gave one, else seconds since the metric's first record."""
+    if all(s.by_step for s in series):
+        lines = [Line(s.rank, [float(x or 0) for x in s.steps], s.values) for s in series]
+        return lines, "step"
+    t0 = min(t for s in series for t in s.times)
+    return [Line(s.rank, [t - t0 for t in s.times], s.values) for s in series], "time (s)"
+
+
+def metrics_text(points: Sequence[MetricPoint]) -> str:
+    """One line per metric: each rank's latest value (and step)."""
+    lines = []
+    by_name: dict[str, list[Series]] = {}
+    for s in group_metrics(points):
+        by_name.setdefault(s.name, []).append(s)
+    for name, series in by_name.items():
+        latest = []
+        for s in series:
+            step = s.steps[-1]
+            at = f" (step {fmt(step)})" if step is not None else ""
+            latest.append(f"rank {s.rank} {fmt(s.values[-1])}{at}")
+        lines.append(f"{name}: {', '.join(latest)}")
+    return "\n".join(lines)
+
+
+def metrics_html(points: Sequence[MetricPoint]) -> str:
+    by_name: dict[str, list[Series]] = {}
+    for s in group_metrics(points):
+        by_name.setdefault(s.name, []).append(s)
+    charts = []
+    for name, series in by_name.items():
+        lines, x_label = _chart_lines(series)
+        charts.append(line_chart_svg(lines, title=name, x_label=x_label, y_label=name))
+    return f"<div class='mlx-metrics'>{''.join(charts)}</div>" if charts else ""
+
+
+# --------------------------------------------------------------------------- the whole view
+def snapshot_text(s: ClusterSnapshot) -> str:
+    """Header line, then the table; then why it broke, the banner and the latest metrics."""
+    parts = [header_text(s), nodes_text(s.nodes)]
+    broken = broken_text(s)
+    if broken:
+        parts.append(broken)
+    if s.banner:
+        parts.append(f"! {s.banner}")
+    if s.metrics:
+        parts.append(metrics_text(s.metrics))
+    return "\n".join(parts)
+
+
+def snapshot_html(s: ClusterSnapshot) -> str:
+    """The same as static HTML: header, why it broke, banner, table, metric charts, topology."""
+    colour = CLUSTER_COLOURS.get(s.state, "#000")
+    parts = [
+        f"<div class='mlx-cluster-status mlx-static mlx-cluster-{html.escape(s.state)}'>",
+        f"<div class='mlx-header'><span style='color:{colour}'>&#9679;</span> "
+        f"<b>{html.escape(header_text(s))}</b></div>",
+    ]
+    broken = broken_text(s)
+    if broken:
+        parts.append(f"<div class='mlx-broken' style='color:#c62828'>{html.escape(broken)}</div>")
+    if s.banner:
+        parts.append(
+            "<div class='mlx-banner' style='background:#fff3e0;border-left:4px solid #ef6c00;"
+            f"padding:4px 8px;margin:4px 0'>{html.escape(s.banner)}</div>"
+        )
+    parts.append(nodes_html(s.nodes))
+    if s.metrics:
+        parts.append(metrics_html(s.metrics))
+    if s.topology_svg:
+        parts.append(f"<div class='mlx-topology'>{s.topology_svg}</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+__all__ = [
+    "COLUMNS",
+    "STATE_COLOURS",
+    "Series",
+    "broken_text",
+    "group_metrics",
+    "header_text",
+    "human_bytes",
+    "human_seconds",
+    "metrics_html",
+    "metrics_text",
+    "nodes_html",
+    "nodes_text",
+    "rank_colour",
+    "snapshot_html",
+    "snapshot_text",
+]

@@ -1,0 +1,304 @@
+"""The views from hand-built snapshots: text and HTML fallbacks, the live widget's traits and
+its buttons, the side panel's choice. No cluster, no browser (see test_browser.py for those)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mlx_cluster_magic.snapshot import NODE_STATES, ClusterSnapshot, MetricPoint, NodeStatus
+from mlx_cluster_magic.views import side
+from mlx_cluster_magic.views.charts import Line, line_chart_svg, nice_ticks, wants_log
+from mlx_cluster_magic.views.status import MAX_CHART_POINTS, StatusWidget, metrics_series
+from mlx_cluster_magic.views.text import (
+    STATE_COLOURS,
+    header_text,
+    nodes_html,
+    snapshot_html,
+    snapshot_text,
+)
+
+VIEWS = Path(__file__).parents[1] / "mlx_cluster_magic" / "views"
+
+
+def node(rank: int, state: str, **kw: object) -> NodeStatus:
+    base: dict[str, object] = dict(
+        rank=rank,
+        host=f"mac{rank // 2 + 1}",
+        state=state,
+        busy_s=3.5 if state in ("busy", "unresponsive") else 0.0,
+        last_seen_s=0.3,
+        rss_bytes=200 * 2**20,
+        mlx_active_bytes=16 * 2**20,
+        mlx_peak_bytes=2**30,
+        device="Device(gpu, 0)",
+        pid=1000 + rank,
+    )
+    base.update(kw)
+    return NodeStatus(**base)  # type: ignore[arg-type]
+
+
+def every_state() -> tuple[NodeStatus, ...]:
+    return tuple(
+        node(
+            i,
+            st,
+            silent_s=12.5 if st == "unresponsive" else None,
+            why="killed by signal 9" if st == "dead" else None,
+        )
+        for i, st in enumerate(NODE_STATES)
+    )
+
+
+def snap(state: str = "running", **kw: object) -> ClusterSnapshot:
+    base: dict[str, object] = dict(
+        state=state, backend="mpi", n=6, hosts=3, uptime_s=75.0, nodes=every_state()
+    )
+    base.update(kw)
+    return ClusterSnapshot(**base)  # type: ignore[arg-type]
+
+
+def metrics(steps: int = 30, ranks: int = 2) -> tuple[MetricPoint, ...]:
+    loss = [
+        MetricPoint(r, "loss", 2.0 / (i + 1) + 0.05 * r, float(i), 1000.0 + i)
+        for i in range(steps)
+        for r in range(ranks)
+    ]
+    tok = [
+        MetricPoint(r, "tok_s", 100.0 + r + i, None, 1000.5 + i)
+        for i in range(5)
+        for r in range(ranks)
+    ]
+    return tuple(loss + tok)
+
+
+# --------------------------------------------------------------------------- text and HTML
+def test_header_and_table_text_for_every_state() -> None:
+    text = snapshot_text(snap())
+    lines = text.splitlines()
+    assert lines[0] == "MLX cluster (running): backend mpi, 6 ranks on 3 hosts, uptime 1:15"
+    assert lines[1].split() == [
+        "rank", "host", "state", "busy", "heartbeat", "RSS", "MLX", "active", "MLX", "peak", "device",
+    ]  # fmt: skip
+    rows = {ln.split()[0]: ln for ln in lines[2:8]}
+    for rank, state in enumerate(NODE_STATES):
+        assert f" {state} " in rows[str(rank)]
+    assert "silent 12.5 s, process alive" in rows["3"]
+    assert "3.5 s" in rows["2"] and "200.0 MiB" in rows["0"] and "1.0 GiB" in rows["0"]
+    assert "rank 4: killed by signal 9" in text
+    one_host = snap(n=1, hosts=1, nodes=(node(0, "idle"),))
+    assert (
+        header_text(one_host)
+        == "MLX cluster (running): backend mpi, 1 ranks on 1 host, uptime 1:15"
+    )
+
+
+def test_broken_header_says_why_and_how_to_recover() -> None:
+    s = snap("broken", reason="rank 1 died during a cell (exit code -9).")
+    text = snapshot_text(s)
+    assert text.startswith("MLX cluster (broken): backend mpi, 6 ranks on 3 hosts, uptime -")
+    assert (
+        "broken: rank 1 died during a cell (exit code -9); `%mlx_cluster restart` brings it back."
+        in text
+    )
+    html = snapshot_html(s)
+    assert "mlx-broken" in html and "`%mlx_cluster restart` brings it back" in html
+    # No reason kept: still says broken and how to recover.
+    assert "broken: the cluster was aborted; `%mlx_cluster restart`" in snapshot_text(
+        snap("broken")
+    )
+    assert "broken:" not in snapshot_text(snap("stopped"))
+
+
+def test_html_rows_classes_and_colours() -> None:
+    html = snapshot_html(snap())
+    assert html.count("class='mlx-node") == 6
+    for rank, state in enumerate(NODE_STATES):
+        assert f"<tr class='mlx-node mlx-{state}' data-rank='{rank}'" in html
+        assert STATE_COLOURS[state] in html
+    assert "class='mlx-cluster-nodes'" in html and "mlx-cluster-status" in html
+    assert "title='killed by signal 9'" in html
+    assert "silent 12.5 s, process alive" in html
+    # escaping: a host name is data, never markup
+    assert "&lt;b&gt;" in nodes_html([node(0, "idle", host="<b>")])
+
+
+def test_banner_in_text_and_html() -> None:
+    s = snap(banner="rank 1 is behind: ranks 0,2 wait in all_sum #5 (cell line 3)")
+    assert "! rank 1 is behind: ranks 0,2 wait in all_sum #5 (cell line 3)" in snapshot_text(s)
+    html = snapshot_html(s)
+    assert "class='mlx-banner'" in html and "wait in all_sum #5" in html
+    assert "mlx-banner" not in snapshot_html(snap())
+
+
+def test_metrics_in_text_and_html() -> None:
+    s = snap(metrics=metrics())
+    text = snapshot_text(s)
+    assert "loss: rank 0 0.06667 (step 29), rank 1 0.1167 (step 29)" in text
+    assert "tok_s: rank 0 104, rank 1 105" in text
+    html = snapshot_html(s)
+    assert html.count("class='mlx-chart'") == 2  # one chart per metric name
+    assert html.count("<polyline class='mlx-line'") == 4  # one line per rank in each
+    assert ">step</text>" in html and ">time (s)</text>" in html  # x = step when given
+    assert snapshot_html(snap(topology_svg="<svg class='topo'></svg>")).count("class='topo'") == 1
+
+
+def test_chart_axes_ticks_log_scale_and_legend() -> None:
+    lines = [
+        Line(0, [0, 1, 2, 3], [10.0, 1.0, 0.1, 0.01]),
+        Line(1, [0, 1, 2, 3], [9.0, 2.0, 0.2, 0.02]),
+    ]
+    svg = line_chart_svg(lines, title="loss", x_label="step", y_label="loss")
+    assert wants_log([10.0, 0.01]) and not wants_log([1.0, 5.0]) and not wants_log([0.0, 100.0])
+    assert "loss (log)" in svg
+    assert [t for t in ("0.01", "0.1", "1", "10") if f">{t}</text>" in svg] == [
+        "0.01",
+        "0.1",
+        "1",
+        "10",
+    ]
+    assert svg.count("class='mlx-legend'") == 2 and ">rank 1</text>" in svg
+    assert nice_ticks(0, 49) == [0, 20, 40] and nice_ticks(0.5, 1.0) == [0.6, 0.8, 1.0]
+    assert line_chart_svg([], title="x", x_label="step") == ""
+
+
+# --------------------------------------------------------------------------- the live widget
+def test_widget_traits_are_the_snapshot_data() -> None:
+    s = snap(banner="careful", metrics=metrics(), topology_svg="<svg></svg>")
+    w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=s)
+    expected = s.as_dict()
+    assert w.snapshot == {
+        **{k: v for k, v in expected.items() if k not in ("metrics", "topology_svg")},
+        "nodes": list(expected["nodes"]),
+    }
+    assert w.topology_svg == "<svg></svg>"
+    # metrics: one entry per (name, rank), the records as columns
+    assert [(m["name"], m["rank"]) for m in w.metrics] == [
+        ("loss", 0), ("loss", 1), ("tok_s", 0), ("tok_s", 1),
+    ]  # fmt: skip
+    loss0 = [p for p in s.metrics if p.name == "loss" and p.rank == 0]
+    assert w.metrics[0]["value"] == [p.value for p in loss0]
+    assert w.metrics[0]["step"] == [p.step for p in loss0]
+    assert w.metrics[0]["time"] == [p.time for p in loss0]
+    assert w.metrics[2]["step"] == [None] * 5
+    json.dumps(w.get_state())  # everything synced is plain JSON
+
+    # update: a new snapshot replaces the data; the same one sends nothing
+    sent: list[dict[str, object]] = []
+    w.observe(lambda change: sent.append(change), names=["snapshot", "metrics", "topology_svg"])
+    w.update(s)
+    assert sent == []
+    stopped = snap("stopped", nodes=tuple(node(i, "stopped") for i in range(6)))
+    w.update(stopped)
+    assert (
+        w.snapshot["state"] == "stopped"
+        and [n["state"] for n in w.snapshot["nodes"]] == ["stopped"] * 6
+    )
+    assert w.metrics == [] and w.topology_svg == ""
+    assert {c["name"] for c in sent} == {"snapshot", "metrics", "topology_svg"}
+
+
+def test_widget_metrics_are_thinned_and_json_safe() -> None:
+    n = MAX_CHART_POINTS * 3
+    points = tuple(MetricPoint(0, "loss", float(i), float(i), float(i)) for i in range(n))
+    (series,) = metrics_series((*points, MetricPoint(0, "loss", float("nan"), float(n), 0.0)))
+    assert len(series["value"]) <= MAX_CHART_POINTS
+    assert series["value"][0] == 0.0 and series["value"][-1] is None  # first and last kept
+    assert series["step"][-1] == float(n)
+
+
+def _click(w: StatusWidget, content: dict[str, object]) -> None:
+    """A custom message as ipywidgets delivers it from the browser's ``model.send``."""
+    w._handle_msg({"content": {"data": {"method": "custom", "content": content}}, "buffers": []})
+
+
+def test_buttons_call_the_callbacks_and_answer() -> None:
+    calls: list[object] = []
+    w = StatusWidget(
+        on_stop=lambda: calls.append("stop"),
+        on_restart=lambda replay: calls.append(("restart", replay)),
+        on_side=lambda: calls.append("side"),
+        snapshot=snap(),
+    )
+    answers: list[dict[str, object]] = []
+    w.send = lambda content, buffers=None: answers.append(content)  # type: ignore[method-assign]
+    _click(w, {"action": "stop"})
+    _click(w, {"action": "restart", "replay": False})
+    _click(w, {"action": "replay", "replay": True})
+    _click(w, {"action": "side"})
+    assert calls == ["stop", ("restart", False), ("restart", True), "side"]
+    assert [a["ack"] for a in answers] == ["stop", "restart", "replay", "side"]
+    assert all(a["error"] is None for a in answers)
+    w.click("stop")
+    assert calls[-1] == "stop"
+
+
+def test_a_failing_callback_is_one_line_in_the_view() -> None:
+    def boom() -> None:
+        raise RuntimeError("the cluster is already stopping\nsecond line")
+
+    w = StatusWidget(on_stop=boom, on_restart=lambda replay: None, snapshot=snap())
+    answers: list[dict[str, object]] = []
+    w.send = lambda content, buffers=None: answers.append(content)  # type: ignore[method-assign]
+    _click(w, {"action": "stop"})
+    assert answers == [{"ack": "stop", "error": "the cluster is already stopping", "message": None}]
+    _click(w, {"something": "else"})  # not ours: ignored
+    assert len(answers) == 1
+
+
+def test_widget_display_bundle_has_text_and_html_fallbacks() -> None:
+    w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=snap())
+    data, _meta = w._repr_mimebundle_()
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == w.model_id
+    assert data["text/plain"].startswith("MLX cluster (running): backend mpi, 6 ranks on 3 hosts")
+    assert "state" in data["text/plain"].splitlines()[1]
+    assert data["text/html"].count("class='mlx-node") == 6
+    assert w.mimebundle() == data
+
+
+def test_es_module_and_css_ship_in_the_package() -> None:
+    w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None)
+    assert "export default" in w._esm and "model.send" in w._esm
+    assert ".mlx-cluster-status" in w._css
+    # package data: pyproject ships the front-end files with the package
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"mlx_cluster_magic.views" = ["*.js", "*.css"]' in pyproject
+    assert '"mlx_cluster_magic.views"' in pyproject.split("[tool.setuptools]")[1].split("\n\n")[0]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_es_module_renders_the_same_words(tmp_path: Path) -> None:
+    """The browser-side formatting matches the Python fallbacks (run under node)."""
+    s = snap()
+    script = tmp_path / "check.mjs"
+    script.write_text(
+        f"import * as m from {json.dumps((VIEWS / 'status.js').as_uri())};\n"
+        f"const s = {json.dumps({**s.as_dict(), 'nodes': list(s.as_dict()['nodes'])})};\n"
+        "console.log(JSON.stringify({header: m.headerText(s), rows: s.nodes.map(m.cells),\n"
+        "  broken: m.brokenText({...s, state: 'broken', reason: 'rank 1 died.'}),\n"
+        "  chart: m.lineChart([{rank: 0, xs: [0, 1, 2], ys: [10, 1, 0.01]}], 'loss', 'step')}));\n"
+    )
+    out = json.loads(
+        subprocess.run(["node", str(script)], capture_output=True, text=True, check=True).stdout
+    )
+    from mlx_cluster_magic.views.text import node_cells
+
+    assert out["header"] == header_text(s)
+    assert out["rows"] == [node_cells(n) for n in s.nodes]
+    assert out["broken"] == "broken: rank 1 died; `%mlx_cluster restart` brings it back."
+    assert out["chart"].count("<polyline") == 1 and "log scale" in out["chart"]
+    assert re.search(r">step</text>", out["chart"])
+
+
+# --------------------------------------------------------------------------- side panel
+def test_side_panel_outside_a_kernel_falls_back_inline() -> None:
+    w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=snap())
+    assert side.detect_frontend(w)[0] == "terminal"
+    said = side.open_side_panel(w)
+    assert said.startswith("shown inline: the side panel needs JupyterLab (terminal:")
+    assert w.side_panel is None
