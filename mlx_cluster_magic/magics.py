@@ -1,23 +1,76 @@
 """``%mlx_cluster``: thin magics that parse arguments and call ``MLXCluster``.
 
-Subcommands: start, stop, restart, status, nodes, gather, doctor, hosts. Misuse and every
-``MLXClusterError`` become an IPython ``UsageError``: one line, no traceback.
+Each subcommand has its own argparse parser, so ``-h``/``--help`` print its options with their
+defaults (``%mlx_cluster -h``, ``%mlx_cluster help [SUBCOMMAND]`` and ``%mlx_cluster?`` show them
+all). Misuse and every ``MLXClusterError`` become an IPython ``UsageError``: one line, no
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import shlex
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
 
 from .cluster import MLXCluster
 from .errors import MLXClusterError
 from .hosts import BACKENDS
+
+HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
+START_HINT = "start one with %mlx_cluster start -n 2"
+
+
+# --------------------------------------------------------------------------- argument parsing
+class _HelpShown(Exception):
+    """``-h`` printed the help: the subcommand does nothing else."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help with each option's default, where it has a concrete one."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=HELP_WIDTH, max_help_position=34)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default is not None
+            and default is not argparse.SUPPRESS
+            and not isinstance(default, bool)
+            and "%(default)" not in text
+        ):
+            text += (
+                " (default: %(default)g)"
+                if isinstance(default, float)
+                else " (default: %(default)s)"
+            )
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser that raises ``UsageError`` instead of exiting the kernel."""
+
+    def __init__(self, name: str, description: str) -> None:
+        super().__init__(
+            prog=f"%mlx_cluster {name}",
+            description=description,
+            formatter_class=_Formatter,
+        )
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}; {self.prog} -h lists the options")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if status:
+            raise UsageError(f"{self.prog}: {(message or 'failed').strip()}")
+        raise _HelpShown
 
 
 def _positive_float(text: str) -> float:
@@ -30,49 +83,258 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _hosts_options(func: Callable[..., Any]) -> Callable[..., Any]:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _add_hosts_options(p: argparse.ArgumentParser) -> None:
     """The options that say where the ranks run, shared by start and doctor."""
-    for deco in reversed(
-        [
-            argument(
-                "-n",
-                type=int,
-                default=None,
-                help="ranks: on this machine (default 2), or per host with --hosts/--hostfile",
-            ),
-            argument(
-                "--hosts",
-                default=None,
-                help="comma-separated ssh host names, e.g. mac1,mac2 (mac1=10.0.1.1 sets the IP)",
-            ),
-            argument(
-                "--hostfile", default=None, help="mlx.launch JSON hostfile or Open MPI hostfile"
-            ),
-            argument(
-                "--python",
-                default=None,
-                help="python on the hosts (default: this kernel's python path)",
-            ),
-            argument(
-                "--ssh",
-                default=None,
-                help="ssh command for mpiexec to reach the hosts, e.g. 'ssh -F ~/.ssh/tb'",
-            ),
-        ]
-    ):
-        func = deco(func)
-    return func
+    p.add_argument(
+        "-n",
+        type=int,
+        default=None,
+        help="ranks: on this machine (default 2), or per host with --hosts/--hostfile "
+        "(default: the hostfile's slots, else 1)",
+    )
+    p.add_argument(
+        "--hosts",
+        default=None,
+        help="comma-separated ssh host names, e.g. mac1,mac2 (mac1=10.0.1.1 sets the IP)",
+    )
+    p.add_argument(
+        "--hostfile",
+        default=None,
+        help="mlx.launch / mlx.distributed_config JSON hostfile, or an Open MPI hostfile",
+    )
+    p.add_argument(
+        "--python", default=None, help="python on the hosts (default: this kernel's python path)"
+    )
+    p.add_argument(
+        "--ssh",
+        default=None,
+        help="ssh command for mpiexec to reach the hosts, e.g. 'ssh -F ~/.ssh/tb' (default: ssh)",
+    )
 
 
-def parse_argstring(magic: Callable[..., Any], line: str) -> argparse.Namespace:
-    """Like IPython's, but with shell quoting: ``--ssh 'ssh -F cfg'`` is one value, unquoted."""
+def _build_parsers() -> dict[str, _Parser]:
+    """One parser per subcommand, in the order the help lists them."""
+    parsers: dict[str, _Parser] = {}
+
+    def sub(name: str, description: str) -> _Parser:
+        parsers[name] = _Parser(name, description)
+        return parsers[name]
+
+    p = sub(
+        "start",
+        "Start a cluster and point %%px at all its ranks; returns the MLXCluster.",
+    )
+    _add_hosts_options(p)
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="MLX backend (default: the hostfile's backend, else mpi)",
+    )
+    p.add_argument("--mpiexec", default=None, help="path to Open MPI's mpiexec (default: found)")
+    p.add_argument(
+        "--mpi-lib", default=None, help="path to the libmpi matching --mpiexec (default: found)"
+    )
+    p.add_argument(
+        "--workdir", default=None, help="working directory of the ranks (default: unchanged)"
+    )
+    p.add_argument(
+        "--controller-ip",
+        default=None,
+        help="address the hosts reach this machine by (default: derived from the hostfile)",
+    )
+    p.add_argument("--ring-port", type=int, default=32323, help="first port of the ring backend")
+    p.add_argument(
+        "--connections-per-ip",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="ring backend: connections (ports) per IP, as mlx.launch --connections-per-ip",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for the ranks",
+    )
+    p.add_argument("--no-status", action="store_true", help="do not run the live status view")
+    p.add_argument(
+        "--check-collectives",
+        action="store_true",
+        help="compare every collective across the ranks before MLX runs it: a mismatch fails "
+        "the cell instead of hanging the cluster (switch later with %%mlx_cluster checks on|off)",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="with checks on: seconds to wait for every rank to reach a collective",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="MLX's own verbose logging of the backend"
+    )
+
+    p = sub("stop", "Stop the cluster: no engine, controller or mpiexec is left running.")
+
+    p = sub(
+        "restart",
+        "Stop the cluster (even a broken one) and start a fresh one of the same shape.",
+    )
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="then re-run the %%%%px cells that completed on every rank (%%mlx_cluster "
+        "history), stopping at the first failure",
+    )
+
+    p = sub("status", "Show the live status of every rank.")
+    p.add_argument(
+        "--side", action="store_true", help="in a JupyterLab side panel that stays in sight"
+    )
+
+    sub("nodes", "Per-rank status records, as data.")
+
+    p = sub("gather", "Fetch variables from every rank and show whether the ranks agree.")
+    p.add_argument("names", nargs="+", help="variable names to fetch")
+
+    sub(
+        "why",
+        "Why a cell hangs: where every rank is (collective, line, stack) and a one-line verdict.",
+    )
+
+    p = sub("checks", "Switch the cross-rank collective checks of a running cluster on or off.")
+    p.add_argument("state", choices=("on", "off"), help="on or off")
+
+    sub("history", "The %%px cells that completed on every rank since start (what --replay runs).")
+
+    sub("links", "Measure every link between hosts: latency, bandwidth, route; flag slow ones.")
+
+    sub("metrics", "The values ranks recorded with report(...), as records or a DataFrame.")
+
+    p = sub("doctor", "Check every host is ready: ssh, python, versions, mpiexec, IP, MTU, route.")
+    _add_hosts_options(p)
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="also check this MLX backend (default: the cluster's or the hostfile's)",
+    )
+    p.add_argument(
+        "--timeout", type=_positive_float, default=10.0, metavar="S", help="seconds per check"
+    )
+
+    p = sub("hosts", "Thunderbolt discovery on macOS: interfaces, IPs, and a hostfile entry.")
+    p.add_argument("--discover", action="store_true", help="list this Mac's Thunderbolt interfaces")
+    p.add_argument(
+        "--write", default=None, metavar="FILE", help="append this Mac to a JSON hostfile"
+    )
+
+    p = sub("help", "Print the options of every subcommand, or of one.")
+    p.add_argument("subcommand", nargs="?", default=None, help="the subcommand to describe")
+    return parsers
+
+
+PARSERS = _build_parsers()
+SUBCOMMANDS = tuple(PARSERS)
+
+
+def overview() -> str:
+    """The first screen of help: what each subcommand does."""
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [
+        "usage: %mlx_cluster SUBCOMMAND [options]",
+        "",
+        "Start, stop and inspect an MLX cluster from the notebook.",
+        "%mlx_cluster SUBCOMMAND -h shows one subcommand's options.",
+        "",
+        "subcommands:",
+    ]
+    for name, parser in PARSERS.items():
+        lines.append(f"  {name:<{width}}  {parser.description}")
+    return "\n".join(lines)
+
+
+def full_help() -> str:
+    """Every subcommand's usage, options and defaults: ``-h``, ``help`` and ``?`` show this."""
+    parts = [overview()]
+    for name, parser in PARSERS.items():
+        if name != "help":
+            parts.append(parser.format_help().rstrip())
+    return ("\n\n" + "-" * 40 + "\n").join(parts) + "\n"
+
+
+def parse(name: str, line: str) -> argparse.Namespace | None:
+    """Parse one subcommand's arguments with shell quoting (``--ssh 'ssh -F cfg'`` is one
+    value); ``None`` when ``-h`` printed the help instead."""
     try:
         words = shlex.split(line)
     except ValueError as e:
-        raise UsageError(f"%mlx_cluster: {e} in {line!r}") from None
-    return magic.parser.parse_args(words)  # type: ignore[attr-defined]
+        raise UsageError(f"%mlx_cluster {name}: {e} in {line!r}") from None
+    try:
+        return PARSERS[name].parse_args(words)
+    except _HelpShown:
+        return None
 
 
+# --------------------------------------------------------------------------- displays
+class GatherResults(list):  # type: ignore[type-arg]
+    """Several ``GatherResult``: still a list, displayed as each result's own view."""
+
+    def __repr__(self) -> str:
+        return "\n".join(repr(r) for r in self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+    def _repr_html_(self) -> str:
+        parts = []
+        for r in self:
+            render = getattr(r, "_repr_html_", None)
+            parts.append(render() if render else f"<pre>{html.escape(repr(r))}</pre>")
+        return "<div class='mlx-gather-many'>" + "".join(parts) + "</div>"
+
+
+class History(list):  # type: ignore[type-arg]
+    """The replayable ``%%px`` cells: still a list, displayed as numbered cells."""
+
+    def _lines(self) -> list[str]:
+        if not self:
+            return ["no %%px cell has completed on every rank since the cluster started"]
+        lines = []
+        for i, entry in enumerate(self, 1):
+            targets = getattr(entry, "targets", None)
+            where = "every rank" if targets is None else f"ranks {list(targets)}"
+            lines.append(f"[{i}] on {where}:")
+            lines += ["    " + line for line in str(getattr(entry, "cell", entry)).splitlines()]
+        return lines
+
+    def __repr__(self) -> str:
+        return "\n".join(self._lines())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+def _describe(cluster: MLXCluster) -> str:
+    """``2 ranks on 1 host`` / ``6 ranks on 3 hosts``."""
+    hosts = 1 if cluster.placement.is_local else len(cluster.placement.hosts)
+    ranks = f"{cluster.n} rank{'s' if cluster.n != 1 else ''}"
+    return f"{ranks} on {hosts} host{'s' if hosts != 1 else ''}"
+
+
+# --------------------------------------------------------------------------- the magic
 @magics_class
 class MLXClusterMagics(Magics):
     """The ``%mlx_cluster`` line magic; holds the notebook's current cluster."""
@@ -81,49 +343,66 @@ class MLXClusterMagics(Magics):
 
     @line_magic
     def mlx_cluster(self, line: str) -> Any:
-        """Start, stop and inspect an MLX cluster. ``%mlx_cluster SUBCOMMAND -h`` for options."""
+        # The docstring is the full help; it is set below, from the parsers.
         sub, _, rest = line.strip().partition(" ")
-        handlers: dict[str, Callable[[str], Any]] = {
-            "start": self._start,
-            "stop": self._stop,
-            "restart": self._restart,
-            "status": self._status,
-            "nodes": self._nodes,
-            "gather": self._gather,
-            "doctor": self._doctor,
-            "hosts": self._hosts,
-        }
-        if sub not in handlers:
+        if sub in ("-h", "--help"):
+            sub = "help"
+        if sub not in PARSERS:
             what = f"unknown subcommand {sub!r}" if sub else "missing subcommand"
-            raise UsageError(f"%mlx_cluster: {what}; use one of: {', '.join(handlers)}")
+            raise UsageError(
+                f"%mlx_cluster: {what}; use one of: {', '.join(SUBCOMMANDS)} "
+                "(%mlx_cluster -h shows their options)"
+            )
+        args = parse(sub, rest)
+        if args is None:
+            return None
+        handler: Callable[[argparse.Namespace], Any] = getattr(self, f"_{sub}")
         try:
-            return handlers[sub](rest)
+            return handler(args)
         except MLXClusterError as e:
             raise UsageError(str(e)) from None
 
     def _running(self) -> MLXCluster:
-        if self.cluster is None or not self.cluster.running:
-            raise MLXClusterError("no cluster is running: start one with %mlx_cluster start -n 2")
+        if self.cluster is None:
+            raise MLXClusterError(f"no cluster is running: {START_HINT}")
+        if not self.cluster.running:
+            raise MLXClusterError(self.cluster.not_running_message())
         return self.cluster
 
-    @magic_arguments()
-    @_hosts_options
-    @argument("--backend", choices=BACKENDS, default=None, help="MLX backend (default mpi)")
-    @argument("--mpiexec", default=None, help="path to Open MPI's mpiexec")
-    @argument("--mpi-lib", default=None, help="path to the libmpi matching --mpiexec")
-    @argument("--workdir", default=None, help="working directory of the ranks")
-    @argument("--controller-ip", default=None, help="address the hosts reach this machine by")
-    @argument("--ring-port", type=int, default=32323, help="first port of the ring backend")
-    @argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for ranks")
-    @argument("--no-status", action="store_true", help="do not run the live status view")
-    def _start(self, line: str) -> MLXCluster:
-        """Start a cluster and point %%px at all its ranks."""
-        args = parse_argstring(self._start, line)
+    def _any(self, what: str) -> MLXCluster:
+        """The current cluster, running or not (after an abort its records still count)."""
+        if self.cluster is None:
+            raise MLXClusterError(f"no cluster {what}: {START_HINT}")
+        return self.cluster
+
+    # ------------------------------------------------------------------- subcommands
+    def _help(self, args: argparse.Namespace) -> None:
+        if args.subcommand is None:
+            print(full_help(), end="")
+            return
+        if args.subcommand not in PARSERS:
+            raise UsageError(
+                f"%mlx_cluster help: unknown subcommand {args.subcommand!r}; use one of: "
+                f"{', '.join(SUBCOMMANDS)}"
+            )
+        PARSERS[args.subcommand].print_help()
+
+    def _start(self, args: argparse.Namespace) -> MLXCluster:
         if self.cluster is not None and self.cluster.running:
             raise MLXClusterError(
                 f"a cluster is already running ({self.cluster.n} ranks): use %mlx_cluster "
                 "restart, or %mlx_cluster stop first"
             )
+        # Options left at their defaults are not passed: the cluster owns those defaults.
+        extra: dict[str, Any] = {}
+        if args.check_collectives:
+            extra["check_collectives"] = True
+        if args.collective_timeout != 30.0:
+            extra["collective_timeout"] = args.collective_timeout
+        if args.verbose:
+            extra["verbose"] = True
+        if args.connections_per_ip != 1:
+            extra["connections_per_ip"] = args.connections_per_ip
         cluster = MLXCluster(
             args.n,
             hosts=args.hosts,
@@ -138,53 +417,72 @@ class MLXClusterMagics(Magics):
             ssh=args.ssh,
             timeout=args.timeout,
             live_status=not args.no_status,
+            **extra,
         )
         cluster.start(activate=True)
         self.cluster = cluster
         return cluster
 
-    @magic_arguments()
-    def _stop(self, line: str) -> None:
-        """Stop the cluster: no engine, controller or mpiexec is left running."""
-        parse_argstring(self._stop, line)
-        self._running().stop()
+    def _stop(self, args: argparse.Namespace) -> None:
+        cluster = self._any("is running")
+        cluster.stop()  # a broken cluster stops too; a stopped one says so
+        print(f"MLX cluster stopped: {_describe(cluster)}, no process left")
 
-    @magic_arguments()
-    def _restart(self, line: str) -> MLXCluster:
-        """Stop the cluster (even a broken one) and start a fresh one of the same shape."""
-        parse_argstring(self._restart, line)
-        if self.cluster is None:
-            raise MLXClusterError("no cluster to restart: start one with %mlx_cluster start -n 2")
-        return self.cluster.restart(activate=True)
+    def _restart(self, args: argparse.Namespace) -> MLXCluster:
+        cluster = self._any("to restart")
+        if args.replay:
+            cluster.restart(activate=True, replay=True)
+            cells = len(cluster.history())
+            state = f"replayed {cells} cell{'s' if cells != 1 else ''}"
+        else:
+            cluster.restart(activate=True)
+            state = "fresh state (restart --replay re-runs the completed cells)"
+        print(
+            f"MLX cluster restarted: {_describe(cluster)}, backend {cluster.backend}, "
+            f"%%px on every rank; {state}"
+        )
+        return cluster
 
-    @magic_arguments()
-    def _status(self, line: str) -> Any:
-        """Show the live status of every rank."""
-        parse_argstring(self._status, line)
-        return self._running().status_view()
+    def _status(self, args: argparse.Namespace) -> Any:
+        cluster = self._running()
+        if args.side:
+            shown = cluster.open_side_panel()
+            if isinstance(shown, str):  # where it went, in words
+                print(shown)
+                return None
+            return shown
+        return cluster.status_view()
 
-    @magic_arguments()
-    def _nodes(self, line: str) -> Any:
-        """Per-rank status records, as data."""
-        parse_argstring(self._nodes, line)
+    def _nodes(self, args: argparse.Namespace) -> Any:
         return self._running().nodes()
 
-    @magic_arguments()
-    @argument("names", nargs="+", help="variable names to fetch from every rank")
-    def _gather(self, line: str) -> Any:
-        """Fetch variables from every rank and show whether they agree."""
-        args = parse_argstring(self._gather, line)
+    def _gather(self, args: argparse.Namespace) -> Any:
         cluster = self._running()
         results = [cluster.gather(name) for name in args.names]
-        return results[0] if len(results) == 1 else results
+        return results[0] if len(results) == 1 else GatherResults(results)
 
-    @magic_arguments()
-    @_hosts_options
-    @argument("--backend", choices=BACKENDS, default=None, help="also check this MLX backend")
-    @argument("--timeout", type=_positive_float, default=10.0, help="seconds per check")
-    def _doctor(self, line: str) -> Any:
-        """Check every host is ready: ssh, python, versions, mpiexec, IP, MTU."""
-        args = parse_argstring(self._doctor, line)
+    def _why(self, args: argparse.Namespace) -> Any:
+        return self._any("to examine").why()  # type: ignore[attr-defined]
+
+    def _checks(self, args: argparse.Namespace) -> None:
+        on = args.state == "on"
+        self._running().check_collectives(on)
+        print(
+            "collective checks on: a mismatch or a missing rank now fails the cell"
+            if on
+            else "collective checks off"
+        )
+
+    def _history(self, args: argparse.Namespace) -> Any:
+        return History(self._any("yet").history())
+
+    def _links(self, args: argparse.Namespace) -> Any:
+        return self._running().links()  # type: ignore[attr-defined]
+
+    def _metrics(self, args: argparse.Namespace) -> Any:
+        return self._any("yet").metrics()
+
+    def _doctor(self, args: argparse.Namespace) -> Any:
         from .doctor import run_doctor
 
         if args.hosts is None and args.hostfile is None and self.cluster is not None:
@@ -205,14 +503,18 @@ class MLXClusterMagics(Magics):
             backend=args.backend or placement.backend,
         )
 
-    @magic_arguments()
-    @argument("--discover", action="store_true", help="list this Mac's Thunderbolt interfaces")
-    @argument("--write", default=None, metavar="FILE", help="append this Mac to a JSON hostfile")
-    def _hosts(self, line: str) -> Any:
-        """Thunderbolt discovery on macOS: interfaces, IPs, and a hostfile entry."""
-        args = parse_argstring(self._hosts, line)
+    def _hosts(self, args: argparse.Namespace) -> Any:
         from . import macos
 
         if not args.discover and not args.write:
             raise MLXClusterError("%mlx_cluster hosts: give --discover or --write FILE")
         return macos.discover_command(write=args.write)
+
+
+MLXClusterMagics.mlx_cluster.__doc__ = full_help()
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register ``%mlx_cluster`` once: loading again keeps the instance and its cluster."""
+    if "MLXClusterMagics" not in ipython.magics_manager.registry:
+        ipython.register_magics(MLXClusterMagics)
