@@ -1,8 +1,12 @@
-"""Where the ranks run: hostfile parsing and rank placement.
+"""Where the ranks run: hostfiles (read and written) and rank placement.
 
-Reads the JSON hostfiles that ``mlx.launch`` and ``mlx.distributed_config`` use (the list form and
-the full form with ``backend``/``envs``/``hosts``) and Open MPI hostfiles (``host slots=N``).
-Everything is validated here, before anything is launched, so bad input fails with one line.
+Reads every JSON hostfile that current MLX reads or writes (``mlx/_distributed_utils``:
+``common.Hostfile.from_file``/``to_json``, ``config.configure_ring``/``configure_jaccl``/
+``configure_jaccl_ring``/``prepare_ethernet_hostfile``): the bare list form, the full form with
+``backend`` (``""`` when unset, ``ring``, ``jaccl``, ``jaccl-ring``, ``mpi``), ``envs`` and
+``hosts``, whose ``rdma`` cells are null, a device name or a list of device names (two Macs
+joined by several cables). Also Open MPI hostfiles (``host slots=N``). Everything is validated
+here, before anything is launched, so bad input fails with one line.
 No IPython import: this module is unit-tested directly.
 """
 
@@ -12,13 +16,18 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from .errors import MLXClusterError
 
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _HOSTNAME_RE = re.compile(r"^(?:[A-Za-z0-9_.@-]+|\[[0-9A-Fa-f:]+\])$")
+
+#: One cell of a host's ``rdma`` row: no cable (null), one device, or one device per cable.
+RdmaCell = str | tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class Host:
     ssh: str
     ips: tuple[str, ...] = ()
     slots: int | None = None
-    rdma: tuple[str | None, ...] = ()
+    rdma: tuple[RdmaCell, ...] = ()
 
     @property
     def is_local(self) -> bool:
@@ -127,8 +136,9 @@ def _host_from_json(entry: object, where: str) -> Host:
     if not isinstance(ips, list):
         raise MLXClusterError(f'{where}: "ips" must be a list of IP addresses')
     rdma = entry.get("rdma", [])
-    if not isinstance(rdma, list) or not all(r is None or isinstance(r, str) for r in rdma):
-        raise MLXClusterError(f'{where}: "rdma" must be a list of device names or null')
+    if not isinstance(rdma, list):
+        raise MLXClusterError(f'{where}: "rdma" must be a list (one cell per host)')
+    cells = [_rdma_cell(cell, where) for cell in rdma]
     slots = entry.get("slots")
     if slots is not None:
         check_rank_count(slots, f'{where}: "slots"')
@@ -136,7 +146,18 @@ def _host_from_json(entry: object, where: str) -> Host:
         ssh=_check_name(entry["ssh"], where),
         ips=tuple(_check_ip(ip, where) for ip in ips),
         slots=slots,
-        rdma=tuple(rdma),
+        rdma=tuple(cells),
+    )
+
+
+def _rdma_cell(cell: object, where: str) -> RdmaCell:
+    """null, ``"rdma_en3"``, or ``["rdma_en3", "rdma_en4"]`` (MLX's configure_jaccl_ring)."""
+    if cell is None or (isinstance(cell, str) and cell):
+        return cell
+    if isinstance(cell, list) and cell and all(isinstance(c, str) and c for c in cell):
+        return tuple(cell)
+    raise MLXClusterError(
+        f'{where}: "rdma" cell {cell!r} must be null, a device name or a list of device names'
     )
 
 
@@ -153,7 +174,8 @@ def parse_json_hostfile(text: str, source: str = "hostfile") -> Placement:
     if isinstance(data, dict):
         if "hosts" not in data:
             raise MLXClusterError(f'{source}: a JSON object hostfile needs a "hosts" list')
-        backend = data.get("backend")
+        # MLX writes "backend": "" when none was chosen (prepare_ethernet_hostfile).
+        backend = data.get("backend") or None
         if backend is not None and backend not in BACKENDS:
             raise MLXClusterError(
                 f"{source}: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}"
@@ -288,10 +310,63 @@ def with_ranks_per_host(placement: Placement, n: int | None) -> Placement:
     )
 
 
-BACKENDS = ("mpi", "ring", "jaccl", "any")
+BACKENDS = ("mpi", "ring", "jaccl", "jaccl-ring", "any")
+#: Backends that run over RDMA (a ``rdma`` matrix, one rank per host).
+JACCL_BACKENDS = ("jaccl", "jaccl-ring")
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise MLXClusterError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     return backend
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def host_entry(host: Host) -> dict[str, Any]:
+    """One host as MLX writes it (``Hostfile.to_json``): ssh, ips, rdma (lists, not tuples)."""
+    return {
+        "ssh": host.ssh,
+        "ips": list(host.ips),
+        "rdma": [list(c) if isinstance(c, tuple) else c for c in host.rdma],
+    }
+
+
+def hostfile_json(placement: Placement) -> dict[str, Any]:
+    """The full form ``mlx.distributed_config`` writes: backend (``""`` if none), envs, hosts."""
+    return {
+        "backend": placement.backend or "",
+        "envs": [f"{k}={v}" for k, v in placement.envs.items()],
+        "hosts": [host_entry(h) for h in placement.hosts],
+    }
+
+
+def write_hostfile(
+    path: str | os.PathLike[str],
+    hosts: Placement | Sequence[Mapping[str, Any]],
+    *,
+    backend: str | None = None,
+    envs: Sequence[str] = (),
+) -> Path:
+    """Write an ``mlx.launch --hostfile`` JSON file (rank = list order), indented as MLX does.
+
+    A ``Placement`` is written in the full form. Entries (dicts) without backend or envs give
+    the plain list form, otherwise the full form; they are checked as the reader checks them,
+    so what is written here can be read back.
+    """
+    if isinstance(hosts, Placement):
+        data: Any = hostfile_json(hosts)
+        if backend is not None:
+            data["backend"] = backend
+        data["envs"] += list(envs)
+    else:
+        entries = [dict(e) for e in hosts]
+        data = entries
+        if backend is not None or envs:
+            data = {"backend": backend or "", "envs": list(envs), "hosts": entries}
+    text = json.dumps(data, indent=4) + "\n"
+    parse_json_hostfile(text, os.fspath(path))  # never write what cannot be read back
+    out = Path(path)
+    out.write_text(text, encoding="utf-8")
+    return out

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import MLXClusterError
-from .hosts import Placement
+from .hosts import JACCL_BACKENDS, LOCAL_NAMES, Placement
 
 # Variables read by the engine start-up (mlx_cluster_magic.engine) on every rank.
 BACKEND_VAR = "MLX_CLUSTER_BACKEND"
@@ -113,37 +113,72 @@ def head_address(subnet: str, interfaces: Mapping[str, Iterable[str]]) -> str | 
     return None
 
 
-def ring_hosts(placement: Placement, port: int = DEFAULT_RING_PORT) -> list[list[str]]:
-    """MLX's ring hostfile: for every rank, the ``ip:port`` it listens on.
+def ring_ports_per_rank(placement: Placement, connections_per_ip: int = 1) -> int:
+    """How many ring ports one rank takes: one per ip and connection."""
+    return max(max(len(h.ips) for h in placement.hosts), 1) * connections_per_ip
 
-    Ranks that share a host take consecutive ports, as ``mlx.launch`` does.
+
+def ring_hosts(
+    placement: Placement, port: int = DEFAULT_RING_PORT, connections_per_ip: int = 1
+) -> list[list[str]]:
+    """MLX's ring hostfile: for every rank, the ``ip:port`` addresses it listens on.
+
+    As ``mlx.launch`` builds it (``launch_ring``): for every ip of the host, ``connections_per_ip``
+    consecutive ports, counting on from the previous rank's last port. The count restarts on
+    each host, so ports stay low however many hosts there are.
     """
+    if isinstance(connections_per_ip, bool) or not (
+        isinstance(connections_per_ip, int) and connections_per_ip >= 1
+    ):
+        raise MLXClusterError(
+            f"--connections-per-ip must be a whole number of at least 1, got {connections_per_ip!r}"
+        )
     result = []
-    for rank, host in enumerate(placement.ranks):
+    next_port: dict[int, int] = {}
+    for host in placement.ranks:
         ips = ("127.0.0.1",) if placement.is_local else (host.ips or (host.ssh,))
-        port_r = port + placement.local_index(rank)
-        result.append([f"{ip}:{port_r}" for ip in ips])
+        p = next_port.get(id(host), port)
+        node = []
+        for ip in ips:
+            for _ in range(connections_per_ip):
+                node.append(f"{ip}:{p}")
+                p += 1
+        next_port[id(host)] = p
+        result.append(node)
     return result
 
 
-def ibv_devices(placement: Placement) -> list[list[str | None]]:
-    """MLX's jaccl device matrix from the hostfile's ``rdma`` rows (one rank per host)."""
+def ibv_devices(placement: Placement, ring: bool = False) -> list[list[object]]:
+    """MLX's jaccl device matrix from the hostfile's ``rdma`` rows (one rank per host).
+
+    Checked as ``mlx.launch``'s ``launch_jaccl`` checks it: a full row per host, null for itself,
+    a device (or a list of devices, one per cable) for every peer, or with ``ring``
+    (``jaccl-ring``) for its two neighbours in rank order.
+    """
     n = len(placement.hosts)
+    name = "jaccl-ring" if ring else "jaccl"
     if any(k != 1 for k in placement.per_host):
-        raise MLXClusterError("the jaccl backend runs one rank per host: use -n 1")
-    matrix = []
+        raise MLXClusterError(f"the {name} backend runs one rank per host: use -n 1")
+    matrix: list[list[object]] = []
     for i, h in enumerate(placement.hosts):
         row = list(h.rdma)
         if len(row) != n:
             raise MLXClusterError(
-                f'jaccl needs an "rdma" row of {n} entries for host {h.ssh!r} (null for '
-                f"itself), got {len(row)}: run mlx.distributed_config --backend jaccl"
+                f'{name} needs an "rdma" row of {n} entries for host {h.ssh!r} (null for '
+                f"itself), got {len(row)}: run mlx.distributed_config --backend {name}"
             )
         if row[i] is not None:
             raise MLXClusterError(
                 f"host {h.ssh!r}: its own rdma entry (position {i + 1}) must be null"
             )
-        matrix.append(row)
+        peers = {(i - 1) % n, (i + 1) % n} if ring else set(range(n))
+        missing = [placement.hosts[j].ssh for j in sorted(peers - {i}) if row[j] is None]
+        if missing:
+            raise MLXClusterError(
+                f"host {h.ssh!r} lists no RDMA device toward {', '.join(missing)}: cable them "
+                f"and run mlx.distributed_config --backend {name}"
+            )
+        matrix.append([list(c) if isinstance(c, tuple) else c for c in row])
     return matrix
 
 
@@ -154,16 +189,27 @@ def backend_environment(
     libmpi: str | None = None,
     ring_port: int = DEFAULT_RING_PORT,
     jaccl_port: int = DEFAULT_JACCL_PORT,
+    connections_per_ip: int = 1,
+    verbose: bool = False,
 ) -> dict[str, str]:
-    """The variables every rank needs for ``backend``; the engine start-up turns them into MLX's."""
-    env = {BACKEND_VAR: backend}
+    """The variables every rank needs for ``backend``; the engine start-up turns them into MLX's.
+
+    ``jaccl-ring`` is MLX's jaccl backend with ``MLX_JACCL_RING=1`` (``mlx.launch``'s
+    ``launch_jaccl``), so the engine initialises ``jaccl``. ``verbose`` sets the one verbose
+    variable MLX reads, ``MLX_RING_VERBOSE`` (ring.cpp); jaccl and mpi have none.
+    """
+    env = {BACKEND_VAR: "jaccl" if backend == "jaccl-ring" else backend}
     if backend in ("mpi", "any") and libmpi:
         env["MLX_MPI_LIBNAME"] = libmpi
     if backend in ("ring", "any"):
-        env[RING_HOSTS_VAR] = json.dumps(ring_hosts(placement, ring_port))
-    if backend == "jaccl":
-        env[IBV_DEVICES_VAR] = json.dumps(ibv_devices(placement))
+        env[RING_HOSTS_VAR] = json.dumps(ring_hosts(placement, ring_port, connections_per_ip))
+        if verbose:
+            env["MLX_RING_VERBOSE"] = "1"
+    if backend in JACCL_BACKENDS:
+        env[IBV_DEVICES_VAR] = json.dumps(ibv_devices(placement, ring=backend == "jaccl-ring"))
         env["MLX_JACCL_COORDINATOR"] = f"{placement.hosts[0].address}:{jaccl_port}"
+        if backend == "jaccl-ring":
+            env["MLX_JACCL_RING"] = "1"
     return env
 
 
@@ -175,6 +221,8 @@ class MPIOptions:
     prted: str | None = None
     ssh_agent: str | None = None
     subnet: str | None = None
+    #: Several networks (``mpi_subnets``); when given, they replace ``subnet``.
+    subnets: tuple[str, ...] = ()
     workdir: str | None = None
     as_root: bool = False
     cpu_count: int = 1
@@ -203,11 +251,212 @@ def mpiexec_args(placement: Placement, opts: MPIOptions) -> list[str]:
         if opts.prted:
             # Remote login shells need not have the venv on PATH.
             args += ["--prtemca", "prte_launch_agent", opts.prted]
-        if opts.subnet:
-            args += ["--mca", "btl_tcp_if_include", opts.subnet]
-            args += ["--mca", "oob_tcp_if_include", opts.subnet]
+        nets = ",".join(opts.subnets) if opts.subnets else opts.subnet
+        if nets:
+            args += ["--mca", "btl_tcp_if_include", nets]
+            args += ["--mca", "oob_tcp_if_include", nets]
     if opts.workdir:
         args += ["--wdir", opts.workdir]
     for name in opts.forward:
         args += ["-x", name]
     return args
+
+
+# --------------------------------------------------------------------------- control plane
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    """Where the head listens for the hosts (controller, status channel, broadcast's first hop).
+
+    ``on_cables`` when that is the cluster subnet the data uses; otherwise ``network`` is the
+    network ssh reaches the hosts over (Ethernet/Wi-Fi), as when every cable has its own subnet
+    and the head shares none with some host.
+    """
+
+    address: str
+    network: str | None = None
+    on_cables: bool = True
+
+    def describe(self) -> str:
+        """One line for the doctor: which network carries which traffic."""
+        if self.address in ("127.0.0.1", "::1"):
+            return "control and data on this machine (loopback)"
+        where = f"{self.address}" + (f" ({self.network})" if self.network else "")
+        if self.on_cables:
+            return f"control and data on the cluster network: the head listens on {where}"
+        return (
+            f"control on the network ssh uses: the head listens on {where}; "
+            "MLX's traffic stays on the cables"
+        )
+
+
+def _head_interfaces(
+    interfaces: Mapping[str, Iterable[str]],
+) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """The head's addresses as interfaces (``10.0.0.1/24``; a bare address counts as a host
+    route), loopback and link-local left out."""
+    out = []
+    for addrs in interfaces.values():
+        for addr in addrs:
+            try:
+                iface = ipaddress.ip_interface(addr.split("%")[0])
+            except ValueError:
+                continue
+            if iface.ip.is_loopback or iface.ip.is_link_local or iface.ip.is_unspecified:
+                continue
+            out.append(iface)
+    return out
+
+
+def control_plane(
+    placement: Placement,
+    interfaces: Mapping[str, Iterable[str]],
+    peers: Mapping[str, str] | None = None,
+) -> ControlPlane:
+    """Choose the head's listening address (never 0.0.0.0).
+
+    ``interfaces``: this machine's ``{name: ["addr/prefix", ...]}`` (:func:`local_interfaces`).
+    ``peers``: the address the head reaches each host's ssh name at (:func:`ssh_addresses`).
+    First a head network holding a cluster IP of every remote host (data and control on the
+    cables, as with a Thunderbolt bridge); else one holding every remote host's ssh address
+    (one subnet per cable, the head on Ethernet/Wi-Fi); else the head's address in the
+    hostfile's cluster subnet.
+    """
+    if placement.is_local:
+        return ControlPlane("127.0.0.1", None, True)
+    remote = [h for h in placement.hosts if not h.is_local]
+    if not remote:  # the head is the only host, but named by its address
+        return ControlPlane("127.0.0.1", None, True)
+    head = _head_interfaces(interfaces)
+
+    def holds(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, ips: Iterable[str]) -> bool:
+        for ip in ips:
+            try:
+                if ipaddress.ip_address(ip) in iface.network:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    for iface in head:
+        if iface.network.prefixlen < iface.max_prefixlen and all(
+            holds(iface, h.ips) for h in remote
+        ):
+            return ControlPlane(str(iface.ip), str(iface.network), True)
+    peer_ips = {h.ssh: (peers or {}).get(h.ssh, h.ssh) for h in remote}
+    for iface in head:
+        if iface.network.prefixlen < iface.max_prefixlen and all(
+            holds(iface, [peer_ips[h.ssh]]) for h in remote
+        ):
+            return ControlPlane(str(iface.ip), str(iface.network), False)
+    subnet = cluster_subnet(placement)
+    bare = {name: [a.split("/")[0] for a in addrs] for name, addrs in interfaces.items()}
+    ip = head_address(subnet, bare) if subnet else None
+    if ip is not None and ip not in LOCAL_NAMES:
+        return ControlPlane(ip, subnet, True)
+    raise MLXClusterError(
+        f"this machine has no address on a network every host reaches (cluster IPs "
+        f"{subnet or 'none'}, ssh addresses {', '.join(sorted(set(peer_ips.values())))}): pass "
+        "--controller-ip with the address the hosts reach this machine by"
+    )
+
+
+def control_address(
+    placement: Placement,
+    interfaces: Mapping[str, Iterable[str]],
+    peers: Mapping[str, str] | None = None,
+) -> str:
+    """The head's listening address for the hosts (see :func:`control_plane`)."""
+    return control_plane(placement, interfaces, peers).address
+
+
+def mpi_subnets(placement: Placement, control: ControlPlane | None = None) -> list[str]:
+    """The networks MPI's TCP traffic is pinned to (``btl_tcp_if_include``,
+    ``oob_tcp_if_include``): the hostfile's cluster subnet, plus the control network when the
+    head and some hosts share no cable (their MPI and PRRTE traffic can only go that way)."""
+    nets = []
+    subnet = cluster_subnet(placement)
+    if subnet:
+        nets.append(subnet)
+    if control and control.network and not control.on_cables and control.network not in nets:
+        nets.append(control.network)
+    return nets
+
+
+def head_reach_address(
+    placement: Placement, rank: int, control: ControlPlane, peers: Mapping[str, str] | None = None
+) -> str:
+    """Where the head connects to ``rank``'s host (broadcast's first hop): loopback here, its
+    cluster IP when the head is on the cables, else the address ssh reaches it at."""
+    host = placement.ranks[rank]
+    if placement.is_local or host.is_local:
+        return "127.0.0.1"
+    if control.on_cables:
+        return host.address
+    return (peers or {}).get(host.ssh, host.address)
+
+
+def local_interfaces() -> dict[str, list[str]]:
+    """This machine's addresses with their prefix, ``{name: ["10.0.0.1/24", ...]}``."""
+    import socket
+
+    import psutil  # type: ignore[import-untyped,unused-ignore]
+
+    out: dict[str, list[str]] = {}
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address = a.address.split("%")[0]
+            try:
+                out.setdefault(name, []).append(
+                    str(ipaddress.ip_interface(f"{address}/{a.netmask}"))
+                )
+            except (ValueError, TypeError):
+                out.setdefault(name, []).append(address)
+    return out
+
+
+def ssh_addresses(
+    placement: Placement, ssh: str | None = None, timeout: float = 5.0
+) -> dict[str, str]:
+    """The address each remote host's ssh name leads to: ``ssh -G`` (the ssh config's
+    HostName, no connection made), then the resolver. Hosts that resolve to nothing are left
+    out."""
+    import shlex
+    import socket
+    import subprocess
+
+    out: dict[str, str] = {}
+    base = shlex.split(ssh) if ssh else ["ssh"]
+    for h in placement.hosts:
+        if h.is_local:
+            continue
+        name = h.ssh.split("@")[-1]
+        try:
+            out[h.ssh] = str(ipaddress.ip_address(name.strip("[]")))
+            continue
+        except ValueError:
+            pass
+        try:
+            cfg = subprocess.run(
+                [*base, "-G", h.ssh], capture_output=True, text=True, timeout=timeout, check=False
+            ).stdout
+            for line in cfg.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "hostname" and value:
+                    name = value.strip()
+                    break
+        except (OSError, subprocess.SubprocessError):
+            pass
+        try:
+            out[h.ssh] = str(ipaddress.ip_address(name))
+            continue
+        except ValueError:
+            pass
+        try:
+            out[h.ssh] = str(socket.getaddrinfo(name, 22, proto=socket.IPPROTO_TCP)[0][4][0])
+        except (OSError, IndexError):
+            pass
+    return out

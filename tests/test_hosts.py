@@ -15,6 +15,7 @@ from mlx_cluster_magic.hosts import (
     parse_hostfile_text,
     read_hostfile,
     with_ranks_per_host,
+    write_hostfile,
 )
 
 LIST_FORM = json.dumps(
@@ -136,5 +137,86 @@ def test_bad_rank_counts(n: object) -> None:
 
 def test_unknown_backend() -> None:
     assert check_backend("ring") == "ring"
-    with pytest.raises(MLXClusterError, match="use one of mpi, ring, jaccl, any"):
+    with pytest.raises(MLXClusterError, match="use one of mpi, ring, jaccl, jaccl-ring, any"):
         check_backend("gloo")
+
+
+# --------------------------------------------------------------------------- MLX's own forms
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hostfiles")
+
+
+def fixture(name: str):
+    return read_hostfile(os.path.join(FIXTURES, name))
+
+
+def test_every_form_mlx_writes_is_read() -> None:
+    names = sorted(f for f in os.listdir(FIXTURES) if f.endswith(".json"))
+    assert len(names) == 9
+    for name in names:
+        p = fixture(name)
+        assert p.size == len(p.hosts) and p.size >= 2, name
+
+
+def test_ethernet_form_has_an_empty_backend() -> None:
+    p = fixture("ethernet-3.json")
+    assert p.backend is None  # MLX writes "" when no backend was chosen
+    assert p.envs == {"MLX_METAL_FAST_SYNCH": "1"}
+    assert p.hosts[0].rdma == ()
+
+
+def test_ring_forms_one_subnet_per_cable() -> None:
+    p = fixture("ring-4.json")
+    assert p.backend == "ring"
+    assert [h.ips for h in p.hosts] == [
+        ("192.168.0.5",),
+        ("192.168.0.2",),
+        ("192.168.0.10",),
+        ("192.168.0.14",),
+    ]
+    assert [len(h.ips) for h in fixture("ring-4-two-cables.json").hosts] == [2, 2, 2, 2]
+
+
+def test_jaccl_ring_form_with_device_lists() -> None:
+    p = fixture("jaccl-ring-4-two-cables.json")
+    assert p.backend == "jaccl-ring"
+    assert p.hosts[0].rdma == (None, ("rdma_en1", "rdma_en3"), None, ("rdma_en2", "rdma_en4"))
+    assert fixture("jaccl-ring-4.json").hosts[3].rdma == ("rdma_en2", None, "rdma_en1", None)
+    assert fixture("jaccl-2-two-cables.json").hosts[1].rdma[0] == ("rdma_en1", "rdma_en2")
+    assert check_backend("jaccl-ring") == "jaccl-ring"
+
+
+@pytest.mark.parametrize("cell", ["", [], [None], ["rdma_en1", 3], 5, {"a": 1}])
+def test_bad_rdma_cells(cell: object) -> None:
+    text = json.dumps([{"ssh": "a", "rdma": [None, cell]}, {"ssh": "b"}])
+    with pytest.raises(MLXClusterError, match='"rdma" cell .* must be null, a device name or'):
+        parse_hostfile_text(text)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ethernet-3.json",
+        "ring-4-two-cables.json",
+        "jaccl-ring-4-two-cables.json",
+        "jaccl-3.json",
+    ],
+)
+def test_written_hostfiles_match_mlx_byte_for_byte(tmp_path, name: str) -> None:
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+        original = f.read()
+    out = write_hostfile(tmp_path / name, fixture(name))
+    assert out.read_text().rstrip("\n") == original.rstrip("\n")
+    assert read_hostfile(out) == fixture(name)
+
+
+def test_write_entries_list_and_full_form(tmp_path) -> None:
+    entries = [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]
+    plain = write_hostfile(tmp_path / "a.json", entries)
+    assert json.loads(plain.read_text()) == entries
+    full = write_hostfile(tmp_path / "b.json", entries, backend="ring", envs=["A=1"])
+    p = read_hostfile(full)
+    assert p.backend == "ring" and p.envs == {"A": "1"}
+    with pytest.raises(MLXClusterError, match="not an IP address"):
+        write_hostfile(tmp_path / "c.json", [{"ssh": "mac1", "ips": ["nope"]}])
+    assert not (tmp_path / "c.json").exists()

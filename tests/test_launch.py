@@ -136,3 +136,112 @@ def test_jaccl_needs_full_rdma_rows() -> None:
     p = parse_hostfile_text(json.dumps([{"ssh": "m1", "rdma": [None]}, {"ssh": "m2"}]))
     with pytest.raises(MLXClusterError, match='needs an "rdma" row of 2 entries'):
         launch.ibv_devices(p)
+
+
+# --------------------------------------------------------------------------- MLX's forms
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hostfiles")
+
+
+def fixture(name: str):
+    from mlx_cluster_magic.hosts import read_hostfile
+
+    return read_hostfile(os.path.join(FIXTURES, name))
+
+
+def test_ring_connections_per_ip_as_mlx_launch_builds_them() -> None:
+    # launch_ring: for every ip, connections_per_ip consecutive ports.
+    p = fixture("ring-4-two-cables.json")
+    hosts = launch.ring_hosts(p, 32323, connections_per_ip=2)
+    assert hosts[0] == [
+        "192.168.0.5:32323",
+        "192.168.0.5:32324",
+        "192.168.0.13:32325",
+        "192.168.0.13:32326",
+    ]
+    assert launch.ring_ports_per_rank(p, 2) == 4
+    # Two ranks on one host count on from the first rank's last port.
+    two = launch.ring_hosts(with_ranks_per_host(HOSTS, 2), 40000, connections_per_ip=2)
+    assert two[1] == ["10.213.0.11:40002", "10.213.0.11:40003"]
+    with pytest.raises(MLXClusterError, match="--connections-per-ip must be"):
+        launch.ring_hosts(p, 32323, connections_per_ip=0)
+
+
+def test_verbose_sets_mlx_ring_verbose_only_for_ring() -> None:
+    env = launch.backend_environment(fixture("ring-4.json"), "ring", verbose=True)
+    assert env["MLX_RING_VERBOSE"] == "1"
+    env = launch.backend_environment(local(2), "mpi", libmpi="/x/libmpi.so.40", verbose=True)
+    assert "MLX_RING_VERBOSE" not in env
+
+
+def test_jaccl_ring_environment() -> None:
+    env = launch.backend_environment(fixture("jaccl-ring-4-two-cables.json"), "jaccl-ring")
+    assert env["MLX_CLUSTER_BACKEND"] == "jaccl"  # MLX's backend, with MLX_JACCL_RING=1
+    assert env["MLX_JACCL_RING"] == "1"
+    assert env["MLX_JACCL_COORDINATOR"] == "10.0.0.11:32323"
+    devices = json.loads(env["MLX_CLUSTER_IBV_DEVICES"])
+    assert devices[0] == [None, ["rdma_en1", "rdma_en3"], None, ["rdma_en2", "rdma_en4"]]
+    env = launch.backend_environment(fixture("jaccl-3.json"), "jaccl")
+    assert "MLX_JACCL_RING" not in env
+    assert json.loads(env["MLX_CLUSTER_IBV_DEVICES"])[2] == ["rdma_en1", "rdma_en2", None]
+    # A jaccl-ring file is not a mesh: plain jaccl needs a device toward every peer.
+    with pytest.raises(MLXClusterError, match="'mac1' lists no RDMA device toward mac3"):
+        launch.backend_environment(fixture("jaccl-ring-4.json"), "jaccl")
+
+
+def test_jaccl_ring_needs_both_neighbours() -> None:
+    p = parse_hostfile_text(
+        json.dumps(
+            [
+                {"ssh": "a", "rdma": [None, "rdma_en1", None]},
+                {"ssh": "b", "rdma": ["rdma_en1", None, "rdma_en2"]},
+                {"ssh": "c", "rdma": [None, "rdma_en2", None]},
+            ]
+        )
+    )
+    with pytest.raises(MLXClusterError, match="'a' lists no RDMA device toward c"):
+        launch.ibv_devices(p, ring=True)
+
+
+# --------------------------------------------------------------------------- control plane
+
+RING4 = fixture("ring-4.json")
+
+
+def test_control_on_the_cables_when_the_head_shares_them() -> None:
+    ifaces = {"lo": ["127.0.0.1/8"], "bridge0": ["10.213.0.1/24"], "en0": ["192.0.2.5/24"]}
+    cp = launch.control_plane(HOSTS, ifaces)
+    assert cp == launch.ControlPlane("10.213.0.1", "10.213.0.0/24", True)
+    assert launch.mpi_subnets(HOSTS, cp) == ["10.213.0.0/24"]
+    assert launch.control_address(local(2), ifaces) == "127.0.0.1"
+
+
+def test_control_on_the_management_network_with_one_subnet_per_cable() -> None:
+    ifaces = {"lo": ["127.0.0.1/8"], "en0": ["10.0.0.2/24"], "en1": ["192.168.0.1/30"]}
+    peers = {"mac1": "10.0.0.11", "mac2": "10.0.0.12", "mac3": "10.0.0.13", "mac4": "10.0.0.14"}
+    cp = launch.control_plane(RING4, ifaces, peers)
+    assert cp.address == "10.0.0.2" and cp.network == "10.0.0.0/24" and not cp.on_cables
+    assert "ssh uses" in cp.describe()
+    assert launch.mpi_subnets(RING4, cp) == ["192.168.0.0/24", "10.0.0.0/24"]
+    args = launch.mpiexec_args(
+        RING4, launch.MPIOptions(subnets=tuple(launch.mpi_subnets(RING4, cp)))
+    )
+    assert " ".join(args).count("192.168.0.0/24,10.0.0.0/24") == 2
+    assert launch.head_reach_address(RING4, 2, cp, peers) == "10.0.0.13"
+    assert launch.head_reach_address(HOSTS, 1, launch.ControlPlane("10.213.0.1")) == "10.213.0.12"
+
+
+def test_control_address_is_never_a_wildcard_and_says_how_to_fix() -> None:
+    ifaces = {"lo": ["127.0.0.1/8"], "any": ["0.0.0.0/0"], "en0": ["172.16.0.2/24"]}
+    with pytest.raises(MLXClusterError, match="pass --controller-ip"):
+        launch.control_address(RING4, ifaces, {"mac1": "10.0.0.11"})
+
+
+def test_ssh_addresses_reads_the_ssh_config(tmp_path) -> None:
+    cfg = tmp_path / "cfg"
+    cfg.write_text("Host mac1\n    HostName 10.9.8.7\n")
+    p = parse_hostfile_text('[{"ssh": "mac1"}, {"ssh": "10.9.8.6"}]')
+    assert launch.ssh_addresses(p, ssh=f"ssh -F {cfg}") == {
+        "mac1": "10.9.8.7",
+        "10.9.8.6": "10.9.8.6",
+    }
