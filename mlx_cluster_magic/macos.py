@@ -32,13 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .netif import Interface, parse_ifconfig
+
 __all__ = [
     "HARDWARE_PORTS_COMMAND",
+    "IBV_DEVICES_COMMAND",
+    "RDMA_MACOS",
+    "THUNDERBOLT5_GBPS",
     "IFCONFIG_COMMAND",
     "THUNDERBOLT_BRIDGE",
     "THUNDERBOLT_PROFILE_COMMAND",
     "Discovery",
     "HardwarePort",
+    "HostFacts",
     "Interface",
     "NotMacOSError",
     "Runner",
@@ -47,13 +53,16 @@ __all__ = [
     "ThunderboltInterface",
     "discover",
     "discover_command",
+    "host_facts",
     "hostfile_entry",
     "parse_hardware_ports",
+    "parse_ibv_devices",
     "parse_ifconfig",
     "parse_thunderbolt_profile",
     "require_macos",
     "subprocess_runner",
     "thunderbolt_interfaces",
+    "version_tuple",
     "write_hostfile",
 ]
 
@@ -167,129 +176,6 @@ def parse_hardware_ports(text: str | bytes) -> list[HardwarePort]:
             mac = None if value in ("", "N/A") else value
     flush()
     return ports
-
-
-# --------------------------------------------------------------------------
-# ifconfig -a
-# --------------------------------------------------------------------------
-
-_IFCONFIG_HEADER = re.compile(
-    r"^(?P<name>[A-Za-z0-9_.-]+): flags=(?P<bits>[0-9A-Fa-f]+)<(?P<flags>[^>]*)>(?P<rest>.*)$"
-)
-_MTU = re.compile(r"\bmtu (\d+)")
-
-
-@dataclass(frozen=True)
-class Interface:
-    """One interface block of ``ifconfig``; addresses are CIDR strings."""
-
-    name: str
-    flags: tuple[str, ...] = ()
-    mtu: int | None = None
-    mac: str | None = None
-    inet: tuple[str, ...] = ()  # "10.25.0.1/24"
-    inet6: tuple[str, ...] = ()  # "fe80::1442:a0bf:3f10:95ba/64", scope id dropped
-    status: str | None = None  # "active" / "inactive"; absent on tunnels
-    media: str | None = None
-    members: tuple[str, ...] = ()  # bridge members, in listed order
-
-    @property
-    def up(self) -> bool:
-        return "UP" in self.flags
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        """The IPv4 addresses without their prefix length."""
-        return tuple(cidr.split("/", 1)[0] for cidr in self.inet)
-
-
-def _inet_cidr(tokens: list[str]) -> str | None:
-    """``inet A [--> P] netmask 0xffffff00 ...`` to "A/24"; None if unreadable."""
-    try:
-        address = tokens[1]
-        netmask = tokens[tokens.index("netmask") + 1]
-        mask = (
-            str(ipaddress.IPv4Address(int(netmask, 16)))
-            if netmask.lower().startswith("0x")
-            else netmask
-        )
-        return ipaddress.IPv4Interface(f"{address}/{mask}").with_prefixlen
-    except (IndexError, ValueError):
-        return None  # e.g. an address a publisher obfuscated; never guess
-
-
-def _inet6_cidr(tokens: list[str]) -> str | None:
-    try:
-        address = tokens[1].split("%", 1)[0]
-        prefix = tokens[tokens.index("prefixlen") + 1]
-        return ipaddress.IPv6Interface(f"{address}/{prefix}").with_prefixlen
-    except (IndexError, ValueError):
-        return None
-
-
-def parse_ifconfig(text: str | bytes) -> dict[str, Interface]:
-    """Parse macOS ``ifconfig`` output into interfaces keyed by name.
-
-    Continuation lines are read by their leading keyword, so the indentation
-    (tabs from the command, spaces after a copy-paste) does not matter.
-    """
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    found: dict[str, Interface] = {}
-    current: dict[str, Any] | None = None
-
-    def flush() -> None:
-        if current is not None:
-            found[current["name"]] = Interface(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in current.items()}
-            )
-
-    for raw in text.splitlines():
-        header = _IFCONFIG_HEADER.match(raw)
-        if header:
-            flush()
-            mtu = _MTU.search(header.group("rest"))
-            flags = header.group("flags")
-            current = {
-                "name": header.group("name"),
-                "flags": flags.split(",") if flags else [],
-                "mtu": int(mtu.group(1)) if mtu else None,
-                "mac": None,
-                "inet": [],
-                "inet6": [],
-                "status": None,
-                "media": None,
-                "members": [],
-            }
-            continue
-        if current is None:
-            continue
-        line = raw.strip()
-        tokens = line.split()
-        if not tokens:
-            continue
-        keyword = tokens[0]
-        if keyword == "inet":
-            cidr = _inet_cidr(tokens)
-            if cidr:
-                current["inet"].append(cidr)
-        elif keyword == "inet6":
-            cidr6 = _inet6_cidr(tokens)
-            if cidr6:
-                current["inet6"].append(cidr6)
-        elif keyword == "ether" and len(tokens) > 1:
-            current["mac"] = tokens[1]
-        elif keyword == "status:":
-            current["status"] = line.partition(":")[2].strip() or None
-        elif keyword == "media:":
-            current["media"] = line.partition(":")[2].strip() or None
-        elif keyword == "member:" and len(tokens) > 1:
-            current["members"].append(tokens[1])
-        elif keyword == "mtu" and tokens[-1].isdigit() and current["mtu"] is None:
-            # a header line wrapped before "mtu" when it was copied from a terminal
-            current["mtu"] = int(tokens[-1])
-    flush()
-    return found
 
 
 # --------------------------------------------------------------------------
@@ -424,7 +310,7 @@ def parse_thunderbolt_profile(data: str | bytes | Mapping[str, Any]) -> list[Thu
                 name=_str(entry.get("_name")) or "?",
                 host_model=_str(entry.get("device_name_key")),
                 domain_uuid=_str(entry.get("domain_uuid_key")),
-                receptacle=int(receptacle) if str(receptacle).isdigit() else None,
+                receptacle=int(str(receptacle)) if str(receptacle).isdigit() else None,
                 status=_str(tag.get("receptacle_status_key")),
                 speed=_str(tag.get("current_speed_key")),
                 devices=tuple(_device(item) for item in _items(entry)),
@@ -521,6 +407,113 @@ def discover(run: Runner = subprocess_runner) -> list[ThunderboltInterface]:
     interfaces = parse_ifconfig(run(IFCONFIG_COMMAND))
     buses = parse_thunderbolt_profile(run(THUNDERBOLT_PROFILE_COMMAND))
     return thunderbolt_interfaces(ports, interfaces, buses)
+
+
+# --------------------------------------------------------------------------
+# RDMA (ibv_devices) and what one host says about itself
+# --------------------------------------------------------------------------
+
+IBV_DEVICES_COMMAND = ("ibv_devices",)
+#: RDMA over Thunderbolt arrived in macOS 26.2 (MLX's distributed docs, "Getting Started with
+#: JACCL").
+RDMA_MACOS = (26, 2)
+#: A Thunderbolt 5 link reports 80 Gb/s; Thunderbolt 4 and 3 report 40 Gb/s or less.
+THUNDERBOLT5_GBPS = 80.0
+
+
+def parse_ibv_devices(text: str | bytes) -> tuple[str, ...]:
+    """The RDMA devices ``ibv_devices`` lists (``rdma_en2``, ...).
+
+    ``rdma_ctl enable`` (in recoveryOS) is what makes them appear; MLX's
+    ``distributed_config`` counts a host as RDMA-enabled exactly when this list is not empty.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return tuple(dict.fromkeys(t for t in text.split() if t.startswith("rdma_")))
+
+
+def version_tuple(version: str | None) -> tuple[int, ...] | None:
+    """``"26.2.1"`` to ``(26, 2, 1)``; None when there is no version to read."""
+    if not version:
+        return None
+    parts = re.findall(r"\d+", version)
+    return tuple(int(p) for p in parts) or None
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What one host says about itself that decides the backend.
+
+    ``macos`` is ``platform.mac_ver()[0]`` there ("26.2"); ``rdma_devices`` is None when
+    not asked (not a Mac, or the command failed) and empty when RDMA is off; ``buses`` come
+    from the Thunderbolt profile; ``interfaces`` are its joined Thunderbolt ports and bridge.
+    """
+
+    host: str
+    os: str | None = None  # ``uname -s``: "Darwin", "Linux"
+    macos: str | None = None
+    rdma_devices: tuple[str, ...] | None = None
+    buses: tuple[ThunderboltBus, ...] = ()
+    interfaces: tuple[ThunderboltInterface, ...] = ()
+
+    @property
+    def is_mac(self) -> bool:
+        return self.os == "Darwin"
+
+    @property
+    def macos_version(self) -> tuple[int, ...] | None:
+        return version_tuple(self.macos)
+
+    @property
+    def domains(self) -> frozenset[str]:
+        """This Mac's own Thunderbolt domain UUIDs (one per bus)."""
+        return frozenset(b.domain_uuid for b in self.buses if b.domain_uuid)
+
+    def links_to(self, other: HostFacts) -> list[ThunderboltBus]:
+        """This Mac's buses cabled straight to ``other`` (one per cable)."""
+        theirs = other.domains
+        return [b for b in self.buses if b.peer_domain_uuid and b.peer_domain_uuid in theirs]
+
+    @property
+    def bridged_ports(self) -> tuple[str, ...]:
+        """Thunderbolt ports that are members of a bridge (MLX's jaccl wants none)."""
+        return tuple(t.device for t in self.interfaces if not t.is_bridge and t.bridge)
+
+
+def host_facts(
+    host: str,
+    *,
+    os_name: str | None,
+    macos_version: str | None = None,
+    hardware_ports: str | None = None,
+    ifconfig: str | None = None,
+    thunderbolt_profile: str | None = None,
+    ibv_devices: str | None = None,
+) -> HostFacts:
+    """Build :class:`HostFacts` from the raw text of the macOS commands (any may be missing).
+
+    A profile that is not JSON counts as no profile: the facts say less, never something
+    false.
+    """
+    buses: list[ThunderboltBus] = []
+    if thunderbolt_profile and thunderbolt_profile.strip():
+        try:
+            buses = parse_thunderbolt_profile(thunderbolt_profile)
+        except ValueError:
+            buses = []
+    interfaces: list[ThunderboltInterface] = []
+    if hardware_ports:
+        interfaces = thunderbolt_interfaces(
+            parse_hardware_ports(hardware_ports), parse_ifconfig(ifconfig or ""), buses
+        )
+    return HostFacts(
+        host=host,
+        os=os_name,
+        macos=macos_version or None,
+        rdma_devices=parse_ibv_devices(ibv_devices) if ibv_devices is not None else None,
+        buses=tuple(buses),
+        interfaces=tuple(interfaces),
+    )
 
 
 # --------------------------------------------------------------------------

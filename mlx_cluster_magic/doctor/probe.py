@@ -1,0 +1,109 @@
+"""What the doctor asks of each host's Python: versions, MLX's backends, the libmpi, macOS.
+
+This file is shipped as it is to every host (its source piped to the remote ``python -``, so
+the host needs nothing of this package to answer) and imported on the head, so both sides
+read versions and find libmpi the same way. It imports only the standard library and must
+keep running on any Python the user might point at (it then reports the version it found).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+#: The modules whose versions must match the head's; ``mlx`` is read from ``mlx.core``.
+PACKAGES = ("mlx", "mpi4py", "ipyparallel", "mlx_cluster_magic")
+#: MLX's backends asked about with ``mx.distributed.is_available``.
+BACKENDS = ("mpi", "ring", "jaccl")
+#: Prefixes every line this probe prints, so a login shell's noise is never mistaken for it.
+MARK = "@@mcmd"
+
+# Open MPI's library under the names its builds use: the pip wheel (Linux, macOS), Homebrew,
+# and the development symlink last (in the pip wheel ``libmpi.so`` is a linker script).
+LIBMPI_NAMES = ("libmpi.so.40", "libmpi.40.dylib", "libmpi.dylib", "libmpi.so")
+# ELF, Mach-O (64-bit, universal, 32-bit): what dlopen accepts.
+_LIBRARY_MAGIC = (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe", b"\xce\xfa\xed\xfe")
+
+
+def versions() -> dict[str, dict[str, str | None]]:
+    """``{package: {"version": v}}`` or ``{package: {"error": "..."}}`` for each package."""
+    out: dict[str, dict[str, str | None]] = {}
+    for name in PACKAGES:
+        try:
+            mod = importlib.import_module("mlx.core" if name == "mlx" else name)
+            v = getattr(mod, "__version__", None)
+            out[name] = {"version": None if v is None else str(v)}
+        except BaseException as e:  # an import may raise anything, even SystemExit
+            out[name] = {"error": (type(e).__name__ + ": " + str(e)).strip()[:300]}
+    return out
+
+
+def is_loadable_library(path: str) -> bool:
+    """True for a real ELF or Mach-O file; pip's ``libmpi.so`` is a linker script dlopen
+    rejects."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False
+    return magic in _LIBRARY_MAGIC
+
+
+def libmpi_beside(mpiexec: str) -> str | None:
+    """The libmpi of the Open MPI that ``mpiexec`` belongs to (``<prefix>/lib``), or None.
+
+    The one search for MLX's ``MLX_MPI_LIBNAME``, used by the head and by every host.
+    """
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(mpiexec)))
+    for lib_dir in (os.path.join(prefix, "lib"), os.path.join(prefix, "lib64")):
+        for name in LIBMPI_NAMES:
+            path = os.path.join(lib_dir, name)
+            if is_loadable_library(path):
+                return path
+    return None
+
+
+def backends(mpiexec: str | None = None) -> dict[str, bool | None]:
+    """Whether MLX can use each backend here; ``{}`` when MLX itself does not import."""
+    try:
+        import mlx.core as mx
+    except BaseException:
+        return {}
+    # MLX finds Open MPI through MLX_MPI_LIBNAME, as the engines do.
+    lib = libmpi_beside(mpiexec or os.path.join(sys.prefix, "bin", "mpiexec"))
+    if lib:
+        os.environ.setdefault("MLX_MPI_LIBNAME", lib)
+    out: dict[str, bool | None] = {}
+    for b in BACKENDS:
+        try:
+            out[b] = bool(mx.distributed.is_available(backend=b))
+        except BaseException:
+            out[b] = None
+    return out
+
+
+def report(mpiexec: str | None = None) -> dict[str, Any]:
+    """Everything this probe says about the host, as JSON-ready data."""
+    return {
+        "executable": sys.executable,
+        "python": ".".join(str(v) for v in sys.version_info[:3]),
+        "packages": versions(),
+        "backends": backends(mpiexec),
+        "macos": platform.mac_ver()[0] or None,
+        "libmpi": libmpi_beside(mpiexec) if mpiexec else None,
+    }
+
+
+def main(argv: list[str]) -> None:
+    """``python - [MPIEXEC]``: print the report as one marked JSON line."""
+    mpiexec = argv[1] if len(argv) > 1 and argv[1] else None
+    sys.stdout.write("\n" + MARK + " probe " + json.dumps(report(mpiexec)) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,217 @@
+"""The doctor's answer as data, and its two renderings (HTML for notebooks, plain text).
+
+Both show the same thing in the same order: a one-line verdict, a compact table of marks (one
+row per host, one column per check; the full detail of each cell on hover), the backend advice,
+and then every failure and warning written out in full with the command that fixes it.
+No IPython import: the report renders itself through ``_repr_html_`` and ``__repr__``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .advice import Advice
+
+__all__ = ["Check", "DoctorReport", "HostCheck"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check on one host: ``ok`` is True (pass), False (fail) or None (a warning)."""
+
+    name: str
+    ok: bool | None
+    detail: str = ""
+    fix: str = ""
+
+    @property
+    def status(self) -> str:
+        return {True: "ok", False: "fail", None: "warn"}[self.ok]
+
+
+@dataclass
+class HostCheck:
+    """Every check of one host; a check that could not run (no ssh) is absent, not failed."""
+
+    host: str
+    checks: list[Check] = field(default_factory=list)
+    address: str | None = None
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Ready: no failed check (warnings allowed)."""
+        return all(c.ok is not False for c in self.checks)
+
+    def get(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+    def __getitem__(self, name: str) -> Check:
+        found = self.get(name)
+        if found is None:
+            raise KeyError(f"{self.host}: check {name!r} did not run")
+        return found
+
+
+_TEXT_MARKS = {True: "ok", False: "FAIL", None: "warn"}
+_COLORS = {True: "#1a7f37", False: "#cf222e", None: "#9a6700"}
+_HTML_MARKS = {True: "&#10004;", False: "&#10008;", None: "&#9650;"}
+_GREY = "#8c959f"
+
+
+@dataclass
+class DoctorReport:
+    """The doctor's answer: one :class:`HostCheck` per host, in placement order."""
+
+    rows: list[HostCheck]
+    python: str
+    head_versions: dict[str, str | None]
+    elapsed: float = 0.0
+    columns: Sequence[str] = ()
+    advice: Advice | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every host passes (warnings such as a low MTU do not count against it)."""
+        return all(r.ok for r in self.rows)
+
+    def __getitem__(self, host: str) -> HostCheck:
+        for r in self.rows:
+            if r.host == host:
+                return r
+        raise KeyError(f"no host {host!r} in this report")
+
+    def problems(self) -> list[tuple[str, Check]]:
+        """``(host, check)`` for every failure and warning, failures first."""
+        found = [(r.host, c) for r in self.rows for c in r.checks if c.ok is not True]
+        return sorted(found, key=lambda hc: hc[1].ok is None)
+
+    def as_records(self) -> list[dict[str, Any]]:
+        """Plain data, one dict per (host, check): ready for ``pandas.DataFrame`` or JSON."""
+        return [
+            {
+                "host": r.host,
+                "address": r.address,
+                "check": c.name,
+                "ok": c.ok,
+                "status": c.status,
+                "detail": c.detail,
+                "fix": c.fix,
+            }
+            for r in self.rows
+            for c in r.checks
+        ]
+
+    def _columns(self) -> list[str]:
+        cols = list(self.columns)
+        for r in self.rows:  # a check no column names still shows
+            cols += [c.name for c in r.checks if c.name not in cols]
+        return cols
+
+    def _summary(self) -> str:
+        ready = sum(r.ok for r in self.rows)
+        verdict = "all ready" if self.ok else f"{ready} of {len(self.rows)} hosts ready"
+        return f"mlx_cluster doctor: {verdict} ({self.elapsed:.1f} s, python {self.python})"
+
+    def _advice_line(self) -> str | None:
+        if self.advice is None:
+            return None
+        return f"backend: {self.advice.backend} ({self.advice.reason})"
+
+    # ------------------------------------------------------------------------- text
+
+    def __repr__(self) -> str:
+        cols = self._columns()
+        header = ["host", *cols]
+        table = [
+            [r.host, *[_TEXT_MARKS[c.ok] if (c := r.get(n)) else "-" for n in cols]]
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+        lines = [self._summary()]
+        for row in [header, *table]:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        advice = self._advice_line()
+        if advice:
+            lines.append(advice)
+        for host, c in self.problems():
+            lines.append(f"{_TEXT_MARKS[c.ok]} {host} {c.name}: {c.detail}")
+            if c.fix:
+                lines.append(f"    fix: {c.fix}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------- HTML
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        cols = self._columns()
+        cell = "padding:2px 6px;text-align:center"
+        head = "".join(
+            f"<th style='{cell};font-weight:600;white-space:nowrap'>{e(n)}</th>" for n in cols
+        )
+        body = []
+        for r in self.rows:
+            address = f" <small style='color:{_GREY}'>{e(r.address)}</small>" if r.address else ""
+            cells = [f"<td style='padding:2px 6px;text-align:left;white-space:nowrap'>"
+                     f"<b>{e(r.host)}</b>{address}</td>"]  # fmt: skip
+            for n in cols:
+                c = r.get(n)
+                if c is None:
+                    cells.append(
+                        f"<td style='{cell};color:{_GREY}' title='not checked'>&ndash;</td>"
+                    )
+                else:
+                    tip = e(f"{n}: {c.detail}" if c.detail else n, quote=True)
+                    cells.append(
+                        f"<td style='{cell};color:{_COLORS[c.ok]}' title='{tip}'>"
+                        f"{_HTML_MARKS[c.ok]}</td>"
+                    )
+            body.append(f"<tr>{''.join(cells)}</tr>")
+        color = _COLORS[True] if self.ok else _COLORS[False]
+        parts = [
+            "<div class='mlx-cluster-doctor' style='max-width:100%;overflow-wrap:anywhere'>",
+            f"<p style='color:{color};margin:0 0 4px'><b>{e(self._summary())}</b></p>",
+            "<table style='border-collapse:collapse;font-size:13px;table-layout:auto'>"
+            f"<thead><tr><th style='padding:2px 6px;text-align:left'>host</th>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>",
+        ]
+        if self.advice is not None:
+            parts.append(
+                f"<p style='margin:6px 0'>backend: <b>{e(self.advice.backend)}</b> &mdash; "
+                f"{e(self.advice.reason)}</p>"
+            )
+        for host, c in self.problems():
+            fix = (
+                f"<div>fix: <code style='white-space:pre-wrap;overflow-wrap:anywhere'>"
+                f"{e(c.fix)}</code></div>"
+                if c.fix
+                else ""
+            )
+            parts.append(
+                f"<div class='mlx-cluster-doctor-problem' style='border-left:3px solid "
+                f"{_COLORS[c.ok]};padding:2px 8px;margin:4px 0'>"
+                f"<span style='color:{_COLORS[c.ok]}'>{_HTML_MARKS[c.ok]}</span> "
+                f"<b>{e(host)}</b> &middot; <b>{e(c.name)}</b>: {e(c.detail)}{fix}</div>"
+            )
+        parts.append(self._details_html())
+        parts.append("</div>")
+        return "".join(parts)
+
+    def _details_html(self) -> str:
+        """Every check's full detail (paths, versions), folded away until asked for."""
+        e = html.escape
+        hosts = []
+        for r in self.rows:
+            items = "".join(
+                f"<li><span style='color:{_COLORS[c.ok]}'>{_HTML_MARKS[c.ok]}</span> "
+                f"{e(c.name)}: <code style='overflow-wrap:anywhere'>{e(c.detail)}</code></li>"
+                for c in r.checks
+            )
+            hosts.append(f"<div><b>{e(r.host)}</b><ul style='margin:0 0 4px'>{items}</ul></div>")
+        return (
+            "<details style='margin-top:4px'><summary>every check in full</summary>"
+            f"{''.join(hosts)}</details>"
+        )
