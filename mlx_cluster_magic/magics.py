@@ -20,6 +20,8 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from .cluster import MLXCluster
 from .errors import MLXClusterError
 from .hosts import BACKENDS
+from .launch import DEFAULT_RING_PORT
+from .options import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S
 
 HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
 START_HINT = "start one with %mlx_cluster start -n 2"
@@ -153,7 +155,9 @@ def _build_parsers() -> dict[str, _Parser]:
         default=None,
         help="address the hosts reach this machine by (default: derived from the hostfile)",
     )
-    p.add_argument("--ring-port", type=int, default=32323, help="first port of the ring backend")
+    p.add_argument(
+        "--ring-port", type=int, default=DEFAULT_RING_PORT, help="first port of the ring backend"
+    )
     p.add_argument(
         "--connections-per-ip",
         type=_positive_int,
@@ -164,7 +168,7 @@ def _build_parsers() -> dict[str, _Parser]:
     p.add_argument(
         "--timeout",
         type=_positive_float,
-        default=60.0,
+        default=START_TIMEOUT_S,
         metavar="S",
         help="seconds to wait for the ranks",
     )
@@ -178,7 +182,7 @@ def _build_parsers() -> dict[str, _Parser]:
     p.add_argument(
         "--collective-timeout",
         type=_positive_float,
-        default=30.0,
+        default=COLLECTIVE_TIMEOUT_S,
         metavar="S",
         help="with checks on: seconds to wait for every rank to reach a collective",
     )
@@ -393,16 +397,6 @@ class MLXClusterMagics(Magics):
                 f"a cluster is already running ({self.cluster.n} ranks): use %mlx_cluster "
                 "restart, or %mlx_cluster stop first"
             )
-        # Options left at their defaults are not passed: the cluster owns those defaults.
-        extra: dict[str, Any] = {}
-        if args.check_collectives:
-            extra["check_collectives"] = True
-        if args.collective_timeout != 30.0:
-            extra["collective_timeout"] = args.collective_timeout
-        if args.verbose:
-            extra["verbose"] = True
-        if args.connections_per_ip != 1:
-            extra["connections_per_ip"] = args.connections_per_ip
         cluster = MLXCluster(
             args.n,
             hosts=args.hosts,
@@ -417,7 +411,10 @@ class MLXClusterMagics(Magics):
             ssh=args.ssh,
             timeout=args.timeout,
             live_status=not args.no_status,
-            **extra,
+            check_collectives=args.check_collectives,
+            collective_timeout=args.collective_timeout,
+            verbose=args.verbose,
+            connections_per_ip=args.connections_per_ip,
         )
         cluster.start(activate=True)
         self.cluster = cluster
@@ -515,6 +512,10 @@ MLXClusterMagics.mlx_cluster.__doc__ = full_help()
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register ``%mlx_cluster`` once: loading again keeps the instance and its cluster."""
+    """What the "Python 3 (MLX cluster)" kernel preloads (``--ext=mlx_cluster_magic.magics``):
+    the package's extension, once. Listed under this module's name, it leaves a notebook's own
+    ``%load_ext mlx_cluster_magic`` silent instead of "already loaded"."""
     if "MLXClusterMagics" not in ipython.magics_manager.registry:
-        ipython.register_magics(MLXClusterMagics)
+        from . import load_ipython_extension as load_package
+
+        load_package(ipython)
