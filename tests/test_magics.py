@@ -205,9 +205,7 @@ def test_new_subcommands_reach_the_cluster(ip, capsys) -> None:
         for m in ("why", "check_collectives", "history", "links", "metrics")
         if not callable(getattr(MLXCluster, m, None))
     ]
-    cluster = magic(
-        ip, "start -n 2 --check-collectives --collective-timeout 5 --verbose --no-status"
-    )
+    cluster = magic(ip, "start -n 2 --check-collectives --collective-timeout 5 --verbose")
     assert cluster.running and cluster.spec.check_collectives
     assert cluster.spec.collective_timeout == 5 and cluster.spec.verbose
     ip.run_cell_magic("px", "", "x = world.rank()")
@@ -311,3 +309,10 @@ def test_cluster_kernel_preloads_and_a_notebooks_load_ext_stays_silent(
     outputs = nb.cells[1].outputs
     assert {o.output_type for o in outputs} == {"stream"}
     check_help("".join(o.text for o in outputs), "start")
+
+
+def test_ring_connections_per_ip_from_the_magic(ip) -> None:
+    cluster = magic(ip, "start -n 2 --backend ring --ring-port 31811 --connections-per-ip 2")
+    assert cluster.spec.connections_per_ip == 2
+    ip.run_cell_magic("px", "", "s = mx.distributed.all_sum(mx.arange(4) * (world.rank() + 1))")
+    assert [v.tolist() for v in cluster.view["s"]] == [[0, 3, 6, 9]] * 2
