@@ -1,10 +1,15 @@
 """The live status widget in a real JupyterLab, seen through a real (headless) Chromium.
 
 Starts JupyterLab on a free loopback port with a throw-away notebook, runs it in the browser
-(Playwright), and checks what a user sees: two rank rows, ``idle`` after start, ``busy`` with a
-growing busy time while a non-blocking execute runs (the kernel refreshes the widget from a
-background thread), then the Stop button stops the cluster. Screenshot:
-``tests/artifacts/status-widget.png``.
+(Playwright), and checks what a user sees.
+
+- On a real cluster: two rank rows, ``idle`` after start, ``busy`` with a growing busy time
+  while a non-blocking execute runs (the kernel refreshes the widget from a background thread),
+  then the Stop button stops the cluster. Screenshot: ``tests/artifacts/status-widget.png``.
+- The view on its own (``StatusWidget`` given hand-built snapshots, no cluster): every state,
+  the banner, live metric charts and the topology tab, a click that shows at once, Restart and
+  replay, Stop, and the side panel. Screenshots: ``tests/artifacts/status-widget-live.png``,
+  ``tests/artifacts/status-side-panel.png``, ``tests/artifacts/status-widget-stopped.png``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,57 @@ CELLS = [
     "cluster = %mlx_cluster start -n 2",
     "cluster",
     f'ar = cluster.view.execute("import time; time.sleep({BUSY_S})", block=False)',
+]
+
+VIEW_NOTEBOOK = "status-view.ipynb"
+TOPOLOGY_SVG = (
+    "<svg xmlns='http://www.w3.org/2000/svg' width='200' height='60' class='mlx-topo-test'>"
+    "<text x='10' y='30'>mac1 = mac2 = mac3 = mac4</text></svg>"
+)
+VIEW_CELLS = [
+    # 0: the view alone, from hand-built snapshots; Stop answers after 2 s on purpose.
+    f"""import threading, time
+from mlx_cluster_magic.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from mlx_cluster_magic.views.status import StatusWidget
+from mlx_cluster_magic.views.side import open_side_panel
+
+def node(rank, state):
+    return NodeStatus(rank=rank, host=f"mac{{rank + 1}}", state=state,
+        busy_s=4.0 if state in ("busy", "unresponsive") else 0.0, last_seen_s=0.2,
+        rss_bytes=300 * 2**20, mlx_active_bytes=2**28, mlx_peak_bytes=2**30,
+        device="Device(gpu, 0)", pid=100 + rank, silent_s=9.0 if state == "unresponsive" else None,
+        why="killed by signal 9" if state == "dead" else None)
+
+BANNER = "rank 1 is behind: ranks 0,2 wait in all_sum #5 (cell line 3)"
+
+def snap(state="running", states=("idle", "busy", "unresponsive", "dead"), steps=20, **kw):
+    metrics = tuple(MetricPoint(r, "loss", 2.0 / (i + 1) + 0.1 * r, float(i), 1000.0 + i)
+                    for i in range(steps) for r in range(2))
+    metrics += tuple(MetricPoint(r, "tok_s", 40.0 + 3 * r + i % 5, None, 1000.0 + i)
+                     for i in range(steps) for r in range(2))
+    return ClusterSnapshot(state=state, backend="ring", n=len(states), hosts=len(states),
+        uptime_s=12.0, nodes=tuple(node(i, s) for i, s in enumerate(states)), metrics=metrics,
+        **kw)
+
+clicks = []
+def on_stop():
+    clicks.append("stop")
+    time.sleep(2)  # the view must show the click before this answer comes
+    w.update(snap("stopped", states=("stopped",) * 4))
+
+w = StatusWidget(on_stop=on_stop, on_restart=lambda replay: clicks.append(f"restart {{replay}}"),
+                 snapshot=snap(banner=BANNER, topology_svg={TOPOLOGY_SVG!r}))
+w""",
+    # 1: metrics arrive from another thread while the kernel is idle
+    """def grow():
+    for k in range(21, 41):
+        time.sleep(0.2)
+        w.update(snap(steps=k, banner=BANNER, topology_svg=w.topology_svg))
+threading.Thread(target=grow, daemon=True).start()""",
+    # 2: the side panel from code, once a view has said where it lives
+    "print(open_side_panel(w))",
+    # 3: what Python received
+    "print(clicks)",
 ]
 
 
@@ -92,14 +148,14 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, period: float = 0
         time.sleep(period)
 
 
-def _write_notebook(path: Path) -> None:
+def _write_notebook(path: Path, cells: list[str] = CELLS) -> None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {
         "name": "python3",
         "display_name": "Python 3",
         "language": "python",
     }
-    nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
     nbformat.write(nb, path)
 
 
@@ -213,6 +269,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     root = tmp_path / "root"
     root.mkdir()
     _write_notebook(root / NOTEBOOK)
+    _write_notebook(root / VIEW_NOTEBOOK, VIEW_CELLS)
     server = Lab(root)
     try:
         server.wait_ready()
@@ -222,16 +279,33 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 # --------------------------------------------------------------------------- the page
-def _rows(page: Any) -> list[dict[str, Any]]:
+def _header(page: Any, scope: str = ".jp-Notebook") -> Any:
+    """The status view's header line (the anywidget view's, or the older ipywidgets one's)."""
+    return page.locator(
+        f"{scope} .mlx-cluster-status .mlx-header, {scope} .mlx-cluster-status .widget-html"
+    ).first
+
+
+def _button(page: Any, name: str, scope: str = ".jp-Notebook") -> Any:
+    """A status view button by its name (``Stop``, ``Restart``), pending text included."""
+    cls = {"Stop": "mlx-stop", "Restart": "mlx-restart"}[name]
+    return page.locator(
+        f"{scope} .mlx-cluster-status button.{cls}, "
+        f"{scope} .mlx-cluster-status button.jupyter-button:text-is('{name}')"
+    ).first
+
+
+def _rows(page: Any, scope: str = ".jp-Notebook") -> list[dict[str, Any]]:
     """The status table as the user sees it: one dict per rank row."""
     return page.evaluate(
-        """() => Array.from(
-            document.querySelectorAll('.mlx-cluster-status table.mlx-cluster-nodes tr.mlx-node')
-        ).map(tr => ({
+        """(scope) => Array.from(document.querySelectorAll(
+            scope + ' .mlx-cluster-status table.mlx-cluster-nodes tr.mlx-node'
+        )).map(tr => ({
             rank: tr.dataset.rank,
             cls: tr.className,
             cells: Array.from(tr.cells).map(td => td.innerText.trim()),
-        }))"""
+        }))""",
+        scope,
     )
 
 
@@ -314,11 +388,11 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             page.wait_for_selector(".jp-OutputArea .mlx-cluster-status", timeout=15_000)
             rows = _wait("2 idle rank rows", lambda: _idle_rows(page), timeout=15)
             assert [r["rank"] for r in rows] == ["0", "1"]
-            header = page.locator(".mlx-cluster-status .widget-html").first.inner_text()
+            header = _header(page).inner_text()
             assert "MLX cluster (running)" in header and "2 ranks" in header
-            stop = page.locator(".mlx-cluster-status button", has_text="Stop")
+            stop = _button(page, "Stop")
             assert stop.is_enabled()
-            assert page.locator(".mlx-cluster-status button", has_text="Restart").count() == 1
+            assert _button(page, "Restart").count() == 1
 
             # A non-blocking execute: the kernel is idle again at once, the ranks sleep. The
             # table must follow on its own (refreshed from the kernel's status thread).
@@ -341,10 +415,7 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             stop.click()
             _wait(
                 "the header to say stopped",
-                lambda: (
-                    "(stopped)"
-                    in page.locator(".mlx-cluster-status .widget-html").first.inner_text()
-                ),
+                lambda: "(stopped)" in _header(page).inner_text(),
                 timeout=30,
             )
             _wait("the Stop button to be disabled", stop.is_disabled, timeout=5)
@@ -374,3 +445,171 @@ def _busy_rows(page: Any, longer_than: float = -1.0) -> list[dict[str, Any]] | N
         if "mlx-busy" in r["cls"] and (_busy_seconds(r["cells"][3]) or -1.0) > longer_than
     ]
     return busy or None
+
+
+# --------------------------------------------------------------------------- the view alone
+def _open_notebook(page: Any, lab: Lab, name: str) -> None:
+    page.goto(f"{lab.base}/lab/tree/{name}?token={lab.token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell .jp-InputArea-editor", timeout=45_000)
+    _wait(
+        "the notebook's kernel to start",
+        lambda: [k for k in lab.kernels() if k["execution_state"] == "idle"],
+        timeout=45,
+        period=0.5,
+    )
+    lab.remember_children()
+    page.wait_for_selector(
+        ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
+    )
+
+
+def _output(page: Any, index: int) -> str:
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    return "\n".join(cell.locator(".jp-OutputArea-output").all_inner_texts())
+
+
+def _points(page: Any, metric: str, scope: str = ".jp-Notebook") -> list[int]:
+    """How many points each rank's line of ``metric`` has, as drawn."""
+    return page.evaluate(
+        """([scope, metric]) => Array.from(document.querySelectorAll(
+            `${scope} .mlx-cluster-status svg.mlx-chart[data-metric="${metric}"] polyline`
+        )).map(p => p.getAttribute('points').trim().split(/\\s+/).length)""",
+        [scope, metric],
+    )
+
+
+def test_status_view_buttons_charts_and_side_panel(lab: Lab, artifacts: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    shots = {
+        "live": artifacts / "status-widget-live.png",
+        "side": artifacts / "status-side-panel.png",
+        "stopped": artifacts / "status-widget-stopped.png",
+        "failure": artifacts / "status-view-failure.png",
+    }
+    for old in shots.values():
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    inline = ".jp-Notebook"
+    side = ".jupyterlab-sidecar"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = None
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+            _open_notebook(page, lab, VIEW_NOTEBOOK)
+
+            _run_cell(page, 0)
+            _wait_executed(page, 0, timeout=60)
+            page.wait_for_selector(f"{inline} .mlx-cluster-status.mlx-live", timeout=20_000)
+            rows = _wait("4 rank rows", lambda: len(_rows(page)) == 4 and _rows(page), 10)
+            assert [r["cls"] for r in rows] == [
+                f"mlx-node mlx-{s}" for s in ("idle", "busy", "unresponsive", "dead")
+            ]
+            assert rows[2]["cells"][4] == "silent 9.0 s, process alive"
+            assert rows[1]["cells"][3] == "4.0 s"
+            header = _header(page).inner_text()
+            assert (
+                header == "MLX cluster (running): backend ring, 4 ranks on 4 hosts, uptime 12.0 s"
+            )
+            banner = page.locator(f"{inline} .mlx-banner")
+            assert banner.is_visible() and "wait in all_sum #5" in banner.inner_text()
+
+            # Metrics: one chart per name, one line per rank, x = step for loss, time else.
+            charts = page.locator(f"{inline} svg.mlx-chart")
+            _wait("two metric charts", lambda: charts.count() == 2, 10)
+            assert _points(page, "loss") == [20, 20] and _points(page, "tok_s") == [20, 20]
+            loss_chart = page.locator(f"{inline} svg.mlx-chart[data-metric='loss']")
+            assert "step" in loss_chart.text_content()
+            assert (
+                "time (s)"
+                in page.locator(f"{inline} svg.mlx-chart[data-metric='tok_s']").text_content()
+            )
+            legend = page.locator(f"{inline} .mlx-legend").inner_text()
+            assert "rank 0" in legend and "rank 1" in legend
+
+            # New points from a background thread are drawn while they come.
+            _run_cell(page, 1)
+            _wait_executed(page, 1, timeout=20)
+            _wait("the loss lines to grow", lambda: min(_points(page, "loss") or [0]) >= 30, 15)
+            page.locator(f"{inline} .mlx-cluster-status").screenshot(path=str(shots["live"]))
+
+            # The topology tab shows the measured fabric.
+            page.locator(f"{inline} button.mlx-tab-topology").click()
+            page.wait_for_selector(f"{inline} .mlx-topology svg.mlx-topo-test")
+            page.locator(f"{inline} button.mlx-tab-metrics").click()
+            page.wait_for_selector(f"{inline} svg.mlx-chart")
+
+            # "Side panel": the same live view opens on the right, without its own side button.
+            side_button = page.locator(f"{inline} button.mlx-side")
+            assert side_button.is_visible()
+            side_button.click()
+            page.wait_for_selector(f"{side} .mlx-cluster-status.mlx-live", timeout=15_000)
+            _wait("the side panel's rows", lambda: len(_rows(page, side)) == 4, 10)
+            assert not page.locator(f"{side} button.mlx-side").is_visible()
+            _wait("the side button to be answered", side_button.is_enabled, 10)
+            page.screenshot(path=str(shots["side"]))
+
+            # From code, once the view has said it lives in JupyterLab: one panel, not two.
+            _run_cell(page, 2)
+            _wait_executed(page, 2, timeout=20)
+            said = _output(page, 2)
+            assert "opened in a JupyterLab side panel (reported by the view in the browser)" in said
+            _wait(
+                "one side panel",
+                lambda: page.locator(f"{side} .mlx-cluster-status").count() == 1,
+                10,
+            )
+
+            # Restart and replay: a choice under the Restart button, answered by Python.
+            page.locator(f"{inline} button.mlx-restart-more").click()
+            replay = page.locator(f"{inline} button.mlx-restart-replay")
+            assert replay.is_visible() and replay.inner_text() == "Restart and replay"
+            replay.click()
+            restart = _button(page, "Restart")
+            _wait("restart to be answered", lambda: restart.inner_text() == "Restart", 10)
+
+            # Stop: the click shows at once, long before Python's answer (2 s later).
+            stop = _button(page, "Stop")
+            assert stop.is_enabled()
+            stop.click()
+            t0 = time.monotonic()
+            _wait(
+                "the click to show",
+                lambda: stop.is_disabled() and stop.inner_text() == "stopping…",
+                timeout=1.5,
+                period=0.05,
+            )
+            shown_s = time.monotonic() - t0
+            assert "(running)" in _header(page).inner_text()  # Python has not answered yet
+            _wait(
+                "the header to say stopped", lambda: "(stopped)" in _header(page).inner_text(), 10
+            )
+            _wait(
+                "the side panel to say stopped",
+                lambda: "(stopped)" in _header(page, side).inner_text(),
+                5,
+            )
+            _wait(
+                "Stop to read Stop again",
+                lambda: stop.inner_text() == "Stop" and stop.is_disabled(),
+                5,
+            )
+            assert all("mlx-stopped" in r["cls"] for r in _rows(page))
+            page.locator(f"{inline} .mlx-cluster-status").screenshot(path=str(shots["stopped"]))
+            print(f"click shown after {shown_s * 1000:.0f} ms")
+
+            _run_cell(page, 3)
+            _wait_executed(page, 3, timeout=20)
+            assert _output(page, 3).strip() == "['restart True', 'stop']"
+        except BaseException:
+            if page is not None:
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(shots["failure"]))
+            print(f"jupyter lab log tail:\n{lab.log()}")
+            raise
+        finally:
+            browser.close()
+    killed = lab.stop()
+    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"

@@ -126,7 +126,7 @@ function lineChart(lines, title, xLabel, width = 320, height = 170) {
     return top + ph * (1 - f);
   };
   const parts = [
-    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" class="mlx-chart" data-metric="${esc(title)}" font-size="10">`,
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" class="mlx-chart" data-metric="${esc(title)}" font-size="10">`,
     `<text x="${left}" y="13" font-size="12" font-weight="bold" class="mlx-chart-title">${esc(title)}</text>`,
     `<rect x="${left}" y="${top}" width="${pw}" height="${ph}" fill="none" class="mlx-frame"/>`,
   ];
@@ -189,8 +189,9 @@ function render({ model, el }) {
   el.classList.add("mlx-cluster-status", "mlx-live");
   const inSidePanel = () => el.closest(".jupyterlab-sidecar") !== null;
 
-  const dot = h("span", { class: "mlx-dot", text: "●" });
+  const dot = h("span", { class: "mlx-dot", text: "● " });
   const header = h("span", { class: "mlx-header" });
+  const title = h("span", { class: "mlx-title" }, dot, header);
   const stop = h("button", { class: "mlx-button mlx-stop", title: "Stop every rank", text: "Stop" });
   const restart = h("button", { class: "mlx-button mlx-restart", title: "Stop, then start a fresh cluster of the same shape", text: "Restart" });
   const more = h("button", { class: "mlx-button mlx-restart-more", title: "More restart choices", "aria-label": "More restart choices", text: "▾" });
@@ -206,7 +207,8 @@ function render({ model, el }) {
   const table = h("table", { class: "mlx-cluster-nodes" }, thead, tbody);
   const tabs = h("div", { class: "mlx-tabs", hidden: "" });
   const panes = h("div", { class: "mlx-panes" });
-  el.replaceChildren(h("div", { class: "mlx-head" }, dot, header, buttons), notice, broken, banner, table, tabs, panes);
+  const tableBox = h("div", { class: "mlx-table-box" }, table);
+  el.replaceChildren(h("div", { class: "mlx-head" }, title, buttons), notice, broken, banner, tableBox, tabs, panes);
 
   let pending = null; // {action, timer}
   let activeTab = null; // "metrics" | "topology" | null (hidden)
@@ -223,7 +225,11 @@ function render({ model, el }) {
     if (pending) clearTimeout(pending.timer);
     pending = null;
   }
+  let noticeTimer = null;
   function showNotice(text, error) {
+    clearTimeout(noticeTimer);
+    // A plain answer fades after a while; an error stays until the next click.
+    if (text && !error) noticeTimer = setTimeout(() => showNotice("", false), 10000);
     notice.textContent = text || "";
     notice.hidden = !text;
     notice.classList.toggle("mlx-error", !!error);
@@ -341,6 +347,7 @@ function render({ model, el }) {
   }
   return () => {
     clearPending();
+    clearTimeout(noticeTimer);
     document.removeEventListener("click", closeMenu);
     model.off("change:snapshot", onSnapshot);
     model.off("change:metrics", drawTabs);
