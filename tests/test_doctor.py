@@ -9,6 +9,7 @@ low MTU. Every doctor call uses ``timeout=5`` and must come back well within its
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -24,14 +25,19 @@ import psutil
 import pytest
 
 import mlx_cluster_magic
+from mlx_cluster_magic import macos
 from mlx_cluster_magic.doctor import (
     CHECKS,
     PACKAGES,
+    Advice,
     DoctorReport,
+    HostCheck,
+    advise_backend,
     head_versions,
     parse_interfaces,
     run_doctor,
 )
+from mlx_cluster_magic.doctor.collect import probe_script
 from mlx_cluster_magic.errors import MLXClusterError
 from mlx_cluster_magic.hosts import Host, Placement, local, read_hostfile
 
@@ -39,6 +45,7 @@ from conftest import virtual_macs
 from vcluster import VirtualCluster
 
 FIXTURES = Path(__file__).parent / "fixtures" / "macos"
+HOSTFILES = Path(__file__).parent / "fixtures" / "hostfiles"
 TIMEOUT = 5.0
 # A dead host costs at most connect + remote-check time, never more.
 BOUND = 2 * TIMEOUT + 3
@@ -212,6 +219,204 @@ def test_bad_arguments_raise_one_line_errors() -> None:
         run_doctor(local(1), python="  ")
     with pytest.raises(MLXClusterError, match="--ssh"):
         run_doctor(local(1), ssh="ssh -F 'unclosed")
+
+
+# --------------------------------------------------------------------------------- the probe
+
+
+def test_the_probe_is_a_module_shipped_as_its_own_source() -> None:
+    from mlx_cluster_magic.doctor import probe
+
+    script = probe_script()
+    assert Path(probe.__file__).read_text(encoding="utf-8") in script
+    assert "exec(" not in script and "compile(" not in script
+
+
+def test_probe_runs_alone_and_finds_the_same_libmpi_as_the_head(tmp_path: Path) -> None:
+    """Run as a host runs it (source on stdin, in a directory without the package) and compare
+    its libmpi with the head's search."""
+    from mlx_cluster_magic import launch
+    from mlx_cluster_magic.doctor import probe
+
+    mpiexec = launch.find_mpiexec()
+    proc = subprocess.run(
+        [sys.executable, "-", mpiexec],
+        input=Path(probe.__file__).read_text(encoding="utf-8"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=True,
+    )
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@mcmd probe ")]
+    info = json.loads(line.split(" ", 2)[2])
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["libmpi"] == launch.find_libmpi(mpiexec) == probe.libmpi_beside(mpiexec)
+    assert info["backends"]["mpi"] is True  # MLX found Open MPI through that libmpi
+    assert info["macos"] is None  # not a Mac
+
+
+# --------------------------------------------------------------------------------- rendering
+
+
+def _wide_report(tmp_path: Path) -> DoctorReport:
+    """A real report (a python that is missing, at a long path) spread over six hosts."""
+    missing = tmp_path / "a-rather-long-directory-name" / "with" / "nested" / "venv" / "bin"
+    report = run_doctor(local(1), python=str(missing / "python3"), timeout=TIMEOUT)
+    (row,) = report.rows
+    rows = [
+        HostCheck(f"mac-studio-{i}.local", list(row.checks), f"10.0.0.{i}") for i in range(1, 7)
+    ]
+    return DoctorReport(rows, report.python, report.head_versions, 1.0, CHECKS, report.advice)
+
+
+def test_text_report_is_a_table_of_marks_then_each_problem_in_full(tmp_path: Path) -> None:
+    report = _wide_report(tmp_path)
+    lines = repr(report).splitlines()
+    assert lines[1].split() == ["host", *CHECKS]
+    assert all(len(ln) <= 120 for ln in lines[1:8]), lines[1:8]  # the table stays narrow
+    assert lines[2].split()[:3] == ["mac-studio-1.local", "ok", "FAIL"]
+    assert "backend: mpi" in lines[8]
+    fixes = [ln for ln in lines if ln.startswith("    fix: ")]
+    assert len(fixes) == 6 and all(report.python in ln for ln in fixes)  # the path in full
+
+
+def test_html_report_fits_1000_px_with_full_fixes_and_paths_on_hover(tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    report = _wide_report(tmp_path)
+    html = report._repr_html_()
+    assert html.count("<tr>") == 1 + 6
+    # the table holds marks only; each detail is on hover, each problem written out below
+    assert "title='ssh: local host: no ssh needed'" in html
+    assert html.count("mlx-cluster-doctor-problem") == 6
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.set_content(f"<html><body style='margin:8px'>{html}</body></html>")
+            sizes = page.evaluate(
+                """() => ({
+                    page: document.documentElement.scrollWidth,
+                    table: document.querySelector('table').getBoundingClientRect().right,
+                    problems: [...document.querySelectorAll('.mlx-cluster-doctor-problem')]
+                        .map(d => [d.scrollWidth, d.clientWidth, d.innerText]),
+                })"""
+            )
+            page.screenshot(path=str(tmp_path / "doctor-1000px.png"), full_page=True)
+        finally:
+            browser.close()
+    assert sizes["page"] <= 1000 and sizes["table"] <= 1000, sizes
+    for scroll, client, text in sizes["problems"]:
+        assert scroll <= client, text  # nothing cut off to the side
+        assert report.python in text.replace("\n", "")  # the fix with its full path
+
+
+# --------------------------------------------------------------------------------- advice
+
+
+def _mac(host: str, version: str = "26.2", ibv: str | None = "ibv") -> macos.HostFacts:
+    """A Mac that reports ``version`` and, by default, the RDMA devices of MLX's docs."""
+    text = (FIXTURES / "ibv_devices_m3-ultra_mlx-docs.txt").read_text() if ibv == "ibv" else ibv
+    return macos.host_facts(host, os_name="Darwin", macos_version=version, ibv_devices=text)
+
+
+def _cabled_pair(version: str = "26.2") -> tuple[Placement, list[macos.HostFacts]]:
+    """The MacBook Pro M5 Max and Mac Studio M3 Ultra captures: one Thunderbolt 5 cable."""
+    ibv = (FIXTURES / "ibv_devices_m3-ultra_mlx-docs.txt").read_text()
+    facts = [
+        macos.host_facts(
+            name,
+            os_name="Darwin",
+            macos_version=version,
+            thunderbolt_profile=(FIXTURES / profile).read_text(),
+            ibv_devices=ibv,
+        )
+        for name, profile in (
+            ("mbp", "system_profiler-SPThunderboltDataType-json_macbook-pro-m5-max.json"),
+            ("studio", "system_profiler-SPThunderboltDataType-json_mac-studio-m3-ultra.json"),
+        )
+    ]
+    hosts = (Host("mbp", ("10.0.0.1",)), Host("studio", ("10.0.0.2",)))
+    return Placement(hosts, (1, 1)), facts
+
+
+def test_advice_one_machine_is_mpi() -> None:
+    advice = advise_backend(local(4), {})
+    assert advice == Advice("mpi", "one machine: mpi passes messages through shared memory")
+
+
+def test_advice_thunderbolt5_pair_with_rdma_is_jaccl() -> None:
+    placement, facts = _cabled_pair()
+    advice = advise_backend(placement, facts)
+    assert advice.backend == "jaccl", advice
+    assert "Thunderbolt 5" in advice.reason and "26.2" in advice.reason
+    assert advise_backend(placement, {f.host: f for f in facts}) == advice  # by name too
+
+
+def test_advice_on_thunderbolt4_says_rdma_needs_thunderbolt5_not_broken() -> None:
+    placement, facts = _cabled_pair()
+    # The same real cable as it would read at Thunderbolt 4's 40 Gb/s (no Thunderbolt 4
+    # capture was found): only the link speed differs.
+    slow = [
+        dataclasses.replace(
+            f,
+            buses=tuple(
+                dataclasses.replace(b, speed="40 Gb/s") if b.connected else b for b in f.buses
+            ),
+        )
+        for f in facts
+    ]
+    advice = advise_backend(placement, slow)
+    assert advice.backend == "ring"
+    assert "Thunderbolt 5" in advice.reason and "40 Gb/s" in advice.reason
+    assert "nothing is misconfigured" in advice.reason
+    assert "broken" not in advice.reason
+
+
+def test_advice_old_macos_or_rdma_off_or_versions_differ_is_ring_with_the_reason() -> None:
+    placement, facts = _cabled_pair()
+    old = advise_backend(placement, [dataclasses.replace(facts[0], macos="15.5"), facts[1]])
+    assert old.backend == "ring" and "26.2 or later" in old.reason and "mbp has 15.5" in old.reason
+    header = "\n".join(
+        (FIXTURES / "ibv_devices_m3-ultra_mlx-docs.txt").read_text().splitlines()[:2]
+    )
+    off = advise_backend(
+        placement,
+        [facts[0], dataclasses.replace(facts[1], rdma_devices=macos.parse_ibv_devices(header))],
+    )
+    assert off.backend == "ring" and "RDMA is off on studio" in off.reason
+    assert "rdma_ctl enable" in off.reason
+    differ = advise_backend(placement, [facts[0], dataclasses.replace(facts[1], macos="26.3")])
+    assert differ.backend == "ring" and "mbp 26.2, studio 26.3" in differ.reason
+
+
+def test_advice_reads_mesh_or_ring_from_mlx_hostfiles() -> None:
+    """Cabling from the rdma rows MLX's distributed_config writes (fixtures/hostfiles)."""
+    mesh = read_hostfile(HOSTFILES / "jaccl-3.json")
+    advice = advise_backend(mesh, [_mac(h.ssh) for h in mesh.hosts])
+    assert advice.backend == "jaccl" and "every pair" in advice.reason
+    ring = read_hostfile(HOSTFILES / "jaccl-ring-4.json")
+    advice = advise_backend(ring, [_mac(h.ssh) for h in ring.hosts])
+    assert advice.backend == "jaccl-ring" and "ring, not a full mesh" in advice.reason
+
+
+def test_advice_without_facts_or_ips_or_macs() -> None:
+    ring = read_hostfile(HOSTFILES / "ring-4.json")
+    unread = advise_backend(ring, {})
+    assert unread.backend == "ring" and "could not read mac1" in unread.reason
+    linux = [macos.HostFacts(h.ssh, os="Linux") for h in ring.hosts]
+    on_linux = advise_backend(ring, linux)
+    assert on_linux.backend == "ring" and "mac1 (Linux)" in on_linux.reason
+    no_ips = Placement((Host("a"), Host("b")), (1, 1))
+    plain = advise_backend(
+        no_ips, [macos.HostFacts("a", os="Linux"), macos.HostFacts("b", os="Linux")]
+    )
+    assert plain.backend == "mpi" and "a, b has none" in plain.reason
 
 
 # --------------------------------------------------------------------------------- interfaces
@@ -398,3 +603,56 @@ def test_low_mtu_is_a_warning_with_the_fix(vc: VirtualCluster, placement: Placem
     assert mtu.fix == "on mac3: sudo ip link set dev eth0 mtu 9000"
     assert report["mac1"]["mtu"].ok is True
     assert "#9a6700" in report._repr_html_() and "warn" in repr(report)
+
+
+@pytest.mark.multihost
+def test_routes_by_the_bridge_and_ring_advice_on_healthy_hosts(
+    vc: VirtualCluster, placement: Placement
+) -> None:
+    report = _doctor(vc, placement)
+    for host in vc.hosts:
+        route = report[host]["route"]
+        assert route.ok is True, report
+        peers = [h for h in vc.hosts if h != host]
+        assert route.detail == "; ".join(f"{p} ({vc.ip(p)}) by eth0" for p in peers)
+    assert report.advice is not None and report.advice.backend == "ring"
+    assert "mac1 (Linux)" in report.advice.reason
+    assert "backend: ring" in repr(report) and "backend: <b>ring</b>" in report._repr_html_()
+
+
+@pytest.mark.multihost
+def test_traffic_routed_through_a_second_interface_is_flagged(
+    vc: VirtualCluster, placement: Placement
+) -> None:
+    """mac1 gets a second, non-bridge interface (a veth pair inside its namespace, on a subnet
+    of its own, as Wi-Fi would be) and a more specific route that sends mac2's cluster IP out
+    by it: the doctor names the interface, the peer and the fix; mac1's other peer and the
+    other hosts stay green."""
+    mac2 = vc.ip("mac2")
+    setup = [
+        ("ip", "link", "add", "side0", "type", "veth", "peer", "name", "side1"),
+        ("ip", "addr", "add", "10.213.9.1/24", "dev", "side0"),
+        ("ip", "link", "set", "side0", "up"),
+        ("ip", "link", "set", "side1", "up"),
+        ("ip", "route", "add", f"{mac2}/32", "dev", "side0"),
+    ]
+    try:
+        for cmd in setup:
+            proc = vc.netns_exec("mac1", *cmd)
+            assert proc.returncode == 0, proc.stderr
+        report = _doctor(vc, placement)
+    finally:
+        vc.netns_exec("mac1", "ip", "link", "del", "side0")
+    route = report["mac1"]["route"]
+    assert route.ok is None, report  # a warning: traffic still arrives, only slower
+    assert route.detail == (
+        f"traffic from mac1 to mac2 ({mac2}) leaves by side0, not by eth0, "
+        f"which holds {vc.ip('mac1')}"
+    )
+    assert "mac3" not in route.detail  # that peer is still reached by the bridge
+    assert f"ip route show to match {mac2}" in route.fix and "side0" in route.fix
+    assert report["mac2"]["route"].ok is True and report["mac3"]["route"].ok is True
+    assert report.ok  # a warning does not stop a start
+    assert ("mac1", route) in report.problems()
+    assert "warn mac1 route: traffic from mac1 to mac2" in repr(report)
+    assert "side0" in report._repr_html_()

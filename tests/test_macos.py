@@ -253,6 +253,73 @@ def test_thunderbolt_profile_input_forms():
         parse_thunderbolt_profile("system_profiler: error")
 
 
+# --- RDMA and host facts --------------------------------------------------
+
+IBV_M3_ULTRA = "ibv_devices_m3-ultra_mlx-docs.txt"
+
+
+def test_ibv_devices_lists_the_rdma_devices():
+    """MLX's docs show this on an M3 Ultra after `rdma_ctl enable`."""
+    assert macos.parse_ibv_devices(fixture(IBV_M3_ULTRA)) == (
+        "rdma_en2",
+        "rdma_en3",
+        "rdma_en5",
+        "rdma_en4",
+        "rdma_en6",
+        "rdma_en7",
+    )
+    assert macos.parse_ibv_devices(fixture(IBV_M3_ULTRA).encode()) == macos.parse_ibv_devices(
+        fixture(IBV_M3_ULTRA)
+    )
+    # the header alone (what is left when no device is enabled) names no device
+    header = "\n".join(fixture(IBV_M3_ULTRA).splitlines()[:2])
+    assert macos.parse_ibv_devices(header) == ()
+
+
+def test_host_facts_join_both_ends_of_the_real_cable():
+    """The MacBook Pro M5 Max and the Mac Studio M3 Ultra captures are the two ends of one
+    Thunderbolt 5 cable: each Mac's facts find the other through the domain UUIDs."""
+    mbp = macos.host_facts(
+        "mbp", os_name="Darwin", macos_version="26.2", thunderbolt_profile=fixture(M5_PROFILE)
+    )
+    studio = macos.host_facts(
+        "studio",
+        os_name="Darwin",
+        macos_version="26.2",
+        thunderbolt_profile=fixture(STUDIO_PROFILE),
+        ibv_devices=fixture(IBV_M3_ULTRA),
+    )
+    assert mbp.is_mac and mbp.macos_version == (26, 2)
+    assert M5_DOMAIN in mbp.domains and STUDIO_DOMAIN in studio.domains
+    (to_studio,) = mbp.links_to(studio)
+    assert to_studio.link_gbps == 80.0 and to_studio.hardware_port == "Thunderbolt 1"
+    (to_mbp,) = studio.links_to(mbp)
+    assert to_mbp.hardware_port == "Thunderbolt 2"
+    assert mbp.rdma_devices is None  # not asked
+    assert studio.rdma_devices is not None and "rdma_en2" in studio.rdma_devices
+
+
+def test_host_facts_read_bridge_membership_from_ports_and_ifconfig():
+    facts = macos.host_facts(
+        "mbp",
+        os_name="Darwin",
+        hardware_ports=fixture(MBP_PORTS),
+        ifconfig=fixture(MBP_IFCONFIG),
+    )
+    by_device = {t.device: t for t in facts.interfaces}
+    bridge = by_device["bridge0"]
+    assert bridge.is_bridge
+    # "Thunderbolt 1..3" are en1..en3, each a "member:" of bridge0 in this ifconfig
+    assert facts.bridged_ports == ("en1", "en2", "en3")
+    assert bridge.members == ("en1", "en2", "en3")
+
+
+def test_host_facts_survive_a_profile_that_is_not_json():
+    facts = macos.host_facts("m", os_name="Darwin", thunderbolt_profile="system_profiler: error")
+    assert facts.buses == () and facts.domains == frozenset()
+    assert macos.version_tuple("26.2.1") == (26, 2, 1) and macos.version_tuple("") is None
+
+
 # --- discovery, the three joined --------------------------------------------
 
 
