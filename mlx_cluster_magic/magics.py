@@ -486,8 +486,8 @@ class MLXClusterMagics(Magics):
             cluster = self.cluster
             return run_doctor(
                 cluster.placement,
-                python=args.python or cluster.python,
-                ssh=args.ssh or cluster.ssh,
+                python=args.python or cluster.spec.python,
+                ssh=args.ssh or cluster.spec.ssh,
                 timeout=args.timeout,
                 backend=args.backend or cluster.backend,
             )

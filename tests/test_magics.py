@@ -182,6 +182,8 @@ def test_stop_and_restart_say_what_they_did(ip, capsys) -> None:
     assert isinstance(both, GatherResults) and [r.name for r in both] == ["a", "b"]
     html = ip.display_formatter.format(both)[0]["text/html"]
     assert all(r._repr_html_() in html for r in both)
+    # the doctor of the running cluster: its hosts, python and backend
+    assert type(magic(ip, "doctor --timeout 10")).__name__ == "DoctorReport"
     capsys.readouterr()
 
     assert magic(ip, "restart") is cluster and cluster.running
