@@ -463,12 +463,16 @@ class MLXClusterMagics(Magics):
 
     def _checks(self, args: argparse.Namespace) -> None:
         on = args.state == "on"
-        self._running().check_collectives(on)
-        print(
-            "collective checks on: a mismatch or a missing rank now fails the cell"
-            if on
-            else "collective checks off"
-        )
+        cluster = self._running()
+        cluster.check_collectives(on)
+        if on:
+            wait = cluster.spec.collective_timeout
+            print(
+                "collective checks on: a mismatch, or a rank missing for more than "
+                f"{wait:g} s, fails the cell and the cluster keeps running"
+            )
+        else:
+            print("collective checks off")
 
     def _history(self, args: argparse.Namespace) -> Any:
         return History(self._any("yet").history())

@@ -228,6 +228,9 @@ def test_new_subcommands_reach_the_cluster(ip, capsys) -> None:
             assert sub in ("links", "metrics"), f"{sub}: {e}"
             continue
         assert result is not None or sub.startswith("checks"), sub
+    out = capsys.readouterr().out
+    if "check_collectives" not in missing:
+        assert "collective checks off\n" in out and "more than 5 s, fails the cell" in out
     assert "x = world.rank()" in repr(magic(ip, "history"))
     capsys.readouterr()
     magic(ip, "restart --replay")
