@@ -268,6 +268,20 @@ def test_kernel_spec_has_logos_in_the_checkout_the_wheel_and_the_install() -> No
         for px in (32, 64):
             with Image.open(folder / f"logo-{px}x{px}.png") as img:
                 assert img.format == "PNG" and img.size == (px, px)
+    # what JupyterLab's launcher is served for the kernel
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_server.services.kernelspecs.handlers import kernelspec_model
+
+    spec = KernelSpecManager().get_kernel_spec("mlx-cluster")
+
+    class Handler:
+        base_url = "/"
+
+    model = kernelspec_model(Handler(), "mlx-cluster", spec.to_dict(), spec.resource_dir)
+    assert model["resources"] == {
+        "logo-32x32": "/kernelspecs/mlx-cluster/logo-32x32.png",
+        "logo-64x64": "/kernelspecs/mlx-cluster/logo-64x64.png",
+    }
     # pip installs the kernel spec through data-files: the logos must be listed there
     pyproject = (ROOT / "pyproject.toml").read_text()
     for name in ("kernel.json", "logo-32x32.png", "logo-64x64.png"):
