@@ -9,7 +9,9 @@ functions over the command text, tested on real captured output. No IPython, no 
 from __future__ import annotations
 
 import ipaddress
+import platform
 import re
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,8 @@ __all__ = [
     "RouteFinding",
     "expected_interface",
     "interface_for",
+    "local_interfaces",
+    "local_routes",
     "parse_ifconfig",
     "parse_ip_addr",
     "parse_ip_route_get",
@@ -413,3 +417,41 @@ def route_checks(
                              f"not by {want.name}, which holds {held}")
             )  # fmt: skip
     return findings
+
+
+# --------------------------------------------------------------------------
+# This machine (what a rank runs to learn its own interfaces and routes)
+# --------------------------------------------------------------------------
+
+
+def _output(argv: Sequence[str], timeout: float) -> str:
+    """A command's stdout and stderr together ("RTNETLINK answers: ..." comes on stderr);
+    empty when it cannot run."""
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout + done.stderr
+
+
+def local_interfaces(os_name: str | None = None, timeout: float = 5.0) -> dict[str, Interface]:
+    """This machine's interfaces (``ifconfig -a`` on macOS, ``ip -o addr/link`` on Linux)."""
+    os_name = os_name or platform.system()
+    if os_name == "Darwin":
+        return parse_ifconfig(_output(["ifconfig", "-a"], timeout))
+    return parse_ip_addr(
+        _output(["ip", "-o", "addr", "show"], timeout),
+        _output(["ip", "-o", "link", "show"], timeout),
+    )
+
+
+def local_routes(
+    ips: Iterable[str], os_name: str | None = None, timeout: float = 5.0
+) -> dict[str, Route | None]:
+    """The route this machine takes to each address, by :func:`route_command`."""
+    os_name = os_name or platform.system()
+    return {
+        ip: parse_route(os_name, _output(route_command(os_name, ip), timeout), ip) for ip in ips
+    }

@@ -345,6 +345,12 @@ def _cabled_pair(version: str = "26.2") -> tuple[Placement, list[macos.HostFacts
     return Placement(hosts, (1, 1)), facts
 
 
+def test_advice_can_be_left_out() -> None:
+    report = run_doctor(local(1), timeout=TIMEOUT, advice=False)
+    assert report.ok and report.advice is None
+    assert "backend:" not in repr(report) and "backend: <b>" not in report._repr_html_()
+
+
 def test_advice_one_machine_is_mpi() -> None:
     advice = advise_backend(local(4), {})
     assert advice == Advice("mpi", "one machine: mpi passes messages through shared memory")

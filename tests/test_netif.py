@@ -17,6 +17,8 @@ from mlx_cluster_magic.netif import (
     Route,
     expected_interface,
     interface_for,
+    local_interfaces,
+    local_routes,
     parse_ifconfig,
     parse_ip_addr,
     parse_ip_route_get,
@@ -181,3 +183,17 @@ def test_route_check_on_a_macos_bridge_capture() -> None:
     """The interface side on a real Thunderbolt bridge (mlx issue 1903's Mac mini)."""
     ifaces = parse_ifconfig((MACOS / "ifconfig-bridge0_mac-mini_mlx-issue-1903.txt").read_text())
     assert expected_interface(ifaces, ["10.25.0.1"], "10.25.0.2") is ifaces["bridge0"]
+
+
+def test_this_machines_interfaces_and_routes_for_a_rank() -> None:
+    """What a rank runs on its own host (the link measurement's route check)."""
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command here (not Linux?)")
+    ifaces = local_interfaces("Linux")
+    assert "127.0.0.1" in ifaces["lo"].addresses
+    routes = local_routes(["127.0.0.1", "192.0.2.255.1"], "Linux")
+    assert routes["127.0.0.1"] is not None and routes["127.0.0.1"].interface == "lo"
+    bad = routes["192.0.2.255.1"]  # not an address: ip's own error comes back
+    assert bad is not None and bad.interface is None and bad.error
+    (finding,) = route_checks("here", ["127.0.0.1"], ifaces, routes, [("me", "127.0.0.1")])
+    assert finding.ok is True and finding.interface == "lo"

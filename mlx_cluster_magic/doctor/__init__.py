@@ -88,12 +88,15 @@ def run_doctor(
     ssh: str | Sequence[str] | None = None,
     timeout: float = 10.0,
     backend: str | None = None,
+    advice: bool = True,
 ) -> DoctorReport:
     """Check every host of ``placement`` at once; return the report (never raises for a host).
 
     ``python`` is the interpreter the ranks will run on each host (default: this kernel's path),
     ``ssh`` the ssh command mpiexec will use (e.g. ``"ssh -F ~/.ssh/tb"``), ``timeout`` the
     seconds allowed for connecting and for the remote checks (each bounded separately).
+    ``advice`` also reads each Mac's Thunderbolt cables and RDMA state and recommends a
+    backend (``report.advice``); a start's preflight can leave it out.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise MLXClusterError(f"--timeout must be a positive number of seconds, got {timeout!r}")
@@ -111,7 +114,9 @@ def run_doctor(
         probes: list[Future[HostProbe]] = []
         reaches: list[Future[Reach] | None] = []
         for h, p in zip(hosts, peers):
-            probes.append(pool.submit(probe_host, h, argv, python, timeout, [ip for _, ip in p]))
+            probes.append(
+                pool.submit(probe_host, h, argv, python, timeout, [ip for _, ip in p], advice)
+            )
             reaches.append(
                 None if h.is_local or not h.ips else pool.submit(tcp_reach, h, argv, timeout)
             )
@@ -143,5 +148,5 @@ def run_doctor(
         head,
         elapsed=time.monotonic() - t0,
         columns=CHECKS,
-        advice=advise_backend(placement, facts),
+        advice=advise_backend(placement, facts) if advice else None,
     )

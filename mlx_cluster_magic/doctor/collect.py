@@ -26,12 +26,14 @@ from ..hosts import Host
 from . import probe as _probe_module
 from .probe import MARK
 
-# Runs under ``sh -s -- PYTHON PEER_IP...`` (only the arguments pass through the remote login
-# shell's quoting). Sections are ``MARK name-begin`` .. ``MARK name-end``; one value per
-# ``MARK key value`` line; a bare ``MARK key`` is a flag.
+# Runs under ``sh -s -- PYTHON FACTS PEER_IP...`` (only the arguments pass through the remote
+# login shell's quoting); FACTS=1 also reads a Mac's Thunderbolt ports, cables and RDMA devices.
+# Sections are ``MARK name-begin`` .. ``MARK name-end``; one value per ``MARK key value`` line;
+# a bare ``MARK key`` is a flag.
 _SH_HEAD = r"""
 PY=$1
-shift
+FACTS=$2
+shift 2
 M=@@mcmd
 echo "$M begin"
 OS=$(uname -s 2>/dev/null)
@@ -74,7 +76,7 @@ for IP in "$@"; do
   else ip -o route get "$IP" </dev/null 2>&1; fi
   echo "$M route-end"
 done
-if [ "$OS" = Darwin ]; then
+if [ "$OS" = Darwin ] && [ "$FACTS" = 1 ]; then
   echo "$M hwports-begin"
   networksetup -listallhardwareports </dev/null 2>/dev/null
   echo "$M hwports-end"
@@ -236,10 +238,16 @@ def parse_probe(result: Result) -> HostProbe:
 
 
 def probe_host(
-    host: Host, ssh: list[str], python: str, timeout: float, peer_ips: Sequence[str] = ()
+    host: Host,
+    ssh: list[str],
+    python: str,
+    timeout: float,
+    peer_ips: Sequence[str] = (),
+    facts: bool = True,
 ) -> HostProbe:
-    """Run the script on ``host`` (or here, for a local host): one ssh round trip."""
-    args = [python, *peer_ips]
+    """Run the script on ``host`` (or here, for a local host): one ssh round trip. ``facts``
+    also reads a Mac's Thunderbolt ports, cables and RDMA devices (for the backend advice)."""
+    args = [python, "1" if facts else "0", *peer_ips]
     if host.is_local:
         argv = ["sh", "-s", "--", *args]
         limit = timeout
