@@ -1,0 +1,82 @@
+"""What the hang doctor costs: the flight recorder (always on) and checked collectives (opt-in)
+on a loop of 10,000 small ``all_sum``s, each evaluated, on 2 local ranks.
+
+Both ranks run the loop with the recorder installed and uninstalled alternately in the same
+cluster, so that machine load hits both alike; the figure is the median loop time and the
+ratio on/off.
+
+    python bench/recorder.py [reps]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import benchlib  # sets PATH and OMPI_ALLOW_RUN_AS_ROOT
+from common import compare
+
+STEPS = 10_000
+
+# Defined on the engines as code: the engines cannot import this file.
+LOOP = """
+import time as _time
+from mlx_cluster_magic import recorder as _recorder, checks as _checks
+
+def _hd_loop(n, mode):
+    if mode == "off":
+        _checks.disable(); _recorder.uninstall()
+    else:
+        _recorder.install()
+        _checks.enable(timeout=30.0) if mode == "checks" else _checks.disable()
+    x = mx.ones(4)
+    mx.eval(mx.distributed.all_sum(x))  # both ranks start together
+    t = _time.perf_counter()
+    for _ in range(n):
+        mx.eval(mx.distributed.all_sum(x))
+    dt = _time.perf_counter() - t
+    _checks.disable()
+    _recorder.install()
+    return dt
+"""
+
+
+def bench_recorder(reps: int) -> list[dict[str, Any]]:
+    """Recorder on vs off and checks on vs off, alternating within one 2-rank cluster."""
+    from mlx_cluster_magic import MLXCluster
+
+    times: dict[str, list[float]] = {"off": [], "on": [], "checks": []}
+    with MLXCluster(n=2, live_status=False) as cluster:
+        view = cluster.view
+        view.execute(LOOP)
+        view.execute(f"_hd_loop({STEPS // 10}, 'on'); _hd_loop({STEPS // 10}, 'off')")  # warm-up
+        order = ("off", "on", "checks")
+        for rep in range(max(reps, 1) * 2):
+            for mode in order if rep % 2 == 0 else order[::-1]:
+                view.execute(f"_hd_dt = _hd_loop({STEPS}, {mode!r})")
+                times[mode].append(max(view["_hd_dt"]))
+    return [
+        compare(
+            f"{STEPS:,} small all_sums, each evaluated, 2 local ranks (mpi), flight recorder on",
+            times["on"],
+            times["off"],
+            "s",
+            "<= 1.03x",
+            "the same loop, recorder off",
+        ),
+        compare(
+            f"{STEPS:,} small all_sums, each evaluated, 2 local ranks (mpi), checked collectives",
+            times["checks"],
+            times["off"],
+            "s",
+            "report (opt-in)",
+            "the same loop, recorder and checks off",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    benchlib.main(bench_recorder)

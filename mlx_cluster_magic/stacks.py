@@ -1,0 +1,212 @@
+"""Every rank's Python stack, even while its main thread holds the GIL or waits in native code.
+
+Engine side, ``install()`` registers :mod:`faulthandler` on ``SIGUSR2``: its handler is plain C,
+runs at signal delivery and writes all threads' Python frames to a private per-rank file, so it
+works when no Python code can run (a native MLX/MPI collective, a long C call holding the GIL).
+Neither ipyparallel nor Open MPI uses ``SIGUSR2`` in an engine process (the handler there is
+``SIG_DFL`` before ``install``); ``mpiexec`` only forwards it when *it* receives one.
+
+Head side, ``capture()`` signals the pid (``os.kill`` locally; over the cluster's own ssh for a
+remote rank) and reads the dump back; ``parse()`` turns faulthandler's text into frames. Cell
+frames (``/tmp/ipykernel_<pid>/<hash>.py`` on ipykernel engines) are shown as ``cell line N``.
+
+No IPython import: this module is used on the engines and by the head's analysis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import IO
+
+SIGNAL = signal.SIGUSR2
+
+#: The file this engine's dumps go to, once ``install`` has run.
+STACK_FILE: str | None = None
+_FILE: IO[str] | None = None
+
+_CELL = re.compile(
+    r"(?:^|[/\\])ipykernel_\d+[/\\]\d+\.py$|^<ipython-input-\d+-[0-9a-f]+>$|^<cell line: \d+>$"
+)
+
+
+def is_cell(filename: str) -> bool:
+    """True for the file name a notebook cell (``%%px`` included) is compiled under."""
+    return bool(_CELL.search(filename))
+
+
+def location(filename: str, line: int | None) -> str:
+    """``cell line 3`` for a cell, else ``train.py:12``: what a user recognises."""
+    where = "cell" if is_cell(filename) else os.path.basename(filename) or filename
+    if line is None:
+        return where
+    return f"cell line {line}" if where == "cell" else f"{where}:{line}"
+
+
+# ----------------------------------------------------------------------------- engine side
+def install(path: str | None = None) -> str:
+    """Dump every thread's stack to ``path`` (a new private file by default) on ``SIGUSR2``.
+
+    The file is opened for appending, so the head may truncate it before each capture.
+    Returns the path; idempotent.
+    """
+    import faulthandler
+
+    global STACK_FILE, _FILE
+    if STACK_FILE is not None and path in (None, STACK_FILE):
+        return STACK_FILE
+    if path is None:
+        fd, path = tempfile.mkstemp(prefix="mlx-cluster-stack-", suffix=".txt")  # 0600
+        os.close(fd)
+    f = open(path, "a")  # noqa: SIM115 - faulthandler writes to this fd for the process's life
+    faulthandler.register(SIGNAL, file=f, all_threads=True, chain=False)
+    if _FILE is not None:
+        _FILE.close()
+    _FILE, STACK_FILE = f, path
+    return path
+
+
+def uninstall() -> None:
+    """Stop dumping on ``SIGUSR2`` and remove the file."""
+    import faulthandler
+
+    global STACK_FILE, _FILE
+    faulthandler.unregister(SIGNAL)
+    if _FILE is not None:
+        _FILE.close()
+    if STACK_FILE is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(STACK_FILE)
+    _FILE = STACK_FILE = None
+
+
+# ----------------------------------------------------------------------------- head side
+def capture(
+    pid: int,
+    path: str,
+    ssh: str | None = None,
+    host: str | None = None,
+    timeout: float = 2.0,
+) -> str:
+    """Signal ``pid`` to dump its stacks to ``path`` and return the dump's text.
+
+    Local when ``host`` is None (``os.kill``); otherwise over ``ssh`` (the cluster's ssh
+    command, ``ssh`` by default) to ``host``: ``: > path; kill -USR2 pid; sleep; cat path``.
+    Returns "" when nothing came back within ``timeout`` (the rank is gone, or the file is).
+    """
+    if host is None:
+        return _capture_local(pid, path, timeout)
+    wait = min(0.3, timeout / 4)
+    script = (
+        f": > {shlex.quote(path)} && kill -USR2 {int(pid)} && sleep {wait:g} && "
+        f"cat {shlex.quote(path)}"
+    )
+    argv = [*shlex.split(ssh or "ssh"), "-o", "BatchMode=yes", host, script]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _capture_local(pid: int, path: str, timeout: float) -> str:
+    try:
+        with open(path, "r+") as f:
+            f.truncate(0)
+        os.kill(pid, SIGNAL)
+    except OSError:
+        return ""
+    deadline = time.monotonic() + timeout
+    last, stable_since = "", time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            return ""
+        if text != last:
+            last, stable_since = text, time.monotonic()
+        elif text and time.monotonic() - stable_since > 0.05:
+            break
+    return last
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One Python frame of a dump: innermost first within a thread."""
+
+    file: str
+    line: int | None
+    func: str
+
+    @property
+    def where(self) -> str:
+        return location(self.file, self.line)
+
+    def __str__(self) -> str:
+        return f"{self.func} ({self.where})"
+
+
+@dataclass(frozen=True)
+class ThreadStack:
+    """One thread of a dump; ``main`` marks the thread faulthandler calls current."""
+
+    ident: str
+    current: bool
+    frames: tuple[Frame, ...]
+
+
+_THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-fA-F]+)")
+_FRAME = re.compile(r'^\s+File "(.*)", line (\d+|\?\?\?) in (.*)$')
+
+
+def parse(text: str) -> list[ThreadStack]:
+    """faulthandler's text (``Thread 0x...`` blocks, most recent call first) as data.
+
+    Only the last complete dump in ``text`` is used.
+    """
+    blocks: list[ThreadStack] = []
+    ident, current = "", False
+    frames: list[Frame] = []
+    for raw in text.splitlines():
+        m = _THREAD.match(raw)
+        if m:
+            if ident:
+                blocks.append(ThreadStack(ident, current, tuple(frames)))
+            if any(b.ident == m.group(2) for b in blocks):
+                blocks = []  # a thread seen again: a later dump starts, keep only that one
+            ident, current, frames = m.group(2), m.group(1) == "Current thread", []
+            continue
+        f = _FRAME.match(raw)
+        if f and ident:
+            line = None if f.group(2) == "???" else int(f.group(2))
+            frames.append(Frame(f.group(1), line, f.group(3)))
+    if ident:
+        blocks.append(ThreadStack(ident, current, tuple(frames)))
+    return blocks
+
+
+def main_thread(threads: list[ThreadStack], main_ident: str | None = None) -> ThreadStack | None:
+    """The engine's main thread: the one named, else the one running a cell or ``<module>``
+    code at the bottom of its stack (ipyparallel's kernel), else the last listed."""
+    if not threads:
+        return None
+    if main_ident is not None:
+        for t in threads:
+            if int(t.ident, 16) == int(main_ident, 16):
+                return t
+    for t in threads:
+        if any(is_cell(f.file) for f in t.frames):
+            return t
+    for t in threads:
+        if t.frames and t.frames[-1].func == "<module>":
+            return t
+    return threads[-1]

@@ -1,0 +1,74 @@
+"""Test helpers for the hang doctor: per-rank recorder snapshots written by a thread on each
+engine (a path of the tests' own, beside the status channel), stacks, and the deliberate bugs.
+
+Every scenario parks the ranks that must not take part in a loop of ``time.sleep`` until a gate
+file appears, so a test can look at the hang and then release it: the late rank issues the
+missing call and every rank finishes, leaving the cluster healthy for the next scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlx_cluster_magic import stacks, why
+
+SETUP = """
+import json as _json, os as _os, threading as _threading, time
+from mlx_cluster_magic import recorder as _recorder, stacks as _stacks
+_recorder.install()
+_stacks.install()
+
+def _hd_dump(path):
+    while True:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            _json.dump(_recorder.snapshot(), f)
+        _os.replace(tmp, path)
+        time.sleep(0.2)
+
+def _hd_gate(path):
+    while not _os.path.exists(path):
+        time.sleep(0.05)
+
+_threading.Thread(target=_hd_dump, args=({dir!r} + f"/rank{{world.rank()}}.json",),
+                  daemon=True).start()
+"""
+
+
+def setup(view: Any, where: Path) -> None:
+    """Install the recorder and the stack dumper on every rank; start the snapshot writers."""
+    view.execute(SETUP.format(dir=str(where)))
+
+
+def snapshots(where: Path, n: int) -> list[dict[str, Any] | None]:
+    out: list[dict[str, Any] | None] = []
+    for r in range(n):
+        try:
+            out.append(json.loads((where / f"rank{r}.json").read_text()))
+        except (OSError, ValueError):
+            out.append(None)
+    return out
+
+
+def analyze(where: Path, n: int, hosts: list[str], settle: float = 1.0) -> why.WhyReport:
+    """Snapshots (after ``settle`` seconds, so they show the hang) and live stacks -> report."""
+    time.sleep(settle)
+    snaps = snapshots(where, n)
+    dumps: list[str | None] = []
+    for s in snaps:
+        if s is None or not s.get("stack_file"):
+            dumps.append(None)
+        else:
+            dumps.append(stacks.capture(int(s["pid"]), str(s["stack_file"])))
+    return why.analyze(snaps, dumps, hosts)
+
+
+def gate(where: Path, name: str) -> str:
+    path = where / name
+    if path.exists():
+        os.unlink(path)
+    return str(path)

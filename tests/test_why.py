@@ -1,0 +1,165 @@
+"""``why``: on a real 2-rank cluster with deliberate bugs, the analysis names the right rank,
+op and cell line; stacks are captured while a rank sits in a native collective."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hangdoc
+import pytest
+
+from mlx_cluster_magic import MLXCluster, stacks, why
+
+from conftest import wait_no_processes
+
+ALL_SUM = "mx.eval(mx.distributed.all_sum(mx.ones(4)))"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory):
+    where = tmp_path_factory.mktemp("why")
+    with MLXCluster(2, live_status=False) as cluster:
+        hangdoc.setup(cluster.view, where)
+        cluster.view.execute(ALL_SUM)
+        yield cluster, where
+    assert not wait_no_processes(), "processes left running"
+
+
+def _hosts(cluster: MLXCluster) -> list[str]:
+    return [r["host"] for r in cluster.ranks]
+
+
+def _healthy(cluster: MLXCluster) -> None:
+    cluster.view.execute("_ok = mx.distributed.all_sum(mx.ones(2) * (world.rank() + 1)).tolist()")
+    assert cluster.view["_ok"] == [[3.0, 3.0], [3.0, 3.0]]
+
+
+def test_a_rank_in_a_long_sleep(two_ranks) -> None:
+    cluster, where = two_ranks
+    g = hangdoc.gate(where, "sleep")
+    cell = (
+        f"{ALL_SUM}\n"
+        "if world.rank() == 1:\n"
+        f"    _hd_gate({g!r})\n"
+        "y = mx.distributed.all_sum(mx.ones(4)).sum().item()\n"
+    )
+    ar = cluster.view.execute(cell, block=False)
+    try:
+        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5)
+        issued = report.ranks[1].issued["world"]
+        assert report.verdict.startswith(
+            f"rank 1 is behind: rank 0 waits in all_sum #{issued + 1} (cell line 4); "
+            f"rank 1 issued {issued} collectives and is in time.sleep (cell line "
+        ), report.verdict
+        assert report.suspects == [1]
+        r0 = report.ranks[0]
+        assert r0.state == "blocked" and r0.blocked_in is not None
+        assert (r0.blocked_in.op, r0.blocked_in.where) == ("all_sum", "cell line 4")
+        assert r0.recent[-1].seq == issued + 1
+        # The stack of a rank inside a native collective: the cell's frame at line 4.
+        assert r0.stack and r0.stack[0].where == "cell line 4", r0.stack
+        assert any(f.func == "_hd_gate" for f in report.ranks[1].stack)
+        text = str(report)
+        assert "rank 0 (" in text and "blocked in #" in text
+        assert "<table>" in report._repr_html_()
+    finally:
+        Path(g).touch()
+        ar.get(timeout=30)
+    _healthy(cluster)
+
+
+def test_a_rank_that_skips_a_collective(two_ranks) -> None:
+    cluster, where = two_ranks
+    cell = "if world.rank() != 1:\n    z = mx.distributed.all_sum(mx.ones(3))\n    mx.eval(z)\n"
+    ar = cluster.view.execute(cell, block=False)
+    try:
+        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5)
+        n = report.ranks[1].issued["world"]
+        assert report.verdict == (
+            f"rank 1 is behind: rank 0 waits in all_sum #{n + 1} (cell line 2); "
+            f"rank 1 issued {n} collectives and is idle"
+        ), report.verdict
+        assert report.ranks[1].state == "idle"
+    finally:
+        cluster.client[1].execute("mx.eval(mx.distributed.all_sum(mx.ones(3)))", block=True)
+        ar.get(timeout=30)
+    _healthy(cluster)
+
+
+def test_ranks_that_issue_different_ops_or_shapes(two_ranks) -> None:
+    cluster, where = two_ranks
+    # Built and never evaluated: the records differ, nothing runs (so nothing hangs).
+    cluster.view.execute(
+        "x = mx.ones(4)\n"
+        "y = mx.distributed.all_sum(x) if world.rank() == 0 else mx.distributed.all_gather(x)\n"
+    )
+    report = hangdoc.analyze(where, 2, _hosts(cluster), settle=0.5)
+    s = report.ranks[0].issued["world"]
+    assert report.verdict == (
+        f"mismatch at #{s}: rank 0 all_sum float32[4] (cell line 2), "
+        "rank 1 all_gather float32[4] (cell line 2)"
+    ), report.verdict
+    cluster.view.execute("w = mx.distributed.all_sum(mx.ones(world.rank() + 2))\n")
+    report = hangdoc.analyze(where, 2, _hosts(cluster), settle=0.5)
+    assert report.verdict.startswith(f"mismatch at #{s}:"), report.verdict  # the first one
+    # Leave the records agreeing again: both ranks restart their numbering.
+    cluster.view.execute("_recorder.reset()")
+    _healthy(cluster)
+
+
+def test_a_send_without_its_recv(two_ranks) -> None:
+    cluster, where = two_ranks
+    g = hangdoc.gate(where, "send")
+    big = "mx.ones(1 << 20)"  # 4 MiB: beyond MPI's eager limit, so the send waits
+    cell = (
+        "if world.rank() == 0:\n"
+        f"    mx.eval(mx.distributed.send({big}, 1))\n"
+        "else:\n"
+        f"    _hd_gate({g!r})\n"
+        f"    mx.eval(mx.distributed.recv_like({big}, 0))\n"
+    )
+    ar = cluster.view.execute(cell, block=False)
+    try:
+        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5)
+        assert report.verdict.startswith(
+            "rank 0 waits in send #1 to rank 1 (cell line 2); rank 1 has not posted the matching "
+            "recv from rank 0 (it posted 0 on that pair) and is in time.sleep (cell line "
+        ), report.verdict
+        assert report.suspects == [1]
+    finally:
+        Path(g).touch()
+        ar.get(timeout=30)
+    _healthy(cluster)
+
+
+def test_stack_dump_parsed_from_a_real_process(tmp_path: Path) -> None:
+    """faulthandler's real output, from a process signalled while it sleeps in C code."""
+    path = tmp_path / "stack.txt"
+    code = (
+        "import sys, time\n"
+        "from mlx_cluster_magic import stacks\n"
+        f"stacks.install({str(path)!r})\n"
+        "def napping():\n"
+        "    print('ready', flush=True); time.sleep(30)\n"
+        "napping()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        text = stacks.capture(proc.pid, str(path), timeout=5)
+    finally:
+        proc.kill()
+        proc.wait()
+    threads = stacks.parse(text)
+    main = stacks.main_thread(threads)
+    assert main is not None
+    assert [(f.func, f.line) for f in main.frames] == [("napping", 5), ("<module>", 6)]
+
+
+def test_verdict_with_a_silent_rank() -> None:
+    report = why.analyze([None, None], [None, None], ["a", "b"])
+    assert report.verdict.startswith("no rank sent its status")
+    assert stacks.location("/tmp/ipykernel_123/456.py", 3) == "cell line 3"
+    assert stacks.location("/x/train.py", 12) == "train.py:12"
