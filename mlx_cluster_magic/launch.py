@@ -372,16 +372,20 @@ def control_address(
 
 
 def mpi_subnets(placement: Placement, control: ControlPlane | None = None) -> list[str]:
-    """The networks MPI's TCP traffic is pinned to (``btl_tcp_if_include``,
-    ``oob_tcp_if_include``): the hostfile's cluster subnet, plus the control network when the
-    head and some hosts share no cable (their MPI and PRRTE traffic can only go that way)."""
-    nets = []
+    """The networks MPI's TCP traffic is pinned to (``btl_tcp_if_include`` and
+    ``oob_tcp_if_include``).
+
+    The hostfile's cluster subnet while the head shares it; when it does not (one subnet per
+    cable), the control network alone: it is the one network every host and the head share.
+    Open MPI's TCP transport connects to any address a peer publishes, and a cable address of a
+    host two hops away is unreachable (seen: "Unable to connect to the peer ... Network is
+    unreachable"); PRRTE ignores an out-of-band subnet the head has no interface in. MLX's own
+    traffic (ring ``ips``, jaccl devices) stays on the cables either way.
+    """
+    if control is not None and control.network and not control.on_cables:
+        return [control.network]
     subnet = cluster_subnet(placement)
-    if subnet:
-        nets.append(subnet)
-    if control and control.network and not control.on_cables and control.network not in nets:
-        nets.append(control.network)
-    return nets
+    return [subnet] if subnet else []
 
 
 def head_reach_address(

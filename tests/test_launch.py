@@ -222,11 +222,10 @@ def test_control_on_the_management_network_with_one_subnet_per_cable() -> None:
     cp = launch.control_plane(RING4, ifaces, peers)
     assert cp.address == "10.0.0.2" and cp.network == "10.0.0.0/24" and not cp.on_cables
     assert "ssh uses" in cp.describe()
-    assert launch.mpi_subnets(RING4, cp) == ["192.168.0.0/24", "10.0.0.0/24"]
-    args = launch.mpiexec_args(
-        RING4, launch.MPIOptions(subnets=tuple(launch.mpi_subnets(RING4, cp)))
-    )
-    assert " ".join(args).count("192.168.0.0/24,10.0.0.0/24") == 2
+    assert launch.mpi_subnets(RING4, cp) == ["10.0.0.0/24"]
+    assert launch.mpi_subnets(RING4) == ["192.168.0.0/24"]
+    args = launch.mpiexec_args(RING4, launch.MPIOptions(subnets=("10.1.0.0/24", "10.0.0.0/24")))
+    assert " ".join(args).count("include 10.1.0.0/24,10.0.0.0/24") == 2
     assert launch.head_reach_address(RING4, 2, cp, peers) == "10.0.0.13"
     assert launch.head_reach_address(HOSTS, 1, launch.ControlPlane("10.213.0.1")) == "10.213.0.12"
 

