@@ -1,19 +1,26 @@
 """Thunderbolt-cabled Apple-silicon Macs as one interactive MLX machine, from a notebook.
 
-``%load_ext mlx_cluster_magic`` registers ``%mlx_cluster``; the Python API is ``MLXCluster``.
+``%load_ext mlx_cluster_magic`` registers ``%mlx_cluster``; the Python API is ``MLXCluster``;
+on the engines, ``report(step=i, loss=...)`` sends numbers to the live view.
 """
 
 from .cluster import MLXCluster
 from .errors import MLXClusterError
+from .sidecar import report
 
 __version__ = "0.1.0"
-__all__ = ["MLXCluster", "MLXClusterError", "__version__", "load_ipython_extension"]
+__all__ = ["MLXCluster", "MLXClusterError", "__version__", "load_ipython_extension", "report"]
 
 
 def load_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]
     from .magics import MLXClusterMagics
 
     ipython.register_magics(MLXClusterMagics)
+    if "px" not in ipython.magics_manager.magics["cell"]:
+        from .px import MLXParallelMagics
+
+        # %%px before any start says, in one line, what to type.
+        ipython.register_magics(MLXParallelMagics(ipython, None, None))
 
 
 def unload_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]

@@ -1,8 +1,10 @@
 """``MLXCluster``: the life cycle of one MLX cluster (controller + MPI-launched engines).
 
-Built on ipyparallel's ``Cluster`` and its MPI engine launcher; what this adds is the engine
-start-up that gets MLX's group right on every rank, placement across hosts, the checks that make
-a bad start fail fast with one line, and clean-up that leaves no process behind.
+States: ``stopped`` -> ``starting`` -> ``running`` -> ``stopped``, or ``broken`` after an abort
+(a rank died, a cell could not be interrupted), with the reason kept until the next start.
+Every change happens under one lock. The pieces live elsewhere: options (checks before launch),
+engines (the ipyparallel adapter), procs (tracking, reaping, the watchdog), status (live rank
+records), views (widgets from snapshots), remote (broadcast).
 """
 
 from __future__ import annotations
@@ -10,67 +12,69 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import ipaddress
 import os
-import secrets
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
-import psutil
-from ipyparallel.cluster.launcher import MPIEngineSetLauncher
 
-from . import hosts as hostmod
-from . import launch
+from . import engines, launch, procs
+from . import options as opts
 from .engine import EXIT_BAD_GROUP
 from .errors import MLXClusterError
 from .gather import DEFAULT_LIMIT_BYTES, GatherResult, summarize_name
-from .remote import open_listener, receive_broadcast
-from .status import NodeStatus
-from .widgets import StatusView, header_text, nodes_html, nodes_text
+from .hosts import Placement
+from .snapshot import ClusterSnapshot, NodeStatus
+from .status import StatusReceiver
 
 if TYPE_CHECKING:
     from .doctor import DoctorReport
+    from .views.status import StatusWidget
 
-# The controller pings engines this often (ms). ipyparallel's 3000 ms default makes every
-# engine wait up to 3 s after registering before it counts as ready, and a dead engine is
-# noticed only after ten missed beats.
+# The controller pings engines this often (ms) and unregisters one after this many misses:
+# ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
+# means a gone process or a cut link, never a busy one. 200 ms x 10 misses: about 2 s.
 HEARTBEAT_MS = 200
-START_TIMEOUT_S = 60.0
+HEARTBEAT_MISSES = 10
+START_TIMEOUT_S = opts.START_TIMEOUT_S
+#: Metric points per series a snapshot carries to the views.
+SNAPSHOT_POINTS = 400
 
-_ENGINE_NAMESPACE = "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world"
+_ENGINE_NAMESPACE = (
+    "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world; "
+    "from mlx_cluster_magic.sidecar import report"
+)
 
 
-class MLXEngineSetLauncher(MPIEngineSetLauncher):
-    """ipyparallel's MPI engine launcher, starting our engine module instead of ``ipengine``."""
+@dataclass
+class _Running:
+    """What exists only while the cluster runs; ``_teardown`` consumes it."""
 
-    def find_args(self) -> list[str]:
-        # The connection variables are set only just before start: forward whatever is set.
-        forward = sorted(set(self.get_env()) - set(self.forwarded))
-        extra = [a for name in forward for a in ("-x", name)]
-        return [
-            *self.mpi_cmd,
-            "-n",
-            str(self.n),
-            *self.mpi_args,
-            *extra,
-            *self.program,
-            *self.program_args,
-        ]
+    ipp: ipp.Cluster
+    profile_dir: str
+    started_at: float
+    status: StatusReceiver | None
+    watchdog: procs.Watchdog | None = None
+    client: ipp.Client | None = None
+    view: Any = None
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    tracked: list[procs.Tracked] = field(default_factory=list)
+    rank_procs: dict[int, procs.Tracked] = field(default_factory=dict)
 
-    @property
-    def forwarded(self) -> list[str]:
-        args = self.mpi_args
-        return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-x"]
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A ``%%px`` cell that completed on its ranks (replayed by ``restart(replay=True)``)."""
+
+    cell: str
+    targets: tuple[int, ...] | None = None
 
 
 class MLXCluster:
@@ -99,112 +103,95 @@ class MLXCluster:
         ssh: str | None = None,
         timeout: float = START_TIMEOUT_S,
         live_status: bool = True,
+        check_collectives: bool = False,
+        collective_timeout: float = opts.COLLECTIVE_TIMEOUT_S,
+        verbose: bool = False,
+        connections_per_ip: int = 1,
     ) -> None:
-        placement = self.placement_from(n, hosts=hosts, hostfile=hostfile)
-        if not placement.is_local:
-            placement = hostmod.mark_head(placement, _own_names())
-        self.placement: hostmod.Placement = placement
-        self.backend: str = hostmod.check_backend(backend or placement.backend or "mpi")
-        if not (isinstance(ring_port, int) and 1024 <= ring_port <= 65535 - placement.size):
-            raise MLXClusterError(f"--ring-port must be a port from 1024 to 65535, got {ring_port}")
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise MLXClusterError(f"--timeout must be a positive number of seconds, got {timeout}")
-        self.ring_port = ring_port
-        self.timeout = float(timeout)
-        self.mpiexec = launch.find_mpiexec(mpiexec)
-        self._explicit_mpiexec = bool(mpiexec or os.environ.get("MLX_CLUSTER_MPIEXEC"))
-        self.mpi_lib = (
-            launch.find_libmpi(self.mpiexec, mpi_lib) if self.backend in ("mpi", "any") else mpi_lib
-        )
-        if self.backend == "jaccl":
-            if placement.is_local:
-                raise MLXClusterError(
-                    "the jaccl backend is RDMA over Thunderbolt 5 between Macs: give a "
-                    "--hostfile with rdma rows (mlx.distributed_config --backend jaccl); "
-                    "locally use mpi or ring"
-                )
-            launch.ibv_devices(placement)  # validate the rdma rows before launching
-        self.python = python or sys.executable
-        if placement.is_local and python and not os.access(python, os.X_OK):
-            raise MLXClusterError(f"--python {python!r} is not an executable here")
-        if workdir is not None and placement.is_local and not os.path.isdir(workdir):
-            raise MLXClusterError(f"--workdir {workdir!r} is not a directory")
-        if controller_ip is not None:
-            try:
-                ipaddress.ip_address(controller_ip)
-            except ValueError:
-                raise MLXClusterError(
-                    f"--controller-ip {controller_ip!r} is not an IP address: give the address "
-                    "the hosts reach this machine by"
-                ) from None
-        self.workdir = workdir
-        self.ssh = ssh
-        self.live_status = live_status
-        self.subnet = launch.cluster_subnet(placement)
-        self.controller_ip = controller_ip or self._default_controller_ip()
-        self._ipp: ipp.Cluster | None = None
-        self._client: ipp.Client | None = None
-        self._view: Any = None
-        self._ranks: list[dict[str, Any]] = []
-        self._profile_dir: str | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
-        self._procs: list[psutil.Process] = []
-        self._status: Any = None
-        self._widget: StatusView | None = None
+        self.spec = opts.resolve(
+            n, hosts=hosts, hostfile=hostfile, backend=backend, mpiexec=mpiexec,
+            mpi_lib=mpi_lib, python=python, workdir=workdir, controller_ip=controller_ip,
+            ring_port=ring_port, ssh=ssh, timeout=timeout, live_status=live_status,
+            check_collectives=check_collectives, collective_timeout=collective_timeout,
+            verbose=verbose, connections_per_ip=connections_per_ip,
+        )  # fmt: skip
+        self._lock = threading.RLock()
+        self._state = "stopped"
+        self._reason: str | None = None
+        self._run: _Running | None = None
+        self._widget: StatusWidget | None = None
+        self._history: list[HistoryEntry] = []
+        self._topology_svg: str | None = None
+        self.banner: str | None = None
         self.last_nodes: list[NodeStatus] = []
-        self.started_at: float | None = None
+        #: Counts starts, so a wait can tell its cluster was restarted under it.
+        self.generation = 0
 
-    @staticmethod
-    def placement_from(
-        n: int | None,
-        *,
-        hosts: str | Sequence[str] | None = None,
-        hostfile: str | os.PathLike[str] | None = None,
-    ) -> hostmod.Placement:
-        """Where the ranks go: ``n`` local ranks, or ``n`` per host of ``hosts``/``hostfile``."""
-        if hosts is not None and hostfile is not None:
-            raise MLXClusterError("give --hosts or --hostfile, not both")
-        if hostfile is not None:
-            return hostmod.with_ranks_per_host(hostmod.read_hostfile(hostfile), n)
-        if hosts is not None:
-            spec = hosts if isinstance(hosts, str) else ",".join(hosts)
-            return hostmod.with_ranks_per_host(hostmod.parse_host_list(spec), n)
-        return hostmod.local(2 if n is None else n)
+    placement_from = staticmethod(opts.placement_from)
 
     # ----------------------------------------------------------------------- properties
+    placement = property(lambda self: self.spec.placement, doc="Where the ranks run.")
+    backend = property(lambda self: self.spec.backend, doc="MLX's distributed backend.")
+    controller_ip = property(lambda self: self.spec.controller_ip)
+    subnet = property(lambda self: self.spec.subnet)
+    timeout = property(lambda self: self.spec.timeout)
+    live_status = property(lambda self: self.spec.live_status)
+
     @property
     def n(self) -> int:
         """The number of ranks."""
-        return self.placement.size
+        return self.spec.n
+
+    @property
+    def state(self) -> str:
+        """``stopped``, ``starting``, ``running`` or ``broken`` (see ``broken_reason``)."""
+        return self._state
+
+    @property
+    def broken_reason(self) -> str | None:
+        """Why the cluster broke (kept until the next start), else None."""
+        return self._reason if self._state == "broken" else None
 
     @property
     def running(self) -> bool:
-        return self._client is not None
+        return self._state == "running"
+
+    @property
+    def started_at(self) -> float | None:
+        return None if self._run is None else self._run.started_at
 
     @property
     def client(self) -> ipp.Client:
         """The ipyparallel ``Client`` connected to this cluster's controller."""
-        return self._require()[0]
+        return self._require().client
 
     @property
     def view(self) -> Any:
         """A blocking ``DirectView`` on every rank, in rank order."""
-        return self._require()[1]
+        return self._require().view
 
     @property
     def ranks(self) -> list[dict[str, Any]]:
         """Per rank: host, pid, MPI and MLX rank and size, as checked at start."""
-        return list(self._ranks)
+        return [] if self._run is None else list(self._run.ranks)
 
-    def _require(self) -> tuple[ipp.Client, Any]:
-        if self._client is None or self._view is None:
-            raise MLXClusterError("no cluster is running: start one with %mlx_cluster start")
-        return self._client, self._view
+    def not_running_message(self) -> str:
+        """Why there is nothing to run on, and what to type."""
+        if self._state == "broken":
+            return f"the MLX cluster is broken: {self._reason}; %mlx_cluster restart brings it back"
+        if self._state == "starting":
+            return "the MLX cluster is still starting"
+        return "no cluster is running: start one with %mlx_cluster start"
+
+    def _require(self) -> _Running:
+        run = self._run
+        if self._state != "running" or run is None or run.client is None:
+            raise MLXClusterError(self.not_running_message())
+        return run
 
     def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
         where = "local" if self.placement.is_local else f"{len(self.placement.hosts)} hosts"
-        return f"<MLXCluster {state}: {self.n} ranks ({where}), backend={self.backend}>"
+        return f"<MLXCluster {self._state}: {self.n} ranks ({where}), backend={self.backend}>"
 
     # ----------------------------------------------------------------------- life cycle
     def start(self, activate: bool = False) -> MLXCluster:
@@ -212,38 +199,101 @@ class MLXCluster:
 
         On any failure everything started so far is stopped before the error is raised.
         """
-        if self.running:
-            raise MLXClusterError(
-                "this cluster is already running: use restart() (%mlx_cluster restart) or stop()"
-            )
-        try:
-            self._start()
-        except BaseException:
-            self._teardown()
-            raise
+        with self._lock:
+            if self._state in ("running", "starting"):
+                raise MLXClusterError(
+                    "this cluster is already running: use restart() (%mlx_cluster restart) "
+                    "or stop()"
+                )
+            self._state, self._reason, self.banner = "starting", None, None
+            self.generation += 1
+            try:
+                self._start()
+            except BaseException:
+                self._teardown()
+                self._state = "stopped"
+                raise
+            self._state = "running"
+            self._history = []
         if activate:
             self.activate()
+        self._refresh_widget()
         return self
 
-    def _preflight(self) -> None:
-        """Before launching anything, the doctor's checks on every remote host: ssh, python,
-        the same versions of mlx/mpi4py/ipyparallel/mlx_cluster_magic, mpiexec and prted.
+    def _start(self) -> None:
+        self._preflight()
+        spec = self.spec
+        profile = tempfile.mkdtemp(prefix=procs.PRIVATE_PREFIX)  # 0700
+        for sub in ("security", "log", "startup", "pid"):
+            os.makedirs(os.path.join(profile, sub), mode=0o700)
+        cluster = engines.new_cluster(
+            n=self.n,
+            profile_dir=profile,
+            controller_ip=spec.controller_ip,
+            controller_args=[
+                f"--HeartMonitor.period={HEARTBEAT_MS}",
+                f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
+            ],
+            timeout=spec.timeout,
+        )
+        status = StatusReceiver(spec.controller_ip, spec.placement) if spec.live_status else None
+        run = self._run = _Running(cluster, profile, time.time(), status)
+        _LIVE.add(self)
+        cluster.start_controller_sync()
+        run.watchdog = procs.Watchdog(profile, self._track(engines.launcher_pids(cluster)))
+        env = launch.backend_environment(
+            spec.placement, spec.backend, libmpi=spec.mpi_lib, ring_port=spec.ring_port
+        )
+        env.update(spec.placement.envs)
+        if status is not None:
+            env[launch.STATUS_VAR] = status.url
+        mpi = launch.MPIOptions(
+            forward=tuple(sorted(env)),
+            prted=spec.prted,
+            ssh_agent=spec.ssh,
+            subnet=spec.subnet,
+            workdir=spec.workdir,
+            as_root=os.geteuid() == 0,
+            cpu_count=os.cpu_count() or 1,
+        )
+        cluster.start_engines_sync(
+            n=self.n,
+            mpi_cmd=[spec.mpiexec],
+            mpi_args=launch.mpiexec_args(spec.placement, mpi),
+            engine_cmd=[spec.python, "-m", "mlx_cluster_magic.engine"],
+            engine_args=[
+                f"--IPEngine.startup_command={_ENGINE_NAMESPACE}",
+                # No sqlite history on the engines: a write per cell costs the %%px round trip.
+                "--HistoryManager.enabled=False",
+            ],
+            environment=env,
+        )
+        run.watchdog.watch(self._track(engines.launcher_pids(cluster)))
+        run.client = cluster.connect_client_sync()
+        self._wait_for_engines(run)
+        run.view = run.client[list(range(self.n))]
+        run.view.block = True
+        self._check_ranks(run)
+        if status is not None:
+            status.set_evidence(self._dead_evidence)
+            status.on_update(self._refresh_widget)
+        if spec.check_collectives:
+            self._set_checks(run, True)
 
-        mpiexec itself would wait for a daemon that never comes; this names the host and the fix.
-        """
+    def _preflight(self) -> None:
+        """Before launching anything, the doctor's checks on every remote host; mpiexec itself
+        would wait for a daemon that never comes. This names the host and the fix."""
         if all(h.is_local for h in self.placement.hosts):
             return
         report = self.doctor(timeout=10.0, backend=self.backend)
         failures = [(host, c) for host, c in report.problems() if c.ok is False]
         if failures:
             host, check = failures[0]
-            more = (
-                f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
-                if len(failures) > 1
-                else ""
-            )
+            more = f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
             fix = f"; fix: {check.fix}" if check.fix else ""
-            raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
+            raise MLXClusterError(
+                f"{host}: {check.name}: {check.detail}{fix}{more if len(failures) > 1 else ''}"
+            )
 
     def doctor(self, timeout: float = 10.0, backend: str | None = None) -> DoctorReport:
         """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
@@ -252,164 +302,59 @@ class MLXCluster:
 
         return run_doctor(
             self.placement,
-            python=self.python,
-            ssh=self.ssh,
+            python=self.spec.python,
+            ssh=self.spec.ssh,
             timeout=timeout,
             backend=backend or self.backend,
         )
 
-    def _start(self) -> None:
-        self._preflight()
-        _LIVE.add(self)
-        self._profile_dir = tempfile.mkdtemp(prefix="mlx-cluster-")  # 0700
-        for sub in ("security", "log", "startup", "pid"):
-            os.makedirs(os.path.join(self._profile_dir, sub), mode=0o700)
-        self.started_at = time.time()
-        cluster = self._ipp = ipp.Cluster(
-            n=self.n,
-            profile_dir=self._profile_dir,
-            cluster_file="",  # MLXCluster owns the life cycle; no world-readable state file
-            controller_ip=self.controller_ip,
-            controller_args=[f"--HeartMonitor.period={HEARTBEAT_MS}"],
-            engine_launcher_class=MLXEngineSetLauncher,
-            delay=0,
-            engine_timeout=int(self.timeout),
-            log_level=40,
-        )
-        cluster.start_controller_sync()
-        env = launch.backend_environment(
-            self.placement, self.backend, libmpi=self.mpi_lib, ring_port=self.ring_port
-        )
-        env.update(self.placement.envs)
-        if self.live_status:
-            from .status import StatusReceiver
+    def _track(self, pids: Sequence[int]) -> list[procs.Tracked]:
+        """Track processes at spawn (with their start times), children included."""
+        assert self._run is not None
+        new = procs.track(pids)
+        self._run.tracked += new
+        return new
 
-            self._status = StatusReceiver(self.controller_ip, self.placement)
-            env[launch.STATUS_VAR] = self._status.url
-        opts = launch.MPIOptions(
-            forward=tuple(sorted(env)),
-            prted=self._prted(),
-            ssh_agent=self.ssh,
-            subnet=self.subnet,
-            workdir=self.workdir,
-            as_root=os.geteuid() == 0,
-            cpu_count=os.cpu_count() or 1,
-        )
-        cluster.start_engines_sync(
-            n=self.n,
-            mpi_cmd=[self.mpiexec],
-            mpi_args=launch.mpiexec_args(self.placement, opts),
-            engine_cmd=[self.python, "-m", "mlx_cluster_magic.engine"],
-            engine_args=[
-                f"--IPEngine.startup_command={_ENGINE_NAMESPACE}",
-                # No sqlite history on the engines: a write per cell costs the %%px round trip.
-                "--HistoryManager.enabled=False",
-            ],
-            environment=env,
-        )
-        self._start_watchdog()
-        self._client = cluster.connect_client_sync()
-        self._wait_for_engines()
-        self._view = self._client[list(range(self.n))]
-        self._view.block = True
-        self._check_ranks()
-        if self._status is not None:
-            self._status.attach(self)
-            self._status.on_update(self._refresh_widget)
-
-    def _refresh_widget(self) -> None:
-        if self._widget is not None:
-            self._widget.refresh()
-
-    def _prted(self) -> str:
-        """The remote daemon: beside an explicit --mpiexec, else beside the hosts' python."""
-        base = self.mpiexec if self._explicit_mpiexec else self.python
-        return os.path.join(os.path.dirname(base), "prted")
-
-    def _mpiexec_exited(self) -> bool:
-        """Asks the process itself: ipyparallel learns of the exit only on its event loop,
-        which nothing runs while we wait."""
-        launcher = self._engine_launcher()
-        if launcher is None:
-            return False
-        if launcher.state == "after":
-            return True
-        popen = getattr(launcher, "_popen_process", None)
-        if popen is not None:
-            return popen.poll() is not None
-        proc = getattr(launcher, "process", None)
-        return proc is not None and not proc.is_running()
-
-    def _engine_launcher(self) -> MLXEngineSetLauncher | None:
-        if self._ipp is None or not self._ipp.engines:
-            return None
-        return next(iter(self._ipp.engines.values()))
-
-    def _wait_for_engines(self) -> None:
+    def _wait_for_engines(self, run: _Running) -> None:
         """Wait for every rank to register, failing fast (with mpiexec's words) if it exits."""
-        assert self._client is not None
+        assert run.client is not None
         deadline = time.monotonic() + self.timeout
-        launcher = self._engine_launcher()
-        while len(self._client.ids) < self.n:
-            if self._mpiexec_exited():
-                raise MLXClusterError(self._launch_failure(launcher, "mpiexec exited"))
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(self.n)) - set(self._client.ids))
-                raise MLXClusterError(
-                    self._launch_failure(
-                        launcher, f"rank(s) {missing} did not register within {self.timeout:g} s"
-                    )
-                )
+        launcher = engines.engine_launcher(run.ipp)
+        while len(run.client.ids) < self.n:
+            what = None
+            if engines.launcher_exited(launcher):
+                what = "mpiexec exited"
+            elif time.monotonic() > deadline:
+                missing = sorted(set(range(self.n)) - set(run.client.ids))
+                what = f"rank(s) {missing} did not register within {self.timeout:g} s"
+            if what:
+                output = engines.launcher_output(launcher)
+                raise MLXClusterError(engines.launch_failure(output, what))
             time.sleep(0.02)
 
-    def _launch_failure(self, launcher: MLXEngineSetLauncher | None, what: str) -> str:
-        output = self._engine_output(launcher)
-        ours = [
-            ln.split("mlx_cluster_magic: ", 1)[1] for ln in output if "mlx_cluster_magic: " in ln
-        ]
-        if ours:
-            return f"{what}: {ours[0]}"
-        remote = [
-            ln.split(":", 1)[1].strip() for ln in output if ln.strip().startswith("Remote host:")
-        ]
-        if remote:
-            return (
-                f"{what}: mpiexec could not start its daemon on {remote[0]!r} (ssh or prted failed)"
-            )
-        tail = " | ".join(ln.strip() for ln in output[-4:] if ln.strip())
-        log = getattr(launcher, "output_file", "")
-        return f"{what}; engine log tail: {tail or '(empty)'} (full log: {log})"
-
-    def _engine_output(self, launcher: MLXEngineSetLauncher | None) -> list[str]:
-        path = getattr(launcher, "output_file", None)
-        if not path:
-            return []
-        with contextlib.suppress(OSError), open(path, errors="replace") as f:
-            return [ln for ln in f.read().splitlines() if ln.strip()]
-        return []
-
-    def _check_ranks(self) -> None:
+    def _check_ranks(self, run: _Running) -> None:
         """Engine id == MPI rank == MLX rank, and every group spans all ranks."""
         from .engine import rank_report
 
-        reports = self._view.apply_sync(rank_report)
-        for engine_id, r in zip(self._view.targets, reports):
+        reports = run.view.apply_sync(rank_report)
+        for engine_id, r in zip(run.view.targets, reports):
             if not (engine_id == r["mpi_rank"] == r["mlx_rank"]) or r["mlx_size"] != self.n:
                 raise MLXClusterError(
                     f"engine {engine_id} on {r['host']} has MPI rank {r['mpi_rank']} and MLX rank "
                     f"{r['mlx_rank']} of {r['mlx_size']}; expected rank {engine_id} of {self.n}"
                 )
-        self._ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
-        local = [r["pid"] for r in reports if self._is_local_rank(r)]
+        run.ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
+        local = [r for r in run.ranks if self.placement.is_local or self._rank_is_local(r)]
+        for r in local:
+            tracked = procs.Tracked.of(r["pid"])
+            if tracked is not None:
+                run.rank_procs[r["rank"]] = tracked
         # Each engine's kernel nanny (a child process) is ours to stop as well.
-        for pid in list(local):
-            with contextlib.suppress(psutil.Error):
-                local += [c.pid for c in psutil.Process(pid).children(recursive=True)]
-        self._track(local)
-        self._watch_pids(local)
+        assert run.watchdog is not None
+        run.watchdog.watch(self._track([r["pid"] for r in local]))
 
-    def _is_local_rank(self, report: dict[str, Any]) -> bool:
-        return self.placement.ranks[report["mlx_rank"]].is_local or self.placement.is_local
+    def _rank_is_local(self, report: dict[str, Any]) -> bool:
+        return self.placement.ranks[report["mlx_rank"]].is_local
 
     def activate(self) -> None:
         """Point ``%%px``, ``%px``, ``%autopx`` and ``%pxresult`` at every rank of this cluster.
@@ -422,169 +367,229 @@ class MLXCluster:
         from .px import MLXParallelMagics
 
         shell = get_ipython()
-        if shell is None:
-            return
-        shell.magics_manager.register(MLXParallelMagics(shell, self.view, self))
+        if shell is not None:
+            shell.magics_manager.register(MLXParallelMagics(shell, self.view, self))
 
     # ------------------------------------------------------------------ faults
+    def _dead_evidence(self) -> dict[int, str]:
+        """Ranks whose process is known gone: mpiexec exited (Open MPI ends the whole job), a
+        local pid vanished, or the controller's heartbeat lost the engine."""
+        run = self._run
+        if run is None:
+            return {}
+        if engines.launcher_exited(engines.engine_launcher(run.ipp)):
+            return {r: "mpiexec exited" for r in range(self.n)}
+        dead = {r: "process gone" for r, t in run.rank_procs.items() if not t.alive()}
+        if run.client is not None and run.ranks:
+            registered = set(run.client.ids)
+            for r in range(self.n):
+                if r not in registered:
+                    dead.setdefault(r, "the controller's heartbeat lost it")
+        return dead
+
     def dead_ranks(self) -> list[int]:
-        """Ranks known to be gone: mpiexec exited (Open MPI aborts the job when one rank dies),
-        a local process vanished, or a rank's status reports stopped arriving."""
-        if self._mpiexec_exited():
-            return list(range(self.n))
-        if self._status is None:
-            return []
-        return [n.rank for n in self._status.nodes() if n.state == "dead"]
+        """Ranks known to be gone (never from silent status reports alone)."""
+        return sorted(self._dead_evidence())
 
     def death_cause(self) -> str:
         """What mpiexec reported about the rank that died first, if anything."""
-        from .px import death_cause
+        run = self._run
+        launcher = engines.engine_launcher(run.ipp if run else None)
+        return engines.death_cause(engines.launcher_output(launcher))
 
-        return death_cause(self._engine_output(self._engine_launcher()))
+    def hang_verdict(self) -> str | None:
+        """One line naming the rank that is behind or the collective that differs, when the
+        flight recorders disagree; None when they agree or cannot tell."""
+        return None
 
     def describe_ranks(self, ranks: Sequence[int]) -> str:
         """``rank 1 on mac2`` / ``ranks [0, 1] on vm``: for messages."""
-        hosts = [self._host_of(r) for r in ranks]
+        known = self.ranks
+        hosts = [
+            str(known[r]["host"]) if r < len(known) else self.placement.ranks[r].ssh for r in ranks
+        ]
         where = ", ".join(dict.fromkeys(hosts))
-        if len(ranks) == 1:
-            return f"rank {ranks[0]} on {where}"
-        return f"ranks {list(ranks)} on {where}"
-
-    def _host_of(self, rank: int) -> str:
-        if rank < len(self._ranks):
-            return str(self._ranks[rank]["host"])
-        return self.placement.ranks[rank].ssh
-
-    def abort(self) -> None:
-        """Stop every process of a cluster that cannot go on; the status view shows it dead."""
-        nodes = self._status.nodes() if self._status is not None else self.last_nodes
-        if self._ipp is not None:
-            # No graceful wait: a rank may be unreachable (cable pulled) or stuck in C code.
-            for launcher in [self._ipp.controller, *self._ipp.engines.values()]:
-                if launcher is not None:
-                    launcher.stop_seconds_until_kill = 1
-        self._teardown()
-        self.last_nodes = [dataclasses.replace(n, state="dead") for n in nodes]
-        with contextlib.suppress(Exception):
-            self._refresh_widget()
-
-    def stop(self) -> None:
-        """Stop engines and controller; check that no process of ours is left; idempotent."""
-        if self._ipp is None and self._client is None:
-            raise MLXClusterError("no cluster is running: nothing to stop")
-        self._teardown()
-
-    def restart(self, activate: bool = False) -> MLXCluster:
-        """Stop (if running) and start a fresh cluster of the same shape."""
-        if self._ipp is not None or self._client is not None:
-            self._teardown()
-        return self.start(activate=activate)
-
-    def _launcher_pids(self) -> list[int]:
-        pids = []
-        if self._ipp is not None:
-            for launcher in [self._ipp.controller, *self._ipp.engines.values()]:
-                pid = getattr(launcher, "pid", -1)
-                if launcher is not None and pid and pid > 0:
-                    pids.append(pid)
-        return pids
-
-    def _track(self, pids: list[int]) -> None:
-        """Remember our processes with their start times, so a reused pid is never killed."""
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                self._procs.append(psutil.Process(pid))
-
-    def _teardown(self) -> None:
-        """Stop everything this cluster started, by pid, whatever state it is in."""
-        self._track(self._launcher_pids())
-        procs, self._procs = self._procs, []
-        if self._status is not None:
-            self.last_nodes = self._status.nodes()
-            self._status.close()
-            self._status = None
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.close()
-        if self._ipp is not None:
-            with contextlib.suppress(Exception):
-                self._ipp.stop_cluster_sync()
-            with contextlib.suppress(Exception):
-                from ipyparallel.cluster.cluster import _atexit_clusters
-
-                _atexit_clusters.discard(self._ipp)
-        _reap(procs)
-        self._stop_watchdog()
-        if self._profile_dir:
-            shutil.rmtree(self._profile_dir, ignore_errors=True)
-            _REMOVE_AT_EXIT.add(self._profile_dir)  # ipyparallel may still write a late log
-        self._ipp = self._client = self._view = None
-        self._profile_dir = None
-        self._ranks = []
-        _LIVE.discard(self)
-        with contextlib.suppress(Exception):
-            self._refresh_widget()
-
-    # ---------------------------------------------------- orphan protection (kernel killed)
-    def _start_watchdog(self) -> None:
-        """A small process that stops our processes if this (kernel) process dies abruptly."""
-        pids = self._launcher_pids()
-        self._track(pids)
-        self._watchdog = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlx_cluster_magic.watchdog",
-                str(self._profile_dir),
-                str(os.getpid()),
-                *map(str, pids),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        return (
+            f"rank {ranks[0]} on {where}" if len(ranks) == 1 else f"ranks {list(ranks)} on {where}"
         )
 
-    def _watch_pids(self, pids: list[int]) -> None:
-        if self._watchdog is not None and self._watchdog.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._watchdog.stdin.write(("".join(f"{p}\n" for p in pids)).encode())
-                self._watchdog.stdin.flush()
+    def abort(self, reason: str = "aborted") -> None:
+        """Stop every process of a cluster that cannot go on, at once; ``state`` becomes
+        ``broken`` with ``reason`` until the next start."""
+        with self._lock:
+            run = self._run
+            dead = self._dead_evidence()
+            if run is not None:
+                engines.no_graceful_wait(run.ipp)
+            self._teardown(grace=0.5)
+            # Ranks that died stay dead; those the abort killed did not die by themselves.
+            self.last_nodes = [
+                dataclasses.replace(
+                    n, state="dead", why=dead.get(n.rank) or "killed by the abort", silent_s=None
+                )
+                for n in self.last_nodes
+            ]
+            self._state, self._reason = "broken", reason
+        self._refresh_widget()
 
-    def _stop_watchdog(self) -> None:
-        if self._watchdog is None:
+    def stop(self, *, origin: str | None = None) -> None:
+        """Stop engines and controller; check that no process of ours is left.
+
+        Stopping a stopped cluster says so (``MLXClusterError``); a broken one is cleared.
+        """
+        with self._lock:
+            if self._state == "stopped":
+                raise MLXClusterError("no cluster is running: nothing to stop")
+            self._teardown()
+            self._state = "stopped"
+            self._reason = f"stopped from {origin}" if origin else None
+        self._refresh_widget()
+
+    def stopped_by(self) -> str | None:
+        """Who stopped the cluster, when it was not a call in the cell itself."""
+        return self._reason if self._state == "stopped" else None
+
+    def restart(self, activate: bool = False, replay: bool = False) -> MLXCluster:
+        """Stop (if running) and start a fresh cluster of the same shape; with ``replay``, run
+        the ``%%px`` cells that had completed (``history()``) again, in order."""
+        history = list(self._history)
+        with self._lock:
+            if self._run is not None:
+                self._teardown()
+            self._state = "stopped"
+        self.start(activate=activate)
+        if replay:
+            self._replay(history)
+        return self
+
+    def _replay(self, history: list[HistoryEntry]) -> None:
+        for i, entry in enumerate(history, 1):
+            view = self.view if entry.targets is None else self.client[list(entry.targets)]
+            try:
+                view.execute(entry.cell, block=True)
+            except Exception as e:
+                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise MLXClusterError(
+                    f"replay stopped at cell {i} of {len(history)}: {first}"
+                ) from None
+            self._history.append(entry)
+
+    def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None:
+        """Remember a cell that completed (``%%px`` calls this; ``--no-replay`` skips it)."""
+        full = targets is None or sorted(targets) == list(range(self.n))
+        self._history.append(HistoryEntry(cell, None if full else tuple(targets or ())))
+
+    def history(self) -> list[HistoryEntry]:
+        """The ``%%px`` cells that completed since the cluster started, in order."""
+        return list(self._history)
+
+    def _teardown(self, grace: float = 5.0) -> None:
+        """Stop everything this cluster started, by the pids tracked at spawn."""
+        run, self._run = self._run, None
+        _LIVE.discard(self)
+        if run is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            if self._watchdog.stdin:
-                self._watchdog.stdin.write(b"stop\n")
-                self._watchdog.stdin.close()
-        try:
-            self._watchdog.wait(5)
-        except subprocess.TimeoutExpired:
-            self._watchdog.kill()
-            self._watchdog.wait()
-        self._watchdog = None
+        if run.status is not None:
+            self.last_nodes = [
+                dataclasses.replace(n, state="stopped", silent_s=None) if n.state != "dead" else n
+                for n in run.status.nodes()
+            ]
+            run.status.close()
+        if run.client is not None:
+            with contextlib.suppress(Exception):
+                run.client.close()
+        engines.stop(run.ipp)
+        procs.reap(run.tracked + procs.track(engines.launcher_pids(run.ipp)), grace=grace)
+        if run.watchdog is not None:
+            run.watchdog.close()
+        shutil.rmtree(run.profile_dir, ignore_errors=True)
+        _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log
 
     # ----------------------------------------------------------------------- views
     def nodes(self) -> list[dict[str, Any]]:
-        """Per rank: rank, host, state (starting/idle/busy/dead), busy_s, last_seen_s,
-        rss_bytes, mlx_active_bytes, mlx_peak_bytes, device, pid; live while cells run."""
+        """Per rank: rank, host, state (starting/idle/busy/unresponsive/dead/stopped), busy_s,
+        last_seen_s, silent_s, rss_bytes, mlx_active_bytes, mlx_peak_bytes, device, pid, why."""
         return [n.as_dict() for n in self._node_records()]
 
     def _node_records(self) -> list[NodeStatus]:
-        if self._status is None:
-            if not self.running:
+        run = self._run
+        if run is None or run.status is None:
+            if run is None:
                 return self.last_nodes
             raise MLXClusterError("live status is off for this cluster (started with --no-status)")
-        self.last_nodes = self._status.nodes()
+        self.last_nodes = run.status.nodes()
         return self.last_nodes
 
-    def status_view(self) -> StatusView:
+    def metrics(self) -> Any:
+        """Every number the ranks passed to ``report()``: records (rank, name, value, step,
+        time), as a pandas DataFrame when pandas is installed."""
+        run = self._require()
+        points = [] if run.status is None else run.status.metrics()
+        records = [p.as_dict() for p in points]
+        try:
+            import pandas as pd
+        except ImportError:
+            return records
+        return pd.DataFrame(records, columns=["rank", "name", "value", "step", "time"])
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The plain data every view renders."""
+        run = self._run
+        nodes = self.last_nodes if run is None or run.status is None else self._node_records()
+        points = () if run is None or run.status is None else run.status.metrics(SNAPSHOT_POINTS)
+        return ClusterSnapshot(
+            state=self._state,
+            backend=self.backend,
+            n=self.n,
+            hosts=len({h.ssh for h in self.placement.hosts}),
+            uptime_s=None if run is None else time.time() - run.started_at,
+            nodes=tuple(nodes),
+            reason=self._reason,
+            banner=self.banner,
+            metrics=tuple(points),
+            topology_svg=self._topology_svg,
+        )
+
+    def status_view(self) -> StatusWidget:
         """The live status widget; cached, so every display shows the same live object."""
         if self._widget is None:
-            self._widget = StatusView(self)
+            from .views.status import StatusWidget
+
+            self._widget = StatusWidget(
+                on_stop=lambda: self._stop_from_view(),
+                on_restart=lambda replay: self.restart(activate=True, replay=replay),
+                on_side=lambda: self.open_side_panel(),
+            )
+            self._widget.update(self.snapshot())
         return self._widget
 
+    def _stop_from_view(self) -> None:
+        if self._run is not None:
+            self.stop(origin="the status view")
+
+    def open_side_panel(self) -> str:
+        """Show the live status in a JupyterLab side panel (inline elsewhere)."""
+        from .views.side import open_side_panel
+
+        return open_side_panel(self.status_view())
+
+    def _refresh_widget(self) -> None:
+        if self._widget is not None:
+            with contextlib.suppress(Exception):
+                self._widget.update(self.snapshot())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from .views.text import snapshot_html, snapshot_text
+
+        snap = self.snapshot()
+        bundle = {"text/plain": snapshot_text(snap), "text/html": snapshot_html(snap)}
+        if self.running and self.live_status:
+            widget = self.status_view()._repr_mimebundle_(include=include, exclude=exclude)
+            data = widget[0] if isinstance(widget, tuple) else widget
+            bundle.update({k: v for k, v in (data or {}).items() if k != "text/plain"})
+        return bundle
+
+    # ----------------------------------------------------------------------- data
     def gather(self, name: str, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> GatherResult:
         """Fetch ``name`` from every rank: ``.values`` by rank, ``.agree``, ``.diverged``."""
         if not isinstance(name, str) or not name.isidentifier():
@@ -593,107 +598,56 @@ class MLXCluster:
         missing = [r for r, s in enumerate(summaries) if s.kind == "missing"]
         if missing:
             raise MLXClusterError(f"{name!r} is not defined on rank(s) {missing}")
-        hosts = [r["host"] for r in self._ranks] or [h.ssh for h in self.placement.ranks]
+        hosts = [r["host"] for r in self.ranks] or [h.ssh for h in self.placement.ranks]
         return GatherResult(name, list(summaries), hosts)
 
     def broadcast(self, name: str, value: Any, root: int = 0) -> None:
         """Send ``value`` (a large NumPy or MLX array) from the notebook to every rank as
-        variable ``name``.
+        variable ``name``: streamed once to ``root`` over one TCP connection, then passed on
+        with MPI's broadcast as it arrives (``view.push`` sends a copy per engine instead)."""
+        from .remote import send_broadcast
 
-        The notebook streams it once, over one direct TCP connection, to ``root``; the ranks
-        pass it on with MPI's broadcast as it arrives. ``view.push`` instead sends a copy to
-        every engine through the controller.
-        """
-        import numpy as np
-
-        if not isinstance(name, str) or not name.isidentifier():
-            raise MLXClusterError(f"broadcast takes a variable name, got {name!r}")
         if not 0 <= root < self.n:
             raise MLXClusterError(f"root must be a rank from 0 to {self.n - 1}, got {root}")
-        to_mlx = type(value).__module__.startswith("mlx")
-        if to_mlx and "bfloat16" in str(getattr(value, "dtype", "")):
-            raise MLXClusterError("broadcast: bfloat16 has no NumPy type; send .astype(mx.float32)")
-        arr = np.require(np.asarray(value), requirements="C")  # keeps 0-d arrays 0-d
-        if arr.dtype.hasobject:
-            raise MLXClusterError("broadcast sends numeric arrays; use view.push for objects")
-        token = secrets.token_hex(16)
-        ip = self._address_of(root)
-        port = self.client[root].apply_sync(open_listener, ip, token)
-        ar = self.view.apply_async(
-            receive_broadcast, name, arr.shape, arr.dtype.str, to_mlx, token, root
-        )
-        try:
-            with socket.create_connection((ip, port), timeout=30) as conn:
-                conn.sendall(token.encode())
-                conn.sendall(memoryview(arr.reshape(-1)).cast("B"))
-        finally:
-            ar.get()
+        host = self.placement.ranks[root]
+        ip = "127.0.0.1" if self.placement.is_local or host.is_local else host.address
+        send_broadcast(self.client, self.view, name, value, root=root, ip=ip)
 
-    def _address_of(self, rank: int) -> str:
-        """Where the notebook reaches ``rank``'s host: loopback here, else its cluster IP."""
-        host = self.placement.ranks[rank]
-        if self.placement.is_local or host.is_local:
-            return "127.0.0.1"
-        return host.address
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        nodes = (
-            self.last_nodes if not self.running or self._status is None else self._node_records()
+    def _set_checks(self, run: _Running, on: bool) -> None:
+        run.view.execute(
+            "from mlx_cluster_magic import checks as _mcm_checks\n"
+            + (
+                f"_mcm_checks.enable(timeout={self.spec.collective_timeout!r})"
+                if on
+                else "_mcm_checks.disable()"
+            ),
+            block=True,
         )
-        bundle = {
-            "text/plain": f"{header_text(self)}\n{nodes_text(nodes)}",
-            "text/html": f"<b>{header_text(self)}</b>{nodes_html(nodes)}",
-        }
-        if self.running and self._status is not None:
-            view = self.status_view()
-            widget = view.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
-            bundle.update({k: v for k, v in widget.items() if k != "text/plain"})
-        return bundle
+
+    def check_collectives(self, on: bool = True) -> None:
+        """Compare every collective's signature across the ranks before MLX runs it."""
+        self._set_checks(self._require(), on)
+        self.spec = dataclasses.replace(self.spec, check_collectives=on)
 
     # ----------------------------------------------------------------------- context manager
     def __enter__(self) -> MLXCluster:
         return self if self.running else self.start()
 
     def __exit__(self, *exc: object) -> None:
-        if self._ipp is not None or self._client is not None:
-            self._teardown()
-
-    # ----------------------------------------------------------------------- helpers
-    def _default_controller_ip(self) -> str:
-        """Loopback for a local cluster; else the head's own address in the cluster subnet."""
-        if self.placement.is_local or self.subnet is None:
-            return "127.0.0.1"
-        interfaces = {
-            name: [a.address for a in addrs if a.family.name in ("AF_INET", "AF_INET6")]
-            for name, addrs in psutil.net_if_addrs().items()
-        }
-        ip = launch.head_address(self.subnet, interfaces)
-        if ip is None:
-            raise MLXClusterError(
-                f"this machine has no address in the cluster subnet {self.subnet}: pass "
-                "--controller-ip with the address the hosts reach this machine by"
-            )
-        return ip
+        with self._lock:
+            if self._run is not None:
+                self._teardown()
+            self._state = "stopped"
 
     def mpiexec_command(self) -> str:
         """The mpiexec command line the engines are started with (for logs and debugging)."""
-        launcher = self._engine_launcher()
+        launcher = engines.engine_launcher(self._require().ipp)
         if launcher is None:
             raise MLXClusterError("no cluster is running")
         return shlex.join(launcher.args)
 
 
-def _own_names() -> set[str]:
-    """This machine's host names and addresses, to recognise the head in a hostfile."""
-    names = {socket.gethostname(), socket.gethostname().split(".")[0]}
-    for addrs in psutil.net_if_addrs().values():
-        names.update(a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
-    return names
-
-
 _LIVE: weakref.WeakSet[MLXCluster] = weakref.WeakSet()
-
-
 _REMOVE_AT_EXIT: set[str] = set()
 
 
@@ -707,27 +661,4 @@ def _stop_all_at_exit() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _running(p: psutil.Process) -> bool:
-    """Alive and not a zombie: a zombie has exited and only waits for its parent to reap it."""
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _reap(procs: list[psutil.Process], grace: float = 5.0) -> None:
-    """Terminate our processes that are still running; SIGKILL what is left after ``grace``."""
-    procs = [p for p in procs if _running(p)]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while any(_running(p) for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for p in procs:
-        if _running(p):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-
-
-__all__ = ["EXIT_BAD_GROUP", "MLXCluster", "MLXClusterError", "MLXEngineSetLauncher"]
+__all__ = ["EXIT_BAD_GROUP", "HistoryEntry", "MLXCluster", "MLXClusterError", "Placement"]

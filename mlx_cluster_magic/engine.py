@@ -105,6 +105,11 @@ def rank_report() -> dict[str, Any]:
     }
 
 
+def _status_extra() -> dict[str, Any]:
+    """What each status record carries beside the rank's state."""
+    return {}
+
+
 def main(argv: list[str] | None = None) -> None:
     global WORLD, BACKEND
     argv = sys.argv[1:] if argv is None else argv
@@ -119,10 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         for path in written:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    if os.environ.get(STATUS_VAR):
-        from .sidecar import start_sidecar
+    from .engines import hook_requests
+    from .sidecar import ACTIVITY, start_sidecar
 
-        start_sidecar(os.environ[STATUS_VAR], rank)
+    # busy/idle is the engine's own request handling, not a guess from stack frames.
+    hook_requests(ACTIVITY.started, ACTIVITY.finished)
+    if os.environ.get(STATUS_VAR):
+        start_sidecar(os.environ[STATUS_VAR], rank, extra=_status_extra)
     from ipyparallel.engine.app import main as ipengine_main
 
     sys.argv = ["ipengine", *argv]

@@ -4,56 +4,184 @@ The magics are ipyparallel's own (``ParallelMagics``); only the blocking wait ch
 
 - a rank that dies ends the cell within seconds with an error naming the rank and host
   (Open MPI then aborts the whole job; without this the cell would wait forever);
-- an interrupt (Ctrl-C, the kernel's stop button) is sent to every rank; a rank stuck inside a
-  native MLX collective cannot take it, so after a grace period the cluster is aborted with a
-  message that says so, and ``%mlx_cluster restart`` brings it back;
-- ``%%px --timeout S`` gives a cell the same outcome after S seconds.
+- an interrupt (Ctrl-C, the kernel's stop button) is sent to every rank as ipyparallel does;
+  a rank stuck inside a native MLX collective cannot take it, so after a grace period the
+  cluster is aborted with a message that says so, and ``%mlx_cluster restart`` brings it back;
+- ``%%px --timeout S`` gives a cell the same outcome after S seconds;
+- a cell running longer than ``--progress-after`` shows each rank's progress in its output;
+- the status view's buttons act while the cell runs (widget events are processed in the wait);
+- a cell that completed is remembered for ``%mlx_cluster restart --replay`` (``--no-replay``
+  skips it).
+
+This module knows the cluster only through the ``PxCluster`` protocol.
 """
 
 from __future__ import annotations
 
+import html
 import re
-import threading
+import sys
 import time
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Protocol
 
 from ipyparallel import error
 from ipyparallel.client.magics import ParallelMagics, exec_args, output_args
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from . import engines
 from .errors import MLXClusterError
-
-if TYPE_CHECKING:
-    from .cluster import MLXCluster
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0
 POLL_S = 0.1
+#: Seconds a signal request may take (a rank that mpiexec already killed never answers).
+SIGNAL_TIMEOUT_S = 1.0
+
+
+class PxCluster(Protocol):
+    """What the ``%%px`` wait needs of a cluster."""
+
+    @property
+    def running(self) -> bool: ...
+    @property
+    def generation(self) -> int: ...
+    def not_running_message(self) -> str: ...
+    def dead_ranks(self) -> list[int]: ...
+    def describe_ranks(self, ranks: Sequence[int]) -> str: ...
+    def death_cause(self) -> str: ...
+    def hang_verdict(self) -> str | None: ...
+    def abort(self, reason: str = ...) -> None: ...
+    def nodes(self) -> list[dict[str, Any]]: ...
+    def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None: ...
 
 
 class CellAborted(MLXClusterError):
     """A cell could not finish: a rank died, hung past its timeout, or ignored an interrupt."""
 
 
-_TIMEOUT_OPTION = re.compile(r"(?:^|\s)--timeout(?:=|\s+)\S+")
+_OUR_OPTIONS = re.compile(r"(?:^|\s)(?:--timeout(?:=|\s+)\S+|--no-replay)(?=\s|$)")
 
 
-def _strip_timeout(line: str) -> str:
-    """The cell line without ``--timeout S`` (ipyparallel's own parser does not know it); the
+def _strip_ours(line: str) -> str:
+    """The cell line without our own options (ipyparallel's parser does not know them); the
     rest is left exactly as written, quotes included."""
-    return _TIMEOUT_OPTION.sub(" ", line).strip()
+    return _OUR_OPTIONS.sub(" ", line).strip()
+
+
+def progress_rows(
+    nodes: Sequence[dict[str, Any]], done: Sequence[int], targets: Sequence[int], elapsed: float
+) -> list[tuple[int, str, str]]:
+    """(rank, state, detail) per target rank: done, busy, unresponsive or dead, and how long."""
+    by_rank = {n["rank"]: n for n in nodes}
+    rows = []
+    for t in targets:
+        node = by_rank.get(t, {})
+        if t in done:
+            rows.append((t, "done", ""))
+            continue
+        state = node.get("state", "busy")
+        if state == "unresponsive":
+            detail = f"{elapsed:.0f} s, silent {node.get('silent_s') or 0:.0f} s, process alive"
+        elif state == "dead":
+            detail = node.get("why") or "gone"
+        else:
+            state, detail = "busy", f"{elapsed:.0f} s"
+        rows.append((t, state, detail))
+    return rows
+
+
+_PROGRESS_COLOURS = {"done": "#2e7d32", "busy": "#1565c0", "unresponsive": "#ef6c00"}
+
+
+class Progress:
+    """The cell's own progress line: which ranks are done, busy or unresponsive, live."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    @staticmethod
+    def bundle(rows: list[tuple[int, str, str]], elapsed: float, final: bool = False) -> Any:
+        done = sum(1 for _, s, _ in rows if s == "done")
+        head = f"{done}/{len(rows)} ranks done after {elapsed:.1f} s"
+        if final:
+            return _Bundle(
+                f"<div class='mlx-px-progress mlx-px-done' style='color:#666'>{head}</div>", head
+            )
+        spans = " ".join(
+            f"<span class='mlx-px-rank mlx-px-{s}' style='color:{_colour(s)}'>"
+            f"&#9679; rank {r} {s}{' ' + html.escape(d) if d else ''}</span>"
+            for r, s, d in rows
+        )
+        text = "; ".join(f"rank {r} {s}{' ' + d if d else ''}" for r, s, d in rows)
+        return _Bundle(
+            f"<div class='mlx-px-progress' style='font-family:monospace'>{head}: {spans}</div>",
+            f"{head}: {text}",
+        )
+
+    def show(self, obj: Any) -> None:
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display(obj, display_id=True)
+        else:
+            self._handle.update(obj)
+
+    @property
+    def shown(self) -> bool:
+        return self._handle is not None
+
+
+class _Bundle:
+    def __init__(self, html_text: str, plain: str) -> None:
+        self.html, self.plain = html_text, plain
+
+    def _repr_mimebundle_(self, **_: Any) -> dict[str, str]:
+        return {"text/html": self.html, "text/plain": self.plain}
+
+
+@contextmanager
+def _widget_events(shell: Any) -> Iterator[Any]:
+    """Process widget events (the status view's buttons) while a cell waits, where a kernel
+    with comms runs this shell; a no-op elsewhere."""
+    if getattr(shell, "kernel", None) is None:
+        yield None
+        return
+    try:
+        from jupyter_ui_poll import ui_events
+    except ImportError:
+        yield None
+        return
+    try:
+        cm = ui_events()
+        poll = cm.__enter__()
+    except Exception:
+        yield None
+        return
+    try:
+        yield poll
+    finally:
+        cm.__exit__(None, None, None)
 
 
 class MLXParallelMagics(ParallelMagics):
-    """``ParallelMagics`` bound to an ``MLXCluster``: rank deaths, interrupts and timeouts end
-    the cell instead of hanging the notebook."""
+    """``ParallelMagics`` bound to a cluster: rank deaths, interrupts and timeouts end the cell
+    instead of hanging the notebook; no cluster, a stopped or a broken one is one line."""
 
-    def __init__(self, shell: Any, view: Any, cluster: MLXCluster) -> None:
+    def __init__(self, shell: Any, view: Any, cluster: PxCluster | None) -> None:
         self.cluster = cluster
         self.cell_timeout: float | None = None
+        self.replayable = True
         super().__init__(shell, view)
+
+    def _check_cluster(self) -> PxCluster:
+        if self.cluster is None:
+            raise UsageError("no cluster is running: start one with %mlx_cluster start")
+        if not self.cluster.running:
+            raise UsageError(self.cluster.not_running_message())
+        return self.cluster
 
     @magic_arguments()
     @exec_args
@@ -72,16 +200,41 @@ class MLXParallelMagics(ParallelMagics):
         metavar="S",
         help="abort the cell (and the cluster, if the ranks cannot be interrupted) after S seconds",
     )
+    @argument(
+        "--no-replay",
+        action="store_true",
+        help="do not re-run this cell on %%mlx_cluster restart --replay",
+    )
     def cell_px(self, line: str = "", cell: str | None = None) -> Any:
         """Executes the cell on every rank; ``--timeout S`` bounds how long it may run."""
+        self._check_cluster()
         args = parse_argstring(self.cell_px, line)
         if args.timeout is not None and args.timeout <= 0:
             raise UsageError(f"%%px --timeout must be more than 0 seconds, got {args.timeout:g}")
         self.cell_timeout = args.timeout
+        self.replayable = not args.no_replay
         try:
-            return super().cell_px(_strip_timeout(line), cell)
+            return super().cell_px(_strip_ours(line), cell)
         finally:
             self.cell_timeout = None
+            self.replayable = True
+
+    def px(self, line: str = "") -> Any:
+        self._check_cluster()
+        return super().px(line)
+
+    def autopx(self, line: str = "") -> Any:
+        if not engines.autopx_enabled(self):
+            self._check_cluster()
+        return super().autopx(line)
+
+    def result(self, line: str = "") -> Any:
+        self._check_cluster()
+        return super().result(line)
+
+    def pxconfig(self, line: str) -> Any:
+        self._check_cluster()
+        return super().pxconfig(line)
 
     def parallel_execute(  # type: ignore[override]
         self,
@@ -93,26 +246,32 @@ class MLXParallelMagics(ParallelMagics):
         progress_after: float | None = None,
         signal_on_interrupt: Any = None,
     ) -> Any:
+        cluster = self._check_cluster()
         block = self.view.block if block is None else block
         if not block:
             return super().parallel_execute(cell, block=False, groupby=groupby, save_name=save_name)
         stream_output = self.stream_output if stream_output is None else stream_output
+        sig = self.signal_on_interrupt if signal_on_interrupt is None else signal_on_interrupt
+        progress_after = self.progress_after_seconds if progress_after is None else progress_after
+        targets = self.view.targets
+        if self.verbose:
+            print(f"Parallel execution on engine(s): {_targets_text(targets)}")
         result = self.view.execute(cell, silent=False, block=False)
-        result._fname = "%px"
+        engines.name_result(result, "%px")
         self.last_result = result
         if save_name:
             self.shell.user_ns[save_name] = result
         try:
             with result.stream_output() if stream_output else nullcontext():
                 try:
-                    self._wait(result, self.cell_timeout)
+                    self._wait(cluster, result, self.cell_timeout, progress_after)
                 except KeyboardInterrupt:
-                    self._interrupt(result, sig=signal_on_interrupt or self.signal_on_interrupt)
-                    raise
+                    self._interrupt(cluster, result, sig=sig)
+                    return None
                 try:
                     result.get()
                 except error.CompositeError as e:
-                    if stream_output and result._output_ready:
+                    if stream_output and engines.output_ready(result):
                         raise error.AlreadyDisplayedError(e) from None
                     raise
         except CellAborted as e:
@@ -121,63 +280,111 @@ class MLXParallelMagics(ParallelMagics):
             if not stream_output:
                 result.wait_for_output(1)
                 result.display_outputs(groupby)
+        if self.replayable:
+            cluster.record_cell(cell, None if targets == "all" else list(_as_list(targets)))
         return None
 
-    def _wait(self, result: Any, timeout: float | None) -> None:
-        """Wait for the cell, watching for dead ranks and the timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        done = threading.Event()
-        result.add_done_callback(lambda _f: done.set())
-        while not done.wait(POLL_S):
-            dead = self.cluster.dead_ranks()
-            if dead:
-                what = self.cluster.describe_ranks(dead)
-                cause = self.cluster.death_cause()
-                self.cluster.abort()
-                raise CellAborted(
-                    f"{what} died while the cell ran{cause}; the cluster was stopped: "
-                    "%mlx_cluster restart brings it back"
-                )
-            if deadline is not None and time.monotonic() > deadline:
-                self._interrupt(result, why=f"did not finish within {timeout:g} s")
-                raise CellAborted(
-                    f"the cell did not finish within {timeout:g} s and was interrupted"
-                )
+    def _wait(
+        self, cluster: PxCluster, result: Any, timeout: float | None, progress_after: float
+    ) -> None:
+        """Wait for the cell, watching for dead ranks, the view's buttons and the timeout."""
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        generation = cluster.generation
+        progress = Progress()
+        targets = engines.result_targets(result)
+        try:
+            with _widget_events(self.shell) as poll:
+                while not result.done():
+                    if poll is not None:
+                        poll(20)
+                    result.wait(POLL_S if poll is None else POLL_S / 2)
+                    if result.done():
+                        break
+                    self._check_alive(cluster, generation)
+                    elapsed = time.monotonic() - start
+                    if deadline is not None and time.monotonic() > deadline:
+                        self._interrupt(cluster, result, why=f"did not finish within {timeout:g} s")
+                        raise CellAborted(
+                            f"the cell did not finish within {timeout:g} s and was interrupted"
+                        )
+                    if progress_after >= 0 and elapsed >= progress_after:
+                        rows = progress_rows(
+                            cluster.nodes(), engines.done_targets(result), targets, elapsed
+                        )
+                        progress.show(Progress.bundle(rows, elapsed))
+        finally:
+            if progress.shown:
+                elapsed = time.monotonic() - start
+                rows = [(t, "done", "") for t in engines.done_targets(result)]
+                rows += [(t, "busy", "") for t in engines.pending_targets(result)]
+                progress.show(Progress.bundle(rows, elapsed, final=True))
         result.wait_for_output(1)
 
-    def _interrupt(self, result: Any, why: str = "was interrupted", sig: Any = "SIGINT") -> None:
-        """Send ``sig`` to every rank still running; abort the cluster if one does not stop."""
-        running = [t for t, ar in zip(result._targets, result._children) if not ar.done()]
-        if not running:
+    def _check_alive(self, cluster: PxCluster, generation: int) -> None:
+        if cluster.generation != generation or not cluster.running:
+            what = cluster.not_running_message()
+            if cluster.running:
+                what = "the cluster was restarted"
+            raise CellAborted(f"the cell ended: {what}")
+        dead = cluster.dead_ranks()
+        if dead:
+            what = cluster.describe_ranks(dead)
+            cause = cluster.death_cause()
+            verdict = cluster.hang_verdict()
+            reason = f"{what} died while a cell ran{cause}"
+            cluster.abort(reason)
+            raise CellAborted(
+                f"{what} died while the cell ran{cause}; the cluster was stopped: "
+                f"%mlx_cluster restart brings it back{_verdict(verdict)}"
+            )
+
+    def _interrupt(
+        self, cluster: PxCluster, result: Any, why: str | None = None, sig: Any = "SIGINT"
+    ) -> None:
+        """Send ``sig`` to every rank still running, as ipyparallel does; abort the cluster if
+        one does not stop. ``0`` sends nothing. Every step has a time bound."""
+        running = engines.pending_targets(result)
+        if why is None:
+            print(
+                f"Received Keyboard Interrupt. Sending signal {sig} to engines...",
+                file=sys.stderr,
+            )
+        if not running or sig == 0 or sig == "0":
             return
-        try:
-            self.view.client.send_signal(sig, targets=running, block=True)
-        except Exception:
-            pass
+        engines.send_signal(self.view.client, sig, running, SIGNAL_TIMEOUT_S)
         deadline = time.monotonic() + INTERRUPT_GRACE_S
-        while time.monotonic() < deadline and not result.ready():
+        while time.monotonic() < deadline and not result.done():
             result.wait(POLL_S)
-        if result.ready():
+        if result.done() or not cluster.running:
             return
-        stuck = [t for t, ar in zip(result._targets, result._children) if not ar.done()]
-        what = self.cluster.describe_ranks(stuck)
-        self.cluster.abort()
+        stuck = engines.pending_targets(result)
+        what = cluster.describe_ranks(stuck)
+        verdict = cluster.hang_verdict()
+        cell = f"the cell {why}" if why else "the cell was interrupted"
+        cluster.abort(f"{cell} and {what} did not respond")
         raise CellAborted(
-            f"the cell {why}, but {what} did not respond to the interrupt within "
+            f"{cell}, but {what} did not respond to the interrupt within "
             f"{INTERRUPT_GRACE_S:g} s (stuck in a native MLX/MPI collective, which cannot be "
             "interrupted); the cluster was stopped: %mlx_cluster restart brings it back"
+            f"{_verdict(verdict)}"
         )
 
 
-_RANK_EXIT = re.compile(
-    r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+) \(([^)]*)\)"
-)
+def _colour(state: str) -> str:
+    return _PROGRESS_COLOURS.get(state, "#c62828")
 
 
-def death_cause(mpiexec_output: list[str]) -> str:
-    """What Open MPI said about the first rank that died, e.g. ' (rank 1 on vm: Killed)'."""
-    for line in mpiexec_output:
-        m = _RANK_EXIT.search(line)
-        if m:
-            return f" (mpiexec: rank {m.group(1)} on {m.group(3)} exited on signal {m.group(5)})"
-    return ""
+def _verdict(verdict: str | None) -> str:
+    return f" ({verdict})" if verdict else ""
+
+
+def _as_list(targets: Any) -> list[int]:
+    return [targets] if isinstance(targets, int) else list(targets)
+
+
+def _targets_text(targets: Any) -> str:
+    """As ipyparallel's ``%px`` writes the targets."""
+    if isinstance(targets, list) and len(targets) > 10:
+        return str(targets[:4])[:-1] + ", ..., " + str(targets[-4:])[1:]
+    return str(targets)

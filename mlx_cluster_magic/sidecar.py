@@ -1,9 +1,13 @@
-"""Engine-side status sidecar: a daemon thread that reports this rank's state twice a second.
+"""Engine-side status: what each rank tells the head, beside (not through) the engine's queue.
 
-An engine runs one request at a time, so a status request would queue behind a long cell. This
-thread runs beside the engine's main thread and pushes a small JSON record to the head over ZMQ:
-busy or idle (read from the main thread's stack: idle means it waits in the event loop's
-selector), how long the current request has run, RSS, and MLX's active and peak memory.
+An engine runs one request at a time, so a status request would queue behind a long cell. A
+daemon thread here pushes a small JSON record to the head over ZMQ twice a second, and at once
+when a request starts or ends: busy or idle (from the engine's own request handling: the moment
+an execute/apply request starts and ends), how long the current request has run, RSS, MLX's
+memory, the numbers user code passed to ``report()``, and the flight recorder's summary.
+
+A C call that holds the GIL silences this thread; the head then shows the rank
+``unresponsive``, never ``dead`` (see status.py).
 """
 
 from __future__ import annotations
@@ -11,27 +15,96 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 PERIOD_S = 0.5
+#: At least this long between two records, however often requests start and end.
+MIN_GAP_S = 0.1
+#: Numbers ``report()`` keeps until the next send; the oldest go first when full.
+REPORT_BUFFER = 20_000
+#: At most this many numbers per message (the rest go in the next one).
+POINTS_PER_MESSAGE = 2_000
 
-_IDLE_FUNCS = frozenset({"select", "poll", "_poll", "_run_once", "wait"})
+
+class Activity:
+    """The engine's request state, set from its main thread by the request hooks.
+
+    Each change is also sent to the head at once, from the main thread on a socket of its own
+    (ZMQ sockets are not shared between threads): a cell that holds the GIL from its first
+    line still shows ``busy`` before the sidecar thread is starved.
+    """
+
+    def __init__(self) -> None:
+        self.busy_since: float | None = None
+        self.requests = 0
+        self.changed = threading.Event()
+        self._target: tuple[str, str, int] | None = None
+        self._sock: Any = None
+
+    def connect(self, url: str, token: str, rank: int) -> None:
+        self._target = (url, token, rank)
+
+    def started(self) -> None:
+        self.busy_since = time.time()
+        self.requests += 1
+        self.changed.set()
+        self._send("busy")
+
+    def finished(self) -> None:
+        self.busy_since = None
+        self.changed.set()
+        self._send("idle")
+
+    def _send(self, state: str) -> None:
+        if self._target is None:
+            return
+        import zmq
+
+        url, token, rank = self._target
+        if self._sock is None:
+            self._sock = zmq.Context().socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.SNDHWM, 16)
+            self._sock.connect(url)
+        msg = {"token": token, "rank": rank, "state": state, "busy_s": 0.0}
+        msg["requests"] = self.requests
+        try:
+            self._sock.send(json.dumps(msg).encode(), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
 
-def main_thread_idle() -> bool:
-    """True when the main thread waits for work (inside the event loop's selector)."""
-    frame = sys._current_frames().get(threading.main_thread().ident or -1)
-    if frame is None:
-        return True
-    code = frame.f_code
-    return code.co_name in _IDLE_FUNCS and (
-        code.co_filename.endswith(("selectors.py", "base_events.py", "threading.py"))
-        or "zmq" in code.co_filename
-        or "tornado" in code.co_filename
-    )
+ACTIVITY = Activity()
+_POINTS: deque[tuple[str, float, float | None, float]] = deque(maxlen=REPORT_BUFFER)
+
+
+def report(step: float | None = None, **values: float) -> None:
+    """Record numbers for the live view, e.g. ``report(step=i, loss=loss, tok_s=rate)``.
+
+    Each keyword is one metric (a chart in the status view, one line per rank); ``step`` is
+    its x value (else the time). Costs a few microseconds; never blocks on the network.
+    """
+    now = time.time()
+    if step is not None:
+        step = float(step)
+    append = _POINTS.append
+    for name, value in values.items():
+        append((name, float(value), step, now))
+
+
+def _drain(limit: int) -> list[tuple[str, float, float | None, float]]:
+    out = []
+    popleft = _POINTS.popleft
+    for _ in range(min(limit, len(_POINTS))):
+        try:
+            out.append(popleft())
+        except IndexError:
+            break
+    return out
 
 
 def _device() -> str:
@@ -44,61 +117,84 @@ def _device() -> str:
 
 
 class Sidecar(threading.Thread):
-    """Pushes ``{rank, state, busy_s, rss_bytes, mlx_*}`` to the head every ``PERIOD_S``."""
+    """Pushes this rank's record to the head every ``PERIOD_S`` and on every request change."""
 
-    def __init__(self, url: str, token: str, rank: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        rank: int,
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(name="mlx-cluster-status", daemon=True)
         self.url, self.token, self.rank = url, token, rank
+        self.extra = extra
         self.stopped = threading.Event()
+        self.device = "unknown"
+        self._host = socket.gethostname()
+        self._pid = os.getpid()
 
-    def sample(self, busy_since: float | None) -> dict[str, Any]:
+    def sample(self) -> dict[str, Any]:
         import mlx.core as mx
         import psutil
 
         now = time.time()
-        return {
+        busy_since = ACTIVITY.busy_since
+        msg: dict[str, Any] = {
             "token": self.token,
             "rank": self.rank,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            "host": self._host,
+            "pid": self._pid,
             "time": now,
             "state": "busy" if busy_since is not None else "idle",
-            "busy_s": 0.0 if busy_since is None else now - busy_since,
+            "busy_s": 0.0 if busy_since is None else max(0.0, now - busy_since),
+            "requests": ACTIVITY.requests,
             "rss_bytes": psutil.Process().memory_info().rss,
             "mlx_active_bytes": int(mx.get_active_memory()),
             "mlx_peak_bytes": int(mx.get_peak_memory()),
             "device": self.device,
         }
+        points = _drain(POINTS_PER_MESSAGE)
+        if points:
+            msg["metrics"] = points
+        if self.extra is not None:
+            try:
+                msg.update(self.extra())
+            except Exception:
+                pass
+        return msg
 
     def run(self) -> None:
         import zmq
 
-        ctx = zmq.Context.instance()
+        # Our own context: user code that terminates zmq.Context.instance() cannot blind us.
+        ctx = zmq.Context()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.setsockopt(zmq.SNDHWM, 16)
         sock.connect(self.url)
         self.device = _device()
-        busy_since: float | None = None
         try:
             while not self.stopped.is_set():
-                idle = main_thread_idle()
-                if idle:
-                    busy_since = None
-                elif busy_since is None:
-                    busy_since = time.time()
+                ACTIVITY.changed.clear()
                 try:
-                    sock.send(json.dumps(self.sample(busy_since)).encode(), zmq.NOBLOCK)
+                    sock.send(json.dumps(self.sample()).encode(), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
-                self.stopped.wait(PERIOD_S)
+                if self.stopped.wait(MIN_GAP_S):
+                    break
+                ACTIVITY.changed.wait(PERIOD_S - MIN_GAP_S)
         finally:
             sock.close(0)
+            ctx.term()
 
 
-def start_sidecar(address: str, rank: int) -> Sidecar:
+def start_sidecar(
+    address: str, rank: int, extra: Callable[[], dict[str, Any]] | None = None
+) -> Sidecar:
     """``address`` is ``tcp://ip:port#token``, handed over in the environment (never argv)."""
     url, _, token = address.partition("#")
-    sidecar = Sidecar(url, token, rank)
+    sidecar = Sidecar(url, token, rank, extra)
     sidecar.start()
+    ACTIVITY.connect(url, token, rank)
     return sidecar

@@ -19,7 +19,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 # The kinds of process this project starts. Matched on the command line.
 OURS = re.compile(
-    r"mlx_cluster_magic\.(engine|watchdog)|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
+    r"mlx_cluster_magic\.(engine|procs)|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
     r"|(^|/)(prterun|prted|mpiexec|mpirun)(\s|$)"
 )
 
@@ -32,10 +32,10 @@ os.environ["MLX_CLUSTER_TEST_SESSION"] = SESSION_MARKER.split("=", 1)[1]
 
 def _has_marker(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return SESSION_MARKER.encode() in f.read().split(b"\0")
-    except OSError:
+        env = psutil.Process(pid).environ()
+    except psutil.Error:
         return False
+    return env.get("MLX_CLUSTER_TEST_SESSION") == SESSION_MARKER.split("=", 1)[1]
 
 
 def our_processes(extra_pids: frozenset[int] = frozenset()) -> list[tuple[int, str]]:

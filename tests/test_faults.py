@@ -47,13 +47,17 @@ def test_rank_killed_mid_cell_ends_the_cell_naming_rank_and_host(ip) -> None:
     _healthy(ip, cluster)
 
 
-def test_interrupt_reaches_every_rank(ip) -> None:
+def test_interrupt_reaches_every_rank(ip, capsys) -> None:
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
-    _later(1.0, _thread.interrupt_main)
+    _later(1.5, _thread.interrupt_main)
     t = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        ip.run_cell_magic("px", "--no-stream", "import time\ntime.sleep(60)")
-    assert time.monotonic() - t < 1.0 + 5
+    # As ipyparallel's own %%px: a one-line notice, the outputs so far, no local traceback.
+    ip.run_cell_magic("px", "--no-stream", "import time\nprint('started')\ntime.sleep(60)")
+    assert time.monotonic() - t < 1.5 + 5
+    out, err = capsys.readouterr()
+    assert "Received Keyboard Interrupt. Sending signal SIGINT to engines..." in err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert out.count("started") == 2
     assert cluster.running
     results = ip.magics_manager.registry["MLXParallelMagics"].last_result
     assert all(ar.done() for ar in results._children)

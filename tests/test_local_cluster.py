@@ -93,7 +93,7 @@ def test_context_manager_and_python_api(no_leaks) -> None:
 
 def test_connection_files_are_private(ip) -> None:
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
-    profile = cluster._profile_dir
+    profile = cluster._run.profile_dir
     assert stat.S_IMODE(os.stat(profile).st_mode) == 0o700
     security = os.path.join(profile, "security")
     files = [os.path.join(security, f) for f in os.listdir(security) if f.endswith(".json")]

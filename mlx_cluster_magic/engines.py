@@ -1,0 +1,234 @@
+"""The one adapter to ipyparallel: the engine-set launcher, mpiexec's output, and every private
+ipyparallel name this package uses.
+
+Everything else goes through public API. ``PRIVATE_NAMES`` lists each private attribute read
+here; a test checks that each still exists, so an ipyparallel upgrade that renames one fails
+loudly instead of silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ipyparallel as ipp
+import psutil
+from ipyparallel.cluster.launcher import MPIEngineSetLauncher
+
+#: (object kind, attribute): the private names of ipyparallel used below.
+PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    ("AsyncResult", "_targets"),
+    ("AsyncResult", "_children"),
+    ("AsyncResult", "_output_ready"),
+    ("AsyncResult", "_fname"),
+    ("ParallelMagics", "_autopx"),
+)
+
+
+class MLXEngineSetLauncher(MPIEngineSetLauncher):
+    """ipyparallel's MPI engine launcher, forwarding every connection variable to remote ranks.
+
+    ipyparallel sets ``IPP_CONNECTION_INFO`` and friends just before start; Open MPI passes a
+    variable to remote ranks only when named with ``-x NAME`` (its value stays off argv).
+    """
+
+    def find_args(self) -> list[str]:
+        args: list[str] = super().find_args()
+        forward = sorted(set(self.get_env()) - set(self.forwarded))
+        extra = [a for name in forward for a in ("-x", name)]
+        # super() gives [*mpi_cmd, -n, N, *mpi_args, *program, *program_args]: insert before
+        # the program.
+        at = len(self.mpi_cmd) + 2 + len(self.mpi_args)
+        return [*args[:at], *extra, *args[at:]]
+
+    @property
+    def forwarded(self) -> list[str]:
+        args = list(self.mpi_args)
+        return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-x"]
+
+
+def new_cluster(
+    *,
+    n: int,
+    profile_dir: str,
+    controller_ip: str,
+    controller_args: Sequence[str],
+    timeout: float,
+) -> ipp.Cluster:
+    """An ipyparallel ``Cluster`` whose life cycle we own: no state file, no atexit of its own."""
+    return ipp.Cluster(
+        n=n,
+        profile_dir=profile_dir,
+        cluster_file="",
+        shutdown_atexit=False,
+        controller_ip=controller_ip,
+        controller_args=list(controller_args),
+        engine_launcher_class=MLXEngineSetLauncher,
+        delay=0,
+        engine_timeout=int(timeout),
+        log_level=40,
+    )
+
+
+def engine_launcher(cluster: ipp.Cluster | None) -> MLXEngineSetLauncher | None:
+    if cluster is None or not cluster.engines:
+        return None
+    launcher = next(iter(cluster.engines.values()))
+    return launcher if isinstance(launcher, MLXEngineSetLauncher) else None
+
+
+def launcher_pids(cluster: ipp.Cluster | None) -> list[int]:
+    """The controller's and mpiexec's pids, as the launchers know them."""
+    if cluster is None:
+        return []
+    pids = []
+    for launcher in [cluster.controller, *cluster.engines.values()]:
+        process = getattr(launcher, "process", None) if launcher is not None else None
+        if isinstance(process, psutil.Process):
+            pids.append(process.pid)
+    return pids
+
+
+def launcher_exited(launcher: Any) -> bool:
+    """Whether mpiexec has exited, asked of the process itself: ipyparallel learns of the exit
+    only on its event loop, which nothing runs while a cell waits."""
+    if launcher is None:
+        return False
+    if launcher.state == "after":
+        return True
+    process = getattr(launcher, "process", None)
+    if not isinstance(process, psutil.Process):
+        return False
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def no_graceful_wait(cluster: ipp.Cluster | None) -> None:
+    """Make the next stop kill at once: a rank may be unreachable or stuck in C code."""
+    if cluster is None:
+        return
+    for launcher in [cluster.controller, *cluster.engines.values()]:
+        if launcher is not None:
+            launcher.stop_seconds_until_kill = 1
+
+
+def launcher_output(launcher: Any) -> list[str]:
+    """mpiexec's combined output so far (non-empty lines)."""
+    path = getattr(launcher, "output_file", None) if launcher is not None else None
+    if not path:
+        return []
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+        return [ln for ln in f.read().splitlines() if ln.strip()]
+    return []
+
+
+def launch_failure(output: list[str], what: str) -> str:
+    """One line for a failed start, from mpiexec's output (inlined: the log is removed with the
+    cluster's private directory)."""
+    ours = [ln.split("mlx_cluster_magic: ", 1)[1] for ln in output if "mlx_cluster_magic: " in ln]
+    if ours:
+        return f"{what}: {ours[0]}"
+    remote = [ln.split(":", 1)[1].strip() for ln in output if ln.strip().startswith("Remote host:")]
+    if remote:
+        return f"{what}: mpiexec could not start its daemon on {remote[0]!r} (ssh or prted failed)"
+    tail = " | ".join(ln.strip() for ln in output[-4:] if ln.strip())
+    return f"{what}; mpiexec's last output: {tail or '(none)'}"
+
+
+_RANK_EXIT = re.compile(
+    r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+) \(([^)]*)\)"
+)
+
+
+def death_cause(output: list[str]) -> str:
+    """What Open MPI said about the first rank that died, e.g. ' (mpiexec: rank 1 on vm exited
+    on signal Killed)'."""
+    for line in output:
+        m = _RANK_EXIT.search(line)
+        if m:
+            return f" (mpiexec: rank {m.group(1)} on {m.group(3)} exited on signal {m.group(5)})"
+    return ""
+
+
+def reported_ranks(output: list[str]) -> list[int]:
+    """Ranks that mpiexec reported as exited."""
+    return sorted({int(m.group(1)) for ln in output if (m := _RANK_EXIT.search(ln))})
+
+
+# ------------------------------------------------------------------------ results of %%px
+def pending_targets(result: Any) -> list[int]:
+    """The engines of an ``AsyncResult`` that have not answered yet."""
+    return [t for t, ar in zip(result._targets, result._children) if not ar.done()]
+
+
+def result_targets(result: Any) -> list[int]:
+    return list(result._targets)
+
+
+def autopx_enabled(magics: Any) -> bool:
+    """Whether ``%autopx`` is on (the next call turns it off)."""
+    return bool(getattr(magics, "_autopx", False))
+
+
+def done_targets(result: Any) -> list[int]:
+    return [t for t, ar in zip(result._targets, result._children) if ar.done()]
+
+
+def output_ready(result: Any) -> bool:
+    return bool(result._output_ready)
+
+
+def name_result(result: Any, name: str) -> None:
+    """The name an ``AsyncResult`` shows in its repr, as ipyparallel's magics set it."""
+    result._fname = name
+
+
+def send_signal(client: ipp.Client, sig: Any, targets: list[int], timeout: float) -> None:
+    """Ask ``targets`` to signal themselves; never waits longer than ``timeout`` (a rank that
+    mpiexec already killed never answers)."""
+    with contextlib.suppress(Exception):
+        ar = client.send_signal(sig, targets=targets, block=False)
+        ar.wait(timeout)
+
+
+def stop(cluster: ipp.Cluster) -> None:
+    with contextlib.suppress(Exception):
+        cluster.stop_cluster_sync()
+
+
+def remove_log_dir(profile_dir: str | None) -> None:
+    """ipyparallel may write a late log into the profile; the cluster removes it."""
+    if profile_dir and os.path.isdir(profile_dir):
+        import shutil
+
+        shutil.rmtree(profile_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ on the engine
+def hook_requests(started: Callable[[], None], finished: Callable[[], None]) -> None:
+    """Call ``started``/``finished`` around every request the engine's kernel handles.
+
+    ipykernel calls ``pre_handler_hook``/``post_handler_hook`` (public methods) on its main
+    thread right before and after each shell request's handler (execute, apply, ...).
+    """
+    from ipyparallel.engine.kernel import IPythonParallelKernel as Kernel
+
+    pre, post = Kernel.pre_handler_hook, Kernel.post_handler_hook
+
+    def pre_handler_hook(self: Any) -> None:
+        started()
+        pre(self)
+
+    def post_handler_hook(self: Any) -> None:
+        try:
+            post(self)
+        finally:
+            finished()
+
+    Kernel.pre_handler_hook = pre_handler_hook  # type: ignore[method-assign]
+    Kernel.post_handler_hook = post_handler_hook  # type: ignore[method-assign]

@@ -1,0 +1,182 @@
+"""Every start option checked before anything is launched: one line per mistake, with the fix.
+
+``resolve()`` turns what a person typed (``MLXCluster(...)`` keywords or ``%mlx_cluster start``
+flags) into a frozen ``ClusterSpec`` that the life cycle reads. No IPython, no processes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psutil
+
+from . import hosts as hostmod
+from . import launch
+from .errors import MLXClusterError
+
+START_TIMEOUT_S = 60.0
+COLLECTIVE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What a cluster is: where its ranks run and how they are started."""
+
+    placement: hostmod.Placement
+    backend: str
+    mpiexec: str
+    explicit_mpiexec: bool
+    mpi_lib: str | None
+    python: str
+    workdir: str | None
+    controller_ip: str
+    subnet: str | None
+    ring_port: int
+    ssh: str | None
+    timeout: float
+    live_status: bool
+    check_collectives: bool = False
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S
+    verbose: bool = False
+    connections_per_ip: int = 1
+
+    @property
+    def n(self) -> int:
+        return self.placement.size
+
+    @property
+    def prted(self) -> str:
+        """The remote daemon: beside an explicit --mpiexec, else beside the hosts' python."""
+        base = self.mpiexec if self.explicit_mpiexec else self.python
+        return os.path.join(os.path.dirname(base), "prted")
+
+
+def placement_from(
+    n: int | None,
+    *,
+    hosts: str | Sequence[str] | None = None,
+    hostfile: str | os.PathLike[str] | None = None,
+) -> hostmod.Placement:
+    """Where the ranks go: ``n`` local ranks, or ``n`` per host of ``hosts``/``hostfile``."""
+    if hosts is not None and hostfile is not None:
+        raise MLXClusterError("give --hosts or --hostfile, not both")
+    if hostfile is not None:
+        placement = hostmod.with_ranks_per_host(hostmod.read_hostfile(hostfile), n)
+    elif hosts is not None:
+        spec = hosts if isinstance(hosts, str) else ",".join(hosts)
+        placement = hostmod.with_ranks_per_host(hostmod.parse_host_list(spec), n)
+    else:
+        return hostmod.local(2 if n is None else n)
+    return hostmod.mark_head(placement, own_names())
+
+
+def own_names() -> set[str]:
+    """This machine's host names and addresses, to recognise the head in a hostfile."""
+    names = {socket.gethostname(), socket.gethostname().split(".")[0]}
+    for addrs in psutil.net_if_addrs().values():
+        names.update(a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
+    return names
+
+
+def _positive(value: object, flag: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise MLXClusterError(f"{flag} must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+def resolve(
+    n: int | None = None,
+    *,
+    hosts: str | Sequence[str] | None = None,
+    hostfile: str | os.PathLike[str] | None = None,
+    backend: str | None = None,
+    mpiexec: str | None = None,
+    mpi_lib: str | None = None,
+    python: str | None = None,
+    workdir: str | None = None,
+    controller_ip: str | None = None,
+    ring_port: int = launch.DEFAULT_RING_PORT,
+    ssh: str | None = None,
+    timeout: float = START_TIMEOUT_S,
+    live_status: bool = True,
+    check_collectives: bool = False,
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S,
+    verbose: bool = False,
+    connections_per_ip: int = 1,
+) -> ClusterSpec:
+    """Check every option; raise ``MLXClusterError`` (one line, with the fix) on the first bad
+    one."""
+    placement = placement_from(n, hosts=hosts, hostfile=hostfile)
+    chosen = hostmod.check_backend(backend or placement.backend or "mpi")
+    if not (isinstance(ring_port, int) and 1024 <= ring_port <= 65535 - placement.size):
+        raise MLXClusterError(f"--ring-port must be a port from 1024 to 65535, got {ring_port}")
+    timeout = _positive(timeout, "--timeout")
+    collective_timeout = _positive(collective_timeout, "--collective-timeout")
+    if not (isinstance(connections_per_ip, int) and 1 <= connections_per_ip <= 16):
+        raise MLXClusterError(
+            f"--connections-per-ip must be a whole number from 1 to 16, got {connections_per_ip}"
+        )
+    found_mpiexec = launch.find_mpiexec(mpiexec)
+    lib = launch.find_libmpi(found_mpiexec, mpi_lib) if chosen in ("mpi", "any") else mpi_lib
+    if chosen.startswith("jaccl"):
+        if placement.is_local:
+            raise MLXClusterError(
+                "the jaccl backend is RDMA over Thunderbolt 5 between Macs: give a "
+                "--hostfile with rdma rows (mlx.distributed_config --backend jaccl); "
+                "locally use mpi or ring"
+            )
+        launch.ibv_devices(placement)  # validate the rdma rows before launching
+    if placement.is_local and python and not os.access(python, os.X_OK):
+        raise MLXClusterError(f"--python {python!r} is not an executable here")
+    if workdir is not None and placement.is_local and not os.path.isdir(workdir):
+        raise MLXClusterError(f"--workdir {workdir!r} is not a directory")
+    if controller_ip is not None:
+        try:
+            ipaddress.ip_address(controller_ip)
+        except ValueError:
+            raise MLXClusterError(
+                f"--controller-ip {controller_ip!r} is not an IP address: give the address "
+                "the hosts reach this machine by"
+            ) from None
+    subnet = launch.cluster_subnet(placement)
+    return ClusterSpec(
+        placement=placement,
+        backend=chosen,
+        mpiexec=found_mpiexec,
+        explicit_mpiexec=bool(mpiexec or os.environ.get("MLX_CLUSTER_MPIEXEC")),
+        mpi_lib=lib,
+        python=python or sys.executable,
+        workdir=workdir,
+        controller_ip=controller_ip or default_controller_ip(placement, subnet),
+        subnet=subnet,
+        ring_port=ring_port,
+        ssh=ssh,
+        timeout=timeout,
+        live_status=live_status,
+        check_collectives=bool(check_collectives),
+        collective_timeout=collective_timeout,
+        verbose=bool(verbose),
+        connections_per_ip=connections_per_ip,
+    )
+
+
+def default_controller_ip(placement: hostmod.Placement, subnet: str | None) -> str:
+    """Loopback for a local cluster; else the head's own address in the cluster subnet."""
+    if placement.is_local or subnet is None:
+        return "127.0.0.1"
+    interfaces = {
+        name: [a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)]
+        for name, addrs in psutil.net_if_addrs().items()
+    }
+    ip = launch.head_address(subnet, interfaces)
+    if ip is None:
+        raise MLXClusterError(
+            f"this machine has no address in the cluster subnet {subnet}: pass "
+            "--controller-ip with the address the hosts reach this machine by"
+        )
+    return ip
