@@ -256,6 +256,23 @@ def test_probe_runs_alone_and_finds_the_same_libmpi_as_the_head(tmp_path: Path) 
     assert info["macos"] is None  # not a Mac
 
 
+def test_doctor_and_netif_do_not_import_ipython() -> None:
+    # Loaded from their files under a stand-in package, so the package's __init__ (which
+    # imports the cluster) is not involved.
+    folder = str(Path(mlx_cluster_magic.__file__).parent)
+    code = (
+        "import importlib, sys, types\n"
+        "pkg = types.ModuleType('tbpkg')\n"
+        f"pkg.__path__ = [{folder!r}]\n"
+        "sys.modules['tbpkg'] = pkg\n"
+        "for m in ('netif', 'doctor', 'doctor.probe', 'doctor.checks', 'doctor.report',\n"
+        "          'doctor.advice', 'doctor.collect'):\n"
+        "    importlib.import_module('tbpkg.' + m)\n"
+        "assert 'IPython' not in sys.modules, 'IPython was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 # --------------------------------------------------------------------------------- rendering
 
 

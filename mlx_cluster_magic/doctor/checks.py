@@ -10,7 +10,7 @@ import ipaddress
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 from ..hosts import Host
 from ..netif import (
@@ -65,7 +65,7 @@ class HostContext:
     def ip(self) -> str | None:
         return self.host.ips[0] if self.host.ips else None
 
-    @property
+    @cached_property
     def interfaces(self) -> dict[str, Interface] | None:
         text = self.probe.ifaces
         return parse_interfaces(text) if self.probe.started and text.strip() else None
