@@ -168,11 +168,24 @@ class Checker:
             return all("sig" in entry(p) or "abort" in entry(p) for p in peers)
 
         ok = self._wait(arrived, started + self.timeout)
+        if all("sig" in entry(p) for p in peers):
+            sigs = {self.rank: sig, **{p: entry(p)["sig"] for p in peers}}
+            if not _agree(channel, sigs):
+                text = _mismatch_text(seq, sigs)
+                self.post(
+                    peers, "abort", channel, seq, {"sig": sig, "why": "mismatch", "text": text}
+                )
+                self._flush(time.monotonic() + 1.0)
+                raise CollectiveMismatch(text)
         gave_up = [p for p in peers if "abort" in entry(p)]
         if gave_up:
-            waited = max(float(entry(p)["abort"].get("waited", 0.0)) for p in gave_up)
+            reasons = [entry(p)["abort"] for p in gave_up]
             self.post(peers, "abort", channel, seq, {"sig": sig, "why": "abandoned"})
             self._flush(time.monotonic() + 1.0)
+            found = next((r["text"] for r in reasons if r.get("why") == "mismatch"), None)
+            if found:
+                raise CollectiveMismatch(found)
+            waited = max(float(r.get("waited", 0.0)) for r in reasons)
             raise CollectiveAbandoned(
                 f"{what} was abandoned by {_ranks(gave_up)}: they waited {waited:.0f} s for "
                 f"rank {self.rank}, which reached it too late; the cell failed, the cluster is "
@@ -194,11 +207,6 @@ class Checker:
                 "the cell failed, the cluster is still running (cluster.why() shows where every "
                 "rank is)"
             )
-        sigs = {self.rank: sig, **{p: entry(p)["sig"] for p in peers}}
-        if not _agree(channel, sigs):
-            self.post(peers, "abort", channel, seq, {"sig": sig, "why": "mismatch"})
-            self._flush(time.monotonic() + 1.0)
-            raise CollectiveMismatch(_mismatch_text(seq, sigs))
         self.post(peers, "commit", channel, seq, True)
 
         def committed() -> bool:
@@ -229,7 +237,9 @@ class Checker:
     def resync(self) -> list[str]:
         """Move past collectives the others abandoned while this rank never reached them
         (it skipped them). Called before each cell; returns what was skipped."""
-        self.pump()
+        # A message that has just arrived shows up only on the second progress round.
+        for _ in range(3):
+            self.pump()
         skipped = []
         while True:
             moved = False
