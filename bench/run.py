@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 from bandwidth import bench_bandwidth  # noqa: E402
 from broadcast import bench_broadcast  # noqa: E402
 from overhead import bench_overhead  # noqa: E402
+from recorder import bench_recorder  # noqa: E402
 from scaling import bench_scaling  # noqa: E402
 
 import benchlib  # noqa: E402, F401
@@ -121,6 +122,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "overhead": bench_overhead,
     "broadcast": bench_broadcast,
     "scaling": bench_scaling,
+    "recorder": bench_recorder,
 }
 
 
