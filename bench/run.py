@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 # benchlib puts mpiexec on PATH (raw ipyparallel looks there) and allows Open MPI to run as root.
 from bandwidth import bench_bandwidth  # noqa: E402
 from broadcast import bench_broadcast  # noqa: E402
+from links import bench_links  # noqa: E402
 from overhead import bench_overhead  # noqa: E402
 from recorder import bench_recorder  # noqa: E402
 from scaling import bench_scaling  # noqa: E402
@@ -123,6 +124,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "broadcast": bench_broadcast,
     "scaling": bench_scaling,
     "recorder": bench_recorder,
+    "links": bench_links,
 }
 
 
