@@ -219,3 +219,50 @@ def test_jaccl_forms_build_their_environment(mesh3: Any, tmp_path: Path, form: s
     assert env["MLX_JACCL_COORDINATOR"] == f"{mesh3.ips[0]}:{launch.DEFAULT_JACCL_PORT}"
     assert json.loads(env[launch.IBV_DEVICES_VAR])[0] == [None, "rdma_tb2", "rdma_tb3"]
     assert ("MLX_JACCL_RING" in env) == (form == "jaccl-ring")
+
+
+# What the engines do with the ring environment, without the cluster around it.
+RING_SUM = """
+import json, os, socket, sys
+os.environ["MLX_RANK"] = os.environ["OMPI_COMM_WORLD_RANK"]
+import mlx.core as mx
+g = mx.distributed.init(backend="ring", strict=True)
+x = mx.distributed.all_sum(mx.ones(1 << 18) * (g.rank() + 1))
+mx.eval(x)
+print("RESULT", socket.gethostname(), g.rank(), x[0].item(), flush=True)
+"""
+
+
+def test_mlx_ring_takes_several_connections_per_ip(mesh3: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    placement = read_hostfile(mesh3.hostfile(tmp_path / "ring.json", "ring"))
+    ring = launch.ring_hosts(placement, RING_PORT + 20, connections_per_ip=2)
+    assert [len(r) for r in ring] == [2, 2, 2]
+    hostfile = tmp_path / "mlx-ring.json"
+    hostfile.write_text(json.dumps(ring))
+    script = tmp_path / "ring_sum.py"
+    script.write_text(RING_SUM)
+    venv = Path(sys.executable).parent
+    cmd = [
+        str(venv / "mpiexec"),
+        "--allow-run-as-root",
+        "--host", "mac1:1,mac2:1,mac3:1",
+        "--prtemca", "plm_ssh_agent", mesh3.rsh_agent,
+        "--prtemca", "prte_launch_agent", str(venv / "prted"),
+        "--mca", "btl_tcp_if_include", mesh3.subnet,
+        "--mca", "oob_tcp_if_include", mesh3.subnet,
+        "-x", f"MLX_HOSTFILE={hostfile}",
+        "-x", "MLX_RING_VERBOSE=1",
+        "-n", "3", sys.executable, str(script),
+    ]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    finally:
+        no_leaks_on(mesh3)
+    results = sorted(ln.split()[1:] for ln in out.stdout.splitlines() if ln.startswith("RESULT"))
+    assert results == [["mac1", "0", "6.0"], ["mac2", "1", "6.0"], ["mac3", "2", "6.0"]], (
+        out.stdout + out.stderr[-2000:]
+    )
+    assert "[ring]" in out.stdout + out.stderr  # MLX's own verbose lines
