@@ -52,6 +52,7 @@ CELLS = [
     "cluster = %mlx_cluster start -n 2",
     "cluster",
     f'ar = cluster.view.execute("import time; time.sleep({BUSY_S})", block=False)',
+    "%%px\nimport time\ntime.sleep(60)",  # stopped from the view while it runs
 ]
 
 VIEW_NOTEBOOK = "status-view.ipynb"
@@ -352,8 +353,9 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
         "the status view would render as its text/plain fallback"
     )
     screenshot = artifacts / "status-widget.png"
+    stopped_shot = artifacts / "status-widget-stopped-mid-cell.png"
     failure_shot = artifacts / "status-widget-failure.png"
-    for old in (screenshot, failure_shot):
+    for old in (screenshot, stopped_shot, failure_shot):
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
     with sync_playwright() as pw:
@@ -410,15 +412,46 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             page.locator(".mlx-cluster-status").screenshot(path=str(screenshot))
             assert screenshot.stat().st_size > 0
 
-            # Back to idle when the sleep is over, then the widget's own Stop button.
+            # Back to idle when the sleep is over; then a blocking %%px cell holds the kernel
+            # and the widget's own Stop button must still act (events handled by the wait).
             _wait("both ranks idle again", lambda: _idle_rows(page), timeout=BUSY_S + 10)
+            _run_cell(page, 4)
+            _wait("the %%px cell's ranks to be busy", lambda: _busy_rows(page), timeout=15)
+            time.sleep(1.0)  # well inside the cell
+            assert not re.search(r"\[\d+\]", _prompt(page, 4)), "the %%px cell ended early"
             stop.click()
+            clicked = time.monotonic()
+            _wait(
+                "the click to show",
+                lambda: stop.is_disabled() and "stopping" in stop.inner_text(),
+                timeout=1.5,
+                period=0.05,
+            )
+            shown_s = time.monotonic() - clicked
             _wait(
                 "the header to say stopped",
                 lambda: "(stopped)" in _header(page).inner_text(),
                 timeout=30,
+                period=0.05,
             )
+            stopped_s = time.monotonic() - clicked
+            _wait(
+                "the %%px cell to end",
+                lambda: re.search(r"\[\d+\]", _prompt(page, 4)) is not None,
+                timeout=30,
+                period=0.05,
+            )
+            ended_s = time.monotonic() - clicked
             _wait("the Stop button to be disabled", stop.is_disabled, timeout=5)
+            page.locator(".mlx-cluster-status").first.screenshot(path=str(stopped_shot))
+            said = _output(page, 4)
+            print(
+                f"mid-cell Stop: click shown {shown_s * 1000:.0f} ms, cluster stopped "
+                f"{stopped_s:.2f} s, cell ended {ended_s:.2f} s after the click; cell said {said!r}"
+            )
+            assert "Traceback" not in said and len(said.strip().splitlines()) <= 2, said
+            # One line saying the cluster was stopped from the view (after the progress line).
+            assert "stopped from the status view" in said, said
         except BaseException:
             if page is not None:
                 with contextlib.suppress(Exception):

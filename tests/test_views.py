@@ -113,6 +113,9 @@ def test_broken_header_says_why_and_how_to_recover() -> None:
         snap("broken")
     )
     assert "broken:" not in snapshot_text(snap("stopped"))
+    by_view = snap("stopped", reason="stopped from the status view")
+    assert snapshot_text(by_view).splitlines()[-1] == "stopped from the status view"
+    assert "stopped from the status view" in snapshot_html(by_view)
 
 
 def test_html_rows_classes_and_colours() -> None:
@@ -302,3 +305,95 @@ def test_side_panel_outside_a_kernel_falls_back_inline() -> None:
     said = side.open_side_panel(w)
     assert said.startswith("shown inline: the side panel needs JupyterLab (terminal:")
     assert w.side_panel is None
+
+
+# --------------------------------------------------------------------------- clicks mid-cell
+def test_ipykernel_names_the_own_thread_relies_on() -> None:
+    """The kernel internals behind ``own_subshell``: an upgrade that renames one fails here
+    instead of silently queueing clicks behind the running cell again."""
+    import ipykernel
+    from ipykernel.comm.comm import BaseComm
+    from ipykernel.kernelbase import Kernel
+    from ipykernel.subshell_manager import SubshellManager
+
+    assert int(ipykernel.__version__.split(".")[0]) >= 7
+    assert callable(BaseComm._reply_subshell_for)
+    assert callable(SubshellManager._create_subshell) and callable(SubshellManager._delete_subshell)
+    assert "shell_channel_thread" in Kernel.class_traits()
+
+
+def test_a_click_acts_while_the_kernel_runs_a_cell() -> None:
+    """A real kernel sleeps in a cell; the Stop message (as the browser sends it) is handled at
+    once on the widget's own subshell thread, not after the cell."""
+    import ast
+    import queue
+    import time
+
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+
+        def run(code: str, timeout: float = 30) -> str:
+            msg_id = kc.execute(code)
+            out = []
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    m = kc.get_iopub_msg(timeout=1)
+                except queue.Empty:
+                    continue
+                if m["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if m["msg_type"] == "stream":
+                    out.append(m["content"]["text"])
+                elif m["msg_type"] == "error":
+                    raise AssertionError("\n".join(m["content"]["traceback"]))
+                elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                    return "".join(out)
+            raise AssertionError(f"no answer to {code!r}")
+
+        model_id, subshell = run(
+            "import threading, time\n"
+            "from mlx_cluster_magic.snapshot import ClusterSnapshot\n"
+            "from mlx_cluster_magic.views.status import StatusWidget\n"
+            "got = []\n"
+            "w = StatusWidget(on_stop=lambda: got.append((time.monotonic(), "
+            "threading.current_thread().name)), on_restart=lambda replay: None,\n"
+            "                 snapshot=ClusterSnapshot('running', 'mpi', 1, 1, 1.0, ()))\n"
+            "print(w.model_id, w.subshell_id)"
+        ).split()
+        assert subshell != "None"
+        cell = kc.execute(
+            "t0 = time.monotonic(); time.sleep(4)\n"
+            "print([(round(t - t0, 1), name.startswith('subshell')) for t, name in got])"
+        )
+        time.sleep(1)
+        click = kc.session.msg(
+            "comm_msg",
+            {"comm_id": model_id, "data": {"method": "custom", "content": {"action": "stop"}}},
+        )
+        kc.shell_channel.send(click)
+        sent = time.monotonic()
+        acked_after = None
+        said = ""
+        while time.monotonic() - sent < 20:
+            try:
+                m = kc.get_iopub_msg(timeout=1)
+            except queue.Empty:
+                continue
+            data = m["content"].get("data", {})
+            if m["msg_type"] == "comm_msg" and data.get("content", {}).get("ack") == "stop":
+                acked_after = time.monotonic() - sent
+            if m["msg_type"] == "stream" and m["parent_header"].get("msg_id") == cell:
+                said = m["content"]["text"]
+                break
+        assert acked_after is not None and acked_after < 2, acked_after  # not after the cell
+        (handled,) = ast.literal_eval(said)
+        assert handled[1] is True and handled[0] < 3, said  # inside the sleep, on the subshell
+        assert "subshell-" not in run(
+            "w.close(); time.sleep(0.5); print(sorted(t.name for t in threading.enumerate()))"
+        )
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -35,6 +35,7 @@ function headerText(s) {
 }
 
 function brokenText(s) {
+  if (s.state === "stopped" && s.reason) return s.reason.replace(/[. ]+$/, "");
   if (s.state !== "broken") return null;
   const reason = (s.reason || "the cluster was aborted").replace(/[. ]+$/, "");
   return `broken: ${reason}; \`%mlx_cluster restart\` brings it back.`;
@@ -265,6 +266,7 @@ function render({ model, el }) {
     const b = brokenText(s);
     broken.textContent = b || "";
     broken.hidden = !b;
+    broken.classList.toggle("mlx-stopped-by", s.state === "stopped");
     banner.textContent = s.banner || "";
     banner.hidden = !s.banner;
     const rows = (s.nodes || []).map((node) => {

@@ -57,6 +57,59 @@ def metrics_series(points: Sequence[MetricPoint]) -> list[dict[str, Any]]:
     return out
 
 
+def own_subshell(widget: Any) -> str | None:
+    """Have the kernel handle ``widget``'s messages on a subshell thread of their own, so that
+    a click acts while the main thread runs a cell (ipykernel 7's subshells, JEP 91).
+
+    ipykernel routes each incoming comm message to the subshell its comm names
+    (``_reply_subshell_for``); this widget's comm names one subshell created for it. Returns
+    the subshell's id, or None where the kernel has no subshells (older ipykernel, terminal
+    IPython): there the clicks wait for the running cell, or for a wait loop that polls them.
+    """
+    try:
+        from ipykernel.kernelbase import Kernel
+
+        if not Kernel.initialized():
+            return None
+        kernel = Kernel.instance()
+        thread = kernel.shell_channel_thread
+        comm = widget.comm
+        if thread is None or comm is None or not hasattr(comm, "_reply_subshell_for"):
+            return None
+        manager = thread.manager
+    except Exception:
+        return None
+    made: list[str] = []
+    done = threading.Event()
+
+    def create() -> None:  # the manager must be called on the shell channel thread
+        try:
+            made.append(manager._create_subshell())
+        except Exception:
+            log.debug("could not create a subshell for the status view", exc_info=True)
+        finally:
+            done.set()
+
+    thread.io_loop.add_callback(create)
+    if not done.wait(5) or not made:
+        return None
+    subshell_id = made[0]
+    comm._reply_subshell_for = lambda _data, _default: subshell_id
+    return subshell_id
+
+
+def drop_subshell(subshell_id: str) -> None:
+    """Stop the subshell thread ``own_subshell`` made (when the widget closes)."""
+    try:
+        from ipykernel.kernelbase import Kernel
+
+        thread = Kernel.instance().shell_channel_thread
+        manager = thread.manager
+        thread.io_loop.add_callback(lambda: manager._delete_subshell(subshell_id))
+    except Exception:
+        log.debug("could not delete the status view's subshell", exc_info=True)
+
+
 def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
     """The ``snapshot`` trait: the snapshot's header and rows (metrics and topology travel in
     their own traits, so a table refresh does not resend them)."""
@@ -73,8 +126,12 @@ class StatusWidget(anywidget.AnyWidget):
 
     ``on_stop()`` runs on Stop; ``on_restart(replay)`` on Restart (``replay`` True for
     "Restart and replay"); ``on_side()`` on "Side panel" (None: the widget opens its own side
-    panel with ``views.side.open_side_panel``). A callback's exception is shown in the view
-    as one line and logged with its traceback.
+    panel with ``views.side.open_side_panel``); a string it returns is shown in the view. A
+    callback's exception is shown in the view as one line and logged with its traceback.
+
+    With ``own_thread`` (the default) and a kernel that has subshells (ipykernel 7), the
+    callbacks run on a kernel subshell thread of this widget's own, so Stop acts while a cell
+    runs: they must be safe to call from another thread than the cell's.
     """
 
     _esm = HERE / "status.js"
@@ -94,6 +151,7 @@ class StatusWidget(anywidget.AnyWidget):
         on_side: Callable[[], object] | None = None,
         snapshot: ClusterSnapshot | None = None,
         side_button: bool = True,
+        own_thread: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(side_button=side_button, **kwargs)
@@ -105,8 +163,16 @@ class StatusWidget(anywidget.AnyWidget):
         self.last: ClusterSnapshot | None = None
         self.side_panel: Any = None  # the Sidecar showing this widget, once opened
         self.on_msg(self._on_message)
+        #: The kernel subshell whose thread handles this widget's clicks (None: the main one).
+        self.subshell_id = own_subshell(self) if own_thread else None
         if snapshot is not None:
             self.update(snapshot)
+
+    def close(self) -> None:
+        subshell_id, self.subshell_id = getattr(self, "subshell_id", None), None
+        super().close()
+        if subshell_id is not None:
+            drop_subshell(subshell_id)
 
     def update(self, snapshot: ClusterSnapshot) -> None:
         """Show ``snapshot``. Cheap and thread-safe: unchanged parts are not resent."""
@@ -142,7 +208,8 @@ class StatusWidget(anywidget.AnyWidget):
                 self._on_restart(bool(content.get("replay", action == "replay")))
             elif action == "side":
                 if self._on_side is not None:
-                    self._on_side()
+                    said = self._on_side()
+                    message = said if isinstance(said, str) else None
                 else:
                     from .side import open_side_panel
 

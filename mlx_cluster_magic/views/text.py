@@ -85,7 +85,10 @@ def header_text(s: ClusterSnapshot) -> str:
 
 
 def broken_text(s: ClusterSnapshot) -> str | None:
-    """Why the cluster broke and how to bring it back; None unless it is broken."""
+    """Why the cluster broke and how to bring it back; for a stopped cluster, who stopped it
+    (``stopped from the status view``); else None."""
+    if s.state == "stopped" and s.reason:
+        return s.reason.rstrip(". ")
     if s.state != "broken":
         return None
     reason = (s.reason or "the cluster was aborted").rstrip(". ")
@@ -212,7 +215,8 @@ def snapshot_html(s: ClusterSnapshot) -> str:
     ]
     broken = broken_text(s)
     if broken:
-        parts.append(f"<div class='mlx-broken' style='color:#c62828'>{html.escape(broken)}</div>")
+        colour = "#c62828" if s.state == "broken" else "#616161"
+        parts.append(f"<div class='mlx-broken' style='color:{colour}'>{html.escape(broken)}</div>")
     if s.banner:
         parts.append(
             "<div class='mlx-banner' style='background:#fff3e0;border-left:4px solid #ef6c00;"
