@@ -92,6 +92,28 @@ def ip(no_leaks: None) -> Iterator[object]:
     shell.run_line_magic("unload_ext", "mlx_cluster_magic")
 
 
+@contextlib.contextmanager
+def shared_cluster(start_line: str) -> Iterator[tuple[Any, Any]]:
+    """A shell with the extension and one started cluster, for a module of read-mostly tests
+    (one start instead of one per test); stopped, unloaded and leak-checked at the end."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "mlx_cluster_magic")
+    cluster = shell.run_line_magic("mlx_cluster", start_line)
+    try:
+        yield shell, cluster
+    finally:
+        magics = shell.magics_manager.registry.get("MLXClusterMagics")
+        if magics is not None and magics.cluster is not None:
+            if magics.cluster.running:
+                magics.cluster.stop()
+            magics.cluster = None
+        shell.run_line_magic("unload_ext", "mlx_cluster_magic")
+        left = wait_no_processes()
+        assert not left, f"left running: {left}"
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
