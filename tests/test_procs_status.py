@@ -1,0 +1,140 @@
+"""Process safety and the head's status channel, without a cluster: real processes, real ZMQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+import zmq
+
+from mlx_cluster_magic import hosts, procs
+from mlx_cluster_magic.status import MAX_MESSAGE_BYTES, StatusReceiver
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_tracked_process_is_never_confused_with_a_reused_pid() -> None:
+    proc = _sleeper()
+    t = procs.Tracked.of(proc.pid)
+    assert t is not None and t.alive()
+    impostor = procs.Tracked(proc.pid, t.started - 100.0)  # same pid, another start time
+    assert impostor.process() is None
+    procs.reap([impostor], grace=0.2)
+    assert proc.poll() is None, "a process with another start time was signalled"
+    procs.reap([t], grace=2.0)
+    assert proc.wait(5) is not None
+    assert not t.alive()
+
+
+def test_reap_kills_what_ignores_sigterm() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+         "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    t0 = time.monotonic()
+    procs.reap(procs.track([proc.pid]), grace=0.5)
+    assert proc.wait(5) == -9
+    assert time.monotonic() - t0 < 3
+
+
+def test_watchdog_stops_tracked_processes_when_its_parent_is_gone() -> None:
+    private = tempfile.mkdtemp(prefix=procs.PRIVATE_PREFIX)
+    proc = _sleeper()
+    # the watchdog's stdin is its parent's pipe: closing it without "stop" is the parent dying
+    dog = subprocess.Popen(
+        [sys.executable, "-m", "mlx_cluster_magic.procs", private, str(os.getpid())],
+        stdin=subprocess.PIPE,
+    )
+    assert dog.stdin is not None
+    tracked = procs.Tracked.of(proc.pid)
+    assert tracked is not None
+    dog.stdin.write(tracked.line().encode())
+    dog.stdin.close()
+    assert dog.wait(10) == 0
+    assert proc.wait(5) is not None
+    assert not os.path.exists(private)
+
+
+def test_watchdog_stop_leaves_everything_alone() -> None:
+    private = tempfile.mkdtemp(prefix=procs.PRIVATE_PREFIX)
+    proc = _sleeper()
+    try:
+        dog = procs.Watchdog(private, procs.track([proc.pid]))
+        dog_pid = dog.pid
+        dog.close()
+        assert dog_pid is not None and not psutil.pid_exists(dog_pid) or (
+            psutil.Process(dog_pid).status() == psutil.STATUS_ZOMBIE
+        )
+        assert proc.poll() is None and os.path.isdir(private)
+    finally:
+        proc.kill()
+        proc.wait()
+        os.rmdir(private)
+
+
+@pytest.fixture
+def receiver():
+    r = StatusReceiver("127.0.0.1", hosts.local(2))
+    yield r
+    r.close()
+
+
+def _push(receiver: StatusReceiver, *messages: bytes) -> None:
+    url, _, _token = receiver.url.partition("#")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(url)
+    for m in messages:
+        sock.send(m)
+    time.sleep(0.4)
+    sock.close(linger=1000)
+    ctx.term()
+
+
+def _report(receiver: StatusReceiver, rank: int, token: str | None = None, **extra) -> bytes:
+    msg = {"token": token or receiver.token, "rank": rank, "state": "idle", "pid": 1, **extra}
+    return json.dumps(msg).encode()
+
+
+def test_status_drops_wrong_tokens_and_oversized_messages(receiver) -> None:
+    big = _report(receiver, 1, pad="x" * (MAX_MESSAGE_BYTES + 10))
+    _push(receiver, _report(receiver, 0, token="f" * 32), big, b"not json")
+    assert [n.state for n in receiver.nodes()] == ["starting", "starting"]
+    _push(receiver, _report(receiver, 0, host="mac1"))
+    nodes = receiver.nodes()
+    assert nodes[0].state == "idle" and nodes[0].host == "mac1" and nodes[1].state == "starting"
+
+
+def test_status_survives_the_shared_zmq_context_being_terminated(receiver) -> None:
+    zmq.Context.instance().term()  # what some library code does on its way out
+    _push(receiver, _report(receiver, 1))
+    assert receiver.nodes()[1].state == "idle"
+
+
+def test_silence_is_unresponsive_and_only_evidence_is_dead(receiver) -> None:
+    _push(receiver, _report(receiver, 0), _report(receiver, 1))
+    receiver.set_evidence(lambda: {1: "process gone"})
+    time.sleep(2.2)
+    nodes = receiver.nodes()
+    assert nodes[0].state == "unresponsive" and nodes[0].silent_s >= 2.0
+    assert nodes[1].state == "dead" and nodes[1].why == "process gone"
+
+
+def test_metrics_are_bounded_per_series(receiver) -> None:
+    from mlx_cluster_magic.status import POINTS_PER_SERIES
+
+    points = [["loss", 1.0 / (i + 1), i, 0.0] for i in range(POINTS_PER_SERIES + 50)]
+    _push(receiver, _report(receiver, 0, metrics=points))
+    got = receiver.metrics()
+    assert len(got) == POINTS_PER_SERIES
+    assert got[-1].step == POINTS_PER_SERIES + 49 and got[0].name == "loss"
