@@ -46,7 +46,8 @@ function heartbeat(node) {
     const silent = node.silent_s ?? node.last_seen_s;
     return `silent ${humanSeconds(silent)}, process alive`;
   }
-  return node.last_seen_s === null || node.last_seen_s === undefined ? "-" : `${node.last_seen_s.toFixed(1)} s ago`;
+  if (node.last_seen_s === null || node.last_seen_s === undefined || node.state === "stopped") return "-";
+  return `${node.last_seen_s.toFixed(1)} s ago`;
 }
 
 function cells(node) {

@@ -7,6 +7,7 @@ callbacks given at construction; the front end shows at once that a click was re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -17,19 +18,16 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ..snapshot import ClusterSnapshot, MetricPoint
-from .text import group_metrics, snapshot_html, snapshot_text
+from ..snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from .text import snapshot_html, snapshot_text
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 #: Points per (metric, rank) sent to the browser; longer series are thinned evenly, last kept.
+#: NaN and infinities travel as null (JSON has neither) and are not drawn.
 MAX_CHART_POINTS = 500
-
-
-def _num(v: float | None) -> float | None:
-    """JSON has no NaN or infinity: such points travel as null and are not drawn."""
-    return v if v is None or math.isfinite(v) else None
+NODE_FIELDS = tuple(f.name for f in dataclasses.fields(NodeStatus))
 
 
 def _thin(n: int, limit: int = MAX_CHART_POINTS) -> list[int]:
@@ -40,21 +38,49 @@ def _thin(n: int, limit: int = MAX_CHART_POINTS) -> list[int]:
 
 
 def metrics_series(points: Sequence[MetricPoint]) -> list[dict[str, Any]]:
-    """The metric records as the widget syncs them: one entry per (name, rank), columns
-    ``step``, ``time``, ``value`` (thinned to ``MAX_CHART_POINTS``)."""
+    """The metric records as the widget syncs them: one entry per (name, rank), names in
+    first-reported order then ranks, columns ``step``, ``time``, ``value`` (thinned to
+    ``MAX_CHART_POINTS``). One pass over the records: this runs twice a second."""
+    groups: dict[tuple[str, int], tuple[list[float | None], list[float], list[float | None]]] = {}
+    order: dict[str, int] = {}
+    finite = math.isfinite
+    for p in points:
+        g = groups.get((p.name, p.rank))
+        if g is None:
+            g = groups[(p.name, p.rank)] = ([], [], [])
+            order.setdefault(p.name, len(order))
+        g[0].append(p.step if p.step is None or finite(p.step) else None)
+        g[1].append(p.time)
+        g[2].append(p.value if finite(p.value) else None)
     out = []
-    for s in group_metrics(points):
-        idx = _thin(len(s.values))
-        out.append(
-            {
-                "name": s.name,
-                "rank": s.rank,
-                "step": [_num(s.steps[i]) for i in idx],
-                "time": [s.times[i] for i in idx],
-                "value": [_num(s.values[i]) for i in idx],
-            }
-        )
+    for (name, rank), (steps, times, values) in sorted(
+        groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
+    ):
+        if len(values) > MAX_CHART_POINTS:
+            idx = _thin(len(values))
+            steps, times, values = (
+                [steps[i] for i in idx],
+                [times[i] for i in idx],
+                [values[i] for i in idx],
+            )
+        out.append({"name": name, "rank": rank, "step": steps, "time": times, "value": values})
     return out
+
+
+def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
+    """The ``snapshot`` trait: the snapshot's header and rows (metrics and topology travel in
+    their own traits, so a table refresh does not resend them). Equal to ``s.as_dict()`` less
+    those two keys, built without ``asdict``'s deep copies."""
+    return {
+        "state": s.state,
+        "backend": s.backend,
+        "n": s.n,
+        "hosts": s.hosts,
+        "uptime_s": s.uptime_s,
+        "nodes": [{f: getattr(n, f) for f in NODE_FIELDS} for n in s.nodes],
+        "reason": s.reason,
+        "banner": s.banner,
+    }
 
 
 def own_subshell(widget: Any) -> str | None:
@@ -108,16 +134,6 @@ def drop_subshell(subshell_id: str) -> None:
         thread.io_loop.add_callback(lambda: manager._delete_subshell(subshell_id))
     except Exception:
         log.debug("could not delete the status view's subshell", exc_info=True)
-
-
-def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
-    """The ``snapshot`` trait: the snapshot's header and rows (metrics and topology travel in
-    their own traits, so a table refresh does not resend them)."""
-    d = s.as_dict()
-    d.pop("metrics")
-    d.pop("topology_svg")
-    d["nodes"] = list(d["nodes"])
-    return d
 
 
 class StatusWidget(anywidget.AnyWidget):
@@ -178,19 +194,21 @@ class StatusWidget(anywidget.AnyWidget):
         """Show ``snapshot``. Cheap and thread-safe: unchanged parts are not resent."""
         with self._lock:
             state = snapshot_state(snapshot)
-            metrics_changed = snapshot.metrics is not self._metrics_src and (
-                snapshot.metrics != self._metrics_src
-            )
+            series = None
+            if snapshot.metrics is not self._metrics_src:
+                self._metrics_src = snapshot.metrics
+                series = metrics_series(snapshot.metrics)
+                if series == self.metrics:
+                    series = None
             topology = snapshot.topology_svg or ""
             self.last = snapshot
-            if state == self.snapshot and not metrics_changed and topology == self.topology_svg:
+            if state == self.snapshot and series is None and topology == self.topology_svg:
                 return
             with self.hold_sync():
                 if state != self.snapshot:
                     self.snapshot = state
-                if metrics_changed:
-                    self._metrics_src = snapshot.metrics
-                    self.metrics = metrics_series(snapshot.metrics)
+                if series is not None:
+                    self.metrics = series
                 if topology != self.topology_svg:
                     self.topology_svg = topology
 

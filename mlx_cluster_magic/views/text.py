@@ -58,7 +58,9 @@ def heartbeat_cell(node: NodeStatus) -> str:
     if node.state == "unresponsive":
         silent = node.silent_s if node.silent_s is not None else node.last_seen_s
         return f"silent {human_seconds(silent)}, process alive"
-    return "-" if node.last_seen_s is None else f"{node.last_seen_s:.1f} s ago"
+    if node.last_seen_s is None or node.state == "stopped":
+        return "-"
+    return f"{node.last_seen_s:.1f} s ago"
 
 
 def node_cells(node: NodeStatus) -> list[str]:
