@@ -236,9 +236,10 @@ def install(group: Any = None, track_evaluation: bool = False) -> None:
     ``group`` is the world group (``mx.distributed.init()`` by default): its size tells the
     world apart from subgroups and its rank names this rank in send/recv records.
     """
-    global _world_size, _rank, _lib_roots, _tracking
+    global _world_size, _rank, _lib_roots, _tracking, _settled
     if _originals:
         return
+    _settled = _count
     import mlx.core as mx
 
     world = group if group is not None else mx.distributed.init()
@@ -408,6 +409,8 @@ def _main_where(frame: Any) -> dict[str, Any]:
     innermost frame calls."""
     import linecache
 
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back  # called by the main thread itself
     innermost = frame
     f: Any = frame
     while f is not None and _is_library(f.f_code.co_filename):
