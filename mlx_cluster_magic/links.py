@@ -139,6 +139,8 @@ class LinkReport:
     advice: str | None = None
     elapsed_s: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The topology picture (SVG) of these links over the hostfile's cables, when known.
+    picture: str | None = None
 
     def flagged(self) -> list[LinkRecord]:
         return [r for r in self.records if r.flag]
@@ -219,7 +221,7 @@ class LinkReport:
                 f"<tbody>{''.join(body)}</tbody></table>"
             )
         if len(self.hosts) > 1:
-            parts.append(self.heatmap_svg())
+            parts.append(f"<div>{self.heatmap_svg()}{self.picture or ''}</div>")
         if self.advice:
             parts.append(f"<div><b>advice:</b> {html.escape(self.advice)}</div>")
         return "\n".join(parts)
@@ -477,16 +479,19 @@ def measure(
     stream_s = seconds if seconds is not None else max(min(per_pair / 6, cap), 0.05)
     plan = {"steps": steps, "seconds": stream_s, "max_bytes": max_bytes}
     results: list[list[dict[str, Any]]] = []
-    if steps:
-        ar = view.apply_async(run_plan, plan)
-        wait = max(timeout, len(steps) * (4 * stream_s + 1.0)) + 5.0
+    targets = list(getattr(view, "targets", None) or range(n))
+    for step in steps:
+        # Only the pair's two ranks run, so no other rank competes for the CPUs or the wire.
+        pair_view = view.client[[targets[step["a"]], targets[step["b"]]]]
+        ar = pair_view.apply_async(run_plan, {**plan, "steps": [step]})
+        wait = 4 * stream_s + 10.0
         try:
-            results = ar.get(timeout=wait)
+            results.extend(ar.get(timeout=wait))
         except Exception as e:
             if type(e).__name__ == "TimeoutError":
                 raise MLXClusterError(
-                    f"links: no answer from every rank within {wait:.0f} s; a transfer may be "
-                    "stuck on a broken link: %mlx_cluster restart"
+                    f"links: ranks {step['a']} and {step['b']} did not finish within {wait:.0f} s; "
+                    "a transfer may be stuck on a broken link: %mlx_cluster restart"
                 ) from None
             raise
     by_pair = {(d["a"], d["b"]): d for per_rank in results for d in per_rank}
@@ -517,6 +522,10 @@ def measure(
         elapsed_s=time.monotonic() - started,
         meta={"seconds": stream_s},
     )
+    if len(hosts) > 1:
+        from .topology import topology_svg
+
+        report.picture = topology_svg(placement, report.records)
     if advise is not None:
         report.advice = advise(report)
     return report
@@ -604,46 +613,39 @@ def _macos_ports() -> dict[str, tuple[str | None, float | None]]:
     return out
 
 
-_TAG_PORT, _TAG_ABORT, _TAG_SIZE = 71, 72, 73
+_TAG_PORT, _TAG_ABORT, _TAG_SIZE = 7171, 7172, 7173
 
 
 def run_plan(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every rank walks the same list of pairs; the two ranks of a pair measure it."""
+    """Run on the two ranks of each pair (only they are called): the sender's results."""
     from mpi4py import MPI
 
     from .engine import WORLD
 
-    comm = MPI.COMM_WORLD.Dup()  # our own tags never meet the user's messages
+    comm = MPI.COMM_WORLD  # point-to-point only, with tags of our own
     me = comm.Get_rank()
     out = []
-    try:
-        for step in plan["steps"]:
-            a, b = step["a"], step["b"]
-            if me not in (a, b):
-                continue
-            sender = me == a
-            peer = b if sender else a
-            res: dict[str, Any] = {"a": a, "b": b}
-            if step["mlx"]:
-                try:
-                    res.update(
-                        _mlx_pair(WORLD, comm, sender, peer, plan["seconds"], plan["max_bytes"])
-                    )
-                except Exception as e:  # reported per link
-                    res["mlx_error"] = f"MLX: {e}"
-            if step["tcp_ip"]:
-                try:
-                    res.update(
-                        _tcp_pair(
-                            comm, sender, peer, step["tcp_ip"], plan["seconds"], step["token"]
-                        )
-                    )
-                except OSError as e:
-                    res["tcp_error"] = f"TCP to {step['tcp_ip']}: {e}"
-            if sender:
-                out.append(res)
-    finally:
-        comm.Free()
+    for step in plan["steps"]:
+        a, b = step["a"], step["b"]
+        if me not in (a, b):
+            continue
+        sender = me == a
+        peer = b if sender else a
+        res: dict[str, Any] = {"a": a, "b": b}
+        if step["mlx"]:
+            try:
+                res.update(_mlx_pair(WORLD, comm, sender, peer, plan["seconds"], plan["max_bytes"]))
+            except Exception as e:  # reported per link
+                res["mlx_error"] = f"MLX: {e}"
+        if step["tcp_ip"]:
+            try:
+                res.update(
+                    _tcp_pair(comm, sender, peer, step["tcp_ip"], plan["seconds"], step["token"])
+                )
+            except OSError as e:
+                res["tcp_error"] = f"TCP to {step['tcp_ip']}: {e}"
+        if sender:
+            out.append(res)
     return out
 
 
@@ -664,7 +666,7 @@ def _mlx_pair(
         mx.eval(dist.recv_like(small, peer, group=world))
 
     rtts = []
-    for i in range(22):
+    for i in range(25):
         t0 = time.perf_counter()
         if sender:
             there()
@@ -672,7 +674,7 @@ def _mlx_pair(
         else:
             back()
             there()
-        if i >= 2:
+        if i >= 5:
             rtts.append(time.perf_counter() - t0)
     size = 1 << 18
     rates: list[float] = []

@@ -145,6 +145,7 @@ def test_links_flag_exactly_the_slow_cable(mesh3: Any, tmp_path: Path, artifacts
         assert r.latency_s and r.latency_s < 0.05
     ET.fromstring(svg)
     assert svg.count('class="flagged"') == 1
+    assert report.picture and "mlx-topology" in report.html()
     assert "mac2 -- mac3" in topology.topology_text(cluster.placement, report.records)
 
 
