@@ -188,8 +188,32 @@ def test_hostfile_forms_mlx_writes_start(mesh3: Any, tmp_path: Path, form: str) 
             assert cluster.backend == ("mpi" if form == "ethernet" else "ring")
             cluster.view.execute("t = mx.distributed.all_sum(mx.array(1.0)).item()")
             assert cluster.view["t"] == [3.0] * 3
+            if form == "ethernet":  # MPI's send/recv between every pair, over the bridge
+                report = links.measure(cluster.view, cluster.placement, cluster.ranks)
+                assert len(report.records) == 3, report.text()
+                for r in report.records:
+                    assert r.gbit_s and r.tcp_gbit_s and r.interface == "eth0", report.text()
+                    assert r.address in mesh3.ips
     finally:
         no_leaks_on(mesh3)
+
+
+def test_ring_form_with_two_cables_per_neighbour_starts(tmp_path: Path) -> None:
+    """mlx.distributed_config's ring form where neighbours share two cables: two IPs a host."""
+    pairs = [(0, 1), (1, 2), (2, 0)]
+    with cabled_macs(3, pairs + pairs, "10.77.4.0/24", "10.77.67.0/24", "fabd") as vc:
+        hostfile = vc.hostfile(tmp_path / "ring.json", "ring")
+        assert [len(h.ips) for h in read_hostfile(hostfile).hosts] == [2, 2, 2]
+        try:
+            with start(vc, hostfile, live_status=False) as cluster:
+                cluster.view.execute(RING_PEERS.format(port=RING_PORT))
+                cluster.view.execute("t = mx.distributed.all_sum(mx.ones(1 << 16)).sum().item()")
+                assert cluster.view["t"] == [3.0 * (1 << 16)] * 3
+                # Two connections to each neighbour, all on cable addresses.
+                for peers in cluster.view["peers"]:
+                    assert len(peers) == 4 and all(p.startswith("10.77.67.") for p in peers)
+        finally:
+            no_leaks_on(vc)
 
 
 def test_ring_connections_per_ip_and_verbose(mesh3: Any, tmp_path: Path) -> None:
