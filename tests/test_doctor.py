@@ -673,6 +673,10 @@ def test_traffic_routed_through_a_second_interface_is_flagged(
         f"which holds {vc.ip('mac1')}"
     )
     assert "mac3" not in route.detail  # that peer is still reached by the bridge
+    pairs = {(f.host, f.peer): (f.interface, f.ok) for f in report.routes}
+    assert pairs[("mac1", "mac2")] == ("side0", False)
+    assert pairs[("mac1", "mac3")] == ("eth0", True)
+    assert pairs[("mac2", "mac1")] == ("eth0", True) and len(pairs) == 6
     assert f"ip route show to match {mac2}" in route.fix and "side0" in route.fix
     assert report["mac2"]["route"].ok is True and report["mac3"]["route"].ok is True
     assert report.ok  # a warning does not stop a start

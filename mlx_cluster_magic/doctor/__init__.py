@@ -24,7 +24,7 @@ from ..macos import HostFacts, host_facts
 from ..netif import RouteFinding, interface_for, route_checks
 from . import probe as _probe
 from .advice import Advice, advise_backend
-from .checks import CHECKS, WANT_MTU, HostContext, build_checks, parse_interfaces
+from .checks import CHECKS, WANT_MTU, HostContext, build_checks, parse_interfaces, route_findings
 from .collect import HostProbe, Reach, probe_host, ssh_argv, tcp_reach
 from .probe import PACKAGES
 from .report import Check, DoctorReport, HostCheck
@@ -122,6 +122,7 @@ def run_doctor(
             )
         rows = []
         facts: dict[str, HostFacts | None] = {}
+        routes: list[RouteFinding] = []
         for h, p, pf, rf in zip(hosts, peers, probes, reaches):
             found = pf.result()
             ctx = HostContext(
@@ -134,6 +135,7 @@ def run_doctor(
                 peers=p,
             )
             facts[h.ssh] = _facts(h, found)
+            routes += route_findings(ctx) or []
             rows.append(
                 HostCheck(
                     host=h.ssh,
@@ -149,4 +151,5 @@ def run_doctor(
         elapsed=time.monotonic() - t0,
         columns=CHECKS,
         advice=advise_backend(placement, facts) if advice else None,
+        routes=routes,
     )

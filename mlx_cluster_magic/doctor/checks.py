@@ -15,6 +15,7 @@ from functools import cached_property, partial
 from ..hosts import Host
 from ..netif import (
     Interface,
+    RouteFinding,
     interface_for,
     parse_ifconfig,
     parse_ip_addr,
@@ -25,7 +26,16 @@ from .collect import HostProbe, Reach
 from .probe import MARK, PACKAGES
 from .report import Check
 
-__all__ = ["CHECKS", "DEFINITIONS", "WANT_MTU", "CheckDef", "HostContext", "parse_interfaces"]
+__all__ = [
+    "CHECKS",
+    "DEFINITIONS",
+    "WANT_MTU",
+    "CheckDef",
+    "HostContext",
+    "build_checks",
+    "parse_interfaces",
+    "route_findings",
+]
 
 #: Thunderbolt bridges carry IP best with jumbo frames.
 WANT_MTU = 9000
@@ -304,6 +314,17 @@ def _mtu(ctx: HostContext) -> Check | None:
     return Check("mtu", True, f"{iface.name} mtu {iface.mtu}")
 
 
+def route_findings(ctx: HostContext) -> list[RouteFinding] | None:
+    """For each peer IP, the interface this host's traffic leaves by, judged; None when the
+    host's interfaces or cluster IPs are unknown."""
+    ifaces = ctx.interfaces
+    if not ctx.probe.started or not ctx.host.ips or not ifaces:
+        return None
+    os_name = ctx.probe.os
+    routes = {ip: parse_route(os_name, text, ip) for ip, text in ctx.probe.routes.items()}
+    return route_checks(ctx.name, ctx.host.ips, ifaces, routes, ctx.peers)
+
+
 def _route(ctx: HostContext) -> Check | None:
     """Does traffic to each peer's cluster IP leave by the interface holding this host's own?
     A warning, not a failure: traffic over Wi-Fi still arrives, only many times slower."""
@@ -312,11 +333,9 @@ def _route(ctx: HostContext) -> Check | None:
         return None
     if not ctx.peers:
         return Check("route", True, "no other host to reach")
-    ifaces = ctx.interfaces
-    if not ctx.host.ips or not ifaces:
+    findings = route_findings(ctx)
+    if findings is None:
         return None
-    routes = {ip: parse_route(probe.os, text, ip) for ip, text in probe.routes.items()}
-    findings = route_checks(ctx.name, ctx.host.ips, ifaces, routes, ctx.peers)
     bad = [f for f in findings if f.ok is False]
     if not bad:
         return Check("route", True, "; ".join(f.detail for f in findings))

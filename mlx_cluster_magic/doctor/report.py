@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..netif import RouteFinding
 from .advice import Advice
 
 __all__ = ["Check", "DoctorReport", "HostCheck"]
@@ -72,6 +73,8 @@ class DoctorReport:
     elapsed: float = 0.0
     columns: Sequence[str] = ()
     advice: Advice | None = None
+    #: For every (host, peer IP): the interface traffic leaves by, judged (see netif).
+    routes: list[RouteFinding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
