@@ -2,8 +2,9 @@
 
 This file is shipped as it is to every host (its source piped to the remote ``python -``, so
 the host needs nothing of this package to answer) and imported on the head, so both sides
-read versions and find libmpi the same way. It imports only the standard library and must
-keep running on any Python the user might point at (it then reports the version it found).
+read versions and find libmpi the same way. It imports only the standard library and runs on
+Python 3.7 and later, so a python older than the package needs still reports its version (an
+older one fails with its own SyntaxError, which the doctor shows).
 """
 
 from __future__ import annotations
