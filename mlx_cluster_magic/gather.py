@@ -145,6 +145,9 @@ class GatherResults(list[GatherResult]):
     def __repr__(self) -> str:
         return _view.many_text(self)
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
     def _repr_html_(self) -> str:
         return _view.many_html(self)
 
