@@ -639,6 +639,10 @@ def test_routes_by_the_bridge_and_ring_advice_on_healthy_hosts(
         peers = [h for h in vc.hosts if h != host]
         assert route.detail == "; ".join(f"{p} ({vc.ip(p)}) by eth0" for p in peers)
     assert report.advice is not None and report.advice.backend == "ring"
+    assert {h: f.os if f else None for h, f in report.facts.items()} == dict.fromkeys(
+        vc.hosts, "Linux"
+    )
+    assert advise_backend(placement, report.facts) == report.advice
     assert "mac1 (Linux)" in report.advice.reason
     assert "backend: ring" in repr(report) and "backend: <b>ring</b>" in report._repr_html_()
 

@@ -152,4 +152,5 @@ def run_doctor(
         columns=CHECKS,
         advice=advise_backend(placement, facts) if advice else None,
         routes=routes,
+        facts=facts,
     )

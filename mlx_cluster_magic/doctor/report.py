@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..macos import HostFacts
 from ..netif import RouteFinding
 from .advice import Advice
 
@@ -75,6 +76,9 @@ class DoctorReport:
     advice: Advice | None = None
     #: For every (host, peer IP): the interface traffic leaves by, judged (see netif).
     routes: list[RouteFinding] = field(default_factory=list)
+    #: What each host said about itself (OS, macOS version, Thunderbolt cables, RDMA devices):
+    #: the discovery :func:`~.advice.advise_backend` reads; None for a host that did not answer.
+    facts: dict[str, HostFacts | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
