@@ -1,0 +1,113 @@
+"""The local Llama checkpoint the language-model notebooks load: the Hugging Face layout, read by
+mlx-lm's and transformers' own loaders, the same bytes for a seed, and the Mistral 3 variant
+computing the same function (the one mlx-lm can split into pipeline stages)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx_lm")
+pytest.importorskip("tokenizers")
+
+import mlx.core as mx
+
+from mlx_cluster_magic import lm
+
+FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
+
+
+def digest(folder: Path) -> str:
+    return hashlib.sha256(b"".join((folder / f).read_bytes() for f in FILES)).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return lm.write_tiny_llama(tmp_path_factory.mktemp("lm") / "tiny-llama", seed=0)
+
+
+def test_sentences_are_generated_text_fixed_by_the_seed() -> None:
+    a, b, c = lm.sentences(50, seed=3), lm.sentences(50, seed=3), lm.sentences(50, seed=4)
+    assert a == b and a != c and len(a) == 50
+    assert all(s.endswith(".") and len(s.split()) >= 4 for s in a)
+
+
+def test_writes_the_hugging_face_layout(llama: Path) -> None:
+    assert sorted(p.name for p in llama.iterdir()) == FILES
+    config = json.loads((llama / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    weights = mx.load(str(llama / "model.safetensors"))
+    index = json.loads((llama / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(weights)
+    assert weights["model.embed_tokens.weight"].shape == (config["vocab_size"], 256)
+    assert weights["model.layers.3.self_attn.k_proj.weight"].shape == (4 * 32, 256)
+    assert weights["lm_head.weight"].dtype == mx.float32
+    tok = json.loads((llama / "tokenizer.json").read_text())
+    assert tok["model"]["type"] == "BPE" and tok["decoder"]["type"] == "ByteLevel"
+    ids = [*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])]
+    assert max(ids) == config["vocab_size"] - 1  # every token has a row in the embedding
+
+
+def test_the_same_seed_writes_the_same_bytes(llama: Path, tmp_path: Path) -> None:
+    again = lm.write_tiny_llama(tmp_path / "again", seed=0)
+    other = lm.write_tiny_llama(tmp_path / "other", seed=1)
+    assert digest(again) == digest(llama)
+    assert digest(other) != digest(llama)
+
+
+def test_transformers_loads_the_tokenizer(llama: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(llama))
+    ids = tok.encode("the quick mac sends the cable over the bridge.")
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == (
+        "the quick mac sends the cable over the bridge."
+    )
+    config = json.loads((llama / "config.json").read_text())
+    assert (tok.bos_token_id, tok.eos_token_id) == (
+        config["bos_token_id"],
+        config["eos_token_id"],
+    )
+
+
+def test_mlx_lm_loads_it_and_generates_greedily(llama: Path) -> None:
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(llama))
+    assert type(model).__module__ == "mlx_lm.models.llama"
+    assert type(tokenizer.detokenizer).__name__ == "BPEStreamingDetokenizer"
+    runs = [
+        [r.token for r in stream_generate(model, tokenizer, "the quick cat", max_tokens=16)]
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and len(runs[0]) == 16
+
+
+def test_ministral3_variant_is_the_same_function_and_can_be_a_pipeline(
+    llama: Path, tmp_path: Path
+) -> None:
+    from mlx_lm import load
+
+    m3 = lm.write_tiny_llama(tmp_path / "m3", seed=0, model_type="ministral3")
+    assert json.loads((m3 / "config.json").read_text())["model_type"] == "ministral3"
+    a, _ = load(str(llama))
+    b, _ = load(str(m3))
+    assert hasattr(b.model, "pipeline") and not hasattr(a.model, "pipeline")
+    x = mx.array([[0, 5, 9, 40, 41, 7]])
+    assert mx.allclose(a(x), b(x), atol=1e-4).item()
+
+
+def test_unknown_model_type_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="use 'llama' or 'ministral3'"):
+        lm.write_tiny_llama(tmp_path / "x", model_type="gpt2")
