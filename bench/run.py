@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 from bandwidth import bench_bandwidth  # noqa: E402
 from broadcast import bench_broadcast  # noqa: E402
 from links import bench_links  # noqa: E402
+from lm import bench_lm  # noqa: E402
 from overhead import bench_overhead  # noqa: E402
 from recorder import bench_recorder  # noqa: E402
 from scaling import bench_scaling  # noqa: E402
@@ -125,6 +126,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "scaling": bench_scaling,
     "recorder": bench_recorder,
     "links": bench_links,
+    "lm": bench_lm,
 }
 
 
