@@ -52,6 +52,9 @@ CELLS = [
     "cluster = %mlx_cluster start -n 2",
     "cluster",
     f'ar = cluster.view.execute("import time; time.sleep({BUSY_S})", block=False)',
+    # every rank reports a loss per step; the view draws it while the cell runs
+    "%%px\nimport time\nfor i in range(60):\n"
+    "    report(step=i, loss=1.0 / (i + 1) + 0.1 * world.rank())\n    time.sleep(0.1)",
     "%%px\nimport time\ntime.sleep(60)",  # stopped from the view while it runs
 ]
 
@@ -353,9 +356,10 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
         "the status view would render as its text/plain fallback"
     )
     screenshot = artifacts / "status-widget.png"
+    metrics_shot = artifacts / "status-widget-metrics.png"
     stopped_shot = artifacts / "status-widget-stopped-mid-cell.png"
     failure_shot = artifacts / "status-widget-failure.png"
-    for old in (screenshot, stopped_shot, failure_shot):
+    for old in (screenshot, metrics_shot, stopped_shot, failure_shot):
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
     with sync_playwright() as pw:
@@ -412,13 +416,27 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             page.locator(".mlx-cluster-status").screenshot(path=str(screenshot))
             assert screenshot.stat().st_size > 0
 
-            # Back to idle when the sleep is over; then a blocking %%px cell holds the kernel
-            # and the widget's own Stop button must still act (events handled by the wait).
+            # Back to idle when the sleep is over. A %%px cell reports a loss per step: the
+            # chart draws one line per rank and they grow while the cell still runs.
             _wait("both ranks idle again", lambda: _idle_rows(page), timeout=BUSY_S + 10)
             _run_cell(page, 4)
+            _wait("a loss chart", lambda: len(_points(page, "loss")) == 2, timeout=15)
+            first_points = min(_points(page, "loss"))
+            _wait(
+                "the loss lines to grow",
+                lambda: min(_points(page, "loss")) >= first_points + 10,
+                timeout=10,
+            )
+            assert not re.search(r"\[\d+\]", _prompt(page, 4)), "drawn only after the cell"
+            page.locator(".mlx-cluster-status").first.screenshot(path=str(metrics_shot))
+            _wait_executed(page, 4, timeout=30)
+
+            # A blocking %%px cell holds the kernel; the widget's own Stop button still acts
+            # (its clicks are handled on a kernel subshell of their own).
+            _run_cell(page, 5)
             _wait("the %%px cell's ranks to be busy", lambda: _busy_rows(page), timeout=15)
             time.sleep(1.0)  # well inside the cell
-            assert not re.search(r"\[\d+\]", _prompt(page, 4)), "the %%px cell ended early"
+            assert not re.search(r"\[\d+\]", _prompt(page, 5)), "the %%px cell ended early"
             stop.click()
             clicked = time.monotonic()
             _wait(
@@ -437,14 +455,14 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             stopped_s = time.monotonic() - clicked
             _wait(
                 "the %%px cell to end",
-                lambda: re.search(r"\[\d+\]", _prompt(page, 4)) is not None,
+                lambda: re.search(r"\[\d+\]", _prompt(page, 5)) is not None,
                 timeout=30,
                 period=0.05,
             )
             ended_s = time.monotonic() - clicked
             _wait("the Stop button to be disabled", stop.is_disabled, timeout=5)
             page.locator(".mlx-cluster-status").first.screenshot(path=str(stopped_shot))
-            said = _output(page, 4)
+            said = _output(page, 5)
             print(
                 f"mid-cell Stop: click shown {shown_s * 1000:.0f} ms, cluster stopped "
                 f"{stopped_s:.2f} s, cell ended {ended_s:.2f} s after the click; cell said {said!r}"
