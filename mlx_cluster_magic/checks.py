@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 from . import recorder
-from .stacks import location
 
 TAG = 0x4D43
 #: Seconds of busy polling before the wait starts sleeping between polls.
@@ -137,7 +136,7 @@ class Checker:
             "dtype": recorder._dtype_name(dtype),
             "peer": peer,
             "seq": seq,
-            "where": location(code.co_filename, recorder._line(code, offset)),
+            "where": recorder.site(code, recorder._line(code, offset)),
             "rank": self.rank,
         }
         try:

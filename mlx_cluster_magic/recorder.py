@@ -310,6 +310,13 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).rsplit(".", 1)[-1] if dtype is not None else "?"
 
 
+def site(code: Any, line: int) -> str:
+    """``cell line 18 in step()``, or ``cell line 3`` for a cell's top level."""
+    where = location(code.co_filename, line)
+    name = code.co_name
+    return where if name.startswith("<") else f"{where} in {name}()"
+
+
 def as_dict(rec: Record) -> dict[str, Any]:
     """One record as JSON-able data."""
     index, key, seq, op, shape, dtype, peer, code, offset, t = rec
@@ -324,7 +331,7 @@ def as_dict(rec: Record) -> dict[str, Any]:
         "peer": peer,
         "file": file,
         "line": line,
-        "where": location(file, line),
+        "where": site(code, line),
         "cell": is_cell(file),
         "t": t,
     }
@@ -425,7 +432,7 @@ def _main_where(frame: Any) -> dict[str, Any]:
         "file": file,
         "line": line,
         "func": f.f_code.co_name,
-        "where": location(file, line),
+        "where": site(f.f_code, line),
         "cell": is_cell(file),
         "text": text[:120],
         "call": call,

@@ -116,6 +116,28 @@ def capture(
     return proc.stdout if proc.returncode == 0 else ""
 
 
+def capture_all(
+    targets: list[tuple[int, str, str | None] | None],
+    ssh: str | None = None,
+    timeout: float = 2.0,
+) -> list[str | None]:
+    """``capture`` for many ranks at once (one thread each): ``targets[i]`` is
+    ``(pid, path, host)`` with ``host`` None for a local rank, or None to skip rank ``i``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    live = [(i, t) for i, t in enumerate(targets) if t is not None]
+    out: list[str | None] = [None] * len(targets)
+    if not live:
+        return out
+    with ThreadPoolExecutor(max_workers=min(16, len(live))) as pool:
+        futures = {
+            i: pool.submit(capture, pid, path, ssh, host, timeout) for i, (pid, path, host) in live
+        }
+        for i, f in futures.items():
+            out[i] = f.result() or None
+    return out
+
+
 def _capture_local(pid: int, path: str, timeout: float) -> str:
     try:
         with open(path, "r+") as f:

@@ -58,13 +58,13 @@ def analyze(where: Path, n: int, hosts: list[str], settle: float = 1.0) -> why.W
     """Snapshots (after ``settle`` seconds, so they show the hang) and live stacks -> report."""
     time.sleep(settle)
     snaps = snapshots(where, n)
-    dumps: list[str | None] = []
-    for s in snaps:
-        if s is None or not s.get("stack_file"):
-            dumps.append(None)
-        else:
-            dumps.append(stacks.capture(int(s["pid"]), str(s["stack_file"])))
-    return why.analyze(snaps, dumps, hosts)
+    targets = [
+        None
+        if s is None or not s.get("stack_file")
+        else (int(s["pid"]), str(s["stack_file"]), None)
+        for s in snaps
+    ]
+    return why.analyze(snaps, stacks.capture_all(targets), hosts)
 
 
 def gate(where: Path, name: str) -> str:

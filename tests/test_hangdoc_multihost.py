@@ -35,11 +35,11 @@ def _healthy(cluster: MLXCluster) -> None:
 def _report(cluster: MLXCluster, where: Path, ssh: str) -> why.WhyReport:
     time.sleep(1.5)
     snaps = hangdoc.snapshots(where, 2)
-    dumps: list[str | None] = []
+    targets: list[tuple[int, str, str | None] | None] = []
     for rank, s in enumerate(snaps):
         assert s is not None
-        host = cluster.ranks[rank]["host"]
-        dumps.append(stacks.capture(int(s["pid"]), str(s["stack_file"]), ssh=ssh, host=host))
+        targets.append((int(s["pid"]), str(s["stack_file"]), cluster.placement.ranks[rank].ssh))
+    dumps = stacks.capture_all(targets, ssh=ssh)
     return why.analyze(snaps, dumps, [r["host"] for r in cluster.ranks])
 
 
