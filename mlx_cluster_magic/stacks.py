@@ -15,6 +15,7 @@ No IPython import: this module is used on the engines and by the head's analysis
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -69,6 +70,8 @@ def install(path: str | None = None) -> str:
     faulthandler.register(SIGNAL, file=f, all_threads=True, chain=False)
     if _FILE is not None:
         _FILE.close()
+    if STACK_FILE is None:
+        atexit.register(uninstall)  # a clean exit leaves no file behind
     _FILE, STACK_FILE = f, path
     return path
 
@@ -78,6 +81,8 @@ def uninstall() -> None:
     import faulthandler
 
     global STACK_FILE, _FILE
+    if STACK_FILE is None:
+        return
     faulthandler.unregister(SIGNAL)
     if _FILE is not None:
         _FILE.close()

@@ -202,6 +202,18 @@ def analyze(
     return WhyReport(verdict, ranks, suspects)
 
 
+def stuck(per_rank: list[dict[str, Any] | None], threshold_s: float = 10.0) -> str | None:
+    """The verdict when a rank has waited in a collective for ``threshold_s`` or longer and the
+    ranks disagree about it (some other rank is elsewhere), else None: cheap (no stacks), for
+    the status view's banner on every refresh and for abort messages."""
+    if not any(s and s.get("blocked") and s.get("blocked_s", 0.0) >= threshold_s for s in per_rank):
+        return None
+    report = analyze(per_rank)
+    if not report.suspects and not report.verdict.startswith("every rank waits"):
+        return None
+    return report.verdict
+
+
 def _by_seq(r: RankWhy, group: str) -> dict[int, Collective]:
     return {c.seq: c for c in r.recent if c.group == group}
 

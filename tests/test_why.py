@@ -63,6 +63,10 @@ def test_a_rank_in_a_long_sleep(two_ranks) -> None:
         assert any(f.func == "_hd_gate" for f in report.ranks[1].stack)
         text = str(report)
         assert "rank 0 (" in text and "blocked in #" in text
+        # The status view's banner: the same verdict once a rank has waited long enough.
+        snaps = hangdoc.snapshots(where, 2)
+        assert why.stuck(snaps, threshold_s=0.5) == why.analyze(snaps).verdict
+        assert why.stuck(snaps, threshold_s=1000) is None
         assert "<table>" in report._repr_html_()
     finally:
         Path(g).touch()
@@ -156,6 +160,13 @@ def test_stack_dump_parsed_from_a_real_process(tmp_path: Path) -> None:
     main = stacks.main_thread(threads)
     assert main is not None
     assert [(f.func, f.line) for f in main.frames] == [("napping", 5), ("<module>", 6)]
+
+
+def test_a_clean_exit_removes_the_stack_file() -> None:
+    code = "from mlx_cluster_magic import stacks\nprint(stacks.install())\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    path = Path(out.stdout.strip())
+    assert path.name.startswith("mlx-cluster-stack-") and not path.exists()
 
 
 def test_verdict_with_a_silent_rank() -> None:
