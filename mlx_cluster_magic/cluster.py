@@ -285,7 +285,7 @@ class MLXCluster:
         would wait for a daemon that never comes. This names the host and the fix."""
         if all(h.is_local for h in self.placement.hosts):
             return
-        report = self.doctor(timeout=10.0, backend=self.backend)
+        report = self.doctor(timeout=10.0, backend=self.backend, advice=False)
         failures = [(host, c) for host, c in report.problems() if c.ok is False]
         if failures:
             host, check = failures[0]
@@ -295,9 +295,12 @@ class MLXCluster:
                 f"{host}: {check.name}: {check.detail}{fix}{more if len(failures) > 1 else ''}"
             )
 
-    def doctor(self, timeout: float = 10.0, backend: str | None = None) -> DoctorReport:
+    def doctor(
+        self, timeout: float = 10.0, backend: str | None = None, advice: bool = True
+    ) -> DoctorReport:
         """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
-        IP, MTU), as data."""
+        IP, MTU, routes) and advise a backend, as data (``advice=False`` skips the Mac
+        discovery the advice needs)."""
         from .doctor import run_doctor
 
         return run_doctor(
@@ -306,6 +309,7 @@ class MLXCluster:
             ssh=self.spec.ssh,
             timeout=timeout,
             backend=backend or self.backend,
+            advice=advice,
         )
 
     def _track(self, pids: Sequence[int]) -> list[procs.Tracked]:

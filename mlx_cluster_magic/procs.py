@@ -107,7 +107,7 @@ def reap(tracked: Iterable[Tracked], grace: float = 5.0) -> None:
 
 def _running(p: psutil.Process) -> bool:
     try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 

@@ -53,7 +53,7 @@ def send_broadcast(client: Any, view: Any, name: str, value: Any, *, root: int, 
             receive_broadcast, name, arr.shape, arr.dtype.str, to_mlx, token, root
         )
         try:
-            conn.sendall(memoryview(arr.reshape(-1)).cast("B"))
+            conn.sendall(arr.reshape(-1).view(np.uint8).data)
         finally:
             ar.get()
 
@@ -132,7 +132,7 @@ def receive_broadcast(
 
     comm = MPI.COMM_WORLD
     arr = np.empty(shape, dtype=np.dtype(dtype))
-    buf = memoryview(arr.reshape(-1).view(np.uint8))
+    buf = arr.reshape(-1).view(np.uint8).data
     conn = None
     if comm.Get_rank() == root:
         conn = _accept(_listeners.pop(token), token)
@@ -156,7 +156,7 @@ def receive_broadcast(
         conn.close()
     if not whole:
         raise ConnectionError("broadcast: the notebook's connection broke mid-transfer")
-    ns = get_ipython().user_ns  # type: ignore[union-attr]
+    ns = get_ipython().user_ns
     if to_mlx:
         import mlx.core as mx
 

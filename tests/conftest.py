@@ -62,6 +62,24 @@ def wait_no_processes(timeout: float = 10.0) -> list[tuple[int, str]]:
     return left
 
 
+#: Fixtures that start clusters or virtual hosts: tests using them are marked ``cluster``, and
+#: ``make check`` (the edit loop) runs every test without that mark.
+CLUSTER_FIXTURES = frozenset(
+    {"ip", "no_leaks", "vhosts", "no_vhost_leaks", "px", "cluster", "lab", "notebook_run"}
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if (
+            fixtures & CLUSTER_FIXTURES
+            or item.get_closest_marker("multihost")
+            or item.get_closest_marker("browser")
+        ):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_strays_at_start() -> None:
     left = our_processes()
