@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hangdoc
@@ -136,6 +137,21 @@ def test_a_send_without_its_recv(two_ranks) -> None:
         Path(g).touch()
         ar.get(timeout=30)
     _healthy(cluster)
+
+
+def test_stack_while_the_main_thread_holds_the_gil(two_ranks) -> None:
+    """A builtin C loop holds the GIL: no Python thread of the rank runs, faulthandler does."""
+    cluster, where = two_ranks
+    ar = cluster.client[0].execute("_n = sum(range(10**8))", block=False)
+    try:
+        time.sleep(1.0)
+        snap = hangdoc.snapshots(where, 2)[0]
+        assert snap is not None
+        text = stacks.capture(int(snap["pid"]), str(snap["stack_file"]), timeout=5)
+        main = stacks.main_thread(stacks.parse(text), snap["main_thread"])
+        assert main is not None and main.frames[0].where == "cell line 1", text
+    finally:
+        ar.get(timeout=120)
 
 
 def test_stack_dump_parsed_from_a_real_process(tmp_path: Path) -> None:
