@@ -1,12 +1,13 @@
 # make demo  - run the quickstart notebook on 2 local ranks and print the collective result
 # make test  - run the whole suite (installs what it needs: .venv from PyPI, Debian packages)
+# make check - lint, types and the tests that start no cluster (the edit loop, under 30 s)
 # make bench - measure against raw ipyparallel / bare mpirun / mlx.launch; writes bench/results.*
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench lint system-deps clean
+.PHONY: demo test check bench lint system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +21,7 @@ $(VENV)/.deps: pyproject.toml | $(PY)
 	rm -rf build
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.deps
+$(VENV)/.installed: pyproject.toml $(wildcard jupyter-config/kernels/mlx-cluster/*) $(VENV)/.deps
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m jupyter kernelspec install --sys-prefix --name mlx-cluster jupyter-config/kernels/mlx-cluster >/dev/null
 	rm -rf build
@@ -32,15 +33,18 @@ system-deps:
 demo: $(VENV)/.installed
 	$(PY) notebooks/run.py notebooks/01-quickstart.ipynb
 
-test: $(VENV)/.installed system-deps
-	$(PY) -m ruff check mlx_cluster_magic tests bench notebooks
+test: lint system-deps
 	$(PY) -m pytest -q -rs
+
+check: lint
+	$(PY) -m pytest -q -m "not cluster"
 
 bench: $(VENV)/.installed system-deps
 	$(PY) bench/run.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check mlx_cluster_magic tests bench notebooks
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/artifacts

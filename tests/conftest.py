@@ -65,7 +65,19 @@ def wait_no_processes(timeout: float = 10.0) -> list[tuple[int, str]]:
 #: Fixtures that start clusters or virtual hosts: tests using them are marked ``cluster``, and
 #: ``make check`` (the edit loop) runs every test without that mark.
 CLUSTER_FIXTURES = frozenset(
-    {"ip", "no_leaks", "vhosts", "no_vhost_leaks", "px", "cluster", "lab", "notebook_run"}
+    {
+        "ip",
+        "no_leaks",
+        "vhosts",
+        "no_vhost_leaks",
+        "px",
+        "cluster",
+        "lab",
+        "checked",
+        "macs",
+        "two_ranks",
+        "kernel",
+    }
 )
 
 
@@ -74,6 +86,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = set(getattr(item, "fixturenames", ()))
         if (
             fixtures & CLUSTER_FIXTURES
+            or item.get_closest_marker("kernel")
             or item.get_closest_marker("multihost")
             or item.get_closest_marker("browser")
         ):
