@@ -205,7 +205,8 @@ function render({ model, el }) {
   const broken = h("div", { class: "mlx-broken", hidden: "" });
   const banner = h("div", { class: "mlx-banner", role: "alert", hidden: "" });
   const tbody = h("tbody");
-  const thead = h("thead", {}, h("tr", {}, ...COLUMNS.map((c) => h("th", { text: c }))));
+  const colClass = (c) => `mlx-col-${c.toLowerCase().replace(/\s+/g, "-")}`;
+  const thead = h("thead", {}, h("tr", {}, ...COLUMNS.map((c) => h("th", { class: colClass(c), text: c }))));
   const table = h("table", { class: "mlx-cluster-nodes" }, thead, tbody);
   const tabs = h("div", { class: "mlx-tabs", hidden: "" });
   const panes = h("div", { class: "mlx-panes" });
@@ -275,7 +276,7 @@ function render({ model, el }) {
       const tr = h("tr", { class: `mlx-node mlx-${node.state}`, "data-rank": String(node.rank) });
       if (node.why) tr.title = node.why;
       c.forEach((text, i) => {
-        const td = h("td");
+        const td = h("td", { class: colClass(COLUMNS[i]) });
         if (i === 2) td.append(h("span", { class: `mlx-state mlx-state-${node.state}`, text: `● ${text}` }));
         else td.textContent = text;
         tr.append(td);
