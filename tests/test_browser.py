@@ -347,6 +347,7 @@ def _wait_executed(page: Any, index: int, timeout: float) -> None:
     _wait(f"cell {index} to finish", done, timeout, period=0.25)
 
 
+@pytest.mark.cluster
 def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: Path) -> None:
     # no_leaks first: its check runs after the lab fixture has shut the server down.
     from playwright.sync_api import sync_playwright
@@ -529,6 +530,7 @@ def _points(page: Any, metric: str, scope: str = ".jp-Notebook") -> list[int]:
     )
 
 
+@pytest.mark.kernel
 def test_status_view_buttons_charts_and_side_panel(lab: Lab, artifacts: Path) -> None:
     from playwright.sync_api import sync_playwright
 

@@ -322,6 +322,7 @@ def test_ipykernel_names_the_own_thread_relies_on() -> None:
     assert "shell_channel_thread" in Kernel.class_traits()
 
 
+@pytest.mark.kernel
 def test_a_click_acts_while_the_kernel_runs_a_cell() -> None:
     """A real kernel sleeps in a cell; the Stop message (as the browser sends it) is handled at
     once on the widget's own subshell thread, not after the cell."""
