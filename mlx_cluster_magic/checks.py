@@ -121,6 +121,7 @@ class Checker:
 
     # ------------------------------------------------------------------ the check
     def check(self, rec: recorder.Record) -> None:
+        __tracebackhide__ = True  # the error names the ranks and lines; hide this machinery
         _index, key, seq, op, shape, dtype, peer, code, offset, _t = rec
         if key == "world":
             channel, peers = key, [r for r in range(self.size) if r != self.rank]
@@ -154,6 +155,7 @@ class Checker:
             self._forget(channel, seq)
 
     def _check(self, channel: str, seq: int, sig: dict[str, Any], peers: list[int]) -> None:
+        __tracebackhide__ = True
         what = f"collective #{seq} {describe(sig)} ({sig['where']})"
         started = time.monotonic()
         self.pump()

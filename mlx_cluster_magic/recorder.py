@@ -125,6 +125,7 @@ def _group_key(group: Any) -> str:
 
 def _record(op: str, shape: Any, dtype: Any, group: Any, peer: int | None) -> Record:
     global _count
+    __tracebackhide__ = True
     key = _group_key(group)
     if peer is not None:
         me = _rank if group is None else group.rank()
@@ -153,6 +154,7 @@ def _make_collective(op: str, orig: Any) -> Any:
 
     def collective(x: Any, *, group: Any = None, stream: Any = None) -> Any:
         global _count
+        __tracebackhide__ = True  # IPython shows the user's line, not this wrapper
         key = "world" if group is None else _group_key(group)
         seq = seqs[key] = seqs.get(key, 0) + 1
         f = getframe(1)
@@ -180,6 +182,7 @@ def _make_collective(op: str, orig: Any) -> Any:
 
 def _make_send(orig: Any) -> Any:
     def send(x: Any, dst: int, *, group: Any = None, stream: Any = None) -> Any:
+        __tracebackhide__ = True
         _record("send", getattr(x, "shape", ()), getattr(x, "dtype", None), group, dst)
         return orig(x, dst, group=group, stream=stream)
 
@@ -190,6 +193,7 @@ def _make_send(orig: Any) -> Any:
 
 def _make_recv(orig: Any) -> Any:
     def recv(shape: Any, dtype: Any, src: int, *, group: Any = None, stream: Any = None) -> Any:
+        __tracebackhide__ = True
         _record("recv", tuple(shape), dtype, group, src)
         return orig(shape, dtype, src, group=group, stream=stream)
 
@@ -200,6 +204,7 @@ def _make_recv(orig: Any) -> Any:
 
 def _make_recv_like(orig: Any) -> Any:
     def recv_like(x: Any, src: int, *, group: Any = None, stream: Any = None) -> Any:
+        __tracebackhide__ = True
         _record("recv_like", getattr(x, "shape", ()), getattr(x, "dtype", None), group, src)
         return orig(x, src, group=group, stream=stream)
 

@@ -97,7 +97,13 @@ class RankWhy:
         return self.doing
 
 
-@dataclass
+def _shown(stack: list[Frame]) -> list[Frame]:
+    """The frames worth showing: innermost first, up to the outermost cell frame."""
+    cells = [i for i, f in enumerate(stack) if f.where.startswith("cell")]
+    return stack[: cells[-1] + 1] if cells else stack[:6]
+
+
+@dataclass(repr=False)
 class WhyReport:
     """The verdict and every rank's view; ``print`` it or let the notebook show it."""
 
@@ -112,9 +118,12 @@ class WhyReport:
             if r.recent:
                 tail = ", ".join(f"{c.name} ({c.where})" for c in r.recent[-4:])
                 lines.append(f"    last collectives: {tail}")
-            if r.stack:
-                lines.append("    stack: " + " <- ".join(str(f) for f in r.stack[:4]))
+            if r.stack and r.state != "idle":
+                lines.append("    stack: " + " <- ".join(str(f) for f in _shown(r.stack)))
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def _repr_html_(self) -> str:
         esc = html.escape
@@ -123,13 +132,15 @@ class WhyReport:
             bad = r.rank in self.suspects
             style = ' style="background:#fde2e1"' if bad else ""
             recent = "<br>".join(esc(f"{c.name} {c.signature} ({c.where})") for c in r.recent[-5:])
-            stack = "<br>".join(esc(str(f)) for f in r.stack)
-            stack_cell = f"<details><summary>{len(r.stack)} frames</summary>{stack}</details>"
+            shown = _shown(r.stack)
+            stack = "<br>".join(esc(str(f)) for f in shown)
+            first = esc(str(shown[0])) if shown else ""
+            stack_cell = f"<details><summary>{first}</summary>{stack}</details>" if shown else ""
             rows.append(
                 f"<tr{style}><td>{r.rank}</td><td>{esc(r.host)}</td><td>{esc(r.state)}</td>"
                 f"<td>{esc(str(r.blocked_in) if r.blocked_in else '')}</td>"
                 f"<td>{esc(r.doing)}</td><td>{recent}</td>"
-                f"<td>{stack_cell if r.stack else ''}</td></tr>"
+                f"<td>{stack_cell}</td></tr>"
             )
         head = "".join(
             f"<th>{h}</th>"
