@@ -149,7 +149,9 @@ def test_links_flag_exactly_the_slow_cable(mesh3: Any, tmp_path: Path, artifacts
     assert "mac2 -- mac3" in topology.topology_text(cluster.placement, report.records)
 
 
-def test_ring_of_four_with_control_on_the_management_network(ring4: Any, tmp_path: Path) -> None:
+def test_ring_of_four_with_control_on_the_management_network(
+    ring4: Any, tmp_path: Path, artifacts: Path
+) -> None:
     hostfile = ring4.hostfile(tmp_path / "ring.json", "ring")
     placement = read_hostfile(hostfile)
     assert all(ip.startswith("10.77.65.") for h in placement.hosts for ip in h.ips)
@@ -171,6 +173,7 @@ def test_ring_of_four_with_control_on_the_management_network(ring4: Any, tmp_pat
             for peers in conns:
                 assert peers and all(p.startswith("10.77.65.") for p in peers), conns
             report = links.measure(cluster.view, cluster.placement, cluster.ranks, timeout=10)
+            (artifacts / "links-ring4.txt").write_text(report.text() + "\n")
             assert len(report.records) == 6
             far = report.record("mac1", "mac3")
             assert far is not None and far.gbit_s is None  # no cable, no MLX send
