@@ -156,3 +156,39 @@ def test_checks_off_again(checked) -> None:
     _healthy(cluster)
     cluster.view.execute(f"_checks.enable(timeout={TIMEOUT})")
     _healthy(cluster)
+
+
+def test_three_ranks_one_behind(tmp_path: Path) -> None:
+    """With three ranks: why names the two waiting ranks and the late one; with checks on,
+    both waiting ranks fail naming it, and the next cell runs."""
+    with MLXCluster(3, live_status=False) as cluster:
+        hangdoc.setup(cluster.view, tmp_path)
+        cluster.view.execute("mx.eval(mx.distributed.all_sum(mx.ones(4)))")
+        g = hangdoc.gate(tmp_path, "late")
+        cell = (
+            "if world.rank() == 1:\n"
+            f"    _hd_gate({g!r})\n"
+            "y = mx.distributed.all_sum(mx.ones(4)).sum().item()\n"
+        )
+        ar = cluster.view.execute(cell, block=False)
+        try:
+            report = hangdoc.analyze(tmp_path, 3, ["h"] * 3, settle=1.5)
+            assert report.verdict.startswith(
+                "rank 1 is behind: ranks 0,2 wait in all_sum #2 (cell line 3); rank 1 issued 1 "
+                "collective and is in time.sleep (cell line "
+            ), report.verdict
+        finally:
+            Path(g).touch()
+            ar.get(timeout=30)
+        cluster.view.execute(f"from mlx_cluster_magic import checks; checks.enable({TIMEOUT})")
+        cell = "if world.rank() != 1:\n    mx.eval(mx.distributed.all_sum(mx.ones(3)))\n"
+        errors, elapsed = _errors(cluster.view.execute(cell, block=False))
+        assert sorted(errors) == [0, 2] and elapsed < TIMEOUT + 5
+        for name, message in errors.values():
+            assert name == "CollectiveTimeout"
+            assert message.startswith(
+                "collective #3 all_sum float32[3] (cell line 2): rank 1 did not arrive within 3 s"
+            ), message
+        cluster.view.execute("_ok = mx.distributed.all_sum(mx.ones(2)).tolist()")
+        assert cluster.view["_ok"] == [[3.0, 3.0]] * 3
+    assert not wait_no_processes(), "processes left running"
