@@ -313,6 +313,7 @@ def control_plane(
     placement: Placement,
     interfaces: Mapping[str, Iterable[str]],
     peers: Mapping[str, str] | None = None,
+    explicit: str | None = None,
 ) -> ControlPlane:
     """Choose the head's listening address (never 0.0.0.0).
 
@@ -321,13 +322,10 @@ def control_plane(
     First a head network holding a cluster IP of every remote host (data and control on the
     cables, as with a Thunderbolt bridge); else one holding every remote host's ssh address
     (one subnet per cable, the head on Ethernet/Wi-Fi); else the head's address in the
-    hostfile's cluster subnet.
+    hostfile's cluster subnet. ``explicit`` (``--controller-ip``) is taken as given; its
+    network is looked up to tell whether it is on the cables.
     """
-    if placement.is_local:
-        return ControlPlane("127.0.0.1", None, True)
     remote = [h for h in placement.hosts if not h.is_local]
-    if not remote:  # the head is the only host, but named by its address
-        return ControlPlane("127.0.0.1", None, True)
     head = _head_interfaces(interfaces)
 
     def holds(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, ips: Iterable[str]) -> bool:
@@ -338,6 +336,15 @@ def control_plane(
             except ValueError:
                 continue
         return False
+
+    if explicit is not None:
+        mine = [i for i in head if str(i.ip) == explicit and i.network.prefixlen < i.max_prefixlen]
+        if placement.is_local or not remote or not mine:
+            return ControlPlane(explicit, cluster_subnet(placement), True)
+        on_cables = all(holds(mine[0], h.ips) for h in remote)
+        return ControlPlane(explicit, str(mine[0].network), on_cables)
+    if placement.is_local or not remote:  # not remote: the head named by its address
+        return ControlPlane("127.0.0.1", None, True)
 
     for iface in head:
         if iface.network.prefixlen < iface.max_prefixlen and all(

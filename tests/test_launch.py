@@ -227,6 +227,12 @@ def test_control_on_the_management_network_with_one_subnet_per_cable() -> None:
     args = launch.mpiexec_args(RING4, launch.MPIOptions(subnets=("10.1.0.0/24", "10.0.0.0/24")))
     assert " ".join(args).count("include 10.1.0.0/24,10.0.0.0/24") == 2
     assert launch.head_reach_address(RING4, 2, cp, peers) == "10.0.0.13"
+    # --controller-ip given: its network decides where MPI goes.
+    assert launch.control_plane(RING4, ifaces, peers, explicit="10.0.0.2") == cp
+    given = launch.control_plane(HOSTS, {"b": ["10.213.0.1/24"]}, explicit="10.213.0.1")
+    assert given == launch.ControlPlane("10.213.0.1", "10.213.0.0/24", True)
+    elsewhere = launch.control_plane(HOSTS, ifaces, explicit="10.9.9.9")
+    assert elsewhere == launch.ControlPlane("10.9.9.9", "10.213.0.0/24", True)
     assert launch.head_reach_address(HOSTS, 1, launch.ControlPlane("10.213.0.1")) == "10.213.0.12"
 
 
