@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,58 @@ def test_ministral3_variant_is_the_same_function_and_can_be_a_pipeline(
 def test_unknown_model_type_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="use 'llama' or 'ministral3'"):
         lm.write_tiny_llama(tmp_path / "x", model_type="gpt2")
+
+
+GENERATE = """
+from mlx_lm import stream_generate
+from mlx_lm.utils import pipeline_load, sharded_load
+
+def _tokens(model, tokenizer, metric):
+    out = []
+    for r in stream_generate(model, tokenizer, {prompt!r}, max_tokens={n}):
+        out.append(r.token)
+        report(step=r.generation_tokens, **{{metric: r.generation_tps}})
+    return out
+
+tp_tokens = _tokens(*sharded_load({llama!r}, tensor_group=world), "tok_s_tp")
+pp_model, pp_tokenizer = pipeline_load({m3!r})
+stage = (pp_model.model.start_idx, pp_model.model.end_idx)
+pp_tokens = _tokens(pp_model, pp_tokenizer, "tok_s_pp")
+"""
+
+
+def test_split_over_two_ranks_generates_the_single_process_tokens_and_reports_rates(
+    llama: Path, tmp_path: Path, no_leaks: None
+) -> None:
+    """mlx-lm's tensor-parallel and pipeline loaders on 2 local ranks: the greedy tokens of one
+    process on every rank, and every token's rate reaches cluster.metrics() by rank."""
+    from mlx_lm import load, stream_generate
+
+    from mlx_cluster_magic import MLXCluster
+
+    prompt, n = "a small robot", 24
+    model, tokenizer = load(str(llama))
+    expected = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=n)]
+    m3 = lm.write_tiny_llama(tmp_path / "m3", seed=0, model_type="ministral3")
+    with MLXCluster(n=2) as cluster:
+        cluster.view.execute(GENERATE.format(prompt=prompt, n=n, llama=str(llama), m3=str(m3)))
+        assert cluster.view["tp_tokens"] == [expected, expected]
+        assert cluster.view["pp_tokens"] == [expected, expected]
+        assert [tuple(s) for s in cluster.view["stage"]] == [(2, 4), (0, 2)]
+        # Reported numbers travel with the ranks' periodic status; wait for the last ones.
+        deadline = time.monotonic() + 10
+        while True:
+            records = cluster.metrics()
+            records = records.to_dict("records") if hasattr(records, "to_dict") else records
+            steps = {
+                (name, rank): sorted(
+                    r["step"] for r in records if r["name"] == name and r["rank"] == rank
+                )
+                for name in ("tok_s_tp", "tok_s_pp")
+                for rank in (0, 1)
+            }
+            if all(len(s) == n for s in steps.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert all(s == list(range(1, n + 1)) for s in steps.values()), steps
+    assert all(r["value"] > 0 for r in records if r["name"].startswith("tok_s"))
