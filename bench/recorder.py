@@ -27,24 +27,27 @@ import time as _time
 from mlx_cluster_magic import recorder as _recorder, checks as _checks
 
 def _hd_loop(n, mode):
-    if mode == "off":
-        _checks.disable(); _recorder.uninstall()
-    else:
-        _recorder.install()
-        _checks.enable(timeout=30.0) if mode == "checks" else _checks.disable()
+    _checks.disable(); _recorder.uninstall()
+    if mode != "off":
+        _recorder.install(track_evaluation=mode == "tracked")
+    if mode == "checks":
+        _checks.enable(timeout=30.0)
     x = mx.ones(4)
     mx.eval(mx.distributed.all_sum(x))  # both ranks start together
     t = _time.perf_counter()
     for _ in range(n):
         mx.eval(mx.distributed.all_sum(x))
     dt = _time.perf_counter() - t
-    _checks.disable()
-    _recorder.install()
-    return dt
+    t = _time.perf_counter()
+    for _ in range(n):
+        mx.distributed.all_sum(x)  # built, never evaluated: the call alone
+    build = _time.perf_counter() - t
+    _checks.disable(); _recorder.uninstall(); _recorder.install()
+    return dt, build
 
 def _hd_series(n, rounds):
-    out = {"off": [], "on": [], "checks": []}
-    order = ("off", "on", "checks")
+    out = {"off": [], "on": [], "tracked": [], "checks": []}
+    order = ("off", "on", "tracked", "checks")
     for i in range(rounds):
         for mode in order if i % 2 == 0 else order[::-1]:
             out[mode].append(_hd_loop(n, mode))
@@ -56,7 +59,8 @@ def bench_recorder(reps: int) -> list[dict[str, Any]]:
     """Recorder on vs off and checks on vs off, alternating within one 2-rank cluster."""
     from mlx_cluster_magic import MLXCluster
 
-    times: dict[str, list[float]] = {"off": [], "on": [], "checks": []}
+    times: dict[str, list[float]] = {"off": [], "on": [], "tracked": [], "checks": []}
+    build: dict[str, list[float]] = {"off": [], "on": []}
     with MLXCluster(n=2, live_status=False) as cluster:
         view = cluster.view
         view.execute(LOOP)
@@ -66,7 +70,10 @@ def bench_recorder(reps: int) -> list[dict[str, Any]]:
             view.execute(f"_hd_out = _hd_series({STEPS}, 6)")
             per_rank = view["_hd_out"]
             for mode in times:
-                times[mode] += [max(xs) for xs in zip(*(r[mode] for r in per_rank))]
+                samples = list(zip(*(r[mode] for r in per_rank)))  # per round: every rank
+                times[mode] += [max(t for t, _b in s) for s in samples]
+                if mode in build:
+                    build[mode] += [max(b for _t, b in s) / STEPS * 1e6 for s in samples]
     return [
         compare(
             f"{STEPS:,} small all_sums, each evaluated, 2 local ranks (mpi), flight recorder on",
@@ -75,6 +82,22 @@ def bench_recorder(reps: int) -> list[dict[str, Any]]:
             "s",
             "<= 1.03x",
             "the same loop, recorder off",
+        ),
+        compare(
+            "the same loop, recorder on with evaluations tracked (install(track_evaluation=True))",
+            times["tracked"],
+            times["off"],
+            "s",
+            "report",
+            "the same loop, recorder off",
+        ),
+        compare(
+            "one all_sum call, built and not evaluated, recorder on",
+            build["on"],
+            build["off"],
+            "us",
+            "report",
+            "the same call, recorder off",
         ),
         compare(
             f"{STEPS:,} small all_sums, each evaluated, 2 local ranks (mpi), checked collectives",

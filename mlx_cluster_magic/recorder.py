@@ -19,8 +19,8 @@ is taken as the latest of them. That is exact for ``all_sum(x).item()``; when on
 covers many collectives (``nn.average_gradients`` then ``mx.eval``), the head's analysis picks
 the exact one by comparing the ranks' sequence numbers. ``install(track_evaluation=True)``
 also wraps ``mx.eval`` and the array methods that evaluate, which settles collectives as each
-evaluation returns (more precise on one rank alone, but it costs a Python call per evaluation:
-about 5 % on a loop of tiny all_sums on shared memory, against under 1 % without).
+evaluation returns (more precise on one rank alone, at the cost of one more Python call per
+evaluation; off by default).
 
 ``snapshot()`` is cheap and thread-safe: the status thread calls it twice a second while the
 main thread runs a cell. No IPython import.
