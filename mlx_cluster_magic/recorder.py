@@ -451,8 +451,10 @@ def snapshot(recent: int = RECENT, busy: bool | None = None) -> dict[str, Any]:
     ``busy``: the main thread runs a request; ``evaluating``: it is inside an evaluation
     (tracked, or seen from its call site: ``mx.eval``, ``.item()``, ``print`` ...);
     ``blocked``: the collective it waits in, with ``blocked_s``, how long the status thread has
-    seen it there; ``pending``: collectives issued since the rank was last idle (or, when
-    evaluations are tracked, not yet settled by one); ``where``: its current line.
+    seen it there; ``pending``: how many collectives were issued since the rank was last idle
+    (or, when evaluations are tracked, not yet settled by one); ``where``: its current line.
+    ``busy`` may be given by the caller (the engine's request hooks know it); else it is read
+    from the main thread's stack. About 50 us; 4 KB of JSON with 16 records.
     """
     global _blocked_seen, _settled
     from . import stacks
@@ -488,7 +490,7 @@ def snapshot(recent: int = RECENT, busy: bool | None = None) -> dict[str, Any]:
         "count": count,
         "seq": seqs,
         "recent": [as_dict(r) for r in list(records)[-recent:]],
-        "pending": [as_dict(r) for r in records if r[0] > settled][-recent:],
+        "pending": count - settled,
         "busy": busy,
         "evaluating": evaluating >= 0 or (where is not None and where["call"] in EVAL_CALLS),
         "blocked": blocked,

@@ -145,9 +145,9 @@ def test_tracked_evaluation_settles_collectives(cluster) -> None:
     cluster.view.execute(
         "_recorder.uninstall(); _recorder.install(track_evaluation=True)\n"
         "p = mx.distributed.all_sum(mx.ones(2))\n"
-        "_before = len(_recorder.snapshot()['pending'])\n"
+        "_before = _recorder.snapshot()['pending']\n"
         "p.tolist()\n"
-        "_after = len(_recorder.snapshot()['pending'])\n"
+        "_after = _recorder.snapshot()['pending']\n"
         "_recorder.uninstall(); _recorder.install()\n"
     )
     assert cluster.view["_before"] == [1, 1]
