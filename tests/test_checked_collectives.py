@@ -158,6 +158,7 @@ def test_checks_off_again(checked) -> None:
     _healthy(cluster)
 
 
+@pytest.mark.cluster
 def test_three_ranks_one_behind(tmp_path: Path) -> None:
     """With three ranks: why names the two waiting ranks and the late one; with checks on,
     both waiting ranks fail naming it, and the next cell runs."""
