@@ -8,6 +8,10 @@ without ``report``; alternating per repetition. The model is the notebook's: the
 ``mlx_cluster_magic.lm.write_tiny_llama`` writes (no download). Both must produce the same tokens.
 On 2 local ranks always; on 2 virtual hosts (network namespaces with sshd) when root.
 
+The like-for-like figure is mpi against bare ``mpiexec``. Against ``mlx.launch`` (ring) the
+launcher itself costs: its I/O threads busy-loop (measured at 25-55 % of a core while the ranks
+generate, even re-niced to 19), which on the 2-core test machine the ranks feel.
+
     python bench/lm.py [reps]
 """
 
