@@ -37,7 +37,7 @@ test: lint system-deps
 	$(PY) -m pytest -q -rs
 
 check: lint
-	$(PY) -m pytest -q -m "not cluster"
+	$(PY) -m pytest -q -m "not cluster and not kernel"
 
 bench: $(VENV)/.installed system-deps
 	$(PY) bench/run.py

@@ -45,7 +45,7 @@ HEARTBEAT_MS = 200
 HEARTBEAT_MISSES = 10
 START_TIMEOUT_S = opts.START_TIMEOUT_S
 #: Metric points per series a snapshot carries to the views.
-SNAPSHOT_POINTS = 400
+SNAPSHOT_POINTS = 2000
 
 _ENGINE_NAMESPACE = (
     "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world; "

@@ -9,7 +9,8 @@ The magics are ipyparallel's own (``ParallelMagics``); only the blocking wait ch
   cluster is aborted with a message that says so, and ``%mlx_cluster restart`` brings it back;
 - ``%%px --timeout S`` gives a cell the same outcome after S seconds;
 - a cell running longer than ``--progress-after`` shows each rank's progress in its output;
-- the status view's buttons act while the cell runs (widget events are processed in the wait);
+- the status view's Stop and Restart end the cell at once with one line (their clicks run on
+  a kernel subshell of the widget's own, so they do not wait for the cell);
 - a cell that completed is remembered for ``%mlx_cluster restart --replay`` (``--no-replay``
   skips it).
 
@@ -22,8 +23,8 @@ import html
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 from ipyparallel import error
@@ -49,6 +50,7 @@ class PxCluster(Protocol):
     @property
     def generation(self) -> int: ...
     def not_running_message(self) -> str: ...
+    def stopped_by(self) -> str | None: ...
     def dead_ranks(self) -> list[int]: ...
     def describe_ranks(self, ranks: Sequence[int]) -> str: ...
     def death_cause(self) -> str: ...
@@ -142,30 +144,6 @@ class _Bundle:
         return {"text/html": self.html, "text/plain": self.plain}
 
 
-@contextmanager
-def _widget_events(shell: Any) -> Iterator[Any]:
-    """Process widget events (the status view's buttons) while a cell waits, where a kernel
-    with comms runs this shell; a no-op elsewhere."""
-    if getattr(shell, "kernel", None) is None:
-        yield None
-        return
-    try:
-        from jupyter_ui_poll import ui_events
-    except ImportError:
-        yield None
-        return
-    try:
-        cm = ui_events()
-        poll = cm.__enter__()
-    except Exception:
-        yield None
-        return
-    try:
-        yield poll
-    finally:
-        cm.__exit__(None, None, None)
-
-
 class MLXParallelMagics(ParallelMagics):
     """``ParallelMagics`` bound to a cluster: rank deaths, interrupts and timeouts end the cell
     instead of hanging the notebook; no cluster, a stopped or a broken one is one line."""
@@ -232,10 +210,6 @@ class MLXParallelMagics(ParallelMagics):
         self._check_cluster()
         return super().result(line)
 
-    def pxconfig(self, line: str) -> Any:
-        self._check_cluster()
-        return super().pxconfig(line)
-
     def parallel_execute(  # type: ignore[override]
         self,
         cell: str,
@@ -277,7 +251,8 @@ class MLXParallelMagics(ParallelMagics):
         except CellAborted as e:
             raise UsageError(str(e)) from None
         finally:
-            if not stream_output:
+            # (a cell left running by ``--signal-on-interrupt 0`` has no outputs to show yet)
+            if not stream_output and result.done():
                 result.wait_for_output(1)
                 result.display_outputs(groupby)
         if self.replayable:
@@ -294,25 +269,22 @@ class MLXParallelMagics(ParallelMagics):
         progress = Progress()
         targets = engines.result_targets(result)
         try:
-            with _widget_events(self.shell) as poll:
-                while not result.done():
-                    if poll is not None:
-                        poll(20)
-                    result.wait(POLL_S if poll is None else POLL_S / 2)
-                    if result.done():
-                        break
-                    self._check_alive(cluster, generation)
-                    elapsed = time.monotonic() - start
-                    if deadline is not None and time.monotonic() > deadline:
-                        self._interrupt(cluster, result, why=f"did not finish within {timeout:g} s")
-                        raise CellAborted(
-                            f"the cell did not finish within {timeout:g} s and was interrupted"
-                        )
-                    if progress_after >= 0 and elapsed >= progress_after:
-                        rows = progress_rows(
-                            cluster.nodes(), engines.done_targets(result), targets, elapsed
-                        )
-                        progress.show(Progress.bundle(rows, elapsed))
+            while not result.done():
+                result.wait(POLL_S)
+                if result.done():
+                    break
+                self._check_alive(cluster, generation)
+                elapsed = time.monotonic() - start
+                if deadline is not None and time.monotonic() > deadline:
+                    self._interrupt(cluster, result, why=f"did not finish within {timeout:g} s")
+                    raise CellAborted(
+                        f"the cell did not finish within {timeout:g} s and was interrupted"
+                    )
+                if progress_after >= 0 and elapsed >= progress_after:
+                    rows = progress_rows(
+                        _nodes(cluster), engines.done_targets(result), targets, elapsed
+                    )
+                    progress.show(Progress.bundle(rows, elapsed))
         finally:
             if progress.shown:
                 elapsed = time.monotonic() - start
@@ -323,7 +295,8 @@ class MLXParallelMagics(ParallelMagics):
 
     def _check_alive(self, cluster: PxCluster, generation: int) -> None:
         if cluster.generation != generation or not cluster.running:
-            what = cluster.not_running_message()
+            by = cluster.stopped_by()
+            what = f"the cluster was {by}" if by else cluster.not_running_message()
             if cluster.running:
                 what = "the cluster was restarted"
             raise CellAborted(f"the cell ended: {what}")
@@ -369,6 +342,13 @@ class MLXParallelMagics(ParallelMagics):
             "interrupted); the cluster was stopped: %mlx_cluster restart brings it back"
             f"{_verdict(verdict)}"
         )
+
+
+def _nodes(cluster: PxCluster) -> list[dict[str, Any]]:
+    try:
+        return cluster.nodes()
+    except MLXClusterError:  # live status is off: every rank not done counts as busy
+        return []
 
 
 def _colour(state: str) -> str:
