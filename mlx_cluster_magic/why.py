@@ -283,12 +283,13 @@ def _verdict(ranks: list[RankWhy]) -> tuple[str, list[int]]:
         others = sorted(set(r.rank for r in known) - set(r.rank for r in world_waiting))
         c = world_waiting[0].blocked_in
         assert c is not None
-        desc = "; ".join(f"{_ranks([k])} is {ranks[k].doing}" for k in others) or "the others"
-        return (
-            f"{_ranks([r.rank for r in world_waiting])} wait in {c.op} #{c.seq} ({c.where}); "
-            f"{desc}" + note,
-            others,
-        )
+        waiters = [r.rank for r in world_waiting]
+        verb = "waits" if len(waiters) == 1 else "wait"
+        parts = [f"{_ranks(waiters)} {verb} in {c.op} #{c.seq} ({c.where})"]
+        parts += [f"{_ranks([k])} is {ranks[k].doing}" for k in others]
+        if silent:
+            parts.append(f"{_ranks(silent)} sent no status (dead, or its status thread starved)")
+        return "; ".join(parts), others or silent
     counts = sorted(set(issued.values()))
     if len(counts) > 1:
         low = sorted(k for k, v in issued.items() if v == counts[0])

@@ -54,7 +54,14 @@ def snapshots(where: Path, n: int) -> list[dict[str, Any] | None]:
     return out
 
 
-def analyze(where: Path, n: int, hosts: list[str], settle: float = 1.0) -> why.WhyReport:
+#: Where the scenarios' real snapshots and stack dumps are kept for the fast analysis tests;
+#: ``MLX_CLUSTER_CAPTURE=1`` when running test_why.py rewrites them.
+CAPTURED = Path(__file__).parent / "fixtures" / "hangdoc"
+
+
+def analyze(
+    where: Path, n: int, hosts: list[str], settle: float = 1.0, name: str | None = None
+) -> why.WhyReport:
     """Snapshots (after ``settle`` seconds, so they show the hang) and live stacks -> report."""
     time.sleep(settle)
     snaps = snapshots(where, n)
@@ -64,7 +71,13 @@ def analyze(where: Path, n: int, hosts: list[str], settle: float = 1.0) -> why.W
         else (int(s["pid"]), str(s["stack_file"]), None)
         for s in snaps
     ]
-    return why.analyze(snaps, stacks.capture_all(targets), hosts)
+    dumps = stacks.capture_all(targets)
+    report = why.analyze(snaps, dumps, hosts)
+    if name and os.environ.get("MLX_CLUSTER_CAPTURE") == "1":
+        CAPTURED.mkdir(parents=True, exist_ok=True)
+        data = {"snapshots": snaps, "stacks": dumps, "hosts": hosts, "verdict": report.verdict}
+        (CAPTURED / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    return report
 
 
 def gate(where: Path, name: str) -> str:

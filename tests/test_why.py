@@ -48,7 +48,7 @@ def test_a_rank_in_a_long_sleep(two_ranks) -> None:
     )
     ar = cluster.view.execute(cell, block=False)
     try:
-        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5)
+        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5, name="sleep")
         issued = report.ranks[1].issued["world"]
         assert report.verdict.startswith(
             f"rank 1 is behind: rank 0 waits in all_sum #{issued + 1} (cell line 4); "
@@ -80,7 +80,7 @@ def test_a_rank_that_skips_a_collective(two_ranks) -> None:
     cell = "if world.rank() != 1:\n    z = mx.distributed.all_sum(mx.ones(3))\n    mx.eval(z)\n"
     ar = cluster.view.execute(cell, block=False)
     try:
-        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5)
+        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5, name="skip")
         n = report.ranks[1].issued["world"]
         assert report.verdict == (
             f"rank 1 is behind: rank 0 waits in all_sum #{n + 1} (cell line 2); "
@@ -100,7 +100,7 @@ def test_ranks_that_issue_different_ops_or_shapes(two_ranks) -> None:
         "x = mx.ones(4)\n"
         "y = mx.distributed.all_sum(x) if world.rank() == 0 else mx.distributed.all_gather(x)\n"
     )
-    report = hangdoc.analyze(where, 2, _hosts(cluster), settle=0.5)
+    report = hangdoc.analyze(where, 2, _hosts(cluster), settle=0.5, name="mismatch")
     s = report.ranks[0].issued["world"]
     assert report.verdict == (
         f"mismatch at #{s}: rank 0 all_sum float32[4] (cell line 2), "
@@ -127,7 +127,7 @@ def test_a_send_without_its_recv(two_ranks) -> None:
     )
     ar = cluster.view.execute(cell, block=False)
     try:
-        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5)
+        report = hangdoc.analyze(where, 2, _hosts(cluster), settle=1.5, name="send")
         assert report.verdict.startswith(
             "rank 0 waits in send #1 to rank 1 (cell line 2); rank 1 has not posted the matching "
             "recv from rank 0 (it posted 0 on that pair) and is in time.sleep (cell line "
@@ -190,3 +190,36 @@ def test_verdict_with_a_silent_rank() -> None:
     assert report.verdict.startswith("no rank sent its status")
     assert stacks.location("/tmp/ipykernel_123/456.py", 3) == "cell line 3"
     assert stacks.location("/x/train.py", 12) == "train.py:12"
+
+
+# ----------------------------------------------------------------- captured from the runs above
+def _captured(name: str) -> dict:
+    import json
+
+    return json.loads((hangdoc.CAPTURED / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["sleep", "skip", "mismatch", "send"])
+def test_captured_scenarios_give_the_same_verdict(name: str) -> None:
+    """The analysis alone, on real snapshots and stack dumps kept from the scenarios above."""
+    data = _captured(name)
+    report = why.analyze(data["snapshots"], data["stacks"], data["hosts"])
+    assert report.verdict == data["verdict"]
+    assert str(report).startswith(report.verdict)
+    assert report.verdict.split(":")[0] in report._repr_html_()
+
+
+def test_captured_hang_with_a_silent_rank() -> None:
+    """Rank 1 sent nothing (dead or starved): rank 0's wait is still named, and rank 1 blamed."""
+    data = _captured("sleep")
+    snaps = [data["snapshots"][0], None]
+    report = why.analyze(snaps, [data["stacks"][0], None], data["hosts"])
+    blocked = report.ranks[0].blocked_in
+    assert blocked is not None
+    assert report.verdict == (
+        f"rank 0 waits in all_sum #{blocked.seq} (cell line 4); rank 1 sent no status (dead, or "
+        "its status thread starved)"
+    )
+    assert report.suspects == [1]
+    assert report.ranks[1].state == "no status"
+    assert why.stuck(snaps, threshold_s=0.5) == report.verdict
