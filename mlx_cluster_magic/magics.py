@@ -223,7 +223,22 @@ def _build_parsers() -> dict[str, _Parser]:
 
     sub("history", "The %%px cells that completed on every rank since start (what --replay runs).")
 
-    sub("links", "Measure every link between hosts: latency, bandwidth, route; flag slow ones.")
+    p = sub("links", "Measure every link between hosts: latency, bandwidth, route; flag slow ones.")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="time budget for measuring every pair of hosts",
+    )
+    p.add_argument(
+        "--seconds",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="how long each bandwidth test streams (default: the time budget shared out over "
+        "the pairs)",
+    )
 
     sub("metrics", "The values ranks recorded with report(...), as records or a DataFrame.")
 
@@ -478,7 +493,7 @@ class MLXClusterMagics(Magics):
         return History(self._any("yet").history())
 
     def _links(self, args: argparse.Namespace) -> Any:
-        return self._running().links()  # type: ignore[attr-defined]
+        return self._running().links(timeout=args.timeout, seconds=args.seconds)
 
     def _metrics(self, args: argparse.Namespace) -> Any:
         return self._any("yet").metrics()
