@@ -37,6 +37,7 @@ from .status import StatusReceiver
 if TYPE_CHECKING:
     from .doctor import DoctorReport
     from .views.status import StatusWidget
+    from .why import WhyReport
 
 # The controller pings engines this often (ms) and unregisters one after this many misses:
 # ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 HEARTBEAT_MS = 200
 HEARTBEAT_MISSES = 10
 START_TIMEOUT_S = opts.START_TIMEOUT_S
+#: A cell blocked this long in collectives that other ranks have not reached shows a banner.
+HANG_BANNER_S = 10.0
 #: Metric points per series a snapshot carries to the views.
 SNAPSHOT_POINTS = 2000
 
@@ -122,6 +125,7 @@ class MLXCluster:
         self._widget: StatusWidget | None = None
         self._history: list[HistoryEntry] = []
         self._topology_svg: str | None = None
+        self._last_recorders: list[dict[str, Any] | None] = []
         self.banner: str | None = None
         self.last_nodes: list[NodeStatus] = []
         #: Counts starts, so a wait can tell its cluster was restarted under it.
@@ -242,7 +246,12 @@ class MLXCluster:
         cluster.start_controller_sync()
         run.watchdog = procs.Watchdog(profile, self._track(engines.launcher_pids(cluster)))
         env = launch.backend_environment(
-            spec.placement, spec.backend, libmpi=spec.mpi_lib, ring_port=spec.ring_port
+            spec.placement,
+            spec.backend,
+            libmpi=spec.mpi_lib,
+            ring_port=spec.ring_port,
+            connections_per_ip=spec.connections_per_ip,
+            verbose=spec.verbose,
         )
         env.update(spec.placement.envs)
         if status is not None:
@@ -251,7 +260,7 @@ class MLXCluster:
             forward=tuple(sorted(env)),
             prted=spec.prted,
             ssh_agent=spec.ssh,
-            subnet=spec.subnet,
+            subnets=tuple(spec.subnet.split(",")) if spec.subnet else (),
             workdir=spec.workdir,
             as_root=os.geteuid() == 0,
             cpu_count=os.cpu_count() or 1,
@@ -401,10 +410,41 @@ class MLXCluster:
         launcher = engines.engine_launcher(run.ipp if run else None)
         return engines.death_cause(engines.launcher_output(launcher))
 
-    def hang_verdict(self) -> str | None:
+    def hang_verdict(self, threshold_s: float = 0.0) -> str | None:
         """One line naming the rank that is behind or the collective that differs, when the
-        flight recorders disagree; None when they agree or cannot tell."""
-        return None
+        flight recorders disagree (ranks blocked for at least ``threshold_s``); else None."""
+        from . import why as whymod
+
+        return whymod.stuck(self._recorders(), threshold_s)
+
+    def _recorders(self) -> list[dict[str, Any] | None]:
+        """Each rank's latest flight-recorder summary (kept after a stop or an abort)."""
+        run = self._run
+        if run is not None and run.status is not None:
+            return [run.status.latest(r, "recorder") for r in range(self.n)]
+        return list(self._last_recorders) or [None] * self.n
+
+    def why(self, stacks: bool = True, timeout: float = 2.0) -> WhyReport:
+        """For every rank: blocked in which collective (sequence number, op, shape, line), the
+        last collectives it issued, and its Python stack; a one-line verdict when they
+        disagree. Works while a cell runs (nothing queues behind it) and after an abort."""
+        from . import stacks as stackmod
+        from . import why as whymod
+
+        snaps, run = self._recorders(), self._run
+        dumps = None
+        if stacks and run is not None:
+            targets: list[tuple[int, str, str | None] | None] = []
+            for r, snap in enumerate(snaps):
+                if not snap or not snap.get("stack_file"):
+                    targets.append(None)
+                    continue
+                local = self.placement.is_local or self.placement.ranks[r].is_local
+                host = None if local else self.placement.ranks[r].ssh
+                targets.append((int(snap["pid"]), str(snap["stack_file"]), host))
+            dumps = stackmod.capture_all(targets, ssh=self.spec.ssh, timeout=timeout)
+        hosts = [str(r["host"]) for r in self.ranks] or [h.ssh for h in self.placement.ranks]
+        return whymod.analyze(snaps, dumps, hosts)
 
     def describe_ranks(self, ranks: Sequence[int]) -> str:
         """``rank 1 on mac2`` / ``ranks [0, 1] on vm``: for messages."""
@@ -494,6 +534,7 @@ class MLXCluster:
         if run is None:
             return
         if run.status is not None:
+            self._last_recorders = [run.status.latest(r, "recorder") for r in range(self.n)]
             self.last_nodes = [
                 dataclasses.replace(n, state="stopped", silent_s=None) if n.state != "dead" else n
                 for n in run.status.nodes()
@@ -578,6 +619,11 @@ class MLXCluster:
         return open_side_panel(self.status_view())
 
     def _refresh_widget(self) -> None:
+        """Called about twice a second by the status thread (and on every change)."""
+        if self._run is not None:
+            with contextlib.suppress(Exception):
+                verdict = self.hang_verdict(threshold_s=HANG_BANNER_S)
+                self.banner = f"the cell may be hung: {verdict}" if verdict else None
         if self._widget is not None:
             with contextlib.suppress(Exception):
                 self._widget.update(self.snapshot())
@@ -613,9 +659,35 @@ class MLXCluster:
 
         if not 0 <= root < self.n:
             raise MLXClusterError(f"root must be a rank from 0 to {self.n - 1}, got {root}")
-        host = self.placement.ranks[root]
-        ip = "127.0.0.1" if self.placement.is_local or host.is_local else host.address
+        ip = launch.head_reach_address(
+            self.placement, root, self.spec.control, dict(self.spec.peers)
+        )
         send_broadcast(self.client, self.view, name, value, root=root, ip=ip)
+
+    def links(self, timeout: float = 10.0, seconds: float | None = None) -> Any:
+        """Measure every pair of hosts: MLX send/recv latency and bandwidth in the cluster's
+        group, raw TCP on the same addresses, each beside its expected rate and flagged when far
+        below; with the backend the hosts support (``LinkReport``, shown as a matrix, a heatmap
+        and the topology picture, also in the status view's Topology tab)."""
+        from . import links
+
+        self._require()
+        advice = None
+        if not self.placement.is_local:
+            with contextlib.suppress(Exception):
+                advice = self.doctor(timeout=timeout, backend=self.backend).advice
+        report = links.measure(
+            self.view,
+            self.placement,
+            self.ranks,
+            timeout=timeout,
+            backend=self.backend,
+            seconds=seconds,
+            advise=(lambda _r: str(advice)) if advice is not None else None,
+        )
+        self._topology_svg = report.picture
+        self._refresh_widget()
+        return report
 
     def _set_checks(self, run: _Running, on: bool) -> None:
         run.view.execute(

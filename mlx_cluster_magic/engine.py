@@ -106,8 +106,12 @@ def rank_report() -> dict[str, Any]:
 
 
 def _status_extra() -> dict[str, Any]:
-    """What each status record carries beside the rank's state."""
-    return {}
+    """What each status record carries beside the rank's state: the flight recorder's summary
+    (read by ``cluster.why()`` and the hang banner)."""
+    from . import recorder
+    from .sidecar import ACTIVITY
+
+    return {"recorder": recorder.snapshot(busy=ACTIVITY.busy_since is not None)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,8 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         for path in written:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+    from . import recorder, stacks
     from .engines import hook_requests
     from .sidecar import ACTIVITY, start_sidecar
+
+    # Always on: every collective recorded (about a microsecond each); the Python stack on
+    # SIGUSR2, written by faulthandler even while the main thread holds the GIL.
+    recorder.install(WORLD)
+    stacks.install()
 
     # busy/idle is the engine's own request handling, not a guess from stack frames.
     hook_requests(ACTIVITY.started, ACTIVITY.finished)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .doctor.probe import is_loadable_library, libmpi_beside
 from .errors import MLXClusterError
 from .hosts import JACCL_BACKENDS, LOCAL_NAMES, Placement
 
@@ -27,8 +28,6 @@ IPP_VARS = ("IPP_CONNECTION_INFO", "IPP_CLUSTER_ID", "IPP_PROFILE_DIR")
 
 DEFAULT_RING_PORT = 32323
 DEFAULT_JACCL_PORT = 32323
-
-_LIBMPI_NAMES = ("libmpi.so.40", "libmpi.40.dylib", "libmpi.dylib", "libmpi.so")
 
 
 def find_mpiexec(explicit: str | None = None) -> str:
@@ -56,34 +55,23 @@ def find_mpiexec(explicit: str | None = None) -> str:
     )
 
 
-def _is_loadable_library(path: str) -> bool:
-    """True for a real ELF or Mach-O file; pip's ``libmpi.so`` is a linker script dlopen rejects."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return False
-    return magic in (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe", b"\xce\xfa\xed\xfe")
-
-
 def find_libmpi(mpiexec: str, explicit: str | None = None) -> str:
-    """The libmpi that matches ``mpiexec``, for MLX's ``MLX_MPI_LIBNAME``."""
+    """The libmpi that matches ``mpiexec``, for MLX's ``MLX_MPI_LIBNAME`` (the search the
+    doctor's probe runs on every host, too)."""
     if explicit:
-        if not _is_loadable_library(explicit):
+        if not is_loadable_library(explicit):
             raise MLXClusterError(
                 f"--mpi-lib {explicit!r} is not a loadable shared library: point it at "
                 "libmpi.so.40 (Linux) or libmpi.40.dylib (macOS)"
             )
         return os.path.abspath(explicit)
-    prefix = os.path.dirname(os.path.dirname(os.path.realpath(mpiexec)))
-    for lib_dir in (os.path.join(prefix, "lib"), os.path.join(prefix, "lib64")):
-        for name in _LIBMPI_NAMES:
-            path = os.path.join(lib_dir, name)
-            if _is_loadable_library(path):
-                return path
-    raise MLXClusterError(
-        f"no libmpi found in {prefix}/lib for {mpiexec}: pass --mpi-lib /path/to/libmpi"
-    )
+    found = libmpi_beside(mpiexec)
+    if found is None:
+        prefix = os.path.dirname(os.path.dirname(os.path.realpath(mpiexec)))
+        raise MLXClusterError(
+            f"no libmpi found in {prefix}/lib for {mpiexec}: pass --mpi-lib /path/to/libmpi"
+        )
+    return found
 
 
 def cluster_subnet(placement: Placement) -> str | None:

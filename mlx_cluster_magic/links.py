@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import MLXClusterError
 from .hosts import Placement
+from .topology import rate_colour
 
 
 @dataclass(frozen=True)
@@ -280,13 +281,6 @@ class LinkReport:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         return {"text/plain": self.text(), "text/html": self.html()}
-
-
-def rate_colour(value: float, best: float) -> str:
-    """Red (far below the best link) through amber to green (as fast as the best)."""
-    frac = 0.0 if best <= 0 else max(0.0, min(1.0, value / best))
-    hue = int(120 * frac)
-    return f"hsl({hue},70%,{72 - 12 * frac:.0f}%)"
 
 
 def _gbit(v: float | None) -> str:

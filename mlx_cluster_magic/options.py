@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -35,7 +35,7 @@ class ClusterSpec:
     python: str
     workdir: str | None
     controller_ip: str
-    subnet: str | None
+    subnet: str | None  # the networks MPI is pinned to, comma-separated (None: local)
     ring_port: int
     ssh: str | None
     timeout: float
@@ -44,6 +44,8 @@ class ClusterSpec:
     collective_timeout: float = COLLECTIVE_TIMEOUT_S
     verbose: bool = False
     connections_per_ip: int = 1
+    control: launch.ControlPlane = field(default_factory=lambda: launch.ControlPlane("127.0.0.1"))
+    peers: tuple[tuple[str, str], ...] = ()  # (ssh name, address ssh reaches it at)
 
     @property
     def n(self) -> int:
@@ -113,24 +115,26 @@ def resolve(
     one."""
     placement = placement_from(n, hosts=hosts, hostfile=hostfile)
     chosen = hostmod.check_backend(backend or placement.backend or "mpi")
-    if not (isinstance(ring_port, int) and 1024 <= ring_port <= 65535 - placement.size):
-        raise MLXClusterError(f"--ring-port must be a port from 1024 to 65535, got {ring_port}")
-    timeout = _positive(timeout, "--timeout")
-    collective_timeout = _positive(collective_timeout, "--collective-timeout")
     if not (isinstance(connections_per_ip, int) and 1 <= connections_per_ip <= 16):
         raise MLXClusterError(
             f"--connections-per-ip must be a whole number from 1 to 16, got {connections_per_ip}"
         )
+    ports = placement.size * launch.ring_ports_per_rank(placement, connections_per_ip)
+    if not (isinstance(ring_port, int) and 1024 <= ring_port <= 65535 - ports):
+        raise MLXClusterError(f"--ring-port must be a port from 1024 to 65535, got {ring_port}")
+    timeout = _positive(timeout, "--timeout")
+    collective_timeout = _positive(collective_timeout, "--collective-timeout")
     found_mpiexec = launch.find_mpiexec(mpiexec)
     lib = launch.find_libmpi(found_mpiexec, mpi_lib) if chosen in ("mpi", "any") else mpi_lib
-    if chosen.startswith("jaccl"):
+    if chosen in hostmod.JACCL_BACKENDS:
         if placement.is_local:
             raise MLXClusterError(
                 "the jaccl backend is RDMA over Thunderbolt 5 between Macs: give a "
                 "--hostfile with rdma rows (mlx.distributed_config --backend jaccl); "
                 "locally use mpi or ring"
             )
-        launch.ibv_devices(placement)  # validate the rdma rows before launching
+        # validate the rdma rows before launching
+        launch.ibv_devices(placement, ring=chosen == "jaccl-ring")
     if placement.is_local and python and not os.access(python, os.X_OK):
         raise MLXClusterError(f"--python {python!r} is not an executable here")
     if workdir is not None and placement.is_local and not os.path.isdir(workdir):
@@ -143,7 +147,13 @@ def resolve(
                 f"--controller-ip {controller_ip!r} is not an IP address: give the address "
                 "the hosts reach this machine by"
             ) from None
-    subnet = launch.cluster_subnet(placement)
+    # Where the head listens for the hosts (the cables, or the network ssh uses when every
+    # cable has its own subnet) and which networks MPI's own traffic is pinned to.
+    peers = {} if placement.is_local else launch.ssh_addresses(placement, ssh)
+    control = launch.control_plane(
+        placement, launch.local_interfaces(), peers, explicit=controller_ip
+    )
+    subnet = ",".join(launch.mpi_subnets(placement, control)) or None
     return ClusterSpec(
         placement=placement,
         backend=chosen,
@@ -152,7 +162,7 @@ def resolve(
         mpi_lib=lib,
         python=python or sys.executable,
         workdir=workdir,
-        controller_ip=controller_ip or default_controller_ip(placement, subnet),
+        controller_ip=control.address,
         subnet=subnet,
         ring_port=ring_port,
         ssh=ssh,
@@ -162,21 +172,6 @@ def resolve(
         collective_timeout=collective_timeout,
         verbose=bool(verbose),
         connections_per_ip=connections_per_ip,
+        control=control,
+        peers=tuple(sorted(peers.items())),
     )
-
-
-def default_controller_ip(placement: hostmod.Placement, subnet: str | None) -> str:
-    """Loopback for a local cluster; else the head's own address in the cluster subnet."""
-    if placement.is_local or subnet is None:
-        return "127.0.0.1"
-    interfaces = {
-        name: [a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)]
-        for name, addrs in psutil.net_if_addrs().items()
-    }
-    ip = launch.head_address(subnet, interfaces)
-    if ip is None:
-        raise MLXClusterError(
-            f"this machine has no address in the cluster subnet {subnet}: pass "
-            "--controller-ip with the address the hosts reach this machine by"
-        )
-    return ip

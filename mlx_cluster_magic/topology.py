@@ -12,9 +12,33 @@ import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .hosts import Placement
-from .links import LinkRecord, rate_colour
+
+
+class LinkRecord(Protocol):
+    """What the picture needs of a measured link (``links.LinkRecord`` has it)."""
+
+    @property
+    def src(self) -> str: ...
+    @property
+    def dst(self) -> str: ...
+    @property
+    def src_rank(self) -> int: ...
+    @property
+    def dst_rank(self) -> int: ...
+    @property
+    def rate(self) -> float | None: ...
+    @property
+    def flag(self) -> str | None: ...
+
+
+def rate_colour(value: float, best: float) -> str:
+    """Red (far below the best link) through amber to green (as fast as the best)."""
+    frac = 0.0 if best <= 0 else max(0.0, min(1.0, value / best))
+    hue = int(120 * frac)
+    return f"hsl({hue},70%,{72 - 12 * frac:.0f}%)"
 
 
 @dataclass(frozen=True)

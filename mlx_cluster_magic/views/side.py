@@ -18,7 +18,7 @@ from typing import Any
 def _server_is_jupyter_lab() -> bool:
     """Whether an ancestor of this process runs ``jupyter lab`` / ``jupyter-lab``."""
     try:
-        import psutil  # type: ignore[import-untyped]
+        import psutil  # type: ignore[import-untyped,unused-ignore]
 
         proc = psutil.Process(os.getpid()).parent()
         for _ in range(6):
@@ -67,7 +67,7 @@ def open_side_panel(widget: Any, title: str = "MLX cluster") -> str:
     frontend, evidence = detect_frontend(widget)
     if frontend == "jupyterlab":
         try:
-            from sidecar import Sidecar  # type: ignore[import-untyped]
+            from sidecar import Sidecar  # type: ignore[import-untyped,unused-ignore]
         except ImportError:
             display(widget)
             return "shown inline: the sidecar package is not installed (pip install sidecar)"
