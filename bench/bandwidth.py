@@ -13,15 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import benchlib  # sets PATH, sys.path, OMPI_ALLOW_RUN_AS_ROOT
-from common import compare
+import benchlib
+from benchlib import compare
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [1 * KIB, 64 * KIB, 1 * MIB, 16 * MIB, 64 * MIB]

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,15 +19,21 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-if str(HERE.parent / "tests") not in sys.path:
-    sys.path.insert(0, str(HERE.parent / "tests"))
-
 BIN = Path(sys.executable).parent
-os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+
+
+def setup() -> None:
+    """What every section needs, done once by the runner (never at import): the venv's Open MPI
+    on PATH (raw ipyparallel and mlx.launch look there), Open MPI allowed to run as root, and
+    the tests' virtual-cluster helper (``tests/vcluster.py``, the one both use) importable."""
+    if str(BIN) not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    tests = str(HERE.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
 
 PYTHON = sys.executable
 MLX_LAUNCH = str(BIN / "mlx.launch")
@@ -186,6 +193,38 @@ def tmpdir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix)
 
 
+def stats(samples: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+    }
+
+
+def compare(
+    name: str,
+    ours: list[float],
+    base: list[float],
+    unit: str,
+    target: str,
+    baseline: str,
+    higher_is_better: bool = False,
+) -> dict[str, Any]:
+    o, b = stats(ours), stats(base)
+    ratio = o["median"] / b["median"] if b["median"] else float("nan")
+    return {
+        "name": name,
+        "unit": unit,
+        "ours": o,
+        "baseline": b,
+        "baseline_name": baseline,
+        "ratio": ratio,
+        "target": target,
+        "higher_is_better": higher_is_better,
+    }
+
+
 def alternate(reps: int, ours: Any, base: Any) -> None:
     """Call ``ours()`` and ``base()`` once per repetition, in alternating order."""
     for i in range(reps):
@@ -205,6 +244,7 @@ def print_figure(fig: dict[str, Any]) -> None:
 
 def main(section: Any) -> None:
     """Standalone run of one section: ``python bench/<section>.py [reps]``."""
+    setup()
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     t0 = time.perf_counter()
     for fig in section(reps):

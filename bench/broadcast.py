@@ -8,15 +8,12 @@ stream to the root, then an MPI broadcast between the ranks) against ipyparallel
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import benchlib  # sets PATH, sys.path, OMPI_ALLOW_RUN_AS_ROOT
-from common import compare
+import benchlib
+from benchlib import compare
 
 NBYTES = 64 * 1024 * 1024  # 64 MiB of float32
 

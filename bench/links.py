@@ -12,16 +12,13 @@ import dataclasses
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import benchlib  # sets PATH, sys.path, OMPI_ALLOW_RUN_AS_ROOT
-from common import compare
+import benchlib
+from benchlib import compare
 
 SECONDS = 2.0  # each stream, ours and iperf3's alike
 PREFIX, SUBNET, CABLES = "fabb", "10.77.9.0/24", "10.77.72.0/24"

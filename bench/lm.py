@@ -20,15 +20,12 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import benchlib  # sets PATH, sys.path, OMPI_ALLOW_RUN_AS_ROOT
-from common import compare
+import benchlib
+from benchlib import compare
 
 PROMPT = "a small robot"  # greedy decoding of this prompt runs 200 tokens before an end token
 MAX_TOKENS = 128

@@ -9,16 +9,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import benchlib  # sets PATH, sys.path, OMPI_ALLOW_RUN_AS_ROOT
-from common import compare
+import benchlib
+from benchlib import compare
 
 THREAD_NAME = "mlx-cluster-status"  # the sidecar's (engines) and the receiver's (head) thread
 CELL_S = 3.0  # the compute-bound cell's target length

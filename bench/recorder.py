@@ -10,14 +10,10 @@ ratio on/off.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import benchlib  # sets PATH and OMPI_ALLOW_RUN_AS_ROOT
-from common import compare
+import benchlib
+from benchlib import compare
 
 STEPS = 10_000
 

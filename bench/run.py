@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -20,20 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bandwidth import bench_bandwidth
+from broadcast import bench_broadcast
+from links import bench_links
+from lm import bench_lm
+from overhead import bench_overhead
+from recorder import bench_recorder
+from recovery import bench_recovery, bench_report
+from scaling import bench_scaling
+
+import benchlib
+from benchlib import compare
+
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-
-# benchlib puts mpiexec on PATH (raw ipyparallel looks there) and allows Open MPI to run as root.
-from bandwidth import bench_bandwidth  # noqa: E402
-from broadcast import bench_broadcast  # noqa: E402
-from links import bench_links  # noqa: E402
-from lm import bench_lm  # noqa: E402
-from overhead import bench_overhead  # noqa: E402
-from recorder import bench_recorder  # noqa: E402
-from scaling import bench_scaling  # noqa: E402
-
-import benchlib  # noqa: E402, F401
-from common import compare  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- sections
@@ -122,6 +122,8 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "startup": bench_startup,
     "bandwidth": bench_bandwidth,
     "overhead": bench_overhead,
+    "report": bench_report,
+    "recovery": bench_recovery,
     "broadcast": bench_broadcast,
     "scaling": bench_scaling,
     "recorder": bench_recorder,
@@ -166,6 +168,29 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_TARGET = re.compile(
+    r"^\s*(?P<op><=|>=|<|>)\s*(?P<value>[\d.]+)\s*(?P<unit>x|%|us|ms|s)?"
+    r"|^\s*(?P<lo>[\d.]+)\s*(?:x\s*)?(?:\.\.|-|to)\s*(?P<hi>[\d.]+)\s*x?"
+)
+
+
+def missed(fig: dict[str, Any]) -> str | None:
+    """Why a figure misses its target (None when it meets it or only reports). ``<= 1.02x``
+    and ``0.9..1.1x`` judge the ratio; a target with a unit judges our median (absolute)."""
+    m = _TARGET.search(fig["target"])
+    if m is None:
+        return None
+    if m.group("lo"):
+        lo, hi = float(m.group("lo")), float(m.group("hi"))
+        ok = lo <= fig["ratio"] <= hi
+        return None if ok else f"ratio {fig['ratio']:.2f}x outside {lo:g}..{hi:g}x"
+    value, op, unit = float(m.group("value")), m.group("op"), m.group("unit") or "x"
+    got = fig["ratio"] if unit == "x" else fig["ours"]["median"]
+    ok = {"<=": got <= value, ">=": got >= value, "<": got < value, ">": got > value}[op]
+    shown = f"{got:.2f}x" if unit == "x" else f"{got:.3g} {fig['unit']}"
+    return None if ok else f"{shown}, target {fig['target']}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -182,10 +207,13 @@ def main() -> int:
     out = HERE / "results.json"
     previous = json.loads(out.read_text()) if out.exists() else {"figures": []}
     figures = [f for f in previous.get("figures", []) if f.get("section") not in chosen]
+    benchlib.setup()
     for section in chosen:
         print(f"== {section} ({reps} runs)", flush=True)
+        where = machine()  # each section says where and when it was measured
         for fig in SECTIONS[section](reps):
             fig["section"] = section
+            fig["machine"] = where
             figures.append(fig)
             print(
                 f"{fig['name']}: ours {fig['ours']['median']:.4g} {fig['unit']}, baseline "
@@ -199,7 +227,10 @@ def main() -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))
     print(markdown(results))
-    return 0
+    misses = [(f["name"], why) for f in figures if f["section"] in chosen and (why := missed(f))]
+    for name, why in misses:
+        print(f"MISSED: {name}: {why}", file=sys.stderr)
+    return 1 if misses else 0
 
 
 if __name__ == "__main__":

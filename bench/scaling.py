@@ -9,14 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import benchlib  # sets PATH, sys.path, OMPI_ALLOW_RUN_AS_ROOT
-from common import compare
+import benchlib
+from benchlib import compare
 
 DIMS = [256, 1024, 1024, 10]
 BATCH = 256  # per rank
