@@ -213,9 +213,19 @@ def _build_parsers() -> dict[str, _Parser]:
     p = sub("gather", "Fetch variables from every rank and show whether the ranks agree.")
     p.add_argument("names", nargs="+", help="variable names to fetch")
 
-    sub(
+    p = sub(
         "why",
         "Why a cell hangs: where every rank is (collective, line, stack) and a one-line verdict.",
+    )
+    p.add_argument(
+        "--no-stacks", action="store_true", help="leave out the ranks' Python stacks (quicker)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="seconds to wait for the ranks' stacks",
     )
 
     p = sub("checks", "Switch the cross-rank collective checks of a running cluster on or off.")
@@ -474,7 +484,7 @@ class MLXClusterMagics(Magics):
         return results[0] if len(results) == 1 else GatherResults(results)
 
     def _why(self, args: argparse.Namespace) -> Any:
-        return self._any("to examine").why()  # type: ignore[attr-defined]
+        return self._any("to examine").why(stacks=not args.no_stacks, timeout=args.timeout)
 
     def _checks(self, args: argparse.Namespace) -> None:
         on = args.state == "on"

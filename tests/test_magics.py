@@ -54,7 +54,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
     "status": {"--side": None},
     "nodes": {},
     "gather": {"names": None},
-    "why": {},
+    "why": {"--no-stacks": None, "--timeout": "default: 2"},
     "checks": {"{on,off}": None},
     "history": {},
     "links": {"--timeout": "default: 10", "--seconds": "shared out over the pairs"},
@@ -150,6 +150,7 @@ def test_help_needs_no_cluster_and_starts_nothing(ip, capsys) -> None:
         ("start --bogus", "%mlx_cluster start -h lists the options"),
         ("status --side", "no cluster is running"),
         ("why", "no cluster to examine: start one with"),
+        ("why --timeout -1", "--timeout: must be more than 0 seconds"),
         ("history", "no cluster yet"),
         ("metrics", "no cluster yet"),
         ("links", "no cluster is running"),
@@ -214,6 +215,7 @@ def test_new_subcommands_reach_the_cluster(ip, capsys) -> None:
     ip.run_cell_magic("px", "", "x = world.rank()")
     for sub, method in (
         ("why", "why"),
+        ("why --no-stacks --timeout 1", "why"),
         ("checks off", "check_collectives"),
         ("checks on", "check_collectives"),
         ("history", "history"),
@@ -229,6 +231,8 @@ def test_new_subcommands_reach_the_cluster(ip, capsys) -> None:
             assert sub.split()[0] in ("links", "metrics"), f"{sub}: {e}"
             continue
         assert result is not None or sub.startswith("checks"), sub
+        if sub.startswith("why"):
+            assert len(result.ranks) == 2 and hasattr(result, "verdict")
     out = capsys.readouterr().out
     if "check_collectives" not in missing:
         assert "collective checks off\n" in out and "more than 5 s, fails the cell" in out
