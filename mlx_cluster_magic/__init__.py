@@ -15,6 +15,9 @@ __all__ = ["MLXCluster", "MLXClusterError", "__version__", "load_ipython_extensi
 def load_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]
     from .magics import MLXClusterMagics
 
+    if "MLXClusterMagics" in ipython.magics_manager.registry:
+        return  # loaded already (by the kernel spec, or before): keep its cluster
+
     ipython.register_magics(MLXClusterMagics)
     if "px" not in ipython.magics_manager.magics["cell"]:
         from .px import MLXParallelMagics
