@@ -3,8 +3,8 @@ watched by a small watchdog process that stops them if the kernel dies abruptly.
 
 One model (``Tracked``: a pid and its start time) serves the cluster and the watchdog, so a pid
 the system has since reused for another program is never signalled. Run as
-``python -m mlx_cluster_magic.procs DIR KERNEL_PID`` (pids and start times on stdin) it is
-the watchdog.
+``python .../mlx_cluster_magic/procs.py DIR KERNEL_PID`` (pids and start times on stdin) it
+is the watchdog.
 """
 
 from __future__ import annotations
@@ -116,14 +116,10 @@ class Watchdog:
     """The head side of the watchdog: a child process, told each new pid on its stdin."""
 
     def __init__(self, private_dir: str, tracked: Iterable[Tracked] = ()) -> None:
+        # Run as a script, not ``-m``: the package's __init__ (ipyparallel and all) is not needed
+        # and would cost every start a few hundred ms of CPU.
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlx_cluster_magic.procs",
-                private_dir,
-                str(os.getpid()),
-            ],
+            [sys.executable, os.path.abspath(__file__), private_dir, str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

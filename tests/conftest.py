@@ -19,7 +19,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 # The kinds of process this project starts. Matched on the command line.
 OURS = re.compile(
-    r"mlx_cluster_magic\.(engine|procs)|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
+    r"mlx_cluster_magic[./](engine|procs)|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
     r"|(^|/)(prterun|prted|mpiexec|mpirun)(\s|$)"
 )
 
