@@ -99,15 +99,22 @@ _PROGRESS_COLOURS = {"done": "#2e7d32", "busy": "#1565c0", "unresponsive": "#ef6
 
 
 class Progress:
-    """The cell's own progress line: which ranks are done, busy or unresponsive, live."""
+    """The cell's own progress line: which ranks are done, busy or unresponsive, live.
+
+    Redrawn only when its text changes, at most every ``MIN_GAP_S`` (a terminal prints every
+    update as a new line)."""
+
+    MIN_GAP_S = 0.5
 
     def __init__(self) -> None:
         self._handle: Any = None
+        self._last_text = ""
+        self._last_at = 0.0
 
     @staticmethod
     def bundle(rows: list[tuple[int, str, str]], elapsed: float, final: bool = False) -> Any:
         done = sum(1 for _, s, _ in rows if s == "done")
-        head = f"{done}/{len(rows)} ranks done after {elapsed:.1f} s"
+        head = f"{done}/{len(rows)} ranks done after {elapsed:.{1 if final else 0}f} s"
         if final:
             return _Bundle(
                 f"<div class='mlx-px-progress mlx-px-done' style='color:#666'>{head}</div>", head
@@ -123,9 +130,13 @@ class Progress:
             f"{head}: {text}",
         )
 
-    def show(self, obj: Any) -> None:
+    def show(self, obj: Any, force: bool = False) -> None:
         from IPython.display import display
 
+        now = time.monotonic()
+        if not force and (obj.plain == self._last_text or now - self._last_at < self.MIN_GAP_S):
+            return
+        self._last_text, self._last_at = obj.plain, now
         if self._handle is None:
             self._handle = display(obj, display_id=True)
         else:
@@ -290,7 +301,7 @@ class MLXParallelMagics(ParallelMagics):
                 elapsed = time.monotonic() - start
                 rows = [(t, "done", "") for t in engines.done_targets(result)]
                 rows += [(t, "busy", "") for t in engines.pending_targets(result)]
-                progress.show(Progress.bundle(rows, elapsed, final=True))
+                progress.show(Progress.bundle(rows, elapsed, final=True), force=True)
         result.wait_for_output(1)
 
     def _check_alive(self, cluster: PxCluster, generation: int) -> None:

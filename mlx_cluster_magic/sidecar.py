@@ -1,10 +1,11 @@
 """Engine-side status: what each rank tells the head, beside (not through) the engine's queue.
 
 An engine runs one request at a time, so a status request would queue behind a long cell. A
-daemon thread here pushes a small JSON record to the head over ZMQ twice a second, and at once
-when a request starts or ends: busy or idle (from the engine's own request handling: the moment
-an execute/apply request starts and ends), how long the current request has run, RSS, MLX's
-memory, the numbers user code passed to ``report()``, and the flight recorder's summary.
+daemon thread here pushes a small JSON record to the head over ZMQ twice a second (and the main
+thread sends a one-line notice when a request starts or ends): busy or idle (from the engine's
+own request handling: the moment an execute/apply request starts and ends), how long the
+current request has run, RSS, MLX's memory, the numbers user code passed to ``report()``,
+and the flight recorder's summary.
 
 A C call that holds the GIL silences this thread; the head then shows the rank
 ``unresponsive``, never ``dead`` (see status.py).
@@ -22,8 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 PERIOD_S = 0.5
-#: At least this long between two records, however often requests start and end.
-MIN_GAP_S = 0.1
 #: Numbers ``report()`` keeps until the next send; the oldest go first when full.
 REPORT_BUFFER = 20_000
 #: At most this many numbers per message (the rest go in the next one).
@@ -41,7 +40,6 @@ class Activity:
     def __init__(self) -> None:
         self.busy_since: float | None = None
         self.requests = 0
-        self.changed = threading.Event()
         self._target: tuple[str, str, int] | None = None
         self._sock: Any = None
 
@@ -51,12 +49,10 @@ class Activity:
     def started(self) -> None:
         self.busy_since = time.time()
         self.requests += 1
-        self.changed.set()
         self._send("busy")
 
     def finished(self) -> None:
         self.busy_since = None
-        self.changed.set()
         self._send("idle")
 
     def _send(self, state: str) -> None:
@@ -176,14 +172,13 @@ class Sidecar(threading.Thread):
         self.device = _device()
         try:
             while not self.stopped.is_set():
-                ACTIVITY.changed.clear()
                 try:
                     sock.send(json.dumps(self.sample()).encode(), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
-                if self.stopped.wait(MIN_GAP_S):
-                    break
-                ACTIVITY.changed.wait(PERIOD_S - MIN_GAP_S)
+                # (request starts and ends reach the head at once from the main thread; waking
+                # this thread for them too would compete for the GIL with every short request)
+                self.stopped.wait(PERIOD_S)
         finally:
             sock.close(0)
             ctx.term()

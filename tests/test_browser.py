@@ -56,6 +56,8 @@ CELLS = [
     "%%px\nimport time\nfor i in range(60):\n"
     "    report(step=i, loss=1.0 / (i + 1) + 0.1 * world.rank())\n    time.sleep(0.1)",
     "%%px\nimport time\ntime.sleep(60)",  # stopped from the view while it runs
+    "%mlx_cluster start -h",  # help, as a person asks for it
+    "%%px\nx = 1",  # on the stopped cluster: one line, no traceback
 ]
 
 VIEW_NOTEBOOK = "status-view.ipynb"
@@ -471,6 +473,26 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             assert "Traceback" not in said and len(said.strip().splitlines()) <= 2, said
             # One line saying the cluster was stopped from the view (after the progress line).
             assert "stopped from the status view" in said, said
+
+            # Help lists every option with its default; %%px on the stopped cluster is one line.
+            for index in (6, 7):
+                _run_cell(page, index)
+                _wait(
+                    f"cell {index} to finish",
+                    lambda i=index: re.search(r"\[\d+\]", _prompt(page, i)) is not None,
+                    timeout=30,
+                    period=0.1,
+                )
+            help_text = _output(page, 6)
+            for option in ("--check-collectives", "--collective-timeout", "--hostfile"):
+                assert option in help_text, help_text
+            assert "default" in help_text
+            error = _output(page, 7).strip()
+            assert error.count("\n") == 0 and "Traceback" not in error, error
+            assert "no cluster is running: start one with %mlx_cluster start" in error, error
+            page.locator(".jp-Notebook .jp-Cell").nth(7).screenshot(
+                path=str(artifacts / "px-after-stop-one-line.png")
+            )
         except BaseException:
             if page is not None:
                 with contextlib.suppress(Exception):

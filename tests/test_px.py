@@ -159,7 +159,7 @@ def test_progress_shows_each_rank_and_collapses_when_done() -> None:
         (2, "done", ""),
     ]
     live = Progress.bundle(rows, 12.3)._repr_mimebundle_()
-    assert live["text/plain"].startswith("1/3 ranks done after 12.3 s: rank 0 busy 12 s;")
+    assert live["text/plain"].startswith("1/3 ranks done after 12 s: rank 0 busy 12 s;")
     assert live["text/html"].count("mlx-px-rank") == 3 and "mlx-px-unresponsive" in live["text/html"]
     final = Progress.bundle([(r, "done", "") for r in range(3)], 14.0, final=True)
     assert final._repr_mimebundle_()["text/plain"] == "3/3 ranks done after 14.0 s"
