@@ -544,7 +544,7 @@ class MLXCluster:
             with contextlib.suppress(Exception):
                 run.client.close()
         engines.stop(run.ipp)
-        procs.reap(run.tracked + procs.track(engines.launcher_pids(run.ipp)), grace=grace)
+        procs.reap(run.tracked, grace=grace)
         if run.watchdog is not None:
             run.watchdog.close()
         shutil.rmtree(run.profile_dir, ignore_errors=True)

@@ -72,7 +72,7 @@ def test_watchdog_stop_leaves_everything_alone() -> None:
         dog = procs.Watchdog(private, procs.track([proc.pid]))
         dog_pid = dog.pid
         dog.close()
-        assert dog_pid is not None and not psutil.pid_exists(dog_pid) or (
+        assert (dog_pid is not None and not psutil.pid_exists(dog_pid)) or (
             psutil.Process(dog_pid).status() == psutil.STATUS_ZOMBIE
         )
         assert proc.poll() is None and os.path.isdir(private)
@@ -138,3 +138,20 @@ def test_metrics_are_bounded_per_series(receiver) -> None:
     got = receiver.metrics()
     assert len(got) == POINTS_PER_SERIES
     assert got[-1].step == POINTS_PER_SERIES + 49 and got[0].name == "loss"
+
+
+def test_a_failed_start_inlines_mpiexec_output_not_a_log_path() -> None:
+    from mlx_cluster_magic.engines import launch_failure
+
+    ours = ["noise", "mlx_cluster_magic: rank 1 on vm: MLX mpi backend failed to initialise: x"]
+    assert launch_failure(ours, "mpiexec exited") == (
+        "mpiexec exited: rank 1 on vm: MLX mpi backend failed to initialise: x"
+    )
+    daemon = ["ORTE...", "  Remote host: mac2", "..."]
+    assert "could not start its daemon on 'mac2'" in launch_failure(daemon, "mpiexec exited")
+    other = ["a", "b", "c", "d", "e: the last words"]
+    text = launch_failure(other, "mpiexec exited")
+    # the private directory (and the log in it) is removed with the cluster: the tail is inlined
+    assert text == "mpiexec exited; mpiexec's last output: b | c | d | e: the last words"
+    assert "\n" not in text and "log" not in text.split(";")[1].split(":")[0]
+    assert launch_failure([], "mpiexec exited") == "mpiexec exited; mpiexec's last output: (none)"
