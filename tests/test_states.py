@@ -75,7 +75,7 @@ def test_a_blocking_cell_is_busy_never_dead_and_the_cluster_lives(px, kind) -> N
 
 
 def test_busy_counts_from_the_start_of_the_request(px) -> None:
-    shell, cluster = px
+    _shell, cluster = px
     ar = cluster.view.execute("import time\ntime.sleep(2.5)", block=False)
     deadline = time.monotonic() + 5
     while not all(n["state"] == "busy" for n in cluster.nodes()):
@@ -89,7 +89,7 @@ def test_busy_counts_from_the_start_of_the_request(px) -> None:
 
 
 def test_unresponsive_rows_say_since_when_and_that_the_process_lives(px) -> None:
-    shell, cluster = px
+    _shell, cluster = px
     ar = cluster.view.execute("x = sum(range(200_000_000))", block=False)
     deadline = time.monotonic() + 20
     row = None
