@@ -567,12 +567,9 @@ def write_hostfile(
         if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
             raise ValueError(f"host entry {rank} needs 'ips' as a list of strings: {entry!r}")
         hosts.append(dict(entry))
-    data: Any = hosts
-    if backend is not None or envs:
-        data = {"backend": backend or "", "envs": list(envs), "hosts": hosts}
-    path = Path(path)
-    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
-    return path
+    from .hosts import write_hostfile as write  # the one hostfile writer, beside the reader
+
+    return write(path, hosts, backend=backend, envs=envs)
 
 
 # --------------------------------------------------------------------------
