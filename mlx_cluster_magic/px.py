@@ -280,10 +280,8 @@ class MLXParallelMagics(ParallelMagics):
         progress = Progress()
         targets = engines.result_targets(result)
         try:
-            while not result.done():
-                result.wait(POLL_S)
-                if result.done():
-                    break
+            # (``wait`` returns as soon as every reply is in; ``done()`` may lag it a moment)
+            while not result.wait(POLL_S):
                 self._check_alive(cluster, generation)
                 elapsed = time.monotonic() - start
                 if deadline is not None and time.monotonic() > deadline:
