@@ -73,6 +73,7 @@ CLUSTER_FIXTURES = frozenset(
         "px",
         "cluster",
         "lab",
+        "shared",
         "checked",
         "macs",
         "two_ranks",
