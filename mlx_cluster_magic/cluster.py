@@ -4,7 +4,8 @@ States: ``stopped`` -> ``starting`` -> ``running`` -> ``stopped``, or ``broken``
 (a rank died, a cell could not be interrupted), with the reason kept until the next start.
 Every change happens under one lock. The pieces live elsewhere: options (checks before launch),
 engines (the ipyparallel adapter), procs (tracking, reaping, the watchdog), status (live rank
-records), views (widgets from snapshots), remote (broadcast).
+records); what a cluster shows is mixed in from cluster_views, what a person does with it besides
+running cells (gather, broadcast, why, checks, links, doctor, history) from cluster_tools.
 """
 
 from __future__ import annotations
@@ -27,17 +28,16 @@ import ipyparallel as ipp
 
 from . import engines, launch, procs
 from . import options as opts
+from .cluster_tools import ClusterTools, HistoryEntry
+from .cluster_views import ClusterViews
 from .engine import EXIT_BAD_GROUP
 from .errors import MLXClusterError
-from .gather import DEFAULT_LIMIT_BYTES, GatherResult, summarize_name
 from .hosts import Placement
-from .snapshot import ClusterSnapshot, NodeStatus
+from .snapshot import NodeStatus
 from .status import StatusReceiver
 
 if TYPE_CHECKING:
-    from .doctor import DoctorReport
     from .views.status import StatusWidget
-    from .why import WhyReport
 
 # The controller pings engines this often (ms) and unregisters one after this many misses:
 # ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
@@ -45,10 +45,6 @@ if TYPE_CHECKING:
 HEARTBEAT_MS = 200
 HEARTBEAT_MISSES = 10
 START_TIMEOUT_S = opts.START_TIMEOUT_S
-#: A cell blocked this long in collectives that other ranks have not reached shows a banner.
-HANG_BANNER_S = 10.0
-#: Metric points per series a snapshot carries to the views.
-SNAPSHOT_POINTS = 2000
 
 _ENGINE_NAMESPACE = (
     "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world; "
@@ -72,15 +68,7 @@ class _Running:
     rank_procs: dict[int, procs.Tracked] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
-    """A ``%%px`` cell that completed on its ranks (replayed by ``restart(replay=True)``)."""
-
-    cell: str
-    targets: tuple[int, ...] | None = None
-
-
-class MLXCluster:
+class MLXCluster(ClusterViews, ClusterTools):
     """An MLX cluster: ipyparallel engines under ``mpiexec`` with MLX's group ready on every rank.
 
     >>> cluster = MLXCluster(n=2).start()
@@ -304,23 +292,6 @@ class MLXCluster:
                 f"{host}: {check.name}: {check.detail}{fix}{more if len(failures) > 1 else ''}"
             )
 
-    def doctor(
-        self, timeout: float = 10.0, backend: str | None = None, advice: bool = True
-    ) -> DoctorReport:
-        """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
-        IP, MTU, routes) and advise a backend, as data (``advice=False`` skips the Mac
-        discovery the advice needs)."""
-        from .doctor import run_doctor
-
-        return run_doctor(
-            self.placement,
-            python=self.spec.python,
-            ssh=self.spec.ssh,
-            timeout=timeout,
-            backend=backend or self.backend,
-            advice=advice,
-        )
-
     def _track(self, pids: Sequence[int]) -> list[procs.Tracked]:
         """Track processes at spawn (with their start times), children included."""
         assert self._run is not None
@@ -410,42 +381,6 @@ class MLXCluster:
         launcher = engines.engine_launcher(run.ipp if run else None)
         return engines.death_cause(engines.launcher_output(launcher))
 
-    def hang_verdict(self, threshold_s: float = 0.0) -> str | None:
-        """One line naming the rank that is behind or the collective that differs, when the
-        flight recorders disagree (ranks blocked for at least ``threshold_s``); else None."""
-        from . import why as whymod
-
-        return whymod.stuck(self._recorders(), threshold_s)
-
-    def _recorders(self) -> list[dict[str, Any] | None]:
-        """Each rank's latest flight-recorder summary (kept after a stop or an abort)."""
-        run = self._run
-        if run is not None and run.status is not None:
-            return [run.status.latest(r, "recorder") for r in range(self.n)]
-        return list(self._last_recorders) or [None] * self.n
-
-    def why(self, stacks: bool = True, timeout: float = 2.0) -> WhyReport:
-        """For every rank: blocked in which collective (sequence number, op, shape, line), the
-        last collectives it issued, and its Python stack; a one-line verdict when they
-        disagree. Works while a cell runs (nothing queues behind it) and after an abort."""
-        from . import stacks as stackmod
-        from . import why as whymod
-
-        snaps, run = self._recorders(), self._run
-        dumps = None
-        if stacks and run is not None:
-            targets: list[tuple[int, str, str | None] | None] = []
-            for r, snap in enumerate(snaps):
-                if not snap or not snap.get("stack_file"):
-                    targets.append(None)
-                    continue
-                local = self.placement.is_local or self.placement.ranks[r].is_local
-                host = None if local else self.placement.ranks[r].ssh
-                targets.append((int(snap["pid"]), str(snap["stack_file"]), host))
-            dumps = stackmod.capture_all(targets, ssh=self.spec.ssh, timeout=timeout)
-        hosts = [str(r["host"]) for r in self.ranks] or [h.ssh for h in self.placement.ranks]
-        return whymod.analyze(snaps, dumps, hosts)
-
     def describe_ranks(self, ranks: Sequence[int]) -> str:
         """``rank 1 on mac2`` / ``ranks [0, 1] on vm``: for messages."""
         known = self.ranks
@@ -506,27 +441,6 @@ class MLXCluster:
             self._replay(history)
         return self
 
-    def _replay(self, history: list[HistoryEntry]) -> None:
-        for i, entry in enumerate(history, 1):
-            view = self.view if entry.targets is None else self.client[list(entry.targets)]
-            try:
-                view.execute(entry.cell, block=True)
-            except Exception as e:
-                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise MLXClusterError(
-                    f"replay stopped at cell {i} of {len(history)}: {first}"
-                ) from None
-            self._history.append(entry)
-
-    def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None:
-        """Remember a cell that completed (``%%px`` calls this; ``--no-replay`` skips it)."""
-        full = targets is None or sorted(targets) == list(range(self.n))
-        self._history.append(HistoryEntry(cell, None if full else tuple(targets or ())))
-
-    def history(self) -> list[HistoryEntry]:
-        """The ``%%px`` cells that completed since the cluster started, in order."""
-        return list(self._history)
-
     def _teardown(self, grace: float = 5.0) -> None:
         """Stop everything this cluster started, by the pids tracked at spawn."""
         run, self._run = self._run, None
@@ -549,161 +463,6 @@ class MLXCluster:
             run.watchdog.close()
         shutil.rmtree(run.profile_dir, ignore_errors=True)
         _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log
-
-    # ----------------------------------------------------------------------- views
-    def nodes(self) -> list[dict[str, Any]]:
-        """Per rank: rank, host, state (starting/idle/busy/unresponsive/dead/stopped), busy_s,
-        last_seen_s, silent_s, rss_bytes, mlx_active_bytes, mlx_peak_bytes, device, pid, why."""
-        return [n.as_dict() for n in self._node_records()]
-
-    def _node_records(self) -> list[NodeStatus]:
-        run = self._run
-        if run is None or run.status is None:
-            if run is None:
-                return self.last_nodes
-            raise MLXClusterError("live status is off for this cluster (started with --no-status)")
-        self.last_nodes = run.status.nodes()
-        return self.last_nodes
-
-    def metrics(self) -> Any:
-        """Every number the ranks passed to ``report()``: records (rank, name, value, step,
-        time), as a pandas DataFrame when pandas is installed."""
-        run = self._require()
-        points = [] if run.status is None else run.status.metrics()
-        records = [p.as_dict() for p in points]
-        try:
-            import pandas as pd
-        except ImportError:
-            return records
-        return pd.DataFrame(records, columns=["rank", "name", "value", "step", "time"])
-
-    def snapshot(self) -> ClusterSnapshot:
-        """The plain data every view renders."""
-        run = self._run
-        nodes = self.last_nodes if run is None or run.status is None else self._node_records()
-        points = () if run is None or run.status is None else run.status.metrics(SNAPSHOT_POINTS)
-        return ClusterSnapshot(
-            state=self._state,
-            backend=self.backend,
-            n=self.n,
-            hosts=len({h.ssh for h in self.placement.hosts}),
-            uptime_s=None if run is None else time.time() - run.started_at,
-            nodes=tuple(nodes),
-            reason=self._reason,
-            banner=self.banner,
-            metrics=tuple(points),
-            topology_svg=self._topology_svg,
-        )
-
-    def status_view(self) -> StatusWidget:
-        """The live status widget; cached, so every display shows the same live object."""
-        if self._widget is None:
-            from .views.status import StatusWidget
-
-            self._widget = StatusWidget(
-                on_stop=lambda: self._stop_from_view(),
-                on_restart=lambda replay: self.restart(activate=True, replay=replay),
-                on_side=lambda: self.open_side_panel(),
-            )
-            self._widget.update(self.snapshot())
-        return self._widget
-
-    def _stop_from_view(self) -> None:
-        if self._run is not None:
-            self.stop(origin="the status view")
-
-    def open_side_panel(self) -> str:
-        """Show the live status in a JupyterLab side panel (inline elsewhere)."""
-        from .views.side import open_side_panel
-
-        return open_side_panel(self.status_view())
-
-    def _refresh_widget(self) -> None:
-        """Called about twice a second by the status thread (and on every change)."""
-        if self._run is not None:
-            with contextlib.suppress(Exception):
-                verdict = self.hang_verdict(threshold_s=HANG_BANNER_S)
-                self.banner = f"the cell may be hung: {verdict}" if verdict else None
-        if self._widget is not None:
-            with contextlib.suppress(Exception):
-                self._widget.update(self.snapshot())
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        from .views.text import snapshot_html, snapshot_text
-
-        snap = self.snapshot()
-        bundle = {"text/plain": snapshot_text(snap), "text/html": snapshot_html(snap)}
-        if self.running and self.live_status:
-            widget = self.status_view()._repr_mimebundle_(include=include, exclude=exclude)
-            data = widget[0] if isinstance(widget, tuple) else widget
-            bundle.update({k: v for k, v in (data or {}).items() if k != "text/plain"})
-        return bundle
-
-    # ----------------------------------------------------------------------- data
-    def gather(self, name: str, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> GatherResult:
-        """Fetch ``name`` from every rank: ``.values`` by rank, ``.agree``, ``.diverged``."""
-        if not isinstance(name, str) or not name.isidentifier():
-            raise MLXClusterError(f"gather takes a variable name, got {name!r}")
-        summaries = self.view.apply_sync(summarize_name, name, limit_bytes)
-        missing = [r for r, s in enumerate(summaries) if s.kind == "missing"]
-        if missing:
-            raise MLXClusterError(f"{name!r} is not defined on rank(s) {missing}")
-        hosts = [r["host"] for r in self.ranks] or [h.ssh for h in self.placement.ranks]
-        return GatherResult(name, list(summaries), hosts)
-
-    def broadcast(self, name: str, value: Any, root: int = 0) -> None:
-        """Send ``value`` (a large NumPy or MLX array) from the notebook to every rank as
-        variable ``name``: streamed once to ``root`` over one TCP connection, then passed on
-        with MPI's broadcast as it arrives (``view.push`` sends a copy per engine instead)."""
-        from .remote import send_broadcast
-
-        if not 0 <= root < self.n:
-            raise MLXClusterError(f"root must be a rank from 0 to {self.n - 1}, got {root}")
-        ip = launch.head_reach_address(
-            self.placement, root, self.spec.control, dict(self.spec.peers)
-        )
-        send_broadcast(self.client, self.view, name, value, root=root, ip=ip)
-
-    def links(self, timeout: float = 10.0, seconds: float | None = None) -> Any:
-        """Measure every pair of hosts: MLX send/recv latency and bandwidth in the cluster's
-        group, raw TCP on the same addresses, each beside its expected rate and flagged when far
-        below; with the backend the hosts support (``LinkReport``, shown as a matrix, a heatmap
-        and the topology picture, also in the status view's Topology tab)."""
-        from . import links
-
-        self._require()
-        advice = None
-        if not self.placement.is_local:
-            with contextlib.suppress(Exception):
-                advice = self.doctor(timeout=timeout, backend=self.backend).advice
-        report = links.measure(
-            self.view,
-            self.placement,
-            self.ranks,
-            timeout=timeout,
-            backend=self.backend,
-            seconds=seconds,
-            advise=(lambda _r: str(advice)) if advice is not None else None,
-        )
-        self._topology_svg = report.picture
-        self._refresh_widget()
-        return report
-
-    def _set_checks(self, run: _Running, on: bool) -> None:
-        run.view.execute(
-            "from mlx_cluster_magic import checks as _mcm_checks\n"
-            + (
-                f"_mcm_checks.enable(timeout={self.spec.collective_timeout!r})"
-                if on
-                else "_mcm_checks.disable()"
-            ),
-            block=True,
-        )
-
-    def check_collectives(self, on: bool = True) -> None:
-        """Compare every collective's signature across the ranks before MLX runs it."""
-        self._set_checks(self._require(), on)
-        self.spec = dataclasses.replace(self.spec, check_collectives=on)
 
     # ----------------------------------------------------------------------- context manager
     def __enter__(self) -> MLXCluster:

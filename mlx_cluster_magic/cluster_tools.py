@@ -1,0 +1,186 @@
+"""What a person does with a running cluster besides running cells: gather and broadcast data,
+ask why a cell hangs, switch checked collectives, measure the links, run the doctor, and the
+history that ``restart(replay=True)`` runs again. Mixed into ``MLXCluster``; each method
+delegates to its own module."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import launch
+from .errors import MLXClusterError
+from .gather import DEFAULT_LIMIT_BYTES, GatherResult, summarize_name
+
+if TYPE_CHECKING:
+    from .doctor import DoctorReport
+    from .why import WhyReport
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A ``%%px`` cell that completed on its ranks (replayed by ``restart(replay=True)``)."""
+
+    cell: str
+    targets: tuple[int, ...] | None = None
+
+
+class ClusterTools:
+    """Data, diagnostics and history of an ``MLXCluster``."""
+
+    # provided by MLXCluster
+    _run: Any
+    _history: list[HistoryEntry]
+    _last_recorders: list[dict[str, Any] | None]
+    _topology_svg: str | None
+    spec: Any
+    placement: Any
+    backend: str
+    n: int
+    ranks: list[dict[str, Any]]
+    view: Any
+    client: Any
+    _require: Any
+    _refresh_widget: Any
+
+    def doctor(
+        self, timeout: float = 10.0, backend: str | None = None, advice: bool = True
+    ) -> DoctorReport:
+        """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
+        IP, MTU, routes) and advise a backend, as data (``advice=False`` skips the Mac
+        discovery the advice needs)."""
+        from .doctor import run_doctor
+
+        return run_doctor(
+            self.placement,
+            python=self.spec.python,
+            ssh=self.spec.ssh,
+            timeout=timeout,
+            backend=backend or self.backend,
+            advice=advice,
+        )
+
+    def hang_verdict(self, threshold_s: float = 0.0) -> str | None:
+        """One line naming the rank that is behind or the collective that differs, when the
+        flight recorders disagree (ranks blocked for at least ``threshold_s``); else None."""
+        from . import why as whymod
+
+        return whymod.stuck(self._recorders(), threshold_s)
+
+    def _recorders(self) -> list[dict[str, Any] | None]:
+        """Each rank's latest flight-recorder summary (kept after a stop or an abort)."""
+        run = self._run
+        if run is not None and run.status is not None:
+            return [run.status.latest(r, "recorder") for r in range(self.n)]
+        return list(self._last_recorders) or [None] * self.n
+
+    def why(self, stacks: bool = True, timeout: float = 2.0) -> WhyReport:
+        """For every rank: blocked in which collective (sequence number, op, shape, line), the
+        last collectives it issued, and its Python stack; a one-line verdict when they
+        disagree. Works while a cell runs (nothing queues behind it) and after an abort."""
+        from . import stacks as stackmod
+        from . import why as whymod
+
+        snaps, run = self._recorders(), self._run
+        dumps = None
+        if stacks and run is not None:
+            targets: list[tuple[int, str, str | None] | None] = []
+            for r, snap in enumerate(snaps):
+                if not snap or not snap.get("stack_file"):
+                    targets.append(None)
+                    continue
+                local = self.placement.is_local or self.placement.ranks[r].is_local
+                host = None if local else self.placement.ranks[r].ssh
+                targets.append((int(snap["pid"]), str(snap["stack_file"]), host))
+            dumps = stackmod.capture_all(targets, ssh=self.spec.ssh, timeout=timeout)
+        hosts = [str(r["host"]) for r in self.ranks] or [h.ssh for h in self.placement.ranks]
+        return whymod.analyze(snaps, dumps, hosts)
+
+    def gather(self, name: str, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> GatherResult:
+        """Fetch ``name`` from every rank: ``.values`` by rank, ``.agree``, ``.diverged``."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise MLXClusterError(f"gather takes a variable name, got {name!r}")
+        summaries = self.view.apply_sync(summarize_name, name, limit_bytes)
+        missing = [r for r, s in enumerate(summaries) if s.kind == "missing"]
+        if missing:
+            raise MLXClusterError(f"{name!r} is not defined on rank(s) {missing}")
+        hosts = [r["host"] for r in self.ranks] or [h.ssh for h in self.placement.ranks]
+        return GatherResult(name, list(summaries), hosts)
+
+    def broadcast(self, name: str, value: Any, root: int = 0) -> None:
+        """Send ``value`` (a large NumPy or MLX array) from the notebook to every rank as
+        variable ``name``: streamed once to ``root`` over one TCP connection, then passed on
+        with MPI's broadcast as it arrives (``view.push`` sends a copy per engine instead)."""
+        from .remote import send_broadcast
+
+        if not 0 <= root < self.n:
+            raise MLXClusterError(f"root must be a rank from 0 to {self.n - 1}, got {root}")
+        ip = launch.head_reach_address(
+            self.placement, root, self.spec.control, dict(self.spec.peers)
+        )
+        send_broadcast(self.client, self.view, name, value, root=root, ip=ip)
+
+    def links(self, timeout: float = 10.0, seconds: float | None = None) -> Any:
+        """Measure every pair of hosts: MLX send/recv latency and bandwidth in the cluster's
+        group, raw TCP on the same addresses, each beside its expected rate and flagged when far
+        below; with the backend the hosts support (``LinkReport``, shown as a matrix, a heatmap
+        and the topology picture, also in the status view's Topology tab)."""
+        from . import links
+
+        self._require()
+        advice = None
+        if not self.placement.is_local:
+            with contextlib.suppress(Exception):
+                advice = self.doctor(timeout=timeout, backend=self.backend).advice
+        report = links.measure(
+            self.view,
+            self.placement,
+            self.ranks,
+            timeout=timeout,
+            backend=self.backend,
+            seconds=seconds,
+            advise=(lambda _r: str(advice)) if advice is not None else None,
+        )
+        self._topology_svg = report.picture
+        self._refresh_widget()
+        return report
+
+    def _set_checks(self, run: Any, on: bool) -> None:
+        run.view.execute(
+            "from mlx_cluster_magic import checks as _mcm_checks\n"
+            + (
+                f"_mcm_checks.enable(timeout={self.spec.collective_timeout!r})"
+                if on
+                else "_mcm_checks.disable()"
+            ),
+            block=True,
+        )
+
+    def check_collectives(self, on: bool = True) -> None:
+        """Compare every collective's signature across the ranks before MLX runs it."""
+        self._set_checks(self._require(), on)
+        self.spec = dataclasses.replace(self.spec, check_collectives=on)
+
+    def _replay(self, history: list[HistoryEntry]) -> None:
+        for i, entry in enumerate(history, 1):
+            view = self.view if entry.targets is None else self.client[list(entry.targets)]
+            try:
+                view.execute(entry.cell, block=True)
+            except Exception as e:
+                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise MLXClusterError(
+                    f"replay stopped at cell {i} of {len(history)}: {first}"
+                ) from None
+            self._history.append(entry)
+
+    def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None:
+        """Remember a cell that completed (``%%px`` calls this; ``--no-replay`` skips it)."""
+        full = targets is None or sorted(targets) == list(range(self.n))
+        self._history.append(HistoryEntry(cell, None if full else tuple(targets or ())))
+
+    def history(self) -> list[HistoryEntry]:
+        """The ``%%px`` cells that completed since the cluster started, in order."""
+        return list(self._history)

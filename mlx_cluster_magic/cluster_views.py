@@ -1,0 +1,131 @@
+"""What a cluster shows: node records, metrics, the snapshot every view renders, the cached live
+widget and its side panel, and the display fallbacks. Mixed into ``MLXCluster``; reads its
+state, never changes its life cycle (the widget's buttons call back into it)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import MLXClusterError
+from .snapshot import ClusterSnapshot, NodeStatus
+
+if TYPE_CHECKING:
+    from .views.status import StatusWidget
+
+#: A cell blocked this long in collectives that other ranks have not reached shows a banner.
+HANG_BANNER_S = 10.0
+#: Metric points per series a snapshot carries to the views.
+SNAPSHOT_POINTS = 2000
+
+
+class ClusterViews:
+    """Node records, metrics, snapshot and widget of an ``MLXCluster``."""
+
+    # provided by MLXCluster
+    _run: Any
+    _widget: StatusWidget | None
+    _state: str
+    _reason: str | None
+    _topology_svg: str | None
+    banner: str | None
+    last_nodes: list[NodeStatus]
+    spec: Any
+    placement: Any
+    backend: str
+    n: int
+    running: bool
+    live_status: bool
+    _require: Any
+    stop: Any
+    restart: Any
+    hang_verdict: Any
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Per rank: rank, host, state (starting/idle/busy/unresponsive/dead/stopped), busy_s,
+        last_seen_s, silent_s, rss_bytes, mlx_active_bytes, mlx_peak_bytes, device, pid, why."""
+        return [n.as_dict() for n in self._node_records()]
+
+    def _node_records(self) -> list[NodeStatus]:
+        run = self._run
+        if run is None or run.status is None:
+            if run is None:
+                return self.last_nodes
+            raise MLXClusterError("live status is off for this cluster (started with --no-status)")
+        self.last_nodes = run.status.nodes()
+        return self.last_nodes
+
+    def metrics(self) -> Any:
+        """Every number the ranks passed to ``report()``: records (rank, name, value, step,
+        time), as a pandas DataFrame when pandas is installed."""
+        run = self._require()
+        points = [] if run.status is None else run.status.metrics()
+        records = [p.as_dict() for p in points]
+        try:
+            import pandas as pd
+        except ImportError:
+            return records
+        return pd.DataFrame(records, columns=["rank", "name", "value", "step", "time"])
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The plain data every view renders."""
+        run = self._run
+        nodes = self.last_nodes if run is None or run.status is None else self._node_records()
+        points = () if run is None or run.status is None else run.status.metrics(SNAPSHOT_POINTS)
+        return ClusterSnapshot(
+            state=self._state,
+            backend=self.backend,
+            n=self.n,
+            hosts=len({h.ssh for h in self.placement.hosts}),
+            uptime_s=None if run is None else time.time() - run.started_at,
+            nodes=tuple(nodes),
+            reason=self._reason,
+            banner=self.banner,
+            metrics=tuple(points),
+            topology_svg=self._topology_svg,
+        )
+
+    def status_view(self) -> StatusWidget:
+        """The live status widget; cached, so every display shows the same live object."""
+        if self._widget is None:
+            from .views.status import StatusWidget
+
+            self._widget = StatusWidget(
+                on_stop=lambda: self._stop_from_view(),
+                on_restart=lambda replay: self.restart(activate=True, replay=replay),
+                on_side=lambda: self.open_side_panel(),
+            )
+            self._widget.update(self.snapshot())
+        return self._widget
+
+    def _stop_from_view(self) -> None:
+        if self._run is not None:
+            self.stop(origin="the status view")
+
+    def open_side_panel(self) -> str:
+        """Show the live status in a JupyterLab side panel (inline elsewhere)."""
+        from .views.side import open_side_panel
+
+        return open_side_panel(self.status_view())
+
+    def _refresh_widget(self) -> None:
+        """Called about twice a second by the status thread (and on every change)."""
+        if self._run is not None:
+            with contextlib.suppress(Exception):
+                verdict = self.hang_verdict(threshold_s=HANG_BANNER_S)
+                self.banner = f"the cell may be hung: {verdict}" if verdict else None
+        if self._widget is not None:
+            with contextlib.suppress(Exception):
+                self._widget.update(self.snapshot())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from .views.text import snapshot_html, snapshot_text
+
+        snap = self.snapshot()
+        bundle = {"text/plain": snapshot_text(snap), "text/html": snapshot_html(snap)}
+        if self.running and self.live_status:
+            widget = self.status_view()._repr_mimebundle_(include=include, exclude=exclude)
+            data = widget[0] if isinstance(widget, tuple) else widget
+            bundle.update({k: v for k, v in (data or {}).items() if k != "text/plain"})
+        return bundle
