@@ -242,21 +242,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
                     lambda hf=hf: MLXCluster(
                         hostfile=hf, backend="mpi", ssh=vc.rsh_agent, timeout=60
                     ),
-                    [
-                        mpiexec,
-                        *vc.mpiexec_args(prted),
-                        # as MLXCluster does across hosts: the "hosts" share this machine's
-                        # cores, and each prted would otherwise bind its rank to core 0
-                        "--bind-to",
-                        "none",
-                        "-x",
-                        "MLX_MPI_LIBNAME",
-                        "--host",
-                        hosts,
-                        benchlib.PYTHON,
-                        script,
-                        "mpi",
-                    ],
+                    benchlib.vhost_mpiexec(mpiexec, vc, prted, hosts, script, "mpi"),
                     mpi_env,
                     k,
                     f"bare mpiexec --host {hosts} --bind-to none, same timing code",

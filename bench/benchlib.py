@@ -77,6 +77,24 @@ def vhosts(n: int = 3) -> Iterator[Any]:
         vc.stop()
 
 
+def vhost_mpiexec(mpiexec: str, vc: Any, prted: str, hosts: str, *program: str) -> list[str]:
+    """Bare ``mpiexec`` of ``PYTHON program...`` across the virtual hosts, placed as MLXCluster
+    places ranks there: the "hosts" share this machine's cores, and each prted would otherwise
+    bind its rank to core 0."""
+    return [
+        mpiexec,
+        *vc.mpiexec_args(prted),
+        "--bind-to",
+        "none",
+        "-x",
+        "MLX_MPI_LIBNAME",
+        "--host",
+        hosts,
+        PYTHON,
+        *program,
+    ]
+
+
 def write_hostfile(vc: Any, k: int, path: str | os.PathLike[str]) -> str:
     """An mlx.launch JSON hostfile with the first ``k`` virtual hosts (ssh name + IP)."""
     entries = [{"ssh": h, "ips": [ip]} for h, ip in list(zip(vc.hosts, vc.ips))[:k]]

@@ -249,21 +249,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
             (
                 "mpi",
                 lambda: MLXCluster(hostfile=hf, backend="mpi", ssh=vc.rsh_agent, timeout=60),
-                [
-                    mpiexec,
-                    *vc.mpiexec_args(prted),
-                    # as MLXCluster does across hosts: the "hosts" share this machine's cores
-                    "--bind-to",
-                    "none",
-                    "-x",
-                    "MLX_MPI_LIBNAME",
-                    "--host",
-                    hosts,
-                    benchlib.PYTHON,
-                    script,
-                    "mpi",
-                    model,
-                ],
+                benchlib.vhost_mpiexec(mpiexec, vc, prted, hosts, script, "mpi", model),
                 {"MLX_MPI_LIBNAME": libmpi},
                 f"bare mpiexec --host {hosts} --bind-to none, same generation code",
                 False,
