@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -80,22 +79,6 @@ if __name__ == "__main__":
     report = {{"medians": medians, "affinity": sorted(os.sched_getaffinity(0))}}
     print("{benchlib.RESULT_TAG}", g.rank(), json.dumps(report), flush=True)
 '''
-
-
-def _mlx_launch(script: str, *where: str) -> list[str]:
-    """``mlx.launch`` running the timing script on the ring backend; ``where`` places ranks."""
-    return [
-        benchlib.MLX_LAUNCH,
-        *where,
-        "--backend",
-        "ring",
-        "--starting-port",
-        str(benchlib.RING_PORT_LAUNCH),
-        "--",
-        benchlib.PYTHON,
-        script,
-        "ring",
-    ]
 
 
 def _label(nbytes: int) -> str:
@@ -184,11 +167,8 @@ def _measure(
 def bench_bandwidth(reps: int) -> list[dict[str, Any]]:
     """all_sum algorithmic bandwidth (bytes / time): MLXCluster's view vs bare mpiexec and
     mlx.launch running the same timing code, mpi and ring backends, local and virtual hosts."""
-    work = benchlib.tmpdir("mcmb-bw-")
-    try:
+    with benchlib.workdir("mcmb-bw-") as work:
         return _bench(reps, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _bench(reps: int, work: str) -> list[dict[str, Any]]:
@@ -217,7 +197,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
         "2 local ranks",
         "ring",
         lambda: MLXCluster(n=2, backend="ring", ring_port=benchlib.RING_PORT_OURS),
-        _mlx_launch(script, "-n", "2"),
+        benchlib.mlx_launch("-n", "2", program=[script, "ring"]),
         {},
         2,
         "mlx.launch -n 2, same timing code",
@@ -259,7 +239,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
                         ring_port=benchlib.RING_PORT_OURS,
                         timeout=60,
                     ),
-                    _mlx_launch(script, "--hostfile", hf),
+                    benchlib.mlx_launch("--hostfile", hf, program=[script, "ring"]),
                     {"PATH": f"{sshbin}{os.pathsep}{os.environ['PATH']}"},
                     k,
                     f"mlx.launch --hostfile ({k} hosts), same timing code",

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,32 @@ def write_script(source: str, where: str | os.PathLike[str], name: str) -> str:
 
 def tmpdir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix)
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[str]:
+    """A private scratch directory for one section, removed however the section ends."""
+    path = tmpdir(prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def mlx_launch(*where: str, program: Sequence[str]) -> list[str]:
+    """``mlx.launch`` on the ring backend from the baselines' own port; ``where`` places the
+    ranks (``-n 2`` or ``--hostfile F``), ``program`` is what each rank runs under PYTHON."""
+    return [
+        MLX_LAUNCH,
+        *where,
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(RING_PORT_LAUNCH),
+        "--",
+        PYTHON,
+        *program,
+    ]
 
 
 def stats(samples: list[float]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ generate, even re-niced to 19), which on the 2-core test machine the ranks feel.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -142,11 +141,8 @@ def bench_lm(reps: int) -> list[dict[str, Any]]:
     """Tokens/s of tensor-parallel generation (mlx-lm sharded_load + stream_generate) on 2 local
     ranks: MLXCluster engines with report() per token vs the same code as a plain script under
     mlx.launch (ring) and bare mpiexec (mpi)."""
-    work = benchlib.tmpdir("mcmb-lm-")
-    try:
+    with benchlib.workdir("mcmb-lm-") as work:
         return _bench(reps, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _bench(reps: int, work: str) -> list[dict[str, Any]]:
@@ -162,20 +158,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
         (
             "ring",
             lambda: MLXCluster(n=2, backend="ring", ring_port=benchlib.RING_PORT_OURS),
-            [
-                benchlib.MLX_LAUNCH,
-                "-n",
-                "2",
-                "--backend",
-                "ring",
-                "--starting-port",
-                str(benchlib.RING_PORT_LAUNCH),
-                "--",
-                benchlib.PYTHON,
-                script,
-                "ring",
-                model,
-            ],
+            benchlib.mlx_launch("-n", "2", program=[script, "ring", model]),
             {},
             "mlx.launch -n 2 --backend ring, same generation code",
             True,
@@ -228,20 +211,7 @@ def _bench(reps: int, work: str) -> list[dict[str, Any]]:
                     ring_port=benchlib.RING_PORT_OURS,
                     timeout=60,
                 ),
-                [
-                    benchlib.MLX_LAUNCH,
-                    "--hostfile",
-                    hf,
-                    "--backend",
-                    "ring",
-                    "--starting-port",
-                    str(benchlib.RING_PORT_LAUNCH),
-                    "--",
-                    benchlib.PYTHON,
-                    script,
-                    "ring",
-                    model,
-                ],
+                benchlib.mlx_launch("--hostfile", hf, program=[script, "ring", model]),
                 {"PATH": f"{sshbin}{os.pathsep}{os.environ['PATH']}"},
                 "mlx.launch --hostfile (2 hosts) --backend ring, same generation code",
                 True,
