@@ -3,9 +3,10 @@
 States: ``stopped`` -> ``starting`` -> ``running`` -> ``stopped``, or ``broken`` after an abort
 (a rank died, a cell could not be interrupted), with the reason kept until the next start.
 Every change happens under one lock. The pieces live elsewhere: options (checks before launch),
-engines (the ipyparallel adapter), procs (tracking, reaping, the watchdog), status (live rank
-records); what a cluster shows is mixed in from cluster_views, what a person does with it besides
-running cells (gather, broadcast, why, checks, links, doctor, history) from cluster_tools.
+bringup (the steps of one run: bring-up, dead-rank evidence, teardown), engines (the ipyparallel
+adapter), procs (tracking, reaping, the watchdog), status (live rank records). What a cluster
+shows is mixed in from cluster_views; what a person does with it besides running cells (gather,
+broadcast, why, checks, links, doctor, history) from cluster_tools.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ import dataclasses
 import os
 import shlex
 import shutil
-import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
 
-from . import engines, launch, procs
+from . import bringup, engines, launch
 from . import options as opts
 from .cluster_tools import ClusterTools, HistoryEntry
 from .cluster_views import ClusterViews
@@ -34,38 +32,11 @@ from .engine import EXIT_BAD_GROUP
 from .errors import MLXClusterError
 from .hosts import Placement
 from .snapshot import NodeStatus
-from .status import StatusReceiver
 
 if TYPE_CHECKING:
     from .views.status import StatusWidget
 
-# The controller pings engines this often (ms) and unregisters one after this many misses:
-# ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
-# means a gone process or a cut link, never a busy one. 200 ms x 10 misses: about 2 s.
-HEARTBEAT_MS = 200
-HEARTBEAT_MISSES = 10
 START_TIMEOUT_S = opts.START_TIMEOUT_S
-
-_ENGINE_NAMESPACE = (
-    "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world; "
-    "from mlx_cluster_magic.sidecar import report"
-)
-
-
-@dataclass
-class _Running:
-    """What exists only while the cluster runs; ``_teardown`` consumes it."""
-
-    ipp: ipp.Cluster
-    profile_dir: str
-    started_at: float
-    status: StatusReceiver | None
-    watchdog: procs.Watchdog | None = None
-    client: ipp.Client | None = None
-    view: Any = None
-    ranks: list[dict[str, Any]] = field(default_factory=list)
-    tracked: list[procs.Tracked] = field(default_factory=list)
-    rank_procs: dict[int, procs.Tracked] = field(default_factory=dict)
 
 
 class MLXCluster(ClusterViews, ClusterTools):
@@ -109,7 +80,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._lock = threading.RLock()
         self._state = "stopped"
         self._reason: str | None = None
-        self._run: _Running | None = None
+        self._run: bringup.Running | None = None
         self._widget: StatusWidget | None = None
         self._history: list[HistoryEntry] = []
         self._topology_svg: str | None = None
@@ -175,7 +146,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             return "the MLX cluster is still starting"
         return "no cluster is running: start one with %mlx_cluster start"
 
-    def _require(self) -> _Running:
+    def _require(self) -> bringup.Running:
         run = self._run
         if self._state != "running" or run is None or run.client is None:
             raise MLXClusterError(self.not_running_message())
@@ -214,131 +185,22 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def _start(self) -> None:
         self._preflight()
-        spec = self.spec
-        profile = tempfile.mkdtemp(prefix=procs.PRIVATE_PREFIX)  # 0700
-        for sub in ("security", "log", "startup", "pid"):
-            os.makedirs(os.path.join(profile, sub), mode=0o700)
-        cluster = engines.new_cluster(
-            n=self.n,
-            profile_dir=profile,
-            controller_ip=spec.controller_ip,
-            controller_args=[
-                f"--HeartMonitor.period={HEARTBEAT_MS}",
-                f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
-            ],
-            timeout=spec.timeout,
-        )
-        status = StatusReceiver(spec.controller_ip, spec.placement) if spec.live_status else None
-        run = self._run = _Running(cluster, profile, time.time(), status)
+        run = self._run = bringup.prepare(self.spec)
         _LIVE.add(self)
-        cluster.start_controller_sync()
-        run.watchdog = procs.Watchdog(profile, self._track(engines.launcher_pids(cluster)))
-        env = launch.backend_environment(
-            spec.placement,
-            spec.backend,
-            libmpi=spec.mpi_lib,
-            ring_port=spec.ring_port,
-            connections_per_ip=spec.connections_per_ip,
-            verbose=spec.verbose,
-        )
-        env.update(spec.placement.envs)
-        if status is not None:
-            env[launch.STATUS_VAR] = status.url
-        mpi = launch.MPIOptions(
-            forward=tuple(sorted(env)),
-            prted=spec.prted,
-            ssh_agent=spec.ssh,
-            subnets=tuple(spec.subnet.split(",")) if spec.subnet else (),
-            workdir=spec.workdir,
-            as_root=os.geteuid() == 0,
-            cpu_count=os.cpu_count() or 1,
-        )
-        cluster.start_engines_sync(
-            n=self.n,
-            mpi_cmd=[spec.mpiexec],
-            mpi_args=launch.mpiexec_args(spec.placement, mpi),
-            engine_cmd=[spec.python, "-m", "mlx_cluster_magic.engine"],
-            engine_args=[
-                f"--IPEngine.startup_command={_ENGINE_NAMESPACE}",
-                # No sqlite history on the engines: a write per cell costs the %%px round trip.
-                "--HistoryManager.enabled=False",
-            ],
-            environment=env,
-        )
-        run.watchdog.watch(self._track(engines.launcher_pids(cluster)))
-        run.client = cluster.connect_client_sync()
-        self._wait_for_engines(run)
-        run.view = run.client[list(range(self.n))]
-        run.view.block = True
-        self._check_ranks(run)
-        if status is not None:
-            status.set_evidence(self._dead_evidence)
-            status.on_update(self._refresh_widget)
-        if spec.check_collectives:
+        bringup.bring_up(run)
+        if run.status is not None:
+            run.status.set_evidence(self._dead_evidence)
+            run.status.on_update(self._refresh_widget)
+        if self.spec.check_collectives:
             self._set_checks(run, True)
 
     def _preflight(self) -> None:
         """Before launching anything, the doctor's checks on every remote host; mpiexec itself
-        would wait for a daemon that never comes. This names the host and the fix."""
-        if all(h.is_local for h in self.placement.hosts):
-            return
-        report = self.doctor(timeout=10.0, backend=self.backend, advice=False)
-        failures = [(host, c) for host, c in report.problems() if c.ok is False]
-        if failures:
-            host, check = failures[0]
-            more = f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
-            fix = f"; fix: {check.fix}" if check.fix else ""
-            raise MLXClusterError(
-                f"{host}: {check.name}: {check.detail}{fix}{more if len(failures) > 1 else ''}"
+        would wait for a daemon that never comes."""
+        if not all(h.is_local for h in self.placement.hosts):
+            bringup.refuse_failed_hosts(
+                self.doctor(timeout=10.0, backend=self.backend, advice=False)
             )
-
-    def _track(self, pids: Sequence[int]) -> list[procs.Tracked]:
-        """Track processes at spawn (with their start times), children included."""
-        assert self._run is not None
-        new = procs.track(pids)
-        self._run.tracked += new
-        return new
-
-    def _wait_for_engines(self, run: _Running) -> None:
-        """Wait for every rank to register, failing fast (with mpiexec's words) if it exits."""
-        assert run.client is not None
-        deadline = time.monotonic() + self.timeout
-        launcher = engines.engine_launcher(run.ipp)
-        while len(run.client.ids) < self.n:
-            what = None
-            if engines.launcher_exited(launcher):
-                what = "mpiexec exited"
-            elif time.monotonic() > deadline:
-                missing = sorted(set(range(self.n)) - set(run.client.ids))
-                what = f"rank(s) {missing} did not register within {self.timeout:g} s"
-            if what:
-                output = engines.launcher_output(launcher)
-                raise MLXClusterError(engines.launch_failure(output, what))
-            time.sleep(0.02)
-
-    def _check_ranks(self, run: _Running) -> None:
-        """Engine id == MPI rank == MLX rank, and every group spans all ranks."""
-        from .engine import rank_report
-
-        reports = run.view.apply_sync(rank_report)
-        for engine_id, r in zip(run.view.targets, reports):
-            if not (engine_id == r["mpi_rank"] == r["mlx_rank"]) or r["mlx_size"] != self.n:
-                raise MLXClusterError(
-                    f"engine {engine_id} on {r['host']} has MPI rank {r['mpi_rank']} and MLX rank "
-                    f"{r['mlx_rank']} of {r['mlx_size']}; expected rank {engine_id} of {self.n}"
-                )
-        run.ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
-        local = [r for r in run.ranks if self.placement.is_local or self._rank_is_local(r)]
-        for r in local:
-            tracked = procs.Tracked.of(r["pid"])
-            if tracked is not None:
-                run.rank_procs[r["rank"]] = tracked
-        # Each engine's kernel nanny (a child process) is ours to stop as well.
-        assert run.watchdog is not None
-        run.watchdog.watch(self._track([r["pid"] for r in local]))
-
-    def _rank_is_local(self, report: dict[str, Any]) -> bool:
-        return self.placement.ranks[report["mlx_rank"]].is_local
 
     def activate(self) -> None:
         """Point ``%%px``, ``%px``, ``%autopx`` and ``%pxresult`` at every rank of this cluster.
@@ -356,20 +218,7 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     # ------------------------------------------------------------------ faults
     def _dead_evidence(self) -> dict[int, str]:
-        """Ranks whose process is known gone: mpiexec exited (Open MPI ends the whole job), a
-        local pid vanished, or the controller's heartbeat lost the engine."""
-        run = self._run
-        if run is None:
-            return {}
-        if engines.launcher_exited(engines.engine_launcher(run.ipp)):
-            return {r: "mpiexec exited" for r in range(self.n)}
-        dead = {r: "process gone" for r, t in run.rank_procs.items() if not t.alive()}
-        if run.client is not None and run.ranks:
-            registered = set(run.client.ids)
-            for r in range(self.n):
-                if r not in registered:
-                    dead.setdefault(r, "the controller's heartbeat lost it")
-        return dead
+        return bringup.dead_evidence(self._run)
 
     def dead_ranks(self) -> list[int]:
         """Ranks known to be gone (never from silent status reports alone)."""
@@ -442,26 +291,14 @@ class MLXCluster(ClusterViews, ClusterTools):
         return self
 
     def _teardown(self, grace: float = 5.0) -> None:
-        """Stop everything this cluster started, by the pids tracked at spawn."""
+        """Stop everything this cluster started; keep each rank's last record for the views."""
         run, self._run = self._run, None
         _LIVE.discard(self)
         if run is None:
             return
-        if run.status is not None:
-            self._last_recorders = [run.status.latest(r, "recorder") for r in range(self.n)]
-            self.last_nodes = [
-                dataclasses.replace(n, state="stopped", silent_s=None) if n.state != "dead" else n
-                for n in run.status.nodes()
-            ]
-            run.status.close()
-        if run.client is not None:
-            with contextlib.suppress(Exception):
-                run.client.close()
-        engines.stop(run.ipp)
-        procs.reap(run.tracked, grace=grace)
-        if run.watchdog is not None:
-            run.watchdog.close()
-        shutil.rmtree(run.profile_dir, ignore_errors=True)
+        remains = bringup.tear_down(run, grace=grace)
+        if remains is not None:
+            self.last_nodes, self._last_recorders = remains.nodes, remains.recorders
         _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log
 
     # ----------------------------------------------------------------------- context manager

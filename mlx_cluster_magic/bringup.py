@@ -1,0 +1,237 @@
+"""One run of a cluster: what exists from start to stop, how it is brought up, how a dead rank
+is known, and how it is torn down. ``MLXCluster`` owns the state machine around it; this module
+owns the steps, in order, and imports nothing of IPython.
+
+Bring-up: a private profile directory, the controller (with a fast heartbeat), the watchdog, the
+engines under ``mpiexec`` with MLX's backend environment, then every rank checked. Every process
+is tracked at spawn, so teardown never looks one up by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import ipyparallel as ipp
+
+from . import engines, launch, procs
+from .errors import MLXClusterError
+from .options import ClusterSpec
+from .snapshot import NodeStatus
+from .status import StatusReceiver
+
+if TYPE_CHECKING:
+    from .doctor import DoctorReport
+
+# The controller pings engines this often (ms) and unregisters one after this many misses:
+# ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
+# means a gone process or a cut link, never a busy one. 200 ms x 10 misses: about 2 s.
+HEARTBEAT_MS = 200
+HEARTBEAT_MISSES = 10
+
+ENGINE_NAMESPACE = (
+    "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world; "
+    "from mlx_cluster_magic.sidecar import report"
+)
+
+
+@dataclass
+class Running:
+    """What exists only while the cluster runs; ``tear_down`` consumes it."""
+
+    spec: ClusterSpec
+    ipp: ipp.Cluster
+    profile_dir: str
+    started_at: float
+    status: StatusReceiver | None
+    watchdog: procs.Watchdog | None = None
+    client: ipp.Client | None = None
+    view: Any = None
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    tracked: list[procs.Tracked] = field(default_factory=list)
+    rank_procs: dict[int, procs.Tracked] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.spec.n
+
+    def track(self, pids: Sequence[int]) -> list[procs.Tracked]:
+        """Track processes at spawn (with their start times), children included."""
+        new = procs.track(pids)
+        self.tracked += new
+        return new
+
+
+def prepare(spec: ClusterSpec) -> Running:
+    """The private profile directory (0700), the ipyparallel cluster object and the status
+    receiver: nothing is running yet, but ``tear_down`` already knows what to remove."""
+    profile = tempfile.mkdtemp(prefix=procs.PRIVATE_PREFIX)
+    for sub in ("security", "log", "startup", "pid"):
+        os.makedirs(os.path.join(profile, sub), mode=0o700)
+    cluster = engines.new_cluster(
+        n=spec.n,
+        profile_dir=profile,
+        controller_ip=spec.controller_ip,
+        controller_args=[
+            f"--HeartMonitor.period={HEARTBEAT_MS}",
+            f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
+        ],
+        timeout=spec.timeout,
+    )
+    status = StatusReceiver(spec.controller_ip, spec.placement) if spec.live_status else None
+    return Running(spec, cluster, profile, time.time(), status)
+
+
+def refuse_failed_hosts(report: DoctorReport) -> None:
+    """Raise, naming the host, the check and its fix, when the doctor found a host unready."""
+    failures = [(host, c) for host, c in report.problems() if c.ok is False]
+    if failures:
+        host, check = failures[0]
+        fix = f"; fix: {check.fix}" if check.fix else ""
+        more = (
+            f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
+            if len(failures) > 1
+            else ""
+        )
+        raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
+
+
+def bring_up(run: Running) -> None:
+    """Controller, watchdog, engines; returns once every rank has registered and checked."""
+    spec = run.spec
+    run.ipp.start_controller_sync()
+    run.watchdog = procs.Watchdog(run.profile_dir, run.track(engines.launcher_pids(run.ipp)))
+    env = launch.backend_environment(
+        spec.placement,
+        spec.backend,
+        libmpi=spec.mpi_lib,
+        ring_port=spec.ring_port,
+        connections_per_ip=spec.connections_per_ip,
+        verbose=spec.verbose,
+    )
+    env.update(spec.placement.envs)
+    if run.status is not None:
+        env[launch.STATUS_VAR] = run.status.url
+    mpi = launch.MPIOptions(
+        forward=tuple(sorted(env)),
+        prted=spec.prted,
+        ssh_agent=spec.ssh,
+        subnets=tuple(spec.subnet.split(",")) if spec.subnet else (),
+        workdir=spec.workdir,
+        as_root=os.geteuid() == 0,
+        cpu_count=os.cpu_count() or 1,
+    )
+    run.ipp.start_engines_sync(
+        n=spec.n,
+        mpi_cmd=[spec.mpiexec],
+        mpi_args=launch.mpiexec_args(spec.placement, mpi),
+        engine_cmd=[spec.python, "-m", "mlx_cluster_magic.engine"],
+        engine_args=[
+            f"--IPEngine.startup_command={ENGINE_NAMESPACE}",
+            # No sqlite history on the engines: a write per cell costs the %%px round trip.
+            "--HistoryManager.enabled=False",
+        ],
+        environment=env,
+    )
+    run.watchdog.watch(run.track(engines.launcher_pids(run.ipp)))
+    run.client = run.ipp.connect_client_sync()
+    wait_for_engines(run)
+    run.view = run.client[list(range(spec.n))]
+    run.view.block = True
+    check_ranks(run)
+
+
+def wait_for_engines(run: Running) -> None:
+    """Wait for every rank to register, failing fast (with mpiexec's words) if it exits."""
+    assert run.client is not None
+    timeout = run.spec.timeout
+    deadline = time.monotonic() + timeout
+    launcher = engines.engine_launcher(run.ipp)
+    while len(run.client.ids) < run.n:
+        what = None
+        if engines.launcher_exited(launcher):
+            what = "mpiexec exited"
+        elif time.monotonic() > deadline:
+            missing = sorted(set(range(run.n)) - set(run.client.ids))
+            what = f"rank(s) {missing} did not register within {timeout:g} s"
+        if what:
+            output = engines.launcher_output(launcher)
+            raise MLXClusterError(engines.launch_failure(output, what))
+        time.sleep(0.02)
+
+
+def check_ranks(run: Running) -> None:
+    """Engine id == MPI rank == MLX rank, and every group spans all ranks; then each local
+    engine (and its kernel nanny, a child) is tracked as ours to stop."""
+    from .engine import rank_report
+
+    placement, n = run.spec.placement, run.n
+    reports = run.view.apply_sync(rank_report)
+    for engine_id, r in zip(run.view.targets, reports):
+        if not (engine_id == r["mpi_rank"] == r["mlx_rank"]) or r["mlx_size"] != n:
+            raise MLXClusterError(
+                f"engine {engine_id} on {r['host']} has MPI rank {r['mpi_rank']} and MLX rank "
+                f"{r['mlx_rank']} of {r['mlx_size']}; expected rank {engine_id} of {n}"
+            )
+    run.ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
+    local = [r for r in run.ranks if placement.is_local or placement.ranks[r["mlx_rank"]].is_local]
+    for r in local:
+        tracked = procs.Tracked.of(r["pid"])
+        if tracked is not None:
+            run.rank_procs[r["rank"]] = tracked
+    assert run.watchdog is not None
+    run.watchdog.watch(run.track([r["pid"] for r in local]))
+
+
+def dead_evidence(run: Running | None) -> dict[int, str]:
+    """Ranks whose process is known gone: mpiexec exited (Open MPI ends the whole job), a
+    local pid vanished, or the controller's heartbeat lost the engine."""
+    if run is None:
+        return {}
+    if engines.launcher_exited(engines.engine_launcher(run.ipp)):
+        return {r: "mpiexec exited" for r in range(run.n)}
+    dead = {r: "process gone" for r, t in run.rank_procs.items() if not t.alive()}
+    if run.client is not None and run.ranks:
+        registered = set(run.client.ids)
+        for r in range(run.n):
+            if r not in registered:
+                dead.setdefault(r, "the controller's heartbeat lost it")
+    return dead
+
+
+@dataclass(frozen=True)
+class Remains:
+    """What a torn-down run leaves for the views: each rank's last record and recorder."""
+
+    nodes: list[NodeStatus]
+    recorders: list[dict[str, Any] | None]
+
+
+def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
+    """Stop everything this run started, by the pids tracked at spawn, and remove its files."""
+    remains = None
+    if run.status is not None:
+        remains = Remains(
+            [
+                dataclasses.replace(n, state="stopped", silent_s=None) if n.state != "dead" else n
+                for n in run.status.nodes()
+            ],
+            [run.status.latest(r, "recorder") for r in range(run.n)],
+        )
+        run.status.close()
+    if run.client is not None:
+        with contextlib.suppress(Exception):
+            run.client.close()
+    engines.stop(run.ipp)
+    procs.reap(run.tracked, grace=grace)
+    if run.watchdog is not None:
+        run.watchdog.close()
+    shutil.rmtree(run.profile_dir, ignore_errors=True)
+    return remains
