@@ -84,6 +84,9 @@ def prepare(spec: ClusterSpec) -> Running:
             f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
         ],
         timeout=spec.timeout,
+        # Ranks on the head read the connection file and start with the controller; remote ones
+        # need it in their environment, so they wait for it.
+        connection_in_env=not spec.placement.is_local,
     )
     status = StatusReceiver(spec.controller_ip, spec.placement) if spec.live_status else None
     return Running(spec, cluster, profile, time.time(), status)
@@ -119,6 +122,8 @@ def bring_up(run: Running) -> None:
     env.update(spec.placement.envs)
     if run.status is not None:
         env[launch.STATUS_VAR] = run.status.url
+    if spec.placement.is_local:
+        env[launch.CONNECTION_FILE_VAR] = engines.engine_connection_file(run.ipp)
     mpi = launch.MPIOptions(
         forward=tuple(sorted(env)),
         prted=spec.prted,
@@ -229,6 +234,9 @@ def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
     if run.client is not None:
         with contextlib.suppress(Exception):
             run.client.close()
+    # Local ranks get SIGTERM together with mpiexec, which would pass it on only after about
+    # half a second; mpiexec then sees them exit and ends at once.
+    procs.terminate(run.rank_procs.values())
     engines.stop(run.ipp)
     procs.reap(run.tracked, grace=grace)
     if run.watchdog is not None:

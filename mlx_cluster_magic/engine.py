@@ -15,7 +15,13 @@ import sys
 import tempfile
 from typing import Any
 
-from .launch import BACKEND_VAR, IBV_DEVICES_VAR, RING_HOSTS_VAR, STATUS_VAR
+from .launch import (
+    BACKEND_VAR,
+    CONNECTION_FILE_VAR,
+    IBV_DEVICES_VAR,
+    RING_HOSTS_VAR,
+    STATUS_VAR,
+)
 
 #: The MLX group of this rank, set before the engine starts; ``world`` in the engine namespace.
 WORLD: Any = None
@@ -105,6 +111,22 @@ def rank_report() -> dict[str, Any]:
     }
 
 
+def wait_for_connection_file(path: str, timeout: float = 60.0) -> None:
+    """Wait until the controller has written the engines' connection file in full: the engine
+    starts alongside the controller and must not read a file that is still being written."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            if "key" in json.load(f):
+                return
+        if time.monotonic() > deadline:
+            _fail(f"the controller's connection file {path} did not appear in {timeout:g} s")
+        time.sleep(0.02)
+
+
 def _status_extra() -> dict[str, Any]:
     """What each status record carries beside the rank's state: the flight recorder's summary
     (read by ``cluster.why()`` and the hang banner)."""
@@ -141,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     hook_requests(ACTIVITY.started, ACTIVITY.finished)
     if os.environ.get(STATUS_VAR):
         start_sidecar(os.environ[STATUS_VAR], rank, extra=_status_extra)
+    if os.environ.get(CONNECTION_FILE_VAR):
+        wait_for_connection_file(os.environ[CONNECTION_FILE_VAR])
     from ipyparallel.engine.app import main as ipengine_main
 
     sys.argv = ["ipengine", *argv]

@@ -57,9 +57,15 @@ def new_cluster(
     controller_ip: str,
     controller_args: Sequence[str],
     timeout: float,
+    connection_in_env: bool = True,
 ) -> ipp.Cluster:
-    """An ipyparallel ``Cluster`` whose life cycle we own: no state file, no atexit of its own."""
+    """An ipyparallel ``Cluster`` whose life cycle we own: no state file, no atexit of its own.
+
+    Without ``connection_in_env`` the engines start at once and read the controller's connection
+    file (``engine_connection_file``) instead of waiting for it in their environment.
+    """
     return ipp.Cluster(
+        send_engines_connection_env=connection_in_env,
         n=n,
         profile_dir=profile_dir,
         cluster_file="",
@@ -71,6 +77,21 @@ def new_cluster(
         engine_timeout=int(timeout),
         log_level=40,
     )
+
+
+def engine_connection_file(cluster: ipp.Cluster) -> str:
+    """Where the controller writes the engines' connection (as ipyparallel's launchers name it)."""
+    prefix = f"ipcontroller-{cluster.cluster_id}" if cluster.cluster_id else "ipcontroller"
+    return os.path.join(cluster.profile_dir, "security", f"{prefix}-engine.json")
+
+
+def stop(cluster: ipp.Cluster) -> None:
+    """Engines first, then the controller: each engine's nanny says goodbye to a controller that
+    still listens, instead of lingering 3 s (its socket's LINGER) on a remote host."""
+    with contextlib.suppress(Exception):
+        cluster.stop_engines_sync()
+    with contextlib.suppress(Exception):
+        cluster.stop_controller_sync()
 
 
 def engine_launcher(cluster: ipp.Cluster | None) -> MLXEngineSetLauncher | None:
@@ -194,11 +215,6 @@ def send_signal(client: ipp.Client, sig: Any, targets: list[int], timeout: float
     with contextlib.suppress(Exception):
         ar = client.send_signal(sig, targets=targets, block=False)
         ar.wait(timeout)
-
-
-def stop(cluster: ipp.Cluster) -> None:
-    with contextlib.suppress(Exception):
-        cluster.stop_cluster_sync()
 
 
 def remove_log_dir(profile_dir: str | None) -> None:

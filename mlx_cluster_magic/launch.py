@@ -23,6 +23,9 @@ BACKEND_VAR = "MLX_CLUSTER_BACKEND"
 RING_HOSTS_VAR = "MLX_CLUSTER_RING_HOSTS"
 IBV_DEVICES_VAR = "MLX_CLUSTER_IBV_DEVICES"
 STATUS_VAR = "MLX_CLUSTER_STATUS_URL"
+# Ranks on the head read the controller's engine connection file (private directory) instead of
+# waiting for it in their environment, so they start while the controller does.
+CONNECTION_FILE_VAR = "MLX_CLUSTER_CONNECTION_FILE"
 # ipyparallel hands engines their connection in these; remote ranks only get them via ``-x``.
 IPP_VARS = ("IPP_CONNECTION_INFO", "IPP_CLUSTER_ID", "IPP_PROFILE_DIR")
 

@@ -84,6 +84,15 @@ def track(pids: Iterable[int]) -> list[Tracked]:
     return list(found.values())
 
 
+def terminate(tracked: Iterable[Tracked]) -> None:
+    """SIGTERM each tracked process that still runs, without waiting."""
+    for t in tracked:
+        p = t.process()
+        if p is not None:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+
+
 def reap(tracked: Iterable[Tracked], grace: float = 5.0) -> None:
     """SIGTERM what still runs; SIGKILL what is left after ``grace`` seconds (0: kill at once)."""
     procs = [p for p in (t.process() for t in tracked) if p is not None]
