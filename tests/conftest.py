@@ -38,12 +38,18 @@ def _has_marker(pid: int) -> bool:
     return env.get("MLX_CLUSTER_TEST_SESSION") == SESSION_MARKER.split("=", 1)[1]
 
 
+#: Processes of a module-scoped fixture: not a test's leak; the fixture checks them at its end.
+SHARED_PIDS: set[int] = set()
+
+
 def our_processes(extra_pids: frozenset[int] = frozenset()) -> list[tuple[int, str]]:
     """Live (non-zombie) processes of the kinds we start that this test session started
-    (or that run inside our virtual hosts: ``extra_pids``)."""
+    (or that run inside our virtual hosts: ``extra_pids``), but for ``SHARED_PIDS``."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline", "status"]):
         if p.info["status"] == psutil.STATUS_ZOMBIE or not p.info["cmdline"]:
+            continue
+        if p.info["pid"] in SHARED_PIDS:
             continue
         cmd = " ".join(p.info["cmdline"])
         pid = p.info["pid"]

@@ -67,7 +67,7 @@ def test_no_import_circle() -> None:
     def visit(node: str, path: list[str]) -> None:
         for dep in graph.get(node, ()):
             if dep in path:
-                circles.append([*path[path.index(dep):], dep])
+                circles.append([*path[path.index(dep) :], dep])
             elif len(path) < 12:
                 visit(dep, [*path, dep])
 

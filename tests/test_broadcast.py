@@ -73,7 +73,6 @@ def test_a_wrong_token_is_dropped_and_only_the_sender_gets_through(cluster) -> N
     assert _sums(cluster, "after") == [3.0, 3.0]
 
 
-
 def test_a_listener_the_notebook_cannot_reach_is_closed(cluster) -> None:
     from mlx_cluster_magic.remote import close_listener, open_listener
 

@@ -101,15 +101,27 @@ def test_cell_timeout_on_an_interruptible_cell_keeps_the_cluster(ip) -> None:
     _healthy(ip, cluster)
 
 
-@pytest.mark.parametrize("flag", ["--timeout 0", "--timeout -2", "--timeout x"])
-def test_bad_timeout(ip, flag) -> None:
-    ip.run_line_magic("mlx_cluster", "start -n 2")
-    with pytest.raises(UsageError):
-        ip.run_cell_magic("px", flag, "pass")
+@pytest.fixture(scope="class")
+def shared():
+    """One cluster started through the magic, for the class below."""
+    from conftest import shared_cluster
+
+    with shared_cluster("start -n 2") as (shell, cluster):
+        yield shell, cluster
 
 
-def test_timeout_combines_with_ipyparallel_options(ip) -> None:
-    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
-    ip.run_cell_magic("px", "", "hit = 0")
-    ip.run_cell_magic("px", "--targets 1 --timeout 5", "hit = 1")
-    assert cluster.view["hit"] == [0, 1]
+class TestOptionsOnOneCluster:
+    """``--timeout`` checks and combinations need a running cluster but leave it as it is: the
+    tests share one (stopped and leak-checked when the class ends)."""
+
+    @pytest.mark.parametrize("flag", ["--timeout 0", "--timeout -2", "--timeout x"])
+    def test_bad_timeout(self, shared, flag) -> None:
+        ip, _ = shared
+        with pytest.raises(UsageError):
+            ip.run_cell_magic("px", flag, "pass")
+
+    def test_timeout_combines_with_ipyparallel_options(self, shared) -> None:
+        ip, cluster = shared
+        ip.run_cell_magic("px", "", "hit = 0")
+        ip.run_cell_magic("px", "--targets 1 --timeout 5", "hit = 1")
+        assert cluster.view["hit"] == [0, 1]

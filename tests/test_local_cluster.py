@@ -35,29 +35,6 @@ def test_start_px_all_sum_stop(ip, capsys) -> None:
     assert wait_no_processes() == []
 
 
-def test_engine_id_is_mpi_rank_is_mlx_rank(ip) -> None:
-    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
-    cluster.view.execute(
-        "from mpi4py import MPI\nids = (MPI.COMM_WORLD.Get_rank(), world.rank(), world.size())"
-    )
-    ids = cluster.view["ids"]
-    assert cluster.view.targets == [0, 1]
-    assert ids == [(0, 0, 2), (1, 1, 2)]
-    assert [r["mpi_rank"] for r in cluster.ranks] == [0, 1]
-    assert {r["backend"] for r in cluster.ranks} == {"mpi"}
-
-
-def test_mpi4py_sees_the_same_world(ip) -> None:
-    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
-    cluster.view.execute(
-        "from mpi4py import MPI\n"
-        "total = MPI.COMM_WORLD.allreduce(world.rank() + 1)\n"
-        "mlx_total = mx.distributed.all_sum(mx.array(world.rank() + 1)).item()\n"
-    )
-    assert cluster.view["total"] == [3, 3]
-    assert cluster.view["mlx_total"] == [3, 3]
-
-
 def test_ring_backend_on_localhost(ip) -> None:
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2 --backend ring --ring-port 30567")
     cluster.view.execute(
@@ -177,12 +154,6 @@ def test_misuse_is_one_line(ip, line: str, message: str) -> None:
     assert our_processes() == []
 
 
-def test_start_while_running_offers_restart(ip) -> None:
-    ip.run_line_magic("mlx_cluster", "start -n 2")
-    with pytest.raises(UsageError, match="already running .*restart"):
-        ip.run_line_magic("mlx_cluster", "start -n 2")
-
-
 def test_mpiexec_not_found_says_how_to_get_it(monkeypatch) -> None:
     import mlx_cluster_magic.launch as launch
 
@@ -210,3 +181,44 @@ def test_bad_hostfiles_through_the_magic(ip, tmp_path) -> None:
         assert "\n" not in str(e.value).strip()
         assert str(path) in str(e.value) or "does not fit" in str(e.value)
         assert our_processes() == []
+
+
+@pytest.fixture(scope="class")
+def shared():
+    """One cluster started through the magic, for the class below."""
+    from conftest import shared_cluster
+
+    with shared_cluster("start -n 2") as (shell, cluster):
+        yield shell, cluster
+
+
+class TestOneRunningCluster:
+    """Tests that only look at a running cluster share one (stopped and leak-checked when the
+    class ends)."""
+
+    def test_engine_id_is_mpi_rank_is_mlx_rank(self, shared) -> None:
+        _, cluster = shared
+        cluster.view.execute(
+            "from mpi4py import MPI\nids = (MPI.COMM_WORLD.Get_rank(), world.rank(), world.size())"
+        )
+        ids = cluster.view["ids"]
+        assert cluster.view.targets == [0, 1]
+        assert ids == [(0, 0, 2), (1, 1, 2)]
+        assert [r["mpi_rank"] for r in cluster.ranks] == [0, 1]
+        assert {r["backend"] for r in cluster.ranks} == {"mpi"}
+
+    def test_mpi4py_sees_the_same_world(self, shared) -> None:
+        _, cluster = shared
+        cluster.view.execute(
+            "from mpi4py import MPI\n"
+            "total = MPI.COMM_WORLD.allreduce(world.rank() + 1)\n"
+            "mlx_total = mx.distributed.all_sum(mx.array(world.rank() + 1)).item()\n"
+        )
+        assert cluster.view["total"] == [3, 3]
+        assert cluster.view["mlx_total"] == [3, 3]
+
+    def test_start_while_running_offers_restart(self, shared) -> None:
+        ip, cluster = shared
+        with pytest.raises(UsageError, match="already running .*restart"):
+            ip.run_line_magic("mlx_cluster", "start -n 2")
+        assert cluster.running

@@ -32,13 +32,23 @@ def outputs_text(nb: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
+#: Each example notebook is executed once per session; every test reads its outputs from here.
+_EXECUTED: dict[Path, nbformat.NotebookNode] = {}
+
+
+def executed(path: Path) -> nbformat.NotebookNode:
+    if path not in _EXECUTED:
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+            f"{path.name} has committed outputs; clear them"
+        )
+        _EXECUTED[path] = execute(nb, "python3", path.parent)
+    return _EXECUTED[path]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, no_leaks: None) -> None:
-    nb = nbformat.read(path, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
-        f"{path.name} has committed outputs; clear them"
-    )
-    execute(nb, "python3", path.parent)
+    nb = executed(path)
     # a cell tagged raises-exception shows a deliberate failure (notebook 05): it must fail,
     # and no other cell may
     for c in nb.cells:
@@ -53,7 +63,7 @@ def test_notebook_runs(path: Path, no_leaks: None) -> None:
 
 def test_quickstart_prints_the_collective_result(no_leaks: None) -> None:
     path = next(p for p in NOTEBOOKS if p.stem == "01-quickstart")
-    text = outputs_text(execute(nbformat.read(path, as_version=4), "python3", path.parent))
+    text = outputs_text(executed(path))
     assert "rank 0 of 2: all_sum = [3.0, 3.0, 3.0, 3.0]" in text
     assert "rank 1 of 2: all_sum = [3.0, 3.0, 3.0, 3.0]" in text
     assert "identical on 2/2 ranks" in text

@@ -63,64 +63,78 @@ def test_stop_is_idempotent_in_effect_and_says_so(ip) -> None:
     assert cluster.state == "stopped"
 
 
-def _raw_and_ours(
-    ip, capsys, line: str, cell: str, interrupt_after: float | None = None, config: str = ""
-):
-    """Run the same %%px line on a raw ipyparallel cluster with ipyparallel's own magic, then
-    on ours; return (stdout, stderr, raised) for each."""
+@pytest.fixture(scope="module")
+def raw():
+    """A raw ipyparallel cluster (MPI engines, ipyparallel's own defaults) for the side-by-side
+    tests, started once; its processes are checked at the end of the module."""
     import os
     import sys
 
     import ipyparallel as ipp
-    from ipyparallel.client.magics import ParallelMagics
 
-    outs = []
+    from conftest import SHARED_PIDS, our_processes, wait_no_processes
+
     # raw ipyparallel finds mpiexec on PATH; Open MPI refuses root unless told
     os.environ["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
     os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    raw = ipp.Cluster(engines="mpi", n=2, log_level=40)
+    cluster = ipp.Cluster(engines="mpi", n=2, log_level=40)
+    rc, mine = None, set()
     try:
-        rc = raw.start_and_connect_sync()
-    except BaseException:
-        raw.stop_cluster_sync()
-        raise
-    try:
-        dv = rc[:]
-        dv.block = True
-        raw_magics = ParallelMagics(ip, dv)
-        for magics in ("raw", "ours"):
-            if magics == "raw":
-                ip.magics_manager.register(raw_magics)
-            else:
-                ip.run_line_magic("mlx_cluster", "start -n 2")
-            if config:
-                ip.run_line_magic("pxconfig", config)
-            timer = None
-            if interrupt_after is not None:
-                timer = threading.Timer(interrupt_after, _thread.interrupt_main)
-                timer.start()
-            raised = None
-            try:
-                ip.run_cell_magic("px", line, cell)
-            except BaseException as e:
-                raised = type(e).__name__
-            finally:
-                if timer is not None:
-                    timer.join()
-            out, err = capsys.readouterr()
-            outs.append((out, err, raised))
+        rc = cluster.start_and_connect_sync()
+        rc.wait_for_engines(2, timeout=60)
+        mine = {pid for pid, _ in our_processes()}
+        SHARED_PIDS.update(mine)
+        yield rc
     finally:
-        rc.close()
-        raw.stop_cluster_sync()
+        if rc is not None:
+            rc.close()
+        cluster.stop_cluster_sync()
+        SHARED_PIDS.difference_update(mine)
+        assert wait_no_processes() == []
+
+
+def _raw_and_ours(
+    ip, capsys, rc, line: str, cell: str, interrupt_after: float | None = None, config: str = ""
+):
+    """Run the same %%px line on a raw ipyparallel cluster with ipyparallel's own magic, then
+    on ours; return (stdout, stderr, raised) for each."""
+    from ipyparallel.client.magics import ParallelMagics
+
+    outs = []
+    dv = rc[:]
+    dv.block = True
+    raw_magics = ParallelMagics(ip, dv)
+    for magics in ("raw", "ours"):
+        if magics == "raw":
+            ip.magics_manager.register(raw_magics)
+        else:
+            ip.run_line_magic("mlx_cluster", "start -n 2")
+        if config:
+            ip.run_line_magic("pxconfig", config)
+        timer = None
+        if interrupt_after is not None:
+            timer = threading.Timer(interrupt_after, _thread.interrupt_main)
+            timer.start()
+        raised = None
+        try:
+            ip.run_cell_magic("px", line, cell)
+        except BaseException as e:
+            raised = type(e).__name__
+        finally:
+            if timer is not None:
+                timer.join()
+        out, err = capsys.readouterr()
+        outs.append((out, err, raised))
+    rc.wait(timeout=30)  # the raw ranks finish the cell before the next test uses them
     return outs
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "2", "0"])
-def test_signal_on_interrupt_as_ipyparallel_does(ip, capsys, sig: str) -> None:
+def test_signal_on_interrupt_as_ipyparallel_does(ip, capsys, raw, sig: str) -> None:
     cell = "import time\nprint('before')\ntime.sleep(4)\nprint('after')"
     (_raw_out, raw_err, raw_raised), (_out, err, raised) = _raw_and_ours(
-        ip, capsys, f"--no-stream --signal-on-interrupt {sig}", cell, interrupt_after=1.5
+        ip, capsys, raw, f"--no-stream --signal-on-interrupt {sig}", cell, interrupt_after=1.5
     )
     notice = f"Received Keyboard Interrupt. Sending signal {int(sig) if sig.isdigit() else sig}"
     assert notice in raw_err and notice in err
@@ -138,9 +152,9 @@ def test_signal_on_interrupt_as_ipyparallel_does(ip, capsys, sig: str) -> None:
     assert cluster.running
 
 
-def test_verbose_prints_ipyparallels_line(ip, capsys) -> None:
+def test_verbose_prints_ipyparallels_line(ip, capsys, raw) -> None:
     (raw_out, _, _), (out, _, _) = _raw_and_ours(
-        ip, capsys, "--progress-after -1", "pass", config="--verbose"
+        ip, capsys, raw, "--progress-after -1", "pass", config="--verbose"
     )
     assert "Parallel execution on engine(s): [0, 1]" in raw_out
     assert "Parallel execution on engine(s): [0, 1]" in out
@@ -160,7 +174,9 @@ def test_progress_shows_each_rank_and_collapses_when_done() -> None:
     ]
     live = Progress.bundle(rows, 12.3)._repr_mimebundle_()
     assert live["text/plain"].startswith("1/3 ranks done after 12 s: rank 0 busy 12 s;")
-    assert live["text/html"].count("mlx-px-rank") == 3 and "mlx-px-unresponsive" in live["text/html"]
+    assert (
+        live["text/html"].count("mlx-px-rank") == 3 and "mlx-px-unresponsive" in live["text/html"]
+    )
     final = Progress.bundle([(r, "done", "") for r in range(3)], 14.0, final=True)
     assert final._repr_mimebundle_()["text/plain"] == "3/3 ranks done after 14.0 s"
 
@@ -212,6 +228,8 @@ def test_replay_stops_at_the_first_failure_with_its_error(ip, tmp_path) -> None:
     ip.run_cell_magic("px", "", f"open({str(flag)!r}).read()")
     ip.run_cell_magic("px", "", "later = 1")
     flag.unlink()
-    with pytest.raises(MLXClusterError, match=r"replay stopped at cell 2 of 3: .*FileNotFoundError"):
+    with pytest.raises(
+        MLXClusterError, match=r"replay stopped at cell 2 of 3: .*FileNotFoundError"
+    ):
         cluster.restart(replay=True)
     assert cluster.running and cluster.view["ok"] == [1, 1]
