@@ -18,7 +18,7 @@ def cluster():
 
 
 def _sums(cluster, name: str) -> list[float]:
-    cluster.view.execute(f"_s = float(np.asarray({name}, dtype=np.float64).sum())")
+    cluster.view.execute(f"import numpy as np\n_s = float(np.asarray({name}, dtype=np.float64).sum())")
     return cluster.view["_s"]
 
 
