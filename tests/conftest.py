@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -86,6 +87,11 @@ CLUSTER_FIXTURES = frozenset(
         "kernel",
     }
 )
+
+
+# The interrupt tests raise KeyboardInterrupt with ``_thread.interrupt_main()``, which does
+# nothing where SIGINT is ignored (as in a background job of a non-interactive shell).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
