@@ -163,9 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     hook_requests(ACTIVITY.started, ACTIVITY.finished)
     if os.environ.get(STATUS_VAR):
         start_sidecar(os.environ[STATUS_VAR], rank, extra=_status_extra)
+    from ipyparallel.engine.app import main as ipengine_main
+
+    # (imported first: the import overlaps the controller's own start-up)
     if os.environ.get(CONNECTION_FILE_VAR):
         wait_for_connection_file(os.environ[CONNECTION_FILE_VAR])
-    from ipyparallel.engine.app import main as ipengine_main
 
     sys.argv = ["ipengine", *argv]
     ipengine_main()
