@@ -59,8 +59,12 @@ def bench_startup(reps: int) -> list[dict[str, Any]]:
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "mlx_cluster_magic")
     m: dict[str, list[float]] = {
-        k: [] for k in ("ours start", "raw start", "ours px", "raw exec", "raw px", "ours exec")
-    }
+        k: []
+        for k in (
+            "ours start", "raw start", "ours px", "raw exec", "raw px", "ours exec",
+            "ours stop", "raw stop",
+        )
+    }  # fmt: skip
     for _ in range(reps):
         t = time.perf_counter()
         raw = ipp.Cluster(engines="mpi", n=2, log_level=40)
@@ -72,7 +76,9 @@ def bench_startup(reps: int) -> list[dict[str, Any]]:
         shell.magics_manager.register(ParallelMagics(shell, dv))  # ipyparallel's own %%px
         m["raw px"].append(_median_call(lambda: shell.run_cell_magic("px", "", "pass")))
         rc.close()
+        t = time.perf_counter()
         raw.stop_cluster_sync()
+        m["raw stop"].append(time.perf_counter() - t)
 
         t = time.perf_counter()
         cluster = MLXCluster(n=2).start(activate=True)
@@ -80,7 +86,9 @@ def bench_startup(reps: int) -> list[dict[str, Any]]:
         m["ours px"].append(_median_call(lambda: shell.run_cell_magic("px", "", "pass")))
         view = cluster.view
         m["ours exec"].append(_median_call(lambda v=view: v.execute("pass", block=True)))
+        t = time.perf_counter()
         cluster.stop()
+        m["ours stop"].append(time.perf_counter() - t)
     ms = {k: [x * 1e3 for x in v] for k, v in m.items()}
     return [
         compare(
@@ -90,6 +98,14 @@ def bench_startup(reps: int) -> list[dict[str, Any]]:
             "s",
             "<= 0.60x",
             "ipp.Cluster(engines='mpi', n=2).start_and_connect_sync()",
+        ),
+        compare(
+            "stop, 2 local ranks (ours also checks every process is gone)",
+            m["ours stop"],
+            m["raw stop"],
+            "s",
+            "report",
+            "ipp.Cluster.stop_cluster_sync()",
         ),
         compare(
             "%%px pass round trip",
