@@ -179,8 +179,15 @@ class Checker:
                 self._flush(time.monotonic() + 1.0)
                 raise CollectiveMismatch(text)
         gave_up = [p for p in peers if "abort" in entry(p)]
-        if gave_up:
-            reasons = [entry(p)["abort"] for p in gave_up]
+        reasons = [entry(p)["abort"] for p in gave_up]
+        # Peers that gave up first waiting for ranks this one waits for too: the same timeout,
+        # not this rank's lateness (which of the waiting ranks times out first is chance).
+        timeouts = [r for r in reasons if r.get("why") == "timeout"]
+        silent = [p for p in peers if "sig" not in entry(p)]
+        same_wait = bool(
+            timeouts and silent and all(self.rank not in r.get("missing", ()) for r in timeouts)
+        )
+        if gave_up and not same_wait:
             self.post(peers, "abort", channel, seq, {"sig": sig, "why": "abandoned"})
             self._flush(time.monotonic() + 1.0)
             found = next((r["text"] for r in reasons if r.get("why") == "mismatch"), None)
@@ -192,8 +199,8 @@ class Checker:
                 f"rank {self.rank}, which reached it too late; the cell failed, the cluster is "
                 "still running"
             )
-        if not ok:
-            missing = [p for p in peers if "sig" not in entry(p)]
+        if not ok or same_wait:
+            missing = silent
             self.post(
                 peers,
                 "abort",

@@ -193,6 +193,19 @@ def test_three_ranks_one_behind(tmp_path: Path) -> None:
             ), message
         cluster.view.execute("_ok = mx.distributed.all_sum(mx.ones(2)).tolist()")
         assert cluster.view["_ok"] == [[3.0, 3.0]] * 3
+        # Which waiting rank gives up first is chance: one that started waiting a second after
+        # the other (and so finds its abort first) still names rank 1, not itself.
+        cell = (
+            "import time\nif world.rank() == 2:\n    time.sleep(1)\n"
+            "if world.rank() != 1:\n    mx.eval(mx.distributed.all_sum(mx.ones(5)))\n"
+        )
+        errors, _ = _errors(cluster.view.execute(cell, block=False))
+        assert sorted(errors) == [0, 2]
+        for name, message in errors.values():
+            assert name == "CollectiveTimeout", message
+            assert "rank 1 did not arrive within 3 s" in message, message
+        cluster.view.execute("_ok = mx.distributed.all_sum(mx.ones(2)).tolist()")
+        assert cluster.view["_ok"] == [[3.0, 3.0]] * 3
         pids = [r["pid"] for r in cluster.ranks]
     # (another module's cluster may be running: check this one's ranks only)
     gone = psutil.wait_procs([p for p in map(_proc, pids) if p is not None], timeout=10)[1]
