@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,10 @@ from .errors import MLXClusterError
 from .gather import DEFAULT_LIMIT_BYTES, GatherResult, summarize_name
 
 if TYPE_CHECKING:
+    from .bringup import Running
     from .doctor import DoctorReport
+    from .hosts import Placement
+    from .options import ClusterSpec
     from .why import WhyReport
 
 
@@ -32,19 +35,19 @@ class ClusterTools:
     """Data, diagnostics and history of an ``MLXCluster``."""
 
     # provided by MLXCluster
-    _run: Any
+    _run: Running | None
     _history: list[HistoryEntry]
     _last_recorders: list[dict[str, Any] | None]
     _topology_svg: str | None
-    spec: Any
-    placement: Any
+    spec: ClusterSpec
+    placement: Placement
     backend: str
     n: int
     ranks: list[dict[str, Any]]
     view: Any
     client: Any
-    _require: Any
-    _refresh_widget: Any
+    _require: Callable[[], Running]
+    _refresh_widget: Callable[[], None]
 
     def doctor(
         self, timeout: float = 10.0, backend: str | None = None, advice: bool = True
@@ -148,7 +151,7 @@ class ClusterTools:
         self._refresh_widget()
         return report
 
-    def _set_checks(self, run: Any, on: bool) -> None:
+    def _set_checks(self, run: Running, on: bool) -> None:
         run.view.execute(
             "from mlx_cluster_magic import checks as _mcm_checks\n"
             + (

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import MLXClusterError
 from .snapshot import ClusterSnapshot, NodeStatus
 
 if TYPE_CHECKING:
+    from .bringup import Running
+    from .hosts import Placement
+    from .options import ClusterSpec
     from .views.status import StatusWidget
 
 #: A cell blocked this long in collectives that other ranks have not reached shows a banner.
@@ -24,23 +28,26 @@ class ClusterViews:
     """Node records, metrics, snapshot and widget of an ``MLXCluster``."""
 
     # provided by MLXCluster
-    _run: Any
+    _run: Running | None
     _widget: StatusWidget | None
     _state: str
     _reason: str | None
     _topology_svg: str | None
     banner: str | None
     last_nodes: list[NodeStatus]
-    spec: Any
-    placement: Any
+    spec: ClusterSpec
+    placement: Placement
     backend: str
     n: int
     running: bool
     live_status: bool
-    _require: Any
-    stop: Any
-    restart: Any
-    hang_verdict: Any
+    _require: Callable[[], Running]
+    stop: Callable[..., None]
+    restart: Callable[..., Any]
+
+    if TYPE_CHECKING:
+
+        def hang_verdict(self, threshold_s: float = 0.0) -> str | None: ...
 
     def nodes(self) -> list[dict[str, Any]]:
         """Per rank: rank, host, state (starting/idle/busy/unresponsive/dead/stopped), busy_s,
