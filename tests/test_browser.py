@@ -46,7 +46,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 NOTEBOOK = "status-widget.ipynb"
-BUSY_S = 8  # how long the non-blocking execute keeps both ranks busy
+BUSY_S = 5  # how long the non-blocking execute keeps both ranks busy
 CELLS = [
     "%load_ext mlx_cluster_magic",
     "cluster = %mlx_cluster start -n 2",
