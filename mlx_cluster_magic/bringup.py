@@ -1,6 +1,6 @@
 """One run of a cluster: what exists from start to stop, how it is brought up, how a dead rank
 is known, and how it is torn down. ``MLXCluster`` owns the state machine around it; this module
-owns the steps, in order, and imports nothing of IPython.
+owns the steps, in order, and needs no IPython shell.
 
 Bring-up: a private profile directory, the controller (with a fast heartbeat), the watchdog, the
 engines under ``mpiexec`` with MLX's backend environment, then every rank checked. Every process

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         start_sidecar(os.environ[STATUS_VAR], rank, extra=_status_extra)
     from ipyparallel.engine.app import main as ipengine_main
 
-    # (imported first: the import overlaps the controller's own start-up)
+    # (ipengine is imported above while the controller may still be starting: the two overlap)
     if os.environ.get(CONNECTION_FILE_VAR):
         wait_for_connection_file(os.environ[CONNECTION_FILE_VAR])
 

@@ -217,14 +217,6 @@ def send_signal(client: ipp.Client, sig: Any, targets: list[int], timeout: float
         ar.wait(timeout)
 
 
-def remove_log_dir(profile_dir: str | None) -> None:
-    """ipyparallel may write a late log into the profile; the cluster removes it."""
-    if profile_dir and os.path.isdir(profile_dir):
-        import shutil
-
-        shutil.rmtree(profile_dir, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------ on the engine
 def hook_requests(started: Callable[[], None], finished: Callable[[], None]) -> None:
     """Call ``started``/``finished`` around every request the engine's kernel handles.
