@@ -85,3 +85,13 @@ def gate(where: Path, name: str) -> str:
     if path.exists():
         os.unlink(path)
     return str(path)
+
+
+def late_rank_cell(gate_path: str) -> str:
+    """A cell whose rank 1 waits at ``gate_path`` before the all_sum on line 3 (the others are
+    already in it): the late-rank case of the hang tests."""
+    return (
+        "if world.rank() == 1:\n"
+        f"    _hd_gate({gate_path!r})\n"
+        "y = mx.distributed.all_sum(mx.ones(4)).sum().item()\n"
+    )

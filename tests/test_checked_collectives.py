@@ -81,11 +81,7 @@ def test_a_rank_in_a_long_sleep(checked) -> None:
     cluster, where = checked
     s = _seq(cluster)
     g = hangdoc.gate(where, "sleep")
-    cell = (
-        "if world.rank() == 1:\n"
-        f"    _hd_gate({g!r})\n"
-        "y = mx.distributed.all_sum(mx.ones(4)).sum().item()\n"
-    )
+    cell = hangdoc.late_rank_cell(g)
     ar = cluster.view.execute(cell, block=False)
     t = time.monotonic()
     rank0 = ar._children[0]
@@ -167,11 +163,7 @@ def test_three_ranks_one_behind(tmp_path: Path) -> None:
         hangdoc.setup(cluster.view, tmp_path)
         cluster.view.execute("mx.eval(mx.distributed.all_sum(mx.ones(4)))")
         g = hangdoc.gate(tmp_path, "late")
-        cell = (
-            "if world.rank() == 1:\n"
-            f"    _hd_gate({g!r})\n"
-            "y = mx.distributed.all_sum(mx.ones(4)).sum().item()\n"
-        )
+        cell = hangdoc.late_rank_cell(g)
         ar = cluster.view.execute(cell, block=False)
         try:
             report = hangdoc.analyze(tmp_path, 3, ["h"] * 3, settle=1.5)

@@ -73,11 +73,7 @@ def test_why_and_checks_across_hosts(macs, tmp_path: Path, backend: str) -> None
 
         # why: rank 1 (mac2) parked in a sleep loop while rank 0 waits in all_sum.
         g = hangdoc.gate(where, "sleep")
-        cell = (
-            "if world.rank() == 1:\n"
-            f"    _hd_gate({g!r})\n"
-            "y = mx.distributed.all_sum(mx.ones(4)).sum().item()\n"
-        )
+        cell = hangdoc.late_rank_cell(g)
         ar = cluster.view.execute(cell, block=False)
         try:
             report = _report(cluster, where, macs.rsh_agent)
