@@ -122,7 +122,7 @@ def bring_up(run: Running) -> None:
     env.update(spec.placement.envs)
     if run.status is not None:
         env[launch.STATUS_VAR] = run.status.url
-    if spec.placement.is_local:
+    if not run.ipp.send_engines_connection_env:  # as ``prepare`` chose
         env[launch.CONNECTION_FILE_VAR] = engines.engine_connection_file(run.ipp)
     mpi = launch.MPIOptions(
         forward=tuple(sorted(env)),
