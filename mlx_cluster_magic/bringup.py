@@ -106,11 +106,17 @@ def refuse_failed_hosts(report: DoctorReport) -> None:
         raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
 
 
-def bring_up(run: Running) -> None:
-    """Controller, watchdog, engines; returns once every rank has registered and checked."""
-    spec = run.spec
+def start_controller(run: Running) -> None:
+    """Launch the controller (it becomes ready in the background) and the watchdog."""
     run.ipp.start_controller_sync()
     run.watchdog = procs.Watchdog(run.profile_dir, run.track(engines.launcher_pids(run.ipp)))
+
+
+def bring_up(run: Running) -> None:
+    """The engines, once ``start_controller`` ran; returns once every rank has registered and
+    been checked."""
+    spec = run.spec
+    assert run.watchdog is not None
     env = launch.backend_environment(
         spec.placement,
         spec.backend,
@@ -234,6 +240,10 @@ def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
     if run.client is not None:
         with contextlib.suppress(Exception):
             run.client.close()
+    else:
+        # The start failed early: the controller may still be forking its schedulers, and
+        # ipyparallel's stop would leave those behind. Reaping pauses it while it looks.
+        procs.reap(run.tracked, grace=grace)
     # Local ranks get SIGTERM together with mpiexec, which would pass it on only after about
     # half a second; mpiexec then sees them exit and ends at once.
     procs.terminate(run.rank_procs.values())

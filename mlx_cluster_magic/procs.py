@@ -94,12 +94,23 @@ def terminate(tracked: Iterable[Tracked]) -> None:
 
 
 def reap(tracked: Iterable[Tracked], grace: float = 5.0) -> None:
-    """SIGTERM what still runs; SIGKILL what is left after ``grace`` seconds (0: kill at once)."""
-    procs = [p for p in (t.process() for t in tracked) if p is not None]
+    """SIGTERM what still runs, and every process it started since it was tracked; SIGKILL
+    what is left after ``grace`` seconds (0: kill at once).
+
+    Each process is paused (SIGSTOP) before its children are listed and resumed only once it
+    has been signalled, so one still starting (a controller forking its schedulers) can neither
+    fork a child unseen nor leave one behind with no parent to stop it.
+    """
+    procs = _paused_tree([p for p in (t.process() for t in tracked) if p is not None])
     sig = signal.SIGKILL if grace <= 0 else signal.SIGTERM
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(sig)
+    try:
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+    finally:
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.resume()
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_running(p) for p in procs):
         time.sleep(0.02)
@@ -112,6 +123,23 @@ def reap(tracked: Iterable[Tracked], grace: float = 5.0) -> None:
         with contextlib.suppress(psutil.Error, ChildProcessError):
             if p.ppid() == os.getpid():
                 p.wait(0)
+
+
+def _paused_tree(roots: list[psutil.Process]) -> list[psutil.Process]:
+    """``roots`` and all their descendants, each paused (SIGSTOP) before its children are read."""
+    found: dict[int, psutil.Process] = {}
+    todo = list(roots)
+    while todo:
+        p = todo.pop()
+        if p.pid in found or not _running(p):
+            continue
+        try:
+            p.suspend()
+            found[p.pid] = p
+            todo += p.children()
+        except psutil.Error:
+            continue
+    return list(found.values())
 
 
 def _running(p: psutil.Process) -> bool:

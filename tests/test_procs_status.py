@@ -47,6 +47,35 @@ def test_reap_kills_what_ignores_sigterm() -> None:
     assert time.monotonic() - t0 < 3
 
 
+def test_reap_leaves_no_child_of_a_process_still_forking(tmp_path) -> None:
+    """A controller stopped while it forks its schedulers: every child it had forked when it
+    was signalled goes too, though none existed when it was tracked."""
+    pids = tmp_path / "children"
+    forker = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "for _ in range(200):\n"
+         "    c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+         f"    open({str(pids)!r}, 'a').write(f'{{c.pid}}\\n')\n"
+         "    time.sleep(0.01)\n"],
+    )  # fmt: skip
+    tracked = procs.track([forker.pid])
+    deadline = time.monotonic() + 10
+    while (not pids.exists() or len(pids.read_text().split()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert time.monotonic() < deadline
+    procs.reap(tracked, grace=2)
+    children = [int(p) for p in pids.read_text().split()]
+
+    def alive() -> list[int]:  # an exited child whose parent is gone may stay a zombie a while
+        return [p for p in children if (t := procs.Tracked.of(p)) is not None and t.alive()]
+
+    deadline = time.monotonic() + 2
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert alive() == [], f"{len(alive())} of {len(children)} children outlived their parent"
+    assert forker.poll() is not None
+
+
 def test_watchdog_stops_tracked_processes_when_its_parent_is_gone() -> None:
     private = tempfile.mkdtemp(prefix=procs.PRIVATE_PREFIX)
     proc = _sleeper()
