@@ -236,6 +236,10 @@ def mpiexec_args(placement: Placement, opts: MPIOptions) -> list[str]:
     else:
         hosts = ",".join(f"{h.ssh}:{k}" for h, k in zip(placement.hosts, placement.per_host))
         args += ["--host", hosts, "--map-by", "slot", "--bind-to", "none"]
+        # MPI between Macs runs over IP (Thunderbolt bridge, Ethernet): TCP, plus shared memory
+        # between ranks on one host. Named, so builds that also carry the OFI (libfabric) BTL do
+        # not spend about a second probing its providers in every rank's MPI_Init.
+        args += ["--mca", "btl", "self,sm,tcp"]
         if opts.ssh_agent:
             # Open MPI 5 (PRRTE) reads plm_ssh_agent; "--prtemca plm_rsh_agent" is ignored.
             args += ["--prtemca", "plm_ssh_agent", opts.ssh_agent]

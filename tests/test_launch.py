@@ -72,6 +72,7 @@ def test_multihost_args() -> None:
     joined = " ".join(args)
     assert args[0] == "--allow-run-as-root"
     assert "--host mac1:2,mac2:2" in joined
+    assert "--mca btl self,sm,tcp" in joined
     assert "--prtemca plm_ssh_agent ssh -F cfg" in joined
     assert "--prtemca prte_launch_agent /v/bin/prted" in joined
     assert "--mca btl_tcp_if_include 10.213.0.0/24" in joined

@@ -469,11 +469,13 @@ class VirtualCluster:
         ``plm_ssh_agent``; note ``--prtemca plm_rsh_agent`` and the env vars
         ``PRTE_MCA_plm_rsh_agent`` / ``OMPI_MCA_plm_rsh_agent`` are silently
         ignored (plain ``ssh`` is used and ``mac1`` does not resolve).
-        ``PRTE_MCA_plm_ssh_agent`` in the environment works too.
+        ``PRTE_MCA_plm_ssh_agent`` in the environment works too. The BTLs are named as
+        MLXCluster names them: the OFI one would probe libfabric for about a second per rank.
         """
         args = ["--mca", "plm_rsh_agent", self.rsh_agent]
         if prted is not None:
             args += ["--prtemca", "prte_launch_agent", str(prted)]
+        args += ["--mca", "btl", "self,sm,tcp"]
         args += ["--mca", "btl_tcp_if_include", self.subnet]
         args += ["--mca", "oob_tcp_if_include", self.subnet]
         if os.geteuid() == 0:
