@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 
 # The controller pings engines this often (ms) and unregisters one after this many misses:
 # ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
-# means a gone process or a cut link, never a busy one. 200 ms x 10 misses: about 2 s.
-HEARTBEAT_MS = 200
-HEARTBEAT_MISSES = 10
+# means a gone process or a cut link, never a busy one. 50 ms x 40 misses: about 2 s. The
+# period also paces registration: the hub admits an engine at the beat after its first answer,
+# so a start waits up to two periods for every rank (at ipyparallel's 3 s default, 6 s).
+HEARTBEAT_MS = 50
+HEARTBEAT_MISSES = 40
 
 ENGINE_NAMESPACE = (
     "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world; "
