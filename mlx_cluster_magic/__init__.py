@@ -4,12 +4,26 @@
 on the engines, ``report(step=i, loss=...)`` sends numbers to the live view.
 """
 
-from .cluster import MLXCluster
+from typing import TYPE_CHECKING, Any
+
 from .errors import MLXClusterError
 from .sidecar import report
 
+if TYPE_CHECKING:
+    from .cluster import MLXCluster
+
 __version__ = "0.1.0"
 __all__ = ["MLXCluster", "MLXClusterError", "__version__", "load_ipython_extension", "report"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: every rank imports this package (its engine module, ``report``)
+    # and needs none of the head's modules.
+    if name == "MLXCluster":
+        from .cluster import MLXCluster
+
+        return MLXCluster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .doctor.probe import is_loadable_library, libmpi_beside
 from .errors import MLXClusterError
 from .hosts import JACCL_BACKENDS, LOCAL_NAMES, Placement
 
@@ -61,6 +60,10 @@ def find_mpiexec(explicit: str | None = None) -> str:
 def find_libmpi(mpiexec: str, explicit: str | None = None) -> str:
     """The libmpi that matches ``mpiexec``, for MLX's ``MLX_MPI_LIBNAME`` (the search the
     doctor's probe runs on every host, too)."""
+    # Here, not at the top: every rank imports this module for its variable names, and the
+    # doctor package is the head's.
+    from .doctor.probe import is_loadable_library, libmpi_beside
+
     if explicit:
         if not is_loadable_library(explicit):
             raise MLXClusterError(
