@@ -19,6 +19,7 @@ from mlx_cluster_magic import stacks, why
 SETUP = """
 import json as _json, os as _os, threading as _threading, time
 from mlx_cluster_magic import recorder as _recorder, stacks as _stacks
+from mlx_cluster_magic.sidecar import ACTIVITY as _activity
 _recorder.install()
 _stacks.install()
 
@@ -26,7 +27,8 @@ def _hd_dump(path):
     while True:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            _json.dump(_recorder.snapshot(), f)
+            # busy/idle as the status channel reports it: the engine's own request handling
+            _json.dump(_recorder.snapshot(busy=_activity.busy_since is not None), f)
         _os.replace(tmp, path)
         time.sleep(0.2)
 

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -232,7 +233,14 @@ class Lab:
                 self._children[p.pid] = p
 
     def kernels(self) -> list[dict[str, Any]]:
-        return _api(self.base, self.token, "/api/kernels")
+        try:
+            return _api(self.base, self.token, "/api/kernels")
+        except urllib.error.HTTPError as e:
+            # jupyter_server lists a kernel that is still starting before it has set its
+            # last_activity, and answers 500 for that moment: ask again on the next poll.
+            if e.code == 500 and "last_activity" in self.log():
+                return []
+            raise
 
     def log(self, tail: int = 4000) -> str:
         with contextlib.suppress(OSError):
