@@ -9,7 +9,6 @@ is tracked at spawn, so teardown never looks one up by pid.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -239,17 +238,14 @@ def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
             [run.status.latest(r, "recorder") for r in range(run.n)],
         )
         run.status.close()
-    if run.client is not None:
-        with contextlib.suppress(Exception):
-            run.client.close()
-    else:
+    if run.client is None:
         # The start failed early: the controller may still be forking its schedulers, and
         # ipyparallel's stop would leave those behind. Reaping pauses it while it looks.
         procs.reap(run.tracked, grace=grace)
     # Local ranks get SIGTERM together with mpiexec, which would pass it on only after about
     # half a second; mpiexec then sees them exit and ends at once.
     procs.terminate(run.rank_procs.values())
-    engines.stop(run.ipp)
+    engines.stop(run.ipp, run.client, drain=min(1.0, grace))
     procs.reap(run.tracked, grace=grace)
     if run.watchdog is not None:
         run.watchdog.close()

@@ -270,9 +270,11 @@ class MLXCluster(ClusterViews, ClusterTools):
         with self._lock:
             if self._state == "stopped":
                 raise MLXClusterError("no cluster is running: nothing to stop")
-            self._teardown()
+            # Stopped first: a %%px cell waiting in another thread then reports the stop, not
+            # the errors of the ranks the teardown kills.
             self._state = "stopped"
             self._reason = f"stopped from {origin}" if origin else None
+            self._teardown()
         self._refresh_widget()
 
     def stopped_by(self) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,11 +86,20 @@ def engine_connection_file(cluster: ipp.Cluster) -> str:
     return os.path.join(cluster.profile_dir, "security", f"{prefix}-engine.json")
 
 
-def stop(cluster: ipp.Cluster) -> None:
-    """Engines first, then the controller: each engine's nanny says goodbye to a controller that
-    still listens, instead of lingering 3 s (its socket's LINGER) on a remote host."""
+def stop(cluster: ipp.Cluster, client: ipp.Client | None = None, drain: float = 1.0) -> None:
+    """Engines first, then the controller, once the hub has heard every engine's nanny say
+    goodbye (at most ``drain`` seconds): a nanny whose goodbye finds no controller lingers 3 s
+    (its socket's LINGER) on its host. ``client`` is closed in between."""
     with contextlib.suppress(Exception):
         cluster.stop_engines_sync()
+    if client is not None:
+        deadline = time.monotonic() + drain
+        with contextlib.suppress(Exception):
+            # the client's own thread applies the hub's unregistration notices to ``ids``
+            while client.ids and time.monotonic() < deadline:
+                time.sleep(0.01)
+        with contextlib.suppress(Exception):
+            client.close()
     with contextlib.suppress(Exception):
         cluster.stop_controller_sync()
 

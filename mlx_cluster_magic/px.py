@@ -294,6 +294,10 @@ class MLXParallelMagics(ParallelMagics):
                         _nodes(cluster), engines.done_targets(result), targets, elapsed
                     )
                     progress.show(Progress.bundle(rows, elapsed))
+            if result.ready() and not result.successful():
+                # ranks killed by a stop (from the view, another thread) end the cell with
+                # errors: say why instead
+                self._check_alive(cluster, generation)
         finally:
             if progress.shown:
                 elapsed = time.monotonic() - start

@@ -186,6 +186,14 @@ def test_two_ranks_per_host_keep_hostfile_order(vhosts, no_vhost_leaks, tmp_path
         ]
         cluster.view.execute("t = mx.distributed.all_sum(mx.array(1.0)).item()")
         assert cluster.view["t"] == [6.0] * 6
+    # stop returns once the hub has heard every rank's nanny say goodbye: none lingers (3 s, its
+    # socket's LINGER) on its host
+    from conftest import our_processes, vhost_pids
+
+    deadline = time.monotonic() + 0.5
+    while our_processes(vhost_pids(vhosts)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert our_processes(vhost_pids(vhosts)) == []
 
 
 def test_unknown_host_fails_fast_and_leaves_nothing(vhosts, no_vhost_leaks, tmp_path) -> None:
