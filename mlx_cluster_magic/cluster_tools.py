@@ -73,6 +73,13 @@ class ClusterTools:
 
         return whymod.stuck(self._recorders(), threshold_s)
 
+    def waits_on_ended(self, pending: Sequence[int]) -> bool:
+        """Whether the ranks in ``pending`` all wait inside a collective for ranks done with
+        the cell (``why.waits_on_ended`` on the latest status records)."""
+        from . import why as whymod
+
+        return whymod.waits_on_ended(self._recorders(), pending)
+
     def _recorders(self) -> list[dict[str, Any] | None]:
         """Each rank's latest flight-recorder summary (kept after a stop or an abort)."""
         run = self._run

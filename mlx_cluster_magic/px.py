@@ -37,6 +37,9 @@ from .errors import MLXClusterError
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0
+#: Sooner, when the ranks still running wait in a collective for ranks done with the cell, and
+#: have for this long: a status period and a little, so every rank's record is that recent.
+HOPELESS_S = 0.6
 POLL_S = 0.1
 #: Seconds a signal request may take (a rank that mpiexec already killed never answers).
 SIGNAL_TIMEOUT_S = 1.0
@@ -55,6 +58,7 @@ class PxCluster(Protocol):
     def describe_ranks(self, ranks: Sequence[int]) -> str: ...
     def death_cause(self) -> str: ...
     def hang_verdict(self) -> str | None: ...
+    def waits_on_ended(self, pending: Sequence[int]) -> bool: ...
     def abort(self, reason: str = ...) -> None: ...
     def nodes(self) -> list[dict[str, Any]]: ...
     def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None: ...
@@ -339,20 +343,28 @@ class MLXParallelMagics(ParallelMagics):
         if not running or sig == 0 or sig == "0":
             return
         engines.send_signal(self.view.client, sig, running, SIGNAL_TIMEOUT_S)
-        deadline = time.monotonic() + INTERRUPT_GRACE_S
-        while time.monotonic() < deadline and not result.done():
+        start = time.monotonic()
+        hopeless_since: float | None = None
+        while time.monotonic() - start < INTERRUPT_GRACE_S and not result.done():
             result.wait(POLL_S)
+            if not cluster.waits_on_ended(engines.pending_targets(result)):
+                hopeless_since = None
+            elif hopeless_since is None:
+                hopeless_since = time.monotonic()
+            elif time.monotonic() - hopeless_since >= HOPELESS_S:
+                break
         if result.done() or not cluster.running:
             return
+        waited = time.monotonic() - start
         stuck = engines.pending_targets(result)
         what = cluster.describe_ranks(stuck)
         verdict = cluster.hang_verdict()
         cell = f"the cell {why}" if why else "the cell was interrupted"
         cluster.abort(f"{cell} and {what} did not respond")
         raise CellAborted(
-            f"{cell}, but {what} did not respond to the interrupt within "
-            f"{INTERRUPT_GRACE_S:g} s (stuck in a native MLX/MPI collective, which cannot be "
-            "interrupted); the cluster was stopped: %mlx_cluster restart brings it back"
+            f"{cell}, but {what} did not respond to the interrupt within {waited:.1f} s "
+            "(stuck in a native MLX/MPI collective, which cannot be interrupted); the cluster "
+            "was stopped: %mlx_cluster restart brings it back"
             f"{_verdict(verdict)}"
         )
 

@@ -21,6 +21,7 @@ Pure: no IPython, no I/O.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +224,22 @@ def stuck(per_rank: list[dict[str, Any] | None], threshold_s: float = 10.0) -> s
     if not report.suspects and not report.verdict.startswith("every rank waits"):
         return None
     return report.verdict
+
+
+def waits_on_ended(per_rank: list[dict[str, Any] | None], pending: Sequence[int]) -> bool:
+    """Whether every rank still running a cell waits inside a collective for ranks whose cell
+    has ended (the verdict's suspects, none of them in ``pending``): an interrupt cannot reach
+    a rank inside a native collective, and no rank is left to join it."""
+    waiting = set(pending)
+    if not waiting:
+        return False
+    report = analyze(per_rank)
+    suspects = set(report.suspects)
+    if not suspects or suspects & waiting:
+        return False
+    return all(
+        0 <= r < len(report.ranks) and report.ranks[r].blocked_in is not None for r in waiting
+    )
 
 
 def _by_seq(r: RankWhy, group: str) -> dict[int, Collective]:

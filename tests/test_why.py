@@ -209,6 +209,19 @@ def test_captured_scenarios_give_the_same_verdict(name: str) -> None:
     assert report.verdict.split(":")[0] in report._repr_html_()
 
 
+def test_ranks_waiting_on_ranks_done_with_the_cell() -> None:
+    """After an interrupt, %%px stops waiting early only when every rank still running waits
+    in a collective for ranks whose cell has ended (real snapshots of the scenarios above)."""
+    skip = _captured("skip")["snapshots"]
+    assert why.waits_on_ended(skip, [0])
+    assert not why.waits_on_ended(skip, [0, 1])  # rank 1 still runs the cell: it may join
+    assert not why.waits_on_ended(skip, [])
+    assert not why.waits_on_ended(skip, [1])  # rank 1 waits in nothing
+    assert not why.waits_on_ended(_captured("sleep")["snapshots"], [0, 1])
+    assert not why.waits_on_ended(_captured("mismatch")["snapshots"], [0, 1])
+    assert not why.waits_on_ended([None, None], [0])  # no status: no evidence
+
+
 def test_captured_hang_with_a_silent_rank() -> None:
     """Rank 1 sent nothing (dead or starved): rank 0's wait is still named, and rank 1 blamed."""
     data = _captured("sleep")
