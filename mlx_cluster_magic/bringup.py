@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
+import psutil
 
 from . import engines, launch, procs
 from .errors import MLXClusterError
@@ -226,6 +227,21 @@ class Remains:
     recorders: list[dict[str, Any] | None]
 
 
+def remove_session_dir(mpiexec_pid: int, since: float) -> None:
+    """mpiexec keeps its session directory when it is killed before it cleans up (an abort),
+    and a later mpiexec given the same pid cannot start its PMIx server ("The PMIx server's
+    listener thread failed to start"): remove ours, once that pid is free."""
+    path = launch.mpi_session_dir(mpiexec_pid)
+    if psutil.pid_exists(mpiexec_pid):
+        return  # (not ours any more)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if st.st_uid == os.getuid() and st.st_mtime >= since - 1:  # made during this run
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
     """Stop everything this run started, by the pids tracked at spawn, and remove its files."""
     remains = None
@@ -244,9 +260,13 @@ def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
         procs.reap(run.tracked, grace=grace)
     # Local ranks get SIGTERM together with mpiexec, which would pass it on only after about
     # half a second; mpiexec then sees them exit and ends at once.
+    launcher = engines.engine_launcher(run.ipp)
+    mpiexec = launcher.process if launcher is not None else None
     procs.terminate(run.rank_procs.values())
     engines.stop(run.ipp, run.client, drain=min(1.0, grace))
     procs.reap(run.tracked, grace=grace)
+    if isinstance(mpiexec, psutil.Process):
+        remove_session_dir(mpiexec.pid, run.started_at)
     if run.watchdog is not None:
         run.watchdog.close()
     shutil.rmtree(run.profile_dir, ignore_errors=True)

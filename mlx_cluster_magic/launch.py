@@ -207,6 +207,13 @@ def backend_environment(
     return env
 
 
+def mpi_session_dir(mpiexec_pid: int) -> str:
+    """Where Open MPI 5's mpiexec (PRRTE) keeps its session files: ``$TMPDIR/ompi.<pid>``."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"ompi.{mpiexec_pid}")
+
+
 @dataclass(frozen=True)
 class MPIOptions:
     """What decides mpiexec's arguments, beyond the placement."""

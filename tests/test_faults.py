@@ -66,7 +66,24 @@ def test_interrupt_reaches_every_rank(ip, capsys) -> None:
     _healthy(ip, cluster)
 
 
+def _session_dirs_since(t: float) -> list[str]:
+    """Open MPI session directories (``$TMPDIR/ompi.<pid of mpiexec>``) made since ``t``."""
+    import glob
+    import os
+    import tempfile
+
+    found = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "ompi.*")):
+        try:
+            if os.stat(path).st_mtime >= t:
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
 def test_interrupt_of_a_rank_stuck_in_a_collective_aborts_the_cluster(ip) -> None:
+    since = time.time() - 0.01
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
     _later(1.0, _thread.interrupt_main)
     t = time.monotonic()
@@ -76,6 +93,9 @@ def test_interrupt_of_a_rank_stuck_in_a_collective_aborts_the_cluster(ip) -> Non
     assert "native MLX/MPI collective" in str(e.value)
     assert not cluster.running
     assert wait_no_processes() == []
+    # mpiexec killed by the abort leaves its session directory; a later mpiexec given the same
+    # pid could not start ("The PMIx server's listener thread failed to start")
+    assert _session_dirs_since(since) == []
     ip.run_line_magic("mlx_cluster", "restart")
     _healthy(ip, cluster)
 
