@@ -233,7 +233,7 @@ def remove_session_dir(mpiexec_pid: int, since: float) -> None:
     listener thread failed to start"): remove ours, once that pid is free."""
     path = launch.mpi_session_dir(mpiexec_pid)
     if psutil.pid_exists(mpiexec_pid):
-        return  # (not ours any more)
+        return  # still running, or the pid already belongs to another process
     try:
         st = os.stat(path)
     except OSError:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -209,8 +210,6 @@ def backend_environment(
 
 def mpi_session_dir(mpiexec_pid: int) -> str:
     """Where Open MPI 5's mpiexec (PRRTE) keeps its session files: ``$TMPDIR/ompi.<pid>``."""
-    import tempfile
-
     return os.path.join(tempfile.gettempdir(), f"ompi.{mpiexec_pid}")
 
 
