@@ -136,10 +136,21 @@ def _paused_tree(roots: list[psutil.Process]) -> list[psutil.Process]:
         try:
             p.suspend()
             found[p.pid] = p
+            _until_stopped(p)
             todo += p.children()
         except psutil.Error:
             continue
     return list(found.values())
+
+
+def _until_stopped(p: psutil.Process, timeout: float = 0.2) -> None:
+    """SIGSTOP takes effect when the process next leaves the kernel: a fork under way then has
+    its child in the process table. Wait for that (briefly) before reading the children."""
+    deadline = time.monotonic() + timeout
+    while p.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.001)
 
 
 def _running(p: psutil.Process) -> bool:
