@@ -32,8 +32,8 @@ from ipyparallel.client.magics import ParallelMagics, exec_args, output_args
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import engines
 from .errors import MLXClusterError
+from .launch import ipp_adapter
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0
@@ -217,7 +217,7 @@ class MLXParallelMagics(ParallelMagics):
         return super().px(line)
 
     def autopx(self, line: str = "") -> Any:
-        if not engines.autopx_enabled(self):
+        if not ipp_adapter.autopx_enabled(self):
             self._check_cluster()
         return super().autopx(line)
 
@@ -246,7 +246,7 @@ class MLXParallelMagics(ParallelMagics):
         if self.verbose:
             print(f"Parallel execution on engine(s): {_targets_text(targets)}")
         result = self.view.execute(cell, silent=False, block=False)
-        engines.name_result(result, "%px")
+        ipp_adapter.name_result(result, "%px")
         self.last_result = result
         if save_name:
             self.shell.user_ns[save_name] = result
@@ -260,7 +260,7 @@ class MLXParallelMagics(ParallelMagics):
                 try:
                     result.get()
                 except error.CompositeError as e:
-                    if stream_output and engines.output_ready(result):
+                    if stream_output and ipp_adapter.output_ready(result):
                         raise error.AlreadyDisplayedError(e) from None
                     raise
         except CellAborted as e:
@@ -282,7 +282,7 @@ class MLXParallelMagics(ParallelMagics):
         deadline = None if timeout is None else start + timeout
         generation = cluster.generation
         progress = Progress()
-        targets = engines.result_targets(result)
+        targets = ipp_adapter.result_targets(result)
         try:
             # (``wait`` returns as soon as every reply is in; ``done()`` may lag it a moment)
             while not result.wait(POLL_S):
@@ -295,7 +295,7 @@ class MLXParallelMagics(ParallelMagics):
                     )
                 if progress_after >= 0 and elapsed >= progress_after:
                     rows = progress_rows(
-                        _nodes(cluster), engines.done_targets(result), targets, elapsed
+                        _nodes(cluster), ipp_adapter.done_targets(result), targets, elapsed
                     )
                     progress.show(Progress.bundle(rows, elapsed))
             if result.ready() and not result.successful():
@@ -305,8 +305,8 @@ class MLXParallelMagics(ParallelMagics):
         finally:
             if progress.shown:
                 elapsed = time.monotonic() - start
-                rows = [(t, "done", "") for t in engines.done_targets(result)]
-                rows += [(t, "busy", "") for t in engines.pending_targets(result)]
+                rows = [(t, "done", "") for t in ipp_adapter.done_targets(result)]
+                rows += [(t, "busy", "") for t in ipp_adapter.pending_targets(result)]
                 progress.show(Progress.bundle(rows, elapsed, final=True), force=True)
         result.wait_for_output(1)
 
@@ -334,7 +334,7 @@ class MLXParallelMagics(ParallelMagics):
     ) -> None:
         """Send ``sig`` to every rank still running, as ipyparallel does; abort the cluster if
         one does not stop. ``0`` sends nothing. Every step has a time bound."""
-        running = engines.pending_targets(result)
+        running = ipp_adapter.pending_targets(result)
         if why is None:
             print(
                 f"Received Keyboard Interrupt. Sending signal {sig} to engines...",
@@ -342,12 +342,12 @@ class MLXParallelMagics(ParallelMagics):
             )
         if not running or sig == 0 or sig == "0":
             return
-        engines.send_signal(self.view.client, sig, running, SIGNAL_TIMEOUT_S)
+        ipp_adapter.send_signal(self.view.client, sig, running, SIGNAL_TIMEOUT_S)
         start = time.monotonic()
         hopeless_since: float | None = None
         while time.monotonic() - start < INTERRUPT_GRACE_S and not result.done():
             result.wait(POLL_S)
-            if not cluster.waits_on_ended(engines.pending_targets(result)):
+            if not cluster.waits_on_ended(ipp_adapter.pending_targets(result)):
                 hopeless_since = None
             elif hopeless_since is None:
                 hopeless_since = time.monotonic()
@@ -356,7 +356,7 @@ class MLXParallelMagics(ParallelMagics):
         if result.done() or not cluster.running:
             return
         waited = time.monotonic() - start
-        stuck = engines.pending_targets(result)
+        stuck = ipp_adapter.pending_targets(result)
         what = cluster.describe_ranks(stuck)
         verdict = cluster.hang_verdict()
         cell = f"the cell {why}" if why else "the cell was interrupted"
