@@ -23,6 +23,7 @@ from typing import Any
 
 from bandwidth import bench_bandwidth
 from broadcast import bench_broadcast
+from cabling import bench_cabling
 from links import bench_links
 from lm import bench_lm
 from overhead import bench_overhead
@@ -146,6 +147,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "scaling": bench_scaling,
     "recorder": bench_recorder,
     "links": bench_links,
+    "cabling": bench_cabling,
     "lm": bench_lm,
 }
 

@@ -65,6 +65,8 @@ class ClusterTools:
             timeout=timeout,
             backend=backend or self.backend,
             advice=advice,
+            networks=self.spec.subnet.split(",") if self.spec.subnet else None,
+            addresses=dict(self.spec.peers),
         )
 
     def hang_verdict(self, threshold_s: float = 0.0) -> str | None:

@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import shlex
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from .cluster import MLXCluster
 from .errors import MLXClusterError
 from .fabric.placement import BACKENDS
 from .launch.mpi_job import DEFAULT_RING_PORT
-from .launch.spec import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S
+from .launch.spec import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S, data_plane
 
 HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
 START_HINT = "start one with %mlx_cluster start -n 2"
@@ -252,7 +253,11 @@ def _build_parsers() -> dict[str, _Parser]:
 
     sub("metrics", "The values ranks recorded with report(...), as records or a DataFrame.")
 
-    p = sub("doctor", "Check every host is ready: ssh, python, versions, mpiexec, IP, MTU, route.")
+    p = sub(
+        "doctor",
+        "Check every host is ready: ssh, python, versions, mpiexec, IP, MTU, route, and that "
+        "each host reaches the peers the backend sends to.",
+    )
     _add_hosts_options(p)
     p.add_argument(
         "--backend",
@@ -513,20 +518,32 @@ class MLXClusterMagics(Magics):
 
         if args.hosts is None and args.hostfile is None and self.cluster is not None:
             cluster = self.cluster
+            if args.python is None and args.ssh is None:
+                return cluster.doctor(timeout=args.timeout, backend=args.backend)
             return run_doctor(
                 cluster.placement,
                 python=args.python or cluster.spec.python,
                 ssh=args.ssh or cluster.spec.ssh,
                 timeout=args.timeout,
                 backend=args.backend or cluster.backend,
+                networks=cluster.spec.subnet.split(",") if cluster.spec.subnet else None,
+                addresses=dict(cluster.spec.peers),
             )
         placement = MLXCluster.placement_from(args.n, hosts=args.hosts, hostfile=args.hostfile)
+        networks: list[str] | None = None
+        addresses: dict[str, str] = {}
+        if not placement.is_local:
+            # The networks a start would pin MPI to, so the doctor tests what a start needs.
+            with contextlib.suppress(MLXClusterError):
+                _, addresses, networks = data_plane(placement, args.ssh)
         return run_doctor(
             placement,
             python=args.python,
             ssh=args.ssh,
             timeout=args.timeout,
             backend=args.backend or placement.backend,
+            networks=networks,
+            addresses=addresses,
         )
 
     def _hosts(self, args: argparse.Namespace) -> Any:

@@ -7,6 +7,7 @@ that renames one fails here, loudly)."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +251,30 @@ def test_private_ipyparallel_names_live_in_the_adapter_and_still_exist() -> None
         text = path.read_text()
         used = {n for n in names if f".{n}" in text}
         assert not used, f"{path.name} uses ipyparallel's private {used}: go through ipp_adapter"
+
+
+def test_no_test_replaces_a_step_of_the_cluster() -> None:
+    """A test starts clusters as a user does: none assigns to an attribute or method of
+    ``MLXCluster`` (``cluster._preflight = lambda: None`` once hid a start-up bug on the very
+    topology the test claimed to run, and ``cluster.spec = ...`` would skip the spec's checks)."""
+    from mlx_cluster_magic.cluster import MLXCluster
+
+    source = (PACKAGE / "cluster.py").read_text()
+    names = {n for n in dir(MLXCluster)} | set(
+        re.findall(r"self\.(\w+)\s*(?::[^=]+)?=", source)
+    )
+    names -= {"__class__", "__doc__"}
+    found = []
+    for path in sorted((PACKAGE.parent / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            for t in targets:
+                if isinstance(t, ast.Attribute) and t.attr in names:
+                    obj = ast.unparse(t.value)
+                    if "cluster" in obj.lower() or obj in ("c", "cl"):
+                        found.append(f"{path.name}:{node.lineno}: {ast.unparse(t)} = ...")
+    assert found == [], found

@@ -682,7 +682,16 @@ def test_traffic_routed_through_a_second_interface_is_flagged(
     assert pairs[("mac2", "mac1")] == ("eth0", True) and len(pairs) == 6
     assert f"ip route show to match {mac2}" in route.fix and "side0" in route.fix
     assert report["mac2"]["route"].ok is True and report["mac3"]["route"].ok is True
-    assert report.ok  # a warning does not stop a start
+    # Here side0 leads nowhere (nothing answers behind it), so mac1's own test of the path to
+    # mac2 fails, naming the interface it tried; where such a route reaches the peer (Wi-Fi),
+    # only the route's warning stays, and a warning does not stop a start.
+    peers = report["mac1"]["peers"]
+    assert peers.ok is False and f"mac1 -> mac2: {mac2} " in peers.detail, report
+    assert "(tried side0)" in peers.detail and "mac3" not in peers.detail
+    # mac2 -> mac1 fails too: mac1's answers to mac2 leave by side0.
+    failed = sorted((h, c.name) for h, c in report.problems() if c.ok is False)
+    assert failed == [("mac1", "peers"), ("mac2", "peers")], report
+    assert report["mac3"].ok
     assert ("mac1", route) in report.problems()
     assert "warn mac1 route: traffic from mac1 to mac2" in repr(report)
     assert "side0" in report._repr_html_()

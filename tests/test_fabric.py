@@ -9,7 +9,6 @@ the hostfile forms MLX writes start a cluster.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -82,30 +81,13 @@ def no_leaks_on(vc: Any) -> None:
     assert not left, f"left running: {left}"
 
 
-def start(vc: Any, hostfile: Path, backend: str | None = None, **kw: Any) -> MLXCluster:
-    """A cluster whose controller listens where every host reaches it (the head's management
-    address when the head is on no cable) and whose MPI traffic is pinned to the cables plus
-    that network (the one every host shares)."""
-    placement = read_hostfile(hostfile)
-    peers = launch.ssh_addresses(placement, vc.rsh_agent)
-    cp = launch.control_plane(placement, launch.local_interfaces(), peers)
-    cluster = MLXCluster(
-        hostfile=hostfile,
-        backend=backend,
-        ssh=vc.rsh_agent,
-        controller_ip=cp.address,
-        ring_port=RING_PORT,
-        timeout=60,
-        **kw,
-    )
-    nets = ",".join(launch.mpi_subnets(placement, cp))
-    if cluster.subnet != nets and hasattr(cluster, "spec"):
-        cluster.spec = dataclasses.replace(cluster.spec, subnet=nets)
-    if not cp.on_cables and hasattr(cluster, "_preflight"):
-        # The head is on no cable: the pre-flight's "cluster IP reachable from the head"
-        # check does not apply to this topology (the hosts reach each other's cables).
-        cluster._preflight = lambda: None  # type: ignore[method-assign]
-    return cluster.start()
+def start(ip: Any, vc: Any, hostfile: Path, *flags: str) -> MLXCluster:
+    """``%mlx_cluster start --hostfile ...`` exactly as a user types it: the controller's
+    address, MPI's networks and the pre-flight (each host reaching the peers it sends to) are
+    the product's own choices."""
+    cluster = ip.run_line_magic("mlx_cluster", vc.start_line(hostfile, *flags, ring_port=RING_PORT))
+    assert isinstance(cluster, MLXCluster) and cluster.running
+    return cluster
 
 
 def test_control_plane_of_point_to_point_cabling(mesh3: Any, tmp_path: Path) -> None:
@@ -118,12 +100,14 @@ def test_control_plane_of_point_to_point_cabling(mesh3: Any, tmp_path: Path) -> 
     assert launch.mpi_subnets(placement, cp) == [mesh3.subnet]
 
 
-def test_links_flag_exactly_the_slow_cable(mesh3: Any, tmp_path: Path, artifacts: Path) -> None:
+def test_links_flag_exactly_the_slow_cable(
+    ip: Any, mesh3: Any, tmp_path: Path, artifacts: Path
+) -> None:
     hostfile = mesh3.hostfile(tmp_path / "ring.json", "ring")
     slow = mesh3.cable("mac2", "mac3")
     mesh3.shape_cable(slow, "300mbit")
     try:
-        with start(mesh3, hostfile, live_status=False) as cluster:
+        with start(ip, mesh3, hostfile, "--no-status") as cluster:
             t0 = time.monotonic()
             report = links.measure(cluster.view, cluster.placement, cluster.ranks, timeout=10)
             took = time.monotonic() - t0
@@ -152,13 +136,13 @@ def test_links_flag_exactly_the_slow_cable(mesh3: Any, tmp_path: Path, artifacts
 
 
 def test_ring_of_four_with_control_on_the_management_network(
-    ring4: Any, tmp_path: Path, artifacts: Path
+    ip: Any, ring4: Any, tmp_path: Path, artifacts: Path
 ) -> None:
     hostfile = ring4.hostfile(tmp_path / "ring.json", "ring")
     placement = read_hostfile(hostfile)
     assert all(ip.startswith("10.77.65.") for h in placement.hosts for ip in h.ips)
     try:
-        with start(ring4, hostfile, backend="ring") as cluster:
+        with start(ip, ring4, hostfile, "--backend ring") as cluster:
             assert cluster.controller_ip == ring4.head_ip  # the management network
             cluster.view.execute(
                 "s = mx.distributed.all_sum(mx.arange(4, dtype=mx.float32) * (world.rank() + 1))"
@@ -186,10 +170,10 @@ def test_ring_of_four_with_control_on_the_management_network(
 
 
 @pytest.mark.parametrize("form", ["ethernet", "ring"])
-def test_hostfile_forms_mlx_writes_start(mesh3: Any, tmp_path: Path, form: str) -> None:
+def test_hostfile_forms_mlx_writes_start(ip: Any, mesh3: Any, tmp_path: Path, form: str) -> None:
     hostfile = mesh3.hostfile(tmp_path / f"{form}.json", form)
     try:
-        with start(mesh3, hostfile, live_status=False) as cluster:
+        with start(ip, mesh3, hostfile, "--no-status") as cluster:
             assert cluster.backend == ("mpi" if form == "ethernet" else "ring")
             cluster.view.execute("t = mx.distributed.all_sum(mx.array(1.0)).item()")
             assert cluster.view["t"] == [3.0] * 3
@@ -203,14 +187,14 @@ def test_hostfile_forms_mlx_writes_start(mesh3: Any, tmp_path: Path, form: str) 
         no_leaks_on(mesh3)
 
 
-def test_ring_form_with_two_cables_per_neighbour_starts(tmp_path: Path) -> None:
+def test_ring_form_with_two_cables_per_neighbour_starts(ip: Any, tmp_path: Path) -> None:
     """mlx.distributed_config's ring form where neighbours share two cables: two IPs a host."""
     pairs = [(0, 1), (1, 2), (2, 0)]
     with cabled_macs(3, pairs + pairs, "10.77.4.0/24", "10.77.67.0/24", "fabd") as vc:
         hostfile = vc.hostfile(tmp_path / "ring.json", "ring")
         assert [len(h.ips) for h in read_hostfile(hostfile).hosts] == [2, 2, 2]
         try:
-            with start(vc, hostfile, live_status=False) as cluster:
+            with start(ip, vc, hostfile, "--no-status") as cluster:
                 cluster.view.execute(RING_PEERS.format(port=RING_PORT))
                 cluster.view.execute("t = mx.distributed.all_sum(mx.ones(1 << 16)).sum().item()")
                 assert cluster.view["t"] == [3.0 * (1 << 16)] * 3
@@ -221,10 +205,10 @@ def test_ring_form_with_two_cables_per_neighbour_starts(tmp_path: Path) -> None:
             no_leaks_on(vc)
 
 
-def test_ring_connections_per_ip_and_verbose(mesh3: Any, tmp_path: Path) -> None:
+def test_ring_connections_per_ip_and_verbose(ip: Any, mesh3: Any, tmp_path: Path) -> None:
     hostfile = mesh3.hostfile(tmp_path / "ring.json", "ring")
     try:
-        with start(mesh3, hostfile, live_status=False, connections_per_ip=2, verbose=True) as c:
+        with start(ip, mesh3, hostfile, "--no-status --connections-per-ip 2 --verbose") as c:
             c.view.execute(
                 "import json, os\n"
                 "v = os.environ.get('MLX_RING_VERBOSE')\n"

@@ -117,6 +117,7 @@ class VirtualCluster:
         host_prefix: str = "mac",
         cables: str | list[tuple[int, int]] | None = None,
         cable_subnet: str | None = None,
+        bridged: bool = False,
     ) -> None:
         net = ipaddress.ip_network(subnet)
         if n < 1 or net.num_addresses < 12 + n:
@@ -142,6 +143,16 @@ class VirtualCluster:
         self.cables = self._cable_list(cables, n)
         if self.cables and cable_subnet is None:
             raise ValueError("cables need a cable_subnet of their own")
+        # A star whose master bridges its cable ports (macOS's Thunderbolt Bridge): one subnet
+        # for every cable, the master's address on its bridge, the workers reach each other
+        # through it.
+        self.bridged = bridged
+        if bridged and cables not in ("star", "star-head"):
+            raise ValueError("bridged=True is for a star: the master bridges its cables")
+        # With "ring-head" or "star-head" the head (this machine, where the notebook runs) is
+        # cabled too, as index -1: one of the ring's Macs, or the star's master.
+        self.head_cabled = any(-1 in c for c in self.cables)
+        self.head_bridge = f"{prefix}tbb"
         self.cable_subnet = str(ipaddress.ip_network(cable_subnet)) if cable_subnet else None
         if (
             self.cable_subnet
@@ -160,25 +171,41 @@ class VirtualCluster:
             return [(i, j) for i in range(n) for j in range(i + 1, n)]
         if cables == "ring":
             return [(i, (i + 1) % n) for i in range(n)] if n > 2 else [(0, 1)]
+        if cables == "star":  # host 0 is the master, cabled to every other host
+            return [(0, j) for j in range(1, n)]
+        if cables == "ring-head":  # head, mac1, ..., macN and back to the head
+            return [(-1, 0), *[(i, i + 1) for i in range(n - 1)], (n - 1, -1)]
+        if cables == "star-head":  # the head is the master
+            return [(-1, j) for j in range(n)]
         if isinstance(cables, str):
-            raise ValueError(f"unknown cabling {cables!r}: mesh, ring or a list of pairs")
+            raise ValueError(f"unknown cabling {cables!r}: mesh, ring, star or a list of pairs")
         for i, j in cables:
-            if not (0 <= i < n and 0 <= j < n and i != j):
+            if not (-1 <= i < n and -1 <= j < n and i != j):
                 raise ValueError(f"cable ({i}, {j}) does not join two of the {n} hosts")
         return list(cables)
 
     # -- cables ---------------------------------------------------------------
 
     def cable_ips(self, k: int) -> tuple[str, str]:
-        """The two ends' addresses of cable ``k`` (a /30 each, as distributed_config does)."""
+        """The two ends' addresses of cable ``k`` (a /30 each, as distributed_config does; on a
+        bridged star the master's bridge address, then the worker's in the one subnet)."""
         assert self.cable_subnet is not None
-        base = ipaddress.ip_network(self.cable_subnet).network_address + 4 * k
-        return str(base + 1), str(base + 2)
+        base = ipaddress.ip_network(self.cable_subnet).network_address
+        if self.bridged:
+            return str(base + 1), str(base + 2 + k)
+        return str(base + 4 * k + 1), str(base + 4 * k + 2)
+
+    @property
+    def cable_prefixlen(self) -> int:
+        assert self.cable_subnet is not None
+        return ipaddress.ip_network(self.cable_subnet).prefixlen if self.bridged else 30
 
     def cable_iface(self, k: int, end: int) -> str:
         """Interface name of cable ``k`` inside the namespace of its ``end`` (0 or 1)."""
         i, j = self.cables[k]
         me, peer = (i, j) if end == 0 else (j, i)
+        if me == -1:  # the head's end keeps its (unique) link name
+            return f"{self.cable_links[k]}{'ab'[end]}"
         same = [c for c, (a, b) in enumerate(self.cables) if {a, b} == {me, peer}]
         suffix = f"c{same.index(k)}" if len(same) > 1 else ""
         return f"tb{peer + 1}{suffix}"
@@ -271,17 +298,34 @@ class VirtualCluster:
     def _build_cables(self) -> None:
         if not self.cables:
             return
-        # A head with no address on the cables would send there by its default route.
-        _run(f"ip route replace unreachable {self.cable_subnet}")
+        # A head with no address on the cables would send there by its default route (a head
+        # that bridges every cable holds the whole cable subnet itself).
+        if not (self.bridged and self.cables[0][0] == -1):
+            _run(f"ip route replace unreachable {self.cable_subnet}")
+        def on(host_i: int) -> str:  # run a command on the head or in a host's namespace
+            return "" if host_i == -1 else f"ip netns exec {self.namespaces[host_i]} "
+
+        master = self.cables[0][0]
+        bridge = self.head_bridge if master == -1 else "bridge0"
+        if self.bridged:
+            _run(f"{on(master)}ip link add {bridge} type bridge")
+            _run(f"{on(master)}ip link set {bridge} up")
+            first = self.cable_ips(0)[0]
+            _run(f"{on(master)}ip addr add {first}/{self.cable_prefixlen} dev {bridge}")
         for k, (i, j) in enumerate(self.cables):
             link = self.cable_links[k]
             _run(f"ip link add {link}a type veth peer name {link}b")
             for end, (host_i, name) in enumerate(((i, f"{link}a"), (j, f"{link}b"))):
-                ns, iface = self.namespaces[host_i], self.cable_iface(k, end)
-                _run(f"ip link set {name} netns {ns}")
-                _run(f"ip netns exec {ns} ip link set {name} name {iface}")
-                _run(f"ip netns exec {ns} ip addr add {self.cable_ips(k)[end]}/30 dev {iface}")
-                _run(f"ip netns exec {ns} ip link set {iface} up")
+                iface = self.cable_iface(k, end)
+                if host_i != -1:
+                    _run(f"ip link set {name} netns {self.namespaces[host_i]}")
+                    _run(f"{on(host_i)}ip link set {name} name {iface}")
+                if self.bridged and end == 0:  # the master's port joins its bridge
+                    _run(f"{on(host_i)}ip link set {iface} master {bridge}")
+                else:
+                    ip = f"{self.cable_ips(k)[end]}/{self.cable_prefixlen}"
+                    _run(f"{on(host_i)}ip addr add {ip} dev {iface}")
+                _run(f"{on(host_i)}ip link set {iface} up")
 
     def _start_sshd(self, host: str, ns: str, ip: str) -> None:
         """Start sshd for ``host`` in its namespace under its own hostname."""
@@ -380,7 +424,7 @@ class VirtualCluster:
         for ns in self.namespaces:
             if ns in existing:
                 _run("ip", "netns", "del", ns, check=False)
-        for link in [*self.veths, self.bridge, *self._head_cable_links()]:
+        for link in [*self.veths, self.bridge, self.head_bridge, *self._head_cable_links()]:
             if Path(f"/sys/class/net/{link}").exists():
                 _run("ip", "link", "del", link, check=False)
         if self.cable_subnet and self._unreachable_route():
@@ -533,6 +577,55 @@ class VirtualCluster:
             hosts.append(entry)
         name = "" if backend == "ethernet" else backend
         return {"backend": name, "envs": list(envs or []), "hosts": hosts}
+
+    def start_line(self, hostfile: str | os.PathLike[str], *flags: str, ring_port: int) -> str:
+        """What a user types to start a cluster on these hosts: ``%mlx_cluster`` + this."""
+        return (
+            f"start --hostfile {hostfile} --ssh '{self.rsh_agent}' --ring-port {ring_port} "
+            f"--timeout 60 {' '.join(flags)}"
+        ).rstrip()
+
+    @property
+    def members(self) -> list[str]:
+        """The cabled machines in hostfile order: ``localhost`` (the head) first when cabled."""
+        return (["localhost"] if self.head_cabled else []) + self.hosts
+
+    def _member(self, index: int) -> int:
+        """Host index (-1: the head) of the ``index``-th member."""
+        return index - 1 if self.head_cabled else index
+
+    def member_ips(self, index: int) -> list[str]:
+        """Every cable address of a member (a bridge's once)."""
+        me = self._member(index)
+        out: list[str] = []
+        for k, (i, j) in enumerate(self.cables):
+            for end, h in enumerate((i, j)):
+                ip = self.cable_ips(k)[end]
+                if h == me and ip not in out:
+                    out.append(ip)
+        return out
+
+    def cabled_hostfile(self, path: str | os.PathLike[str], backend: str) -> Path:
+        """The hostfile a user writes for these cables, members in order (the head as
+        ``localhost`` when it is cabled): for ``ring``, as ``mlx.distributed_config`` does, each
+        member's address on the cable to its left neighbour when the cables make a ring;
+        otherwise every cable address (a bridge's once)."""
+        n = len(self.members)
+        hosts = []
+        for m, name in enumerate(self.members):
+            ips = self.member_ips(m)
+            if backend == "ring" and not self.bridged and self.cables[0][0] != self.cables[1][0]:
+                left = self._member((m - 1) % n)
+                me = self._member(m)
+                ips = [
+                    self.cable_ips(k)[0 if a == me else 1]
+                    for k, (a, b) in enumerate(self.cables)
+                    if {a, b} == {me, left}
+                ]
+            hosts.append({"ssh": name, "ips": ips})
+        path = Path(path)
+        path.write_text(json.dumps({"backend": backend, "envs": [], "hosts": hosts}, indent=4))
+        return path
 
     # -- faults and shaping ---------------------------------------------------
 

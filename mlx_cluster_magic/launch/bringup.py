@@ -96,17 +96,25 @@ def prepare(spec: ClusterSpec) -> Running:
 
 
 def refuse_failed_hosts(report: DoctorReport) -> None:
-    """Raise, naming the host, the check and its fix, when the doctor found a host unready."""
+    """Raise, naming the host, the check and its fix, when the doctor found a host unready;
+    when every host is ready but some cannot reach the peers they must send to, name every
+    such pair in one line with the fix that fits the cabling."""
     failures = [(host, c) for host, c in report.problems() if c.ok is False]
-    if failures:
-        host, check = failures[0]
-        fix = f"; fix: {check.fix}" if check.fix else ""
-        more = (
-            f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
-            if len(failures) > 1
-            else ""
-        )
-        raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
+    if not failures:
+        return
+    others = [(host, c) for host, c in failures if c.name != "peers"]
+    if not others:
+        pairs = "; ".join(c.detail for _, c in failures)
+        fix = f"; fix: {failures[0][1].fix}" if failures[0][1].fix else ""
+        raise MLXClusterError(f"no path between hosts: {pairs}{fix}")
+    host, check = others[0]
+    fix = f"; fix: {check.fix}" if check.fix else ""
+    more = (
+        f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
+        if len(failures) > 1
+        else ""
+    )
+    raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
 
 
 def start_controller(run: Running) -> None:

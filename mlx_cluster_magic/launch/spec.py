@@ -147,13 +147,8 @@ def resolve(
                 f"--controller-ip {controller_ip!r} is not an IP address: give the address "
                 "the hosts reach this machine by"
             ) from None
-    # Where the head listens for the hosts (the cables, or the network ssh uses when every
-    # cable has its own subnet) and which networks MPI's own traffic is pinned to.
-    peers = {} if placement.is_local else mpi_job.ssh_addresses(placement, ssh)
-    control = mpi_job.control_plane(
-        placement, mpi_job.local_interfaces(), peers, explicit=controller_ip
-    )
-    subnet = ",".join(mpi_job.mpi_subnets(placement, control)) or None
+    control, peers, networks = data_plane(placement, ssh, controller_ip)
+    subnet = ",".join(networks) or None
     return ClusterSpec(
         placement=placement,
         backend=chosen,
@@ -175,3 +170,16 @@ def resolve(
         control=control,
         peers=tuple(sorted(peers.items())),
     )
+
+
+def data_plane(
+    placement: hostmod.Placement, ssh: str | None, controller_ip: str | None = None
+) -> tuple[mpi_job.ControlPlane, dict[str, str], list[str]]:
+    """Where the head listens for the hosts (the cables, or the network ssh uses when every
+    cable has its own subnet), the address ssh reaches each host at, and the networks MPI's
+    own traffic is pinned to: what a start uses, and what the doctor tests the hosts against."""
+    peers = {} if placement.is_local else mpi_job.ssh_addresses(placement, ssh)
+    control = mpi_job.control_plane(
+        placement, mpi_job.local_interfaces(), peers, explicit=controller_ip
+    )
+    return control, peers, mpi_job.mpi_subnets(placement, control)

@@ -1,9 +1,10 @@
 """``cluster.why()``: which rank is behind on which collective at which line, from plain data.
 
 Input: every rank's flight-recorder snapshot (``recorder.snapshot()``, carried by the status
-channel; None for a rank that sent none) and its stack dump (``stack_capture.capture``; None when not
-taken). Output: a :class:`WhyReport` with a one-line verdict and, per rank, the collective it is
-blocked in, its recent collectives and its main thread's stack; shown as text and HTML.
+channel; None for a rank that sent none) and its stack dump (``stack_capture.capture``; None
+when not taken). Output: a :class:`WhyReport` with a one-line verdict and, per rank, the
+collective it is blocked in, its recent collectives and its main thread's stack; shown as text
+and HTML.
 
 The verdicts, in the order they are tried:
 

@@ -13,14 +13,18 @@ rendering). No IPython import.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import ipaddress
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import MLXClusterError
+from ..data_paths import data_paths, missing_paths_fix
 from ..macos import HostFacts, host_facts
-from ..netif import RouteFinding, interface_for, route_checks
+from ..netif import RouteFinding, interface_for, local_interfaces, route_checks
 from ..placement import Host, Placement
 from . import probe as _probe
 from .advice import Advice, advise_backend
@@ -31,10 +35,11 @@ from .host_checks import (
     HostContext,
     build_checks,
     parse_interfaces,
+    peer_reach,
     route_findings,
 )
 from .probe import PACKAGES
-from .report import Check, DoctorReport, HostCheck
+from .report import Check, DoctorReport, HostCheck, PathResult
 
 __all__ = [
     "CHECKS",
@@ -44,6 +49,7 @@ __all__ = [
     "Check",
     "DoctorReport",
     "HostCheck",
+    "PathResult",
     "RouteFinding",
     "advise_backend",
     "head_versions",
@@ -76,16 +82,24 @@ def _facts(host: Host, found: HostProbe) -> HostFacts | None:
     )
 
 
-def _peers(hosts: Sequence[Host], i: int) -> tuple[tuple[str, str], ...]:
-    """``(name, ip)`` for every cluster IP of every host but ``hosts[i]``."""
-    own = set(hosts[i].ips)
-    seen: dict[str, str] = {}
-    for j, h in enumerate(hosts):
-        if j != i:
-            for ip in h.ips:
-                if ip not in own:
-                    seen.setdefault(ip, h.ssh)
-    return tuple((name, ip) for ip, name in seen.items())
+def _head_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of this machine's own interfaces."""
+    nets = []
+    for iface in local_interfaces().values():
+        for cidr in (*iface.inet, *iface.inet6):
+            with contextlib.suppress(ValueError):
+                net = ipaddress.ip_interface(cidr).network
+                if net.prefixlen < net.max_prefixlen:
+                    nets.append(net)
+    return nets
+
+
+def _on(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr.version == n.version and addr in n for n in nets)
 
 
 def run_doctor(
@@ -96,6 +110,8 @@ def run_doctor(
     timeout: float = 10.0,
     backend: str | None = None,
     advice: bool = True,
+    networks: Sequence[str] | None = None,
+    addresses: Mapping[str, str] | None = None,
 ) -> DoctorReport:
     """Check every host of ``placement`` at once; return the report (never raises for a host).
 
@@ -103,7 +119,11 @@ def run_doctor(
     ``ssh`` the ssh command mpiexec will use (e.g. ``"ssh -F ~/.ssh/tb"``), ``timeout`` the
     seconds allowed for connecting and for the remote checks (each bounded separately).
     ``advice`` also reads each Mac's Thunderbolt cables and RDMA state and recommends a
-    backend (``report.advice``); a start's preflight can leave it out.
+    backend (``report.advice``); a start's preflight can leave it out. Each host also tests,
+    from where it stands, that it reaches every peer the backend sends data to
+    (:mod:`..data_paths`; ``networks`` are the CIDRs MPI is pinned to and ``addresses`` each
+    host's control address, as the start computes them); the head itself needs to reach a
+    host's cluster IP only when it is on that network (else ssh is its path).
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise MLXClusterError(f"--timeout must be a positive number of seconds, got {timeout!r}")
@@ -116,22 +136,35 @@ def run_doctor(
     t0 = time.monotonic()
     head = head_versions()
     hosts = list(placement.hosts)
-    peers = [_peers(hosts, i) for i in range(len(hosts))]
+    paths = data_paths(placement, backend, networks, addresses)
+    peers = [
+        tuple((hosts[p.dst].ssh, ip) for p in paths if p.src == i for ip in p.ips)
+        for i in range(len(hosts))
+    ]
+    head_nets = _head_networks() if any(not h.is_local for h in hosts) else []
+    on_network = [h.is_local or not h.ips or _on(h.ips[0], head_nets) for h in hosts]
     with ThreadPoolExecutor(max_workers=max(1, 2 * len(hosts))) as pool:
         probes: list[Future[HostProbe]] = []
         reaches: list[Future[Reach] | None] = []
-        for h, p in zip(hosts, peers):
+        for h, p, on in zip(hosts, peers, on_network):
+            ips = list(dict.fromkeys(ip for _, ip in p))
             probes.append(
-                pool.submit(probe_host, h, argv, python, timeout, [ip for _, ip in p], advice)
+                pool.submit(
+                    probe_host, h, argv, python, timeout, ips, advice, [f"{ip}:22" for ip in ips]
+                )
             )
             reaches.append(
-                None if h.is_local or not h.ips else pool.submit(tcp_reach, h, argv, timeout)
+                None
+                if h.is_local or not h.ips or not on
+                else pool.submit(tcp_reach, h, argv, timeout)
             )
         rows = []
         facts: dict[str, HostFacts | None] = {}
         routes: list[RouteFinding] = []
-        for h, p, pf, rf in zip(hosts, peers, probes, reaches):
-            found = pf.result()
+        results: list[PathResult] = []
+        found_all = [pf.result() for pf in probes]
+        silent = frozenset(h.ssh for h, f in zip(hosts, found_all) if not f.started)
+        for i, (h, p, found, rf) in enumerate(zip(hosts, peers, found_all, reaches)):
             ctx = HostContext(
                 host=h,
                 probe=found,
@@ -140,9 +173,31 @@ def run_doctor(
                 head=head,
                 backend=backend,
                 peers=p,
+                head_on_cluster_network=on_network[i],
+                silent=silent,
             )
             facts[h.ssh] = _facts(h, found)
             routes += route_findings(ctx) or []
+            tested = peer_reach(ctx)
+            for path in (q for q in paths if q.src == i):
+                if hosts[path.dst].ssh in silent:
+                    results.append(
+                        PathResult(h.ssh, hosts[path.dst].ssh, None, path.ips[0], None,
+                                   f"not tested: {hosts[path.dst].ssh} did not answer")
+                    )  # fmt: skip
+                    continue
+                tried = [(ip, *tested[ip]) for ip in path.ips if ip in tested]
+                hit = next((t for t in tried if t[1]), tried[0] if tried else None)
+                results.append(
+                    PathResult(
+                        h.ssh,
+                        hosts[path.dst].ssh,
+                        None if hit is None else hit[1],
+                        hit[0] if hit else path.ips[0],
+                        hit[3] if hit else None,
+                        hit[2] if hit else "not tested (the host did not answer)",
+                    )
+                )
             rows.append(
                 HostCheck(
                     host=h.ssh,
@@ -151,6 +206,15 @@ def run_doctor(
                     elapsed=found.elapsed,
                 )
             )
+    missing = [(r.src, r.dst) for r in results if r.ok is False]
+    if missing:
+        index = {h.ssh: i for i, h in enumerate(hosts)}
+        fix = missing_paths_fix(placement, backend, [(index[a], index[b]) for a, b in missing])
+        for row in rows:
+            row.checks = [
+                dataclasses.replace(c, fix=fix) if c.name == "peers" and c.ok is False else c
+                for c in row.checks
+            ]
     return DoctorReport(
         rows,
         python,
@@ -160,4 +224,5 @@ def run_doctor(
         advice=advise_backend(placement, facts) if advice else None,
         routes=routes,
         facts=facts,
+        paths=results,
     )

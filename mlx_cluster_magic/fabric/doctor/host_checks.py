@@ -61,7 +61,12 @@ class HostContext:
     python: str
     head: dict[str, str | None]
     backend: str | None
-    peers: tuple[tuple[str, str], ...]  # (name, cluster IP) of every other host
+    #: (name, address) of every peer this host sends the backend's data to (see data_paths)
+    peers: tuple[tuple[str, str], ...]
+    #: False when the head is on none of the host's networks: it reaches the host over ssh
+    head_on_cluster_network: bool = True
+    #: Hosts that did not answer the head: a path to one is not this host's problem
+    silent: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -266,6 +271,13 @@ def _ip(ctx: HostContext) -> Check:
         )
     ifaces = ctx.interfaces
     iface = interface_for(ifaces, ip) if ifaces else None
+    if not ctx.head_on_cluster_network and ifaces and iface is not None:
+        return Check(
+            "ip",
+            True,
+            f"{ip} on {iface.name}; the head is on no network of {ip} and reaches {name} over "
+            "ssh (MLX's traffic stays between the hosts)",
+        )
     if reach is not None and not reach.ok:
         return Check(
             "ip",
@@ -332,7 +344,7 @@ def _route(ctx: HostContext) -> Check | None:
     if not probe.started:
         return None
     if not ctx.peers:
-        return Check("route", True, "no other host to reach")
+        return Check("route", True, "no other host to send to")
     findings = route_findings(ctx)
     if findings is None:
         return None
@@ -355,6 +367,69 @@ def _route(ctx: HostContext) -> Check | None:
     return Check("route", None, "; ".join(f.detail for f in bad), fix)
 
 
+def peer_reach(ctx: HostContext) -> dict[str, tuple[bool, str, str | None]]:
+    """For each peer address: (reached, detail, interface tried) as the host found it."""
+    info = ctx.probe.info if ctx.probe.started else None
+    found = (info or {}).get("reach") or {}
+    by = {f.peer_ip: f.interface for f in route_findings(ctx) or []}
+    out = {}
+    for _, ip in ctx.peers:
+        res = found.get(ip)
+        if not isinstance(res, dict):
+            continue
+        ok = bool(res.get("ok"))
+        ms = res.get("ms")
+        detail = (
+            (f"{ms:g} ms" if isinstance(ms, (int, float)) else "answers")
+            if ok
+            else str(res.get("error") or "not reached")
+        )
+        out[ip] = (ok, detail, by.get(ip))
+    return out
+
+
+def _peers(ctx: HostContext) -> Check | None:
+    """Does this host reach every peer it will send the backend's data to, tested here?"""
+    if not ctx.probe.started:
+        return None
+    if not ctx.peers:
+        return Check("peers", True, "no other host to send to")
+    results = peer_reach(ctx)
+    if not results:
+        return None  # the python did not run: its own check says why
+    names: dict[str, list[str]] = {}
+    for name, ip in ctx.peers:
+        if name not in ctx.silent:
+            names.setdefault(name, []).append(ip)
+    good, bad = [], []
+    for name, ips in names.items():
+        tried = [(ip, *results[ip]) for ip in ips if ip in results]
+        hit = next((t for t in tried if t[1]), None)
+        if hit is not None:
+            ip, _, detail, iface = hit
+            good.append(f"{name} at {ip}" + (f" by {iface}" if iface else "") + f" ({detail})")
+        elif tried:
+            bad.append(
+                f"{ctx.name} -> {name}: "
+                + "; ".join(
+                    f"{ip} {detail}"
+                    + (
+                        f" (tried {iface})"
+                        if iface
+                        else f" (no interface of {ctx.name} routes there)"
+                    )
+                    for ip, _, detail, iface in tried
+                )
+            )
+    if bad:
+        return Check("peers", False, "; ".join(bad))
+    silent = sorted({name for name, _ in ctx.peers if name in ctx.silent})
+    if silent and not good:
+        return None  # every peer is down: its own row says why
+    unasked = f"; not tested: {', '.join(silent)} (no answer)" if silent else ""
+    return Check("peers", True, "reaches " + ", ".join(good) + unasked)
+
+
 #: Every check, in the order of the report's columns.
 DEFINITIONS: tuple[CheckDef, ...] = (
     CheckDef("ssh", _ssh),
@@ -366,6 +441,7 @@ DEFINITIONS: tuple[CheckDef, ...] = (
     CheckDef("ip", _ip),
     CheckDef("mtu", _mtu),
     CheckDef("route", _route),
+    CheckDef("peers", _peers),
 )
 CHECKS: tuple[str, ...] = tuple(d.name for d in DEFINITIONS)
 

@@ -20,6 +20,8 @@ from typing import Any
 PACKAGES = ("mlx", "mpi4py", "ipyparallel", "mlx_cluster_magic")
 #: MLX's backends asked about with ``mx.distributed.is_available``.
 BACKENDS = ("mpi", "ring", "jaccl")
+#: How long a host waits for each peer it must reach (all peers at once).
+REACH_TIMEOUT_S = 1.5
 #: Prefixes every line this probe prints, so a login shell's noise is never mistaken for it.
 MARK = "@@mcmd"
 
@@ -87,9 +89,44 @@ def backends(mpiexec: str | None = None) -> dict[str, bool | None]:
     return out
 
 
-def report(mpiexec: str | None = None) -> dict[str, Any]:
+def reach(targets: list[str], timeout: float = REACH_TIMEOUT_S) -> dict[str, dict[str, Any]]:
+    """For each ``ip:port``, whether this host reaches it: a TCP connection from here, all at
+    once, each bounded by ``timeout``. An answer of any kind (accepted, or refused with a reset)
+    means the address is reached; no route, unreachable or silence means it is not."""
+    import socket
+    import threading
+    import time
+
+    out: dict[str, dict[str, Any]] = {}
+
+    def one(target: str) -> None:
+        ip, _, port = target.rpartition(":")
+        ip = ip.strip("[]")
+        t0 = time.monotonic()
+        try:
+            socket.create_connection((ip, int(port)), timeout=timeout).close()
+            res: dict[str, Any] = {"ok": True}
+        except ConnectionRefusedError:
+            res = {"ok": True, "refused": True}
+        except TimeoutError:
+            res = {"ok": False, "error": f"no answer within {timeout:g} s"}
+        except (OSError, ValueError) as e:
+            res = {"ok": False, "error": getattr(e, "strerror", None) or str(e)}
+        res["ms"] = round((time.monotonic() - t0) * 1000, 1)
+        out[ip] = res
+
+    threads = [threading.Thread(target=one, args=(t,), daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 1)
+    return out
+
+
+def report(mpiexec: str | None = None, targets: list[str] | None = None) -> dict[str, Any]:
     """Everything this probe says about the host, as JSON-ready data."""
     return {
+        "reach": reach(targets) if targets else {},
         "executable": sys.executable,
         "python": ".".join(str(v) for v in sys.version_info[:3]),
         "packages": versions(),
@@ -100,9 +137,10 @@ def report(mpiexec: str | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    """``python - [MPIEXEC]``: print the report as one marked JSON line."""
+    """``python - [MPIEXEC [IP:PORT,...]]``: print the report as one marked JSON line."""
     mpiexec = argv[1] if len(argv) > 1 and argv[1] else None
-    sys.stdout.write("\n" + MARK + " probe " + json.dumps(report(mpiexec)) + "\n")
+    targets = [t for t in argv[2].split(",") if t and t != "-"] if len(argv) > 2 else []
+    sys.stdout.write("\n" + MARK + " probe " + json.dumps(report(mpiexec, targets)) + "\n")
     sys.stdout.flush()
 
 

@@ -58,6 +58,19 @@ class HostCheck:
         return found
 
 
+@dataclass(frozen=True)
+class PathResult:
+    """Whether host ``src`` reached ``dst`` at ``address``, tested on ``src``: ``ok`` None when
+    it could not be tested; ``interface`` is the one the route took."""
+
+    src: str
+    dst: str
+    ok: bool | None
+    address: str
+    interface: str | None
+    detail: str
+
+
 _TEXT_MARKS = {True: "ok", False: "FAIL", None: "warn"}
 _COLORS = {True: "#1a7f37", False: "#cf222e", None: "#9a6700"}
 _HTML_MARKS = {True: "&#10004;", False: "&#10008;", None: "&#9650;"}
@@ -79,6 +92,8 @@ class DoctorReport:
     #: What each host said about itself (OS, macOS version, Thunderbolt cables, RDMA devices):
     #: the discovery :func:`~.advice.advise_backend` reads; None for a host that did not answer.
     facts: dict[str, HostFacts | None] = field(default_factory=dict)
+    #: Every path the backend needs between two hosts, as the source host found it.
+    paths: list[PathResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -123,6 +138,60 @@ class DoctorReport:
         verdict = "all ready" if self.ok else f"{ready} of {len(self.rows)} hosts ready"
         return f"mlx_cluster doctor: {verdict} ({self.elapsed:.1f} s, python {self.python})"
 
+    def _reach_cells(self) -> tuple[list[str], list[list[str]]]:
+        """Who reaches whom: per source host (rows) and destination (columns), the interface
+        the data left by, ``FAIL`` for no path, ``.`` where the backend needs none."""
+        hosts = [r.host for r in self.rows]
+        cells = [["-" if a == b else "." for b in hosts] for a in hosts]
+        pos = {h: i for i, h in enumerate(hosts)}
+        for p in self.paths:
+            if p.src in pos and p.dst in pos:
+                mark = {True: p.interface or "ok", False: "FAIL", None: "?"}[p.ok]
+                cells[pos[p.src]][pos[p.dst]] = mark
+        return hosts, cells
+
+    def reach_text(self) -> str:
+        """The matrix of who reaches whom, as text (empty with fewer than two hosts)."""
+        if not self.paths:
+            return ""
+        hosts, cells = self._reach_cells()
+        header = ["from \\ to", *hosts]
+        table = [[h, *row] for h, row in zip(hosts, cells)]
+        widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+        lines = ["who reaches whom (tested on each host; the interface the data leaves by):"]
+        for row in [header, *table]:
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        return "\n".join(lines)
+
+    def _reach_html(self) -> str:
+        if not self.paths:
+            return ""
+        e = html.escape
+        hosts, cells = self._reach_cells()
+        details = {(p.src, p.dst): p for p in self.paths}
+        cell = "padding:2px 6px;text-align:center;white-space:nowrap"
+        head = "".join(f"<th style='{cell}'>{e(h)}</th>" for h in hosts)
+        body = []
+        for src, row in zip(hosts, cells):
+            tds = []
+            for dst, mark in zip(hosts, row):
+                p = details.get((src, dst))
+                if p is None:
+                    tds.append(f"<td style='{cell};color:{_GREY}'>{e(mark)}</td>")
+                    continue
+                tip = e(f"{src} -> {dst} at {p.address}: {p.detail}", quote=True)
+                shown = _HTML_MARKS[False] if p.ok is False else e(mark)
+                tds.append(f"<td style='{cell};color:{_COLORS[p.ok]}' title='{tip}'>{shown}</td>")
+            body.append(f"<tr><th style='{cell};text-align:left'>{e(src)}</th>{''.join(tds)}</tr>")
+        return (
+            "<div class='mlx-cluster-doctor-reach' style='margin:6px 0'>"
+            "<div>who reaches whom <small style='color:#57606a'>(tested on each host; the "
+            "interface the data leaves by; &#10008; no path; &middot; not needed)</small></div>"
+            "<table style='border-collapse:collapse;font-size:13px'>"
+            f"<thead><tr><th style='{cell}'>from \\ to</th>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>"
+        )
+
     def _advice_line(self) -> str | None:
         if self.advice is None:
             return None
@@ -139,11 +208,15 @@ class DoctorReport:
         ]
         widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
         lines = [self._summary()]
-        for row in [header, *table]:
-            lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        for row in [header, *table]:  # one space between the marks: 14 columns stay narrow
+            cells = [v.ljust(w) for v, w in zip(row, widths)]
+            lines.append((cells[0] + "  " + " ".join(cells[1:])).rstrip())
         advice = self._advice_line()
         if advice:
             lines.append(advice)
+        reach = self.reach_text()
+        if reach:
+            lines.append(reach)
         for host, c in self.problems():
             lines.append(f"{_TEXT_MARKS[c.ok]} {host} {c.name}: {c.detail}")
             if c.fix:
@@ -155,7 +228,7 @@ class DoctorReport:
     def _repr_html_(self) -> str:
         e = html.escape
         cols = self._columns()
-        cell = "padding:2px 6px;text-align:center"
+        cell = "padding:2px 4px;text-align:center"
         head = "".join(
             f"<th style='{cell};font-weight:600;white-space:nowrap'>{e(n)}</th>" for n in cols
         )
@@ -185,6 +258,7 @@ class DoctorReport:
             f"<thead><tr><th style='padding:2px 6px;text-align:left'>host</th>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>",
         ]
+        parts.append(self._reach_html())
         if self.advice is not None:
             parts.append(
                 f"<p style='margin:6px 0'>backend: <b>{e(self.advice.backend)}</b> &mdash; "
