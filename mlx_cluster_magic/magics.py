@@ -343,7 +343,7 @@ class History(list):  # type: ignore[type-arg]
 
     def _lines(self) -> list[str]:
         if not self:
-            return ["no %%px cell has completed on every rank since the cluster started"]
+            return ["no %%px cell has completed since the cluster started"]
         lines = []
         for i, entry in enumerate(self, 1):
             targets = getattr(entry, "targets", None)
