@@ -51,7 +51,7 @@ READY_TAG = "MCMB_READY"
 
 def mpi_paths() -> tuple[str, str]:
     """(mpiexec, libmpi) as MLXCluster finds them: the venv's Open MPI."""
-    from mlx_cluster_magic import launch
+    from mlx_cluster_magic.launch import mpi_job as launch
 
     mpiexec = launch.find_mpiexec()
     return mpiexec, launch.find_libmpi(mpiexec)

@@ -53,8 +53,10 @@ def _iperf3(vc: Any, src: str, dst: str, ip: str, seconds: float) -> float:
 
 
 def bench_links(reps: int) -> list[dict[str, Any]]:
-    from mlx_cluster_magic import MLXCluster, launch, links
-    from mlx_cluster_magic.hosts import read_hostfile
+    from mlx_cluster_magic import MLXCluster
+    from mlx_cluster_magic.fabric import links
+    from mlx_cluster_magic.fabric.placement import read_hostfile
+    from mlx_cluster_magic.launch import mpi_job as launch
 
     from vcluster import VirtualCluster
 

@@ -4,8 +4,9 @@ One generation function (mlx-lm's ``sharded_load`` with tensor parallelism, then
 ``stream_generate``) runs (a) on the engines of an ``MLXCluster`` through ``cluster.view.execute``
 exactly as notebook 06 does, calling ``report(tok_s=...)`` on every token, and (b) as a plain
 script under ``mlx.launch`` (ring backend) or bare ``mpiexec`` (mpi backend) on the same ranks,
-without ``report``; alternating per repetition. The model is the notebook's: the small Llama that
-``mlx_cluster_magic.lm.write_tiny_llama`` writes (no download). Both must produce the same tokens.
+without ``report``; alternating per repetition. The model is the notebook's: the small Llama
+that ``mlx_cluster_magic.rank.lm.write_tiny_llama`` writes (no download). Both must produce the
+same tokens.
 On 2 local ranks always; on 2 virtual hosts (network namespaces with sshd) when root.
 
 The like-for-like figure is mpi against bare ``mpiexec``. Against ``mlx.launch`` (ring) the
@@ -147,7 +148,7 @@ def bench_lm(reps: int) -> list[dict[str, Any]]:
 
 def _bench(reps: int, work: str) -> list[dict[str, Any]]:
     from mlx_cluster_magic import MLXCluster
-    from mlx_cluster_magic.lm import write_tiny_llama
+    from mlx_cluster_magic.rank.lm import write_tiny_llama
 
     model = str(write_tiny_llama(Path(work) / "tiny-llama", seed=0))
     script = benchlib.write_script(GEN_SRC + SCRIPT_MAIN, work, "lm_generate.py")

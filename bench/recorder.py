@@ -20,7 +20,8 @@ STEPS = 10_000
 # Defined on the engines as code: the engines cannot import this file.
 LOOP = """
 import time as _time
-from mlx_cluster_magic import recorder as _recorder, checks as _checks
+from mlx_cluster_magic.rank import collective_checks as _checks
+from mlx_cluster_magic.rank import flight_recorder as _recorder
 
 def _hd_loop(n, mode):
     _checks.disable(); _recorder.uninstall()

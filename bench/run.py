@@ -26,6 +26,7 @@ from broadcast import bench_broadcast
 from links import bench_links
 from lm import bench_lm
 from overhead import bench_overhead
+from rank_import import bench_rank_import
 from recorder import bench_recorder
 from recovery import bench_recovery, bench_report
 from scaling import bench_scaling
@@ -136,6 +137,7 @@ def bench_startup(reps: int) -> list[dict[str, Any]]:
 
 SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "startup": bench_startup,
+    "rank_import": bench_rank_import,
     "bandwidth": bench_bandwidth,
     "overhead": bench_overhead,
     "report": bench_report,

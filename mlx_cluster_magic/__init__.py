@@ -6,23 +6,27 @@ on the engines, ``report(step=i, loss=...)`` sends numbers to the live view.
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import MLXClusterError
-from .sidecar import report
+from .rank.status_sidecar import report
 
 if TYPE_CHECKING:
     from .cluster import MLXCluster
+    from .errors import MLXClusterError
 
 __version__ = "0.1.0"
 __all__ = ["MLXCluster", "MLXClusterError", "__version__", "load_ipython_extension", "report"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: every rank imports this package (its engine module, ``report``)
+    # Imported on first use: every rank imports this package (its start-up, ``report``)
     # and needs none of the head's modules.
     if name == "MLXCluster":
         from .cluster import MLXCluster
 
         return MLXCluster
+    if name == "MLXClusterError":
+        from .errors import MLXClusterError
+
+        return MLXClusterError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

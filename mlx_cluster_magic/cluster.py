@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
 
-from . import bringup, engines, launch
-from . import options as opts
 from .cluster_tools import ClusterTools, HistoryEntry
 from .cluster_views import ClusterViews
-from .engine import EXIT_BAD_GROUP
+from .contract import EXIT_BAD_GROUP
 from .errors import MLXClusterError
-from .hosts import Placement
-from .snapshot import NodeStatus
+from .fabric.placement import Placement
+from .launch import bringup, ipp_adapter, mpi_job
+from .launch import spec as opts
+from .observe.snapshot import NodeStatus
 
 if TYPE_CHECKING:
-    from .views.status import StatusWidget
+    from .views.status_widget import StatusWidget
 
 START_TIMEOUT_S = opts.START_TIMEOUT_S
 
@@ -61,7 +61,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         python: str | None = None,
         workdir: str | None = None,
         controller_ip: str | None = None,
-        ring_port: int = launch.DEFAULT_RING_PORT,
+        ring_port: int = mpi_job.DEFAULT_RING_PORT,
         ssh: str | None = None,
         timeout: float = START_TIMEOUT_S,
         live_status: bool = True,
@@ -229,8 +229,8 @@ class MLXCluster(ClusterViews, ClusterTools):
     def death_cause(self) -> str:
         """What mpiexec reported about the rank that died first, if anything."""
         run = self._run
-        launcher = engines.engine_launcher(run.ipp if run else None)
-        return engines.death_cause(engines.launcher_output(launcher))
+        launcher = ipp_adapter.engine_launcher(run.ipp if run else None)
+        return ipp_adapter.death_cause(ipp_adapter.launcher_output(launcher))
 
     def describe_ranks(self, ranks: Sequence[int]) -> str:
         """``rank 1 on mac2`` / ``ranks [0, 1] on vm``: for messages."""
@@ -250,7 +250,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             run = self._run
             dead = self._dead_evidence()
             if run is not None:
-                engines.no_graceful_wait(run.ipp)
+                ipp_adapter.no_graceful_wait(run.ipp)
             self._teardown(grace=0.5)
             # Ranks that died stay dead; those the abort killed did not die by themselves.
             self.last_nodes = [
@@ -317,7 +317,7 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def mpiexec_command(self) -> str:
         """The mpiexec command line the engines are started with (for logs and debugging)."""
-        launcher = engines.engine_launcher(self._require().ipp)
+        launcher = ipp_adapter.engine_launcher(self._require().ipp)
         if launcher is None:
             raise MLXClusterError("no cluster is running")
         return shlex.join(launcher.args)

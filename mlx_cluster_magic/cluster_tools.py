@@ -12,16 +12,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import launch
 from .errors import MLXClusterError
-from .gather import DEFAULT_LIMIT_BYTES, GatherResult, summarize_name
+from .launch import mpi_job
+from .rank.gather_summary import DEFAULT_LIMIT_BYTES, summarize_name
+from .views.gather_view import GatherResult
 
 if TYPE_CHECKING:
-    from .bringup import Running
-    from .doctor import DoctorReport
-    from .hosts import Placement
-    from .options import ClusterSpec
-    from .why import WhyReport
+    from .fabric.doctor import DoctorReport
+    from .fabric.placement import Placement
+    from .launch.bringup import Running
+    from .launch.spec import ClusterSpec
+    from .observe.hang_verdict import WhyReport
 
 
 #: The comment line ``%%px`` sends before a cell (``px.CELL_HEADER`` and its magic line), so
@@ -68,7 +69,7 @@ class ClusterTools:
         """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
         IP, MTU, routes) and advise a backend, as data (``advice=False`` skips the Mac
         discovery the advice needs)."""
-        from .doctor import run_doctor
+        from .fabric.doctor import run_doctor
 
         return run_doctor(
             self.placement,
@@ -82,16 +83,16 @@ class ClusterTools:
     def hang_verdict(self, threshold_s: float = 0.0) -> str | None:
         """One line naming the rank that is behind or the collective that differs, when the
         flight recorders disagree (ranks blocked for at least ``threshold_s``); else None."""
-        from . import why as whymod
+        from .observe import hang_verdict
 
-        return whymod.stuck(self._recorders(), threshold_s)
+        return hang_verdict.stuck(self._recorders(), threshold_s)
 
     def waits_on_ended(self, pending: Sequence[int]) -> bool:
         """Whether the ranks in ``pending`` all wait inside a collective for ranks done with
         the cell (``why.waits_on_ended`` on the latest status records)."""
-        from . import why as whymod
+        from .observe import hang_verdict
 
-        return whymod.waits_on_ended(self._recorders(), pending)
+        return hang_verdict.waits_on_ended(self._recorders(), pending)
 
     def _recorders(self) -> list[dict[str, Any] | None]:
         """Each rank's latest flight-recorder summary (kept after a stop or an abort)."""
@@ -104,8 +105,7 @@ class ClusterTools:
         """For every rank: blocked in which collective (sequence number, op, shape, line), the
         last collectives it issued, and its Python stack; a one-line verdict when they
         disagree. Works while a cell runs (nothing queues behind it) and after an abort."""
-        from . import stacks as stackmod
-        from . import why as whymod
+        from .observe import hang_verdict, stack_capture
 
         snaps, run = self._recorders(), self._run
         dumps = None
@@ -118,9 +118,9 @@ class ClusterTools:
                 local = self.placement.is_local or self.placement.ranks[r].is_local
                 host = None if local else self.placement.ranks[r].ssh
                 targets.append((int(snap["pid"]), str(snap["stack_file"]), host))
-            dumps = stackmod.capture_all(targets, ssh=self.spec.ssh, timeout=timeout)
+            dumps = stack_capture.capture_all(targets, ssh=self.spec.ssh, timeout=timeout)
         hosts = [str(r["host"]) for r in self.ranks] or [h.ssh for h in self.placement.ranks]
-        return whymod.analyze(snaps, dumps, hosts)
+        return hang_verdict.analyze(snaps, dumps, hosts)
 
     def gather(self, name: str, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> GatherResult:
         """Fetch ``name`` from every rank: ``.values`` by rank, ``.agree``, ``.diverged``."""
@@ -137,11 +137,11 @@ class ClusterTools:
         """Send ``value`` (a large NumPy or MLX array) from the notebook to every rank as
         variable ``name``: streamed once to ``root`` over one TCP connection, then passed on
         with MPI's broadcast as it arrives (``view.push`` sends a copy per engine instead)."""
-        from .remote import send_broadcast
+        from .broadcast_sender import send_broadcast
 
         if not 0 <= root < self.n:
             raise MLXClusterError(f"root must be a rank from 0 to {self.n - 1}, got {root}")
-        ip = launch.head_reach_address(
+        ip = mpi_job.head_reach_address(
             self.placement, root, self.spec.control, dict(self.spec.peers)
         )
         send_broadcast(self.client, self.view, name, value, root=root, ip=ip)
@@ -151,7 +151,7 @@ class ClusterTools:
         group, raw TCP on the same addresses, each beside its expected rate and flagged when far
         below; with the backend the hosts support (``LinkReport``, shown as a matrix, a heatmap
         and the topology picture, also in the status view's Topology tab)."""
-        from . import links
+        from .fabric import links
 
         self._require()
         advice = None
@@ -173,7 +173,7 @@ class ClusterTools:
 
     def _set_checks(self, run: Running, on: bool) -> None:
         run.view.execute(
-            "from mlx_cluster_magic import checks as _mcm_checks\n"
+            "from mlx_cluster_magic.rank import collective_checks as _mcm_checks\n"
             + (
                 f"_mcm_checks.enable(timeout={self.spec.collective_timeout!r})"
                 if on

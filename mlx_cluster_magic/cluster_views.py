@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import MLXClusterError
-from .snapshot import ClusterSnapshot, NodeStatus
+from .observe.snapshot import ClusterSnapshot, NodeStatus
 
 if TYPE_CHECKING:
-    from .bringup import Running
-    from .hosts import Placement
-    from .options import ClusterSpec
-    from .views.status import StatusWidget
+    from .fabric.placement import Placement
+    from .launch.bringup import Running
+    from .launch.spec import ClusterSpec
+    from .views.status_widget import StatusWidget
 
 #: A cell blocked this long in collectives that other ranks have not reached shows a banner.
 HANG_BANNER_S = 10.0
@@ -104,7 +104,7 @@ class ClusterViews:
     def status_view(self) -> StatusWidget:
         """The live status widget; cached, so every display shows the same live object."""
         if self._widget is None:
-            from .views.status import StatusWidget
+            from .views.status_widget import StatusWidget
 
             self._widget = StatusWidget(
                 on_stop=lambda: self._stop_from_view(),
@@ -120,7 +120,7 @@ class ClusterViews:
 
     def open_side_panel(self) -> str:
         """Show the live status in a JupyterLab side panel (inline elsewhere)."""
-        from .views.side import open_side_panel
+        from .views.side_panel import open_side_panel
 
         return open_side_panel(self.status_view())
 

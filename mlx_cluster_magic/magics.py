@@ -19,9 +19,9 @@ from IPython.core.magic import Magics, line_magic, magics_class
 
 from .cluster import MLXCluster
 from .errors import MLXClusterError
-from .hosts import BACKENDS
-from .launch import DEFAULT_RING_PORT
-from .options import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S
+from .fabric.placement import BACKENDS
+from .launch.mpi_job import DEFAULT_RING_PORT
+from .launch.spec import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S
 
 HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
 START_HINT = "start one with %mlx_cluster start -n 2"
@@ -526,7 +526,7 @@ class MLXClusterMagics(Magics):
         return None
 
     def _doctor(self, args: argparse.Namespace) -> Any:
-        from .doctor import run_doctor
+        from .fabric.doctor import run_doctor
 
         if args.hosts is None and args.hostfile is None and self.cluster is not None:
             cluster = self.cluster
@@ -547,7 +547,7 @@ class MLXClusterMagics(Magics):
         )
 
     def _hosts(self, args: argparse.Namespace) -> Any:
-        from . import macos
+        from .fabric import macos
 
         if not args.discover and not args.write:
             raise MLXClusterError("%mlx_cluster hosts: give --discover or --write FILE")

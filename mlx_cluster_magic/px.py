@@ -37,8 +37,9 @@ from ipyparallel.client.magics import ParallelMagics, exec_args, output_args
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import engines, stacks
 from .errors import MLXClusterError
+from .launch import ipp_adapter
+from .observe import stack_capture
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0
@@ -101,7 +102,7 @@ def stopped_where(errors: dict[int, Any], targets: Sequence[int]) -> list[tuple[
         if err is None:
             rows.append((t, "had finished"))
             continue
-        found = stacks.traceback_where(str(getattr(err, "traceback", "") or ""))
+        found = stack_capture.traceback_where(str(getattr(err, "traceback", "") or ""))
         text = str(getattr(err, "ename", "") or "error")
         if found is not None:
             where, call = found
@@ -251,7 +252,7 @@ class MLXParallelMagics(ParallelMagics):
         return super().px(line)
 
     def autopx(self, line: str = "") -> Any:
-        if not engines.autopx_enabled(self):
+        if not ipp_adapter.autopx_enabled(self):
             self._check_cluster()
         return super().autopx(line)
 
@@ -285,7 +286,7 @@ class MLXParallelMagics(ParallelMagics):
         if self.verbose:
             print(f"Parallel execution on engine(s): {_targets_text(targets)}")
         result = self.view.execute(cell, silent=False, block=False)
-        engines.name_result(result, "%px")
+        ipp_adapter.name_result(result, "%px")
         self.last_result = result
         if save_name:
             self.shell.user_ns[save_name] = result
@@ -298,7 +299,7 @@ class MLXParallelMagics(ParallelMagics):
 
         stopped: list[tuple[int, str]] | None = None
         try:
-            with engines.stream_output(result, hide) if stream_output else nullcontext():
+            with ipp_adapter.stream_output(result, hide) if stream_output else nullcontext():
                 try:
                     self._wait(cluster, result, self.cell_timeout, progress_after)
                 except KeyboardInterrupt:
@@ -307,7 +308,7 @@ class MLXParallelMagics(ParallelMagics):
                     try:
                         result.get()
                     except error.CompositeError as e:
-                        if stream_output and engines.output_ready(result):
+                        if stream_output and ipp_adapter.output_ready(result):
                             raise error.AlreadyDisplayedError(e) from None
                         raise
         except CellAborted as e:
@@ -332,7 +333,7 @@ class MLXParallelMagics(ParallelMagics):
         deadline = None if timeout is None else start + timeout
         generation = cluster.generation
         progress = Progress()
-        targets = engines.result_targets(result)
+        targets = ipp_adapter.result_targets(result)
         try:
             # (``wait`` returns as soon as every reply is in; ``done()`` may lag it a moment)
             while not result.wait(POLL_S):
@@ -348,7 +349,7 @@ class MLXParallelMagics(ParallelMagics):
                     )
                 if progress_after >= 0 and elapsed >= progress_after:
                     rows = progress_rows(
-                        _nodes(cluster), engines.done_targets(result), targets, elapsed
+                        _nodes(cluster), ipp_adapter.done_targets(result), targets, elapsed
                     )
                     progress.show(Progress.bundle(rows, elapsed))
             if result.ready() and not result.successful():
@@ -358,8 +359,8 @@ class MLXParallelMagics(ParallelMagics):
         finally:
             if progress.shown:
                 elapsed = time.monotonic() - start
-                rows = [(t, "done", "") for t in engines.done_targets(result)]
-                rows += [(t, "busy", "") for t in engines.pending_targets(result)]
+                rows = [(t, "done", "") for t in ipp_adapter.done_targets(result)]
+                rows += [(t, "busy", "") for t in ipp_adapter.pending_targets(result)]
                 progress.show(Progress.bundle(rows, elapsed, final=True), force=True)
         result.wait_for_output(1)
 
@@ -388,7 +389,7 @@ class MLXParallelMagics(ParallelMagics):
         """Send ``sig`` to every rank still running, as ipyparallel does; abort the cluster if
         one does not stop. ``0`` sends nothing. Every step has a time bound. Returns where each
         rank stopped once all have (empty when no signal was sent)."""
-        running = engines.pending_targets(result)
+        running = ipp_adapter.pending_targets(result)
         if why is None:
             print(
                 f"Received Keyboard Interrupt. Sending signal {sig} to engines...",
@@ -398,13 +399,13 @@ class MLXParallelMagics(ParallelMagics):
             return []
         if self._interrupted is not None:
             self._interrupted.set()  # the ranks' KeyboardInterrupt tracebacks are not streamed
-        engines.send_signal(self.view.client, sig, running, SIGNAL_TIMEOUT_S)
+        ipp_adapter.send_signal(self.view.client, sig, running, SIGNAL_TIMEOUT_S)
         start = time.monotonic()
         hopeless_since: float | None = None
         hopeless = False
         while time.monotonic() - start < INTERRUPT_GRACE_S and not result.done():
             result.wait(POLL_S)
-            if not cluster.waits_on_ended(engines.pending_targets(result)):
+            if not cluster.waits_on_ended(ipp_adapter.pending_targets(result)):
                 hopeless_since = None
             elif hopeless_since is None:
                 hopeless_since = time.monotonic()
@@ -413,10 +414,11 @@ class MLXParallelMagics(ParallelMagics):
                 break
         if result.done():
             result.wait_for_output(1)
-            return stopped_where(engines.errors_by_rank(result), engines.result_targets(result))
+            errors = ipp_adapter.errors_by_rank(result)
+            return stopped_where(errors, ipp_adapter.result_targets(result))
         if not cluster.running:
             return []
-        stuck = engines.pending_targets(result)
+        stuck = ipp_adapter.pending_targets(result)
         what = cluster.describe_ranks(stuck)
         verdict = cluster.hang_verdict()
         cell = f"the cell {why}" if why else "the cell was interrupted"

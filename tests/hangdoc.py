@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlx_cluster_magic import stacks, why
+from mlx_cluster_magic.observe import hang_verdict as why
+from mlx_cluster_magic.observe import stack_capture as stacks
 
 SETUP = """
 import json as _json, os as _os, threading as _threading, time
-from mlx_cluster_magic import recorder as _recorder, stacks as _stacks
-from mlx_cluster_magic.sidecar import ACTIVITY as _activity
+from mlx_cluster_magic.rank import stack_dump as _stacks
+from mlx_cluster_magic.rank import flight_recorder as _recorder
+from mlx_cluster_magic.rank.status_sidecar import ACTIVITY as _activity
 _recorder.install()
 _stacks.install()
 

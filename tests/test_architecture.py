@@ -1,10 +1,14 @@
-"""The house rules, checked: no import circle between the package's modules, views and pure
-modules free of IPython, and every private ipyparallel name still where the adapter expects it
-(so an upgrade that renames one fails here, loudly)."""
+"""The house rules, checked: where each package may import from (the layers the README's module
+map draws), what a rank imports (rank/ and the contract only, read from the source and seen in a
+real interpreter), no import circle, no two modules of one name, views and pure modules free of
+IPython, and every private ipyparallel name still where the adapter expects it (so an upgrade
+that renames one fails here, loudly)."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,14 +91,116 @@ def _transitive(name: str, graph: dict[str, set[str]]) -> set[str]:
     return seen
 
 
+PKG = "mlx_cluster_magic"
+
+#: What each package may import of ours, besides itself. ``contract`` (the seam between head
+#: and ranks) and ``errors`` import nothing of ours; rank/ is the bottom layer: the head imports
+#: it only to ship its functions to the ranks. The top level (MLXCluster, %%px, the magics) may
+#: import anything, and nothing below imports it.
+LAYERS: dict[str, set[str]] = {
+    "contract": set(),
+    "errors": set(),
+    "rank": {"contract"},
+    "fabric": {"rank", "contract", "errors"},
+    "observe": {"fabric", "rank", "contract", "errors"},
+    "views": {"observe", "contract", "errors"},
+    "launch": {"fabric", "observe", "rank", "contract", "errors"},
+}
+
+#: Libraries a rank must never import: the head's notebook machinery.
+NOT_ON_RANKS = ("IPython.core.magic", "IPython.core.magics", "ipywidgets", "anywidget")
+
+
+def _layer(module: str) -> str:
+    """``mlx_cluster_magic.fabric.doctor.probe`` -> ``fabric``; top-level modules -> ``top``."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "package"
+    if len(parts) == 2 and parts[1] not in LAYERS:
+        return "top"
+    return parts[1]
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for name, deps in graph.items():
+        layer = _layer(name)
+        if layer not in LAYERS:
+            continue
+        for dep in deps:
+            other = _layer(dep)
+            if other != layer and other not in LAYERS[layer]:
+                wrong.append(f"{name} imports {dep} ({layer}/ may import {sorted(LAYERS[layer])})")
+    return sorted(wrong)
+
+
+def test_each_package_imports_only_the_layers_below_it() -> None:
+    assert _layer_violations(_graph()) == []
+
+
+def test_a_wrong_import_is_caught() -> None:
+    """The rule bites: a rank module that imports the head's placement, or a fabric module
+    that imports launch, is reported (the same check as above, on a graph with one bad edge)."""
+    graph = _graph()
+    graph[f"{PKG}.rank.bootstrap"] = graph[f"{PKG}.rank.bootstrap"] | {f"{PKG}.fabric.placement"}
+    graph[f"{PKG}.fabric.links"] = graph[f"{PKG}.fabric.links"] | {f"{PKG}.launch.bringup"}
+    assert _layer_violations(graph) == [
+        f"{PKG}.fabric.links imports {PKG}.launch.bringup "
+        "(fabric/ may import ['contract', 'errors', 'rank'])",
+        f"{PKG}.rank.bootstrap imports {PKG}.fabric.placement (rank/ may import ['contract'])",
+    ]
+
+
+def test_rank_modules_import_no_notebook_machinery() -> None:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for name, path in files.items():
+        if _layer(name) != "rank":
+            continue
+        imported = _imports(path)
+        bad = {i for i in imported if i.startswith(NOT_ON_RANKS) or ".doctor" in i}
+        assert not bad, f"{name} imports {sorted(bad)}: ranks run none of the notebook's code"
+
+
+def test_a_rank_loads_only_rank_modules_and_the_contract() -> None:
+    """Seen in a real interpreter: importing every rank module (as the engines do) loads no
+    module of the head's, and none of IPython's magics, ipywidgets or anywidget."""
+    mods = sorted(
+        _module_name(p) for p in (PACKAGE / "rank").rglob("*.py") if p.name != "__init__.py"
+    )
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in mods)
+        + "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    ours = {m for m in out if m == PKG or m.startswith(PKG + ".")}
+    allowed = {PKG, f"{PKG}.contract", f"{PKG}.rank"}
+    assert {m for m in ours if m not in allowed and not m.startswith(f"{PKG}.rank.")} == set()
+    assert not [m for m in out if m.startswith(NOT_ON_RANKS)]
+
+
+def test_no_two_modules_share_a_name() -> None:
+    seen: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            seen.setdefault(path.stem, []).append(_module_name(path))
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+
 PURE = [
-    "mlx_cluster_magic.snapshot",
-    "mlx_cluster_magic.procs",
-    "mlx_cluster_magic.status",
-    "mlx_cluster_magic.options",
-    "mlx_cluster_magic.hosts",
-    "mlx_cluster_magic.launch",
+    "mlx_cluster_magic.observe.snapshot",
+    "mlx_cluster_magic.launch.processes",
+    "mlx_cluster_magic.observe.status_receiver",
+    "mlx_cluster_magic.launch.spec",
+    "mlx_cluster_magic.fabric.placement",
+    "mlx_cluster_magic.launch.mpi_job",
     "mlx_cluster_magic.views.text",
+    "mlx_cluster_magic.views.gather_view",
+    "mlx_cluster_magic.fabric.doctor",
+    "mlx_cluster_magic.observe.hang_verdict",
+    "mlx_cluster_magic.contract",
 ]
 
 
@@ -114,7 +220,7 @@ def test_views_render_data_and_do_not_import_the_cluster() -> None:
             assert not _transitive(name, graph) & {
                 "mlx_cluster_magic.cluster",
                 "mlx_cluster_magic.px",
-                "mlx_cluster_magic.status",
+                "mlx_cluster_magic.observe.status_receiver",
             }, name
 
 
@@ -126,7 +232,7 @@ def test_private_ipyparallel_names_live_in_the_adapter_and_still_exist() -> None
     from ipyparallel.client.asyncresult import AsyncResult
     from ipyparallel.client.magics import ParallelMagics
 
-    from mlx_cluster_magic.engines import PRIVATE_NAMES
+    from mlx_cluster_magic.launch.ipp_adapter import PRIVATE_NAMES
 
     kinds = {"AsyncResult": AsyncResult, "ParallelMagics": ParallelMagics}
     for kind, attr in PRIVATE_NAMES:
@@ -139,8 +245,8 @@ def test_private_ipyparallel_names_live_in_the_adapter_and_still_exist() -> None
     # and no other module of ours touches them
     names = {attr for _, attr in PRIVATE_NAMES}
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "engines.py":
+        if path.name == "ipp_adapter.py":
             continue
         text = path.read_text()
         used = {n for n in names if f".{n}" in text}
-        assert not used, f"{path.name} uses ipyparallel's private {used}: go through engines.py"
+        assert not used, f"{path.name} uses ipyparallel's private {used}: go through ipp_adapter"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_cluster_magic import MLXCluster, MLXClusterError
-from mlx_cluster_magic.remote import CHUNK_BYTES
+from mlx_cluster_magic.rank.broadcast_receiver import CHUNK_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_bad_arguments(cluster) -> None:
 
 
 def test_a_wrong_token_is_dropped_and_only_the_sender_gets_through(cluster) -> None:
-    from mlx_cluster_magic.remote import open_listener, receive_broadcast
+    from mlx_cluster_magic.rank.broadcast_receiver import open_listener, receive_broadcast
 
     token = "a" * 32
     port = cluster.client[0].apply_sync(open_listener, "127.0.0.1", token)
@@ -74,7 +74,7 @@ def test_a_wrong_token_is_dropped_and_only_the_sender_gets_through(cluster) -> N
 
 
 def test_a_listener_the_notebook_cannot_reach_is_closed(cluster) -> None:
-    from mlx_cluster_magic.remote import close_listener, open_listener
+    from mlx_cluster_magic.rank.broadcast_receiver import close_listener, open_listener
 
     port = cluster.client[0].apply_sync(open_listener, "127.0.0.1", "c" * 32)
     cluster.client[0].apply_sync(close_listener, "c" * 32)

@@ -69,9 +69,9 @@ TOPOLOGY_SVG = (
 VIEW_CELLS = [
     # 0: the view alone, from hand-built snapshots; Stop answers after 2 s on purpose.
     f"""import threading, time
-from mlx_cluster_magic.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
-from mlx_cluster_magic.views.status import StatusWidget
-from mlx_cluster_magic.views.side import open_side_panel
+from mlx_cluster_magic.observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from mlx_cluster_magic.views.status_widget import StatusWidget
+from mlx_cluster_magic.views.side_panel import open_side_panel
 
 def node(rank, state):
     return NodeStatus(rank=rank, host=f"mac{{rank + 1}}", state=state,

@@ -26,7 +26,7 @@ def checked(tmp_path_factory: pytest.TempPathFactory):
     with MLXCluster(2, live_status=False) as cluster:
         hangdoc.setup(cluster.view, where)
         cluster.view.execute(
-            f"from mlx_cluster_magic import checks as _checks; _checks.enable(timeout={TIMEOUT})"
+            f"from mlx_cluster_magic.rank import collective_checks as _checks; _checks.enable(timeout={TIMEOUT})"
         )
         cluster.view.execute("mx.eval(mx.distributed.all_sum(mx.ones(4)))")
         yield cluster, where
@@ -174,7 +174,7 @@ def test_three_ranks_one_behind(tmp_path: Path) -> None:
         finally:
             Path(g).touch()
             ar.get(timeout=30)
-        cluster.view.execute(f"from mlx_cluster_magic import checks; checks.enable({TIMEOUT})")
+        cluster.view.execute(f"from mlx_cluster_magic.rank import collective_checks as checks; checks.enable({TIMEOUT})")
         cell = "if world.rank() != 1:\n    mx.eval(mx.distributed.all_sum(mx.ones(3)))\n"
         errors, elapsed = _errors(cluster.view.execute(cell, block=False))
         assert sorted(errors) == [0, 2] and elapsed < TIMEOUT + 5

@@ -25,8 +25,9 @@ import psutil
 import pytest
 
 import mlx_cluster_magic
-from mlx_cluster_magic import macos
-from mlx_cluster_magic.doctor import (
+from mlx_cluster_magic.errors import MLXClusterError
+from mlx_cluster_magic.fabric import macos
+from mlx_cluster_magic.fabric.doctor import (
     CHECKS,
     PACKAGES,
     Advice,
@@ -37,9 +38,8 @@ from mlx_cluster_magic.doctor import (
     parse_interfaces,
     run_doctor,
 )
-from mlx_cluster_magic.doctor.collect import probe_script
-from mlx_cluster_magic.errors import MLXClusterError
-from mlx_cluster_magic.hosts import Host, Placement, local, read_hostfile
+from mlx_cluster_magic.fabric.doctor.collect import probe_script
+from mlx_cluster_magic.fabric.placement import Host, Placement, local, read_hostfile
 
 from conftest import virtual_macs
 from vcluster import VirtualCluster
@@ -226,7 +226,7 @@ def test_bad_arguments_raise_one_line_errors() -> None:
 
 
 def test_the_probe_is_a_module_shipped_as_its_own_source() -> None:
-    from mlx_cluster_magic.doctor import probe
+    from mlx_cluster_magic.fabric.doctor import probe
 
     script = probe_script()
     assert Path(probe.__file__).read_text(encoding="utf-8") in script
@@ -236,8 +236,8 @@ def test_the_probe_is_a_module_shipped_as_its_own_source() -> None:
 def test_probe_runs_alone_and_finds_the_same_libmpi_as_the_head(tmp_path: Path) -> None:
     """Run as a host runs it (source on stdin, in a directory without the package) and compare
     its libmpi with the head's search."""
-    from mlx_cluster_magic import launch
-    from mlx_cluster_magic.doctor import probe
+    from mlx_cluster_magic.fabric.doctor import probe
+    from mlx_cluster_magic.launch import mpi_job as launch
 
     mpiexec = launch.find_mpiexec()
     proc = subprocess.run(
@@ -258,17 +258,13 @@ def test_probe_runs_alone_and_finds_the_same_libmpi_as_the_head(tmp_path: Path) 
 
 
 def test_doctor_and_netif_do_not_import_ipython() -> None:
-    # Loaded from their files under a stand-in package, so the package's __init__ (which
-    # imports the cluster) is not involved.
-    folder = str(Path(mlx_cluster_magic.__file__).parent)
+    # In a fresh interpreter: the package's __init__ loads nothing of the head's on import.
     code = (
-        "import importlib, sys, types\n"
-        "pkg = types.ModuleType('tbpkg')\n"
-        f"pkg.__path__ = [{folder!r}]\n"
-        "sys.modules['tbpkg'] = pkg\n"
-        "for m in ('netif', 'doctor', 'doctor.probe', 'doctor.checks', 'doctor.report',\n"
-        "          'doctor.advice', 'doctor.collect'):\n"
-        "    importlib.import_module('tbpkg.' + m)\n"
+        "import importlib, sys\n"
+        "for m in ('fabric.netif', 'fabric.doctor', 'fabric.doctor.probe',\n"
+        "          'fabric.doctor.host_checks', 'fabric.doctor.report', 'fabric.doctor.advice',\n"
+        "          'fabric.doctor.collect'):\n"
+        "    importlib.import_module('mlx_cluster_magic.' + m)\n"
         "assert 'IPython' not in sys.modules, 'IPython was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

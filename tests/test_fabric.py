@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
-from mlx_cluster_magic import MLXCluster, launch, links, topology
-from mlx_cluster_magic.hosts import read_hostfile
+from mlx_cluster_magic import MLXCluster
+from mlx_cluster_magic.fabric import links, topology
+from mlx_cluster_magic.fabric.placement import read_hostfile
+from mlx_cluster_magic.launch import mpi_job as launch
 
 from conftest import our_processes, vhost_pids
 

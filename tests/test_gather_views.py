@@ -6,12 +6,12 @@ import datetime as dt
 
 import numpy as np
 
-from mlx_cluster_magic.gather import (
+from mlx_cluster_magic.rank.gather_summary import summarize
+from mlx_cluster_magic.views.gather_view import (
     GatherResult,
     GatherResults,
     render_many,
     series_svg,
-    summarize,
 )
 
 

@@ -12,7 +12,9 @@ import hangdoc
 import pytest
 from ipyparallel import error
 
-from mlx_cluster_magic import MLXCluster, stacks, why
+from mlx_cluster_magic import MLXCluster
+from mlx_cluster_magic.observe import hang_verdict as why
+from mlx_cluster_magic.observe import stack_capture as stacks
 
 from conftest import our_processes, vhost_pids, virtual_macs
 
@@ -91,7 +93,7 @@ def test_why_and_checks_across_hosts(macs, tmp_path: Path, backend: str) -> None
 
         # Checked: a skipped collective and a mismatch each fail the cell; the next one runs.
         cluster.view.execute(
-            f"from mlx_cluster_magic import checks as _checks; _checks.enable(timeout={TIMEOUT})"
+            f"from mlx_cluster_magic.rank import collective_checks as _checks; _checks.enable(timeout={TIMEOUT})"
         )
         t = time.monotonic()
         errors = _errors(

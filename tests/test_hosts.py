@@ -8,7 +8,7 @@ import os
 import pytest
 
 from mlx_cluster_magic.errors import MLXClusterError
-from mlx_cluster_magic.hosts import (
+from mlx_cluster_magic.fabric.placement import (
     check_backend,
     local,
     parse_host_list,

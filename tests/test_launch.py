@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from mlx_cluster_magic import launch
 from mlx_cluster_magic.errors import MLXClusterError
-from mlx_cluster_magic.hosts import local, parse_hostfile_text, with_ranks_per_host
+from mlx_cluster_magic.fabric.placement import local, parse_hostfile_text, with_ranks_per_host
+from mlx_cluster_magic.launch import mpi_job as launch
 
 HOSTS = parse_hostfile_text(
     json.dumps(
@@ -145,7 +145,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hostfiles")
 
 
 def fixture(name: str):
-    from mlx_cluster_magic.hosts import read_hostfile
+    from mlx_cluster_magic.fabric.placement import read_hostfile
 
     return read_hostfile(os.path.join(FIXTURES, name))
 

@@ -8,9 +8,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from mlx_cluster_magic import links, topology
-from mlx_cluster_magic.hosts import parse_hostfile_text, read_hostfile
-from mlx_cluster_magic.links import LinkRecord, LinkReport
+from mlx_cluster_magic.fabric import links, topology
+from mlx_cluster_magic.fabric.links import LinkRecord, LinkReport
+from mlx_cluster_magic.fabric.placement import parse_hostfile_text, read_hostfile
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hostfiles")
 

@@ -16,7 +16,7 @@ pytest.importorskip("tokenizers")
 
 import mlx.core as mx
 
-from mlx_cluster_magic import lm
+from mlx_cluster_magic.rank import lm
 
 FILES = [
     "config.json",

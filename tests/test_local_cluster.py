@@ -155,7 +155,7 @@ def test_misuse_is_one_line(ip, line: str, message: str) -> None:
 
 
 def test_mpiexec_not_found_says_how_to_get_it(monkeypatch) -> None:
-    import mlx_cluster_magic.launch as launch
+    import mlx_cluster_magic.launch.mpi_job as launch
 
     monkeypatch.setattr(launch.sys, "executable", "/nonexistent/bin/python")
     monkeypatch.setenv("PATH", "/nonexistent")

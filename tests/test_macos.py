@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_cluster_magic import macos
-from mlx_cluster_magic.macos import (
+from mlx_cluster_magic.fabric import macos
+from mlx_cluster_magic.fabric.macos import (
     HardwarePort,
     NotMacOSError,
     discover,
@@ -509,7 +509,7 @@ def test_subprocess_runner_names_the_failing_command():
 
 def test_module_does_not_import_ipython():
     # Loaded from its files under a stand-in package, so the package's __init__ is not involved.
-    spec = importlib.util.find_spec("mlx_cluster_magic.macos")
+    spec = importlib.util.find_spec("mlx_cluster_magic.fabric.macos")
     assert spec is not None and spec.origin is not None
     folder = str(Path(spec.origin).parent)
     code = (

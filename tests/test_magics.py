@@ -18,8 +18,9 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from mlx_cluster_magic import MLXCluster
-from mlx_cluster_magic.gather import GatherResult, summarize
 from mlx_cluster_magic.magics import SUBCOMMANDS, GatherResults
+from mlx_cluster_magic.rank.gather_summary import summarize
+from mlx_cluster_magic.views.gather_view import GatherResult
 
 from conftest import our_processes, wait_no_processes
 

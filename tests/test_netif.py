@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_cluster_magic.netif import (
+from mlx_cluster_magic.fabric.netif import (
     Route,
     expected_interface,
     interface_for,

@@ -239,7 +239,7 @@ def test_cell_lines_are_numbered_as_the_editor_shows_them(ip) -> None:
     """The %%px line is line 1: in the ranks' tracebacks and in why's verdict."""
     from ipyparallel.error import CompositeError
 
-    from mlx_cluster_magic import stacks
+    from mlx_cluster_magic.observe import stack_capture as stacks
 
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
     with pytest.raises(CompositeError) as e:

@@ -13,7 +13,7 @@ from mlx_cluster_magic import MLXCluster
 from conftest import wait_no_processes
 
 SETUP = """
-from mlx_cluster_magic import recorder as _recorder
+from mlx_cluster_magic.rank import flight_recorder as _recorder
 _recorder.install()
 _recorder.reset()
 """

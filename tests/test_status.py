@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_cluster_magic import MLXCluster
-from mlx_cluster_magic.gather import GatherResult, summarize
+from mlx_cluster_magic.rank.gather_summary import summarize
+from mlx_cluster_magic.views.gather_view import GatherResult
 
 FIELDS = {
     "rank",

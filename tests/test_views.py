@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mlx_cluster_magic.snapshot import NODE_STATES, ClusterSnapshot, MetricPoint, NodeStatus
-from mlx_cluster_magic.views import side
+from mlx_cluster_magic.observe.snapshot import NODE_STATES, ClusterSnapshot, MetricPoint, NodeStatus
+from mlx_cluster_magic.views import side_panel as side
 from mlx_cluster_magic.views.charts import Line, line_chart_svg, nice_ticks, wants_log
-from mlx_cluster_magic.views.status import MAX_CHART_POINTS, StatusWidget, metrics_series
+from mlx_cluster_magic.views.status_widget import MAX_CHART_POINTS, StatusWidget, metrics_series
 from mlx_cluster_magic.views.text import (
     STATE_COLOURS,
     header_text,
@@ -300,7 +300,7 @@ def test_es_module_renders_the_same_words(tmp_path: Path) -> None:
     s = snap()
     script = tmp_path / "check.mjs"
     script.write_text(
-        f"import * as m from {json.dumps((VIEWS / 'status.js').as_uri())};\n"
+        f"import * as m from {json.dumps((VIEWS / 'status_widget.js').as_uri())};\n"
         f"const s = {json.dumps({**s.as_dict(), 'nodes': list(s.as_dict()['nodes'])})};\n"
         "console.log(JSON.stringify({header: m.headerText(s), rows: s.nodes.map(m.cells),\n"
         "  broken: m.brokenText({...s, state: 'broken', reason: 'rank 1 died.'}),\n"
@@ -382,8 +382,8 @@ def test_a_click_acts_while_the_kernel_runs_a_cell() -> None:
 
         model_id, subshell = run(
             "import threading, time\n"
-            "from mlx_cluster_magic.snapshot import ClusterSnapshot\n"
-            "from mlx_cluster_magic.views.status import StatusWidget\n"
+            "from mlx_cluster_magic.observe.snapshot import ClusterSnapshot\n"
+            "from mlx_cluster_magic.views.status_widget import StatusWidget\n"
             "got = []\n"
             "w = StatusWidget(on_stop=lambda: got.append((time.monotonic(), "
             "threading.current_thread().name)), on_restart=lambda replay: None,\n"

@@ -11,7 +11,9 @@ from pathlib import Path
 import hangdoc
 import pytest
 
-from mlx_cluster_magic import MLXCluster, stacks, why
+from mlx_cluster_magic import MLXCluster
+from mlx_cluster_magic.observe import hang_verdict as why
+from mlx_cluster_magic.observe import stack_capture as stacks
 
 from conftest import wait_no_processes
 
@@ -159,7 +161,7 @@ def test_stack_dump_parsed_from_a_real_process(tmp_path: Path) -> None:
     path = tmp_path / "stack.txt"
     code = (
         "import sys, time\n"
-        "from mlx_cluster_magic import stacks\n"
+        "from mlx_cluster_magic.rank import stack_dump as stacks\n"
         f"stacks.install({str(path)!r})\n"
         "def napping():\n"
         "    print('ready', flush=True); time.sleep(30)\n"
@@ -179,7 +181,7 @@ def test_stack_dump_parsed_from_a_real_process(tmp_path: Path) -> None:
 
 
 def test_a_clean_exit_removes_the_stack_file() -> None:
-    code = "from mlx_cluster_magic import stacks\nprint(stacks.install())\n"
+    code = "from mlx_cluster_magic.rank import stack_dump as stacks\nprint(stacks.install())\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     path = Path(out.stdout.strip())
     assert path.name.startswith("mlx-cluster-stack-") and not path.exists()

@@ -5,7 +5,7 @@ of its colour, and a chart where all of them coincide says "all ranks identical"
 
 Drawn in Python for the static views (gather results, the HTML fallback of the status view),
 which must render anywhere a notebook's HTML does, with no plotting library. The live widget
-draws the same charts in its ES module (``status.js``) with the same rules.
+draws the same charts in its ES module (``status_widget.js``) with the same rules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: One colour per rank, shared with ``status.js``.
+#: One colour per rank, shared with ``status_widget.js``.
 RANK_COLOURS = ("#1565c0", "#c62828", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#5d4037")
 #: A range spanning at least this ratio (two decades) of positive values is drawn on a log axis.
 LOG_RATIO = 100.0

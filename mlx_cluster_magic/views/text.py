@@ -10,7 +10,7 @@ import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from ..observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
 from .charts import Line, fmt, line_chart_svg, rank_colour
 
 STATE_COLOURS = {

@@ -18,14 +18,21 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import MLXClusterError
-from ..hosts import Host, Placement
+from ...errors import MLXClusterError
 from ..macos import HostFacts, host_facts
 from ..netif import RouteFinding, interface_for, route_checks
+from ..placement import Host, Placement
 from . import probe as _probe
 from .advice import Advice, advise_backend
-from .checks import CHECKS, WANT_MTU, HostContext, build_checks, parse_interfaces, route_findings
 from .collect import HostProbe, Reach, probe_host, ssh_argv, tcp_reach
+from .host_checks import (
+    CHECKS,
+    WANT_MTU,
+    HostContext,
+    build_checks,
+    parse_interfaces,
+    route_findings,
+)
 from .probe import PACKAGES
 from .report import Check, DoctorReport, HostCheck
 

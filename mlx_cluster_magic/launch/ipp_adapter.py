@@ -260,28 +260,3 @@ def send_signal(client: ipp.Client, sig: Any, targets: list[int], timeout: float
     with contextlib.suppress(Exception):
         ar = client.send_signal(sig, targets=targets, block=False)
         ar.wait(timeout)
-
-
-# ------------------------------------------------------------------------ on the engine
-def hook_requests(started: Callable[[], None], finished: Callable[[], None]) -> None:
-    """Call ``started``/``finished`` around every request the engine's kernel handles.
-
-    ipykernel calls ``pre_handler_hook``/``post_handler_hook`` (public methods) on its main
-    thread right before and after each shell request's handler (execute, apply, ...).
-    """
-    from ipyparallel.engine.kernel import IPythonParallelKernel as Kernel
-
-    pre, post = Kernel.pre_handler_hook, Kernel.post_handler_hook
-
-    def pre_handler_hook(self: Any) -> None:
-        started()
-        pre(self)
-
-    def post_handler_hook(self: Any) -> None:
-        try:
-            post(self)
-        finally:
-            finished()
-
-    Kernel.pre_handler_hook = pre_handler_hook  # type: ignore[method-assign]
-    Kernel.post_handler_hook = post_handler_hook  # type: ignore[method-assign]

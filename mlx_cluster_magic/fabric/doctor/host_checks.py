@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
 
-from ..hosts import Host
 from ..netif import (
     Interface,
     RouteFinding,
@@ -22,6 +21,7 @@ from ..netif import (
     parse_route,
     route_checks,
 )
+from ..placement import Host
 from .collect import HostProbe, Reach
 from .probe import MARK, PACKAGES
 from .report import Check

@@ -1,7 +1,7 @@
 """``cluster.why()``: which rank is behind on which collective at which line, from plain data.
 
 Input: every rank's flight-recorder snapshot (``recorder.snapshot()``, carried by the status
-channel; None for a rank that sent none) and its stack dump (``stacks.capture``; None when not
+channel; None for a rank that sent none) and its stack dump (``stack_capture.capture``; None when not
 taken). Output: a :class:`WhyReport` with a one-line verdict and, per rank, the collective it is
 blocked in, its recent collectives and its main thread's stack; shown as text and HTML.
 
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .stacks import Frame, location, main_thread, parse
+from .stack_capture import Frame, location, main_thread, parse
 
 
 @dataclass(frozen=True)

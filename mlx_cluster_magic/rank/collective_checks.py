@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import recorder
+from . import flight_recorder
 
 TAG = 0x4D43
 #: Seconds of busy polling before the wait starts sleeping between polls.
@@ -120,7 +120,7 @@ class Checker:
             self.sends = [r for r in self.sends if not r.Test()]
 
     # ------------------------------------------------------------------ the check
-    def check(self, rec: recorder.Record) -> None:
+    def check(self, rec: flight_recorder.Record) -> None:
         __tracebackhide__ = True  # the error names the ranks and lines; hide this machinery
         _index, key, seq, op, shape, dtype, peer, code, offset, _t = rec
         if key == "world":
@@ -134,10 +134,10 @@ class Checker:
         sig = {
             "op": "recv" if op == "recv_like" else op,
             "shape": [int(s) for s in shape],
-            "dtype": recorder._dtype_name(dtype),
+            "dtype": flight_recorder._dtype_name(dtype),
             "peer": peer,
             "seq": seq,
-            "where": recorder.site(code, recorder._line(code, offset)),
+            "where": flight_recorder.site(code, flight_recorder._line(code, offset)),
             "rank": self.rank,
         }
         try:
@@ -253,8 +253,8 @@ class Checker:
             moved = False
             for src, channel, seq in sorted(self.inbox):
                 body = self.inbox[(src, channel, seq)]
-                if "abort" in body and seq == recorder.next_seq(channel):
-                    recorder.advance(channel, seq)
+                if "abort" in body and seq == flight_recorder.next_seq(channel):
+                    flight_recorder.advance(channel, seq)
                     theirs = body["abort"].get("sig") or {}
                     skipped.append(
                         f"#{seq} {describe(theirs)} ({theirs.get('where', '?')}) on rank {src}"
@@ -267,7 +267,7 @@ class Checker:
             if not moved:
                 break
         # Messages about collectives this rank has issued already are stale.
-        for k in [k for k in self.inbox if k[2] < recorder.next_seq(k[1])]:
+        for k in [k for k in self.inbox if k[2] < flight_recorder.next_seq(k[1])]:
             del self.inbox[k]
         return skipped
 
@@ -310,23 +310,23 @@ def enable(timeout: float = 30.0) -> None:
     global _checker
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"the collective timeout must be a positive number of seconds: {timeout}")
-    recorder.install()
+    flight_recorder.install()
     if _checker is None:
         _checker = Checker(timeout)
         _hook(True)
     _checker.timeout = float(timeout)
-    recorder.before_collective = _checker.check
-    recorder.checks_info = {"enabled": True, "timeout": _checker.timeout}
+    flight_recorder.before_collective = _checker.check
+    flight_recorder.checks_info = {"enabled": True, "timeout": _checker.timeout}
 
 
 def disable() -> None:
     """Run collectives unchecked again (the recorder stays on)."""
-    recorder.before_collective = None
-    recorder.checks_info = {"enabled": False}
+    flight_recorder.before_collective = None
+    flight_recorder.checks_info = {"enabled": False}
 
 
 def enabled() -> bool:
-    return recorder.before_collective is not None
+    return flight_recorder.before_collective is not None
 
 
 def status() -> dict[str, Any]:

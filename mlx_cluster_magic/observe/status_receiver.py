@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from .hosts import Placement
+from ..fabric.placement import Placement
 from .snapshot import MetricPoint, NodeStatus
 
 #: A rank whose reports stopped this long ago (its process alive) is ``unresponsive``.

@@ -14,8 +14,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..hosts import Placement
 from ..macos import RDMA_MACOS, THUNDERBOLT5_GBPS, HostFacts
+from ..placement import Placement
 
 __all__ = ["Advice", "advise_backend", "cabling"]
 

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import html
 import ipaddress
-import os
 import secrets
-import socket
-import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import MLXClusterError
-from .hosts import Placement
+from ..errors import MLXClusterError
+from ..rank.link_probe import rank_facts, run_plan
+from .placement import Placement
 from .topology import rate_colour
 
 
@@ -427,7 +424,9 @@ def measure(
     n = placement.size
     if n < 1:
         raise MLXClusterError("links: the cluster has no ranks")
-    facts = view.apply_sync(rank_facts)
+    facts = view.apply_sync(rank_facts, macos_commands())
+    for f in facts:
+        f["kinds"] = _interface_kinds(f)
     names = _host_names(placement, ranks, facts)
     host_index: dict[str, int] = {}
     host_of_rank = [host_index.setdefault(name, len(host_index)) for name in names]
@@ -544,56 +543,38 @@ def _host_names(
     return out
 
 
-# ---------------------------------------------------------------------- on the engines
-
-
-def rank_facts() -> dict[str, Any]:
-    """This rank's host, addresses (with prefix length and interface) and interface kinds."""
-    import psutil  # type: ignore[import-untyped,unused-ignore]
-
-    addrs = []
-    for iface, items in psutil.net_if_addrs().items():
-        for a in items:
-            if a.family not in (socket.AF_INET, socket.AF_INET6) or not a.netmask:
-                continue
-            address = a.address.split("%")[0]
-            try:
-                prefix = ipaddress.ip_network(f"0.0.0.0/{a.netmask}").prefixlen
-            except ValueError:
-                try:
-                    prefix = ipaddress.ip_network(f"::/{a.netmask}").prefixlen
-                except ValueError:
-                    continue
-            addrs.append({"iface": iface, "address": address, "prefixlen": prefix})
-    stats = psutil.net_if_stats()
-    ports = _macos_ports() if sys.platform == "darwin" else {}
+def _interface_kinds(facts: Mapping[str, Any]) -> dict[str, str]:
+    """The kind of each interface a rank reported (``rank.link_probe.rank_facts``): macOS port
+    names and Thunderbolt link rates parsed here, from the commands' output the rank sent."""
+    ports = _macos_ports(facts.get("macos") or {})
     kinds = {}
-    for iface in {a["iface"] for a in addrs}:
+    for iface, raw in (facts.get("interfaces") or {}).items():
         port, link = ports.get(iface, (None, None))
-        st = stats.get(iface)
-        virtual = sys.platform.startswith("linux") and not os.path.exists(
-            f"/sys/class/net/{iface}/device"
-        )
         kinds[iface] = classify(
             iface,
             port=port,
             link_gbit=link,
-            speed_mbit=st.speed if st else None,
-            virtual=virtual,
+            speed_mbit=raw.get("speed_mbit"),
+            virtual=bool(raw.get("virtual")),
         )
-    return {"host": socket.gethostname(), "addrs": addrs, "kinds": kinds}
+    return kinds
 
 
-def _macos_ports() -> dict[str, tuple[str | None, float | None]]:
+def _macos_ports(outputs: Mapping[str, str]) -> dict[str, tuple[str | None, float | None]]:
     """On a Mac: interface -> (hardware port name, Thunderbolt link Gb/s) from discovery."""
     out: dict[str, tuple[str | None, float | None]] = {}
+    if not outputs:
+        return out
     try:
-        from .macos import HARDWARE_PORTS_COMMAND, discover, parse_hardware_ports, subprocess_runner
+        from .macos import HARDWARE_PORTS_COMMAND, discover, parse_hardware_ports
 
-        for p in parse_hardware_ports(subprocess_runner(HARDWARE_PORTS_COMMAND)):
+        def run(argv: Sequence[str]) -> str:
+            return outputs[" ".join(argv)]
+
+        for p in parse_hardware_ports(run(HARDWARE_PORTS_COMMAND)):
             if p.device:
                 out[p.device] = (p.name, None)
-        tb = discover()
+        tb = discover(run)
         for t in tb:
             gbps = getattr(t.link, "gbps", None) if t.link is not None else None
             out[t.device] = (t.port, gbps)
@@ -607,172 +588,8 @@ def _macos_ports() -> dict[str, tuple[str | None, float | None]]:
     return out
 
 
-_TAG_PORT, _TAG_ABORT, _TAG_SIZE = 7171, 7172, 7173
+def macos_commands() -> list[tuple[str, ...]]:
+    """What a rank on a Mac runs for ``_macos_ports`` (passed to ``rank_facts``)."""
+    from .macos import HARDWARE_PORTS_COMMAND, IFCONFIG_COMMAND, THUNDERBOLT_PROFILE_COMMAND
 
-
-def run_plan(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Run on the two ranks of each pair (only they are called): the sender's results."""
-    from mpi4py import MPI
-
-    from .engine import WORLD
-
-    comm = MPI.COMM_WORLD  # point-to-point only, with tags of our own
-    me = comm.Get_rank()
-    out = []
-    for step in plan["steps"]:
-        a, b = step["a"], step["b"]
-        if me not in (a, b):
-            continue
-        sender = me == a
-        peer = b if sender else a
-        res: dict[str, Any] = {"a": a, "b": b}
-        if step["mlx"]:
-            try:
-                res.update(_mlx_pair(WORLD, comm, sender, peer, plan["seconds"], plan["max_bytes"]))
-            except Exception as e:  # reported per link
-                res["mlx_error"] = f"MLX: {e}"
-        if step["tcp_ip"]:
-            try:
-                res.update(
-                    _tcp_pair(comm, sender, peer, step["tcp_ip"], plan["seconds"], step["token"])
-                )
-            except OSError as e:
-                res["tcp_error"] = f"TCP to {step['tcp_ip']}: {e}"
-        if sender:
-            out.append(res)
-    return out
-
-
-def _mlx_pair(
-    world: Any, comm: Any, sender: bool, peer: int, seconds: float, max_bytes: int
-) -> dict[str, Any]:
-    """Round trips of a 4-byte array, then a doubling stream of float32 arrays."""
-    import mlx.core as mx
-
-    dist = mx.distributed
-    small = mx.zeros((1,), dtype=mx.float32)
-    mx.eval(small)
-
-    def there() -> None:
-        mx.eval(dist.send(small, peer, group=world))
-
-    def back() -> None:
-        mx.eval(dist.recv_like(small, peer, group=world))
-
-    rtts = []
-    for i in range(25):
-        t0 = time.perf_counter()
-        if sender:
-            there()
-            back()
-        else:
-            back()
-            there()
-        if i >= 5:
-            rtts.append(time.perf_counter() - t0)
-    size = 1 << 18
-    rates: list[float] = []
-    deadline = time.perf_counter() + 2 * seconds
-    final = False
-    while True:
-        # The sender decides the next size (0: done) and tells the peer over MPI.
-        if sender:
-            comm.send(size, dest=peer, tag=_TAG_SIZE)
-        else:
-            size = comm.recv(source=peer, tag=_TAG_SIZE)
-            if not size:
-                break
-        count = size // 4
-        if not sender:
-            got = dist.recv((count,), mx.float32, peer, group=world)
-            mx.eval(got)
-            del got
-            there()
-            continue
-        payload = mx.zeros((count,), dtype=mx.float32)
-        mx.eval(payload)
-        t0 = time.perf_counter()
-        mx.eval(dist.send(payload, peer, group=world))
-        back()  # the peer has it all
-        dt = time.perf_counter() - t0
-        rates.append(size * 8 / dt / 1e9)
-        if final:
-            comm.send(0, dest=peer, tag=_TAG_SIZE)
-            break
-        if dt < seconds / 2 and size * 2 <= max_bytes and time.perf_counter() < deadline:
-            size *= 2
-        else:
-            final = True  # one more at this size; the better of the two counts
-    return {
-        "latency_s": statistics.median(rtts),
-        "gbit_s": max(rates[-2:]) if rates else None,
-    }
-
-
-def _tcp_pair(
-    comm: Any, sender: bool, peer: int, ip: str, seconds: float, token: str
-) -> dict[str, Any]:
-    """A TCP stream for ``seconds`` from ``sender`` to a one-connection listener that the peer
-    opens on ``ip`` (its cluster address, never 0.0.0.0) and that checks a token first."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    if not sender:
-        try:
-            lsock = socket.socket(family, socket.SOCK_STREAM)
-            lsock.bind((ip, 0))
-        except OSError as e:
-            comm.send(0, dest=peer, tag=_TAG_PORT)
-            raise OSError(f"cannot listen on {ip} ({e})") from None
-        with lsock:
-            lsock.listen(1)
-            lsock.settimeout(0.05)
-            comm.send(int(lsock.getsockname()[1]), dest=peer, tag=_TAG_PORT)
-            deadline = time.monotonic() + 5 + seconds
-            conn = None
-            while conn is None:
-                try:
-                    conn, _ = lsock.accept()
-                except TimeoutError:
-                    if comm.Iprobe(source=peer, tag=_TAG_ABORT):
-                        comm.recv(source=peer, tag=_TAG_ABORT)
-                        return {}
-                    if time.monotonic() > deadline:
-                        raise OSError("no connection from the peer") from None
-        with conn:
-            conn.settimeout(5 + seconds)
-            got = b""
-            while len(got) < len(token):
-                part = conn.recv(len(token) - len(got))
-                if not part:
-                    break
-                got += part
-            if got != token.encode():
-                raise OSError("a connection without the token")
-            buf = bytearray(4 << 20)
-            while conn.recv_into(buf):
-                pass
-            conn.sendall(b"k")
-        return {}
-    port = comm.recv(source=peer, tag=_TAG_PORT)
-    if not port:
-        raise OSError("the peer could not listen there")
-    try:
-        conn = socket.create_connection((ip, port), timeout=5)
-    except OSError:
-        comm.send(1, dest=peer, tag=_TAG_ABORT)
-        raise
-    with conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sendall(token.encode())
-        chunk = memoryview(bytearray(1 << 20))
-        sent = 0
-        t0 = time.perf_counter()
-        end = t0 + seconds
-        while time.perf_counter() < end:
-            conn.sendall(chunk)
-            sent += len(chunk)
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(5 + seconds)
-        if conn.recv(1) != b"k":
-            raise OSError("the peer did not confirm the stream")
-        dt = time.perf_counter() - t0
-    return {"tcp_gbit_s": sent * 8 / dt / 1e9, "tcp_bytes": sent, "tcp_s": dt}
+    return [HARDWARE_PORTS_COMMAND, IFCONFIG_COMMAND, THUNDERBOLT_PROFILE_COMMAND]

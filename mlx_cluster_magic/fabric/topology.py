@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .hosts import Placement
+from .placement import Placement
 
 
 class LinkRecord(Protocol):

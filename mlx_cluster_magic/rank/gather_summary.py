@@ -1,8 +1,8 @@
-"""Collective results: fetch one variable from every rank and show whether the ranks agree.
+"""Gather, rank side: summarise one of the user's variables on a rank for the head to compare.
 
-Arrays (MLX or NumPy) are summarised on the engines (shape, dtype, min/mean/max, a checksum);
-only arrays up to ``limit_bytes`` travel in full. A numeric series per rank (a loss history)
-is drawn as one line per rank. Rendering lives in ``views.gather``. No IPython import.
+Arrays (MLX or NumPy) are summarised here (shape, dtype, min/mean/max, a checksum); only arrays
+up to ``limit_bytes`` travel in full. The head compares the ranks' summaries and renders them
+(``views.gather_view``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-from .views import gather as _view
-from .views.charts import RANK_COLOURS, Line, line_chart_svg
-
 DEFAULT_LIMIT_BYTES = 1 << 20
-SERIES_COLOURS = RANK_COLOURS
 PREVIEW_CHARS = 120
 
 
@@ -112,65 +108,3 @@ def summarize_name(name: str, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> Summary
     if name not in ns:
         return Summary(kind="missing", text=f"{name!r} is not defined", checksum="missing")
     return summarize(ns[name], limit_bytes)
-
-
-@dataclass(frozen=True)
-class GatherResult:
-    """One variable from every rank: ``.values`` by rank, ``.agree``, ``.diverged`` ranks."""
-
-    name: str
-    summaries: list[Summary]
-    hosts: list[str]
-
-    @property
-    def values(self) -> list[Any]:
-        """The values by rank (``None`` where an array was over the size limit)."""
-        return [s.value for s in self.summaries]
-
-    @property
-    def diverged(self) -> list[int]:
-        """The ranks whose value differs from rank 0's."""
-        ref = self.summaries[0].checksum
-        return [r for r, s in enumerate(self.summaries) if s.checksum != ref]
-
-    @property
-    def agree(self) -> bool:
-        return not self.diverged and self.summaries[0].kind != "missing"
-
-    def __repr__(self) -> str:
-        return _view.gather_text(self)
-
-    def _repr_html_(self) -> str:
-        return _view.gather_html(self)
-
-
-class GatherResults(list[GatherResult]):
-    """Several gathered variables (``gather a b``): a list that renders each view."""
-
-    def __repr__(self) -> str:
-        return _view.many_text(self)
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(repr(self))
-
-    def _repr_html_(self) -> str:
-        return _view.many_html(self)
-
-
-def render_many(results: list[GatherResult]) -> GatherResults:
-    """The results of ``gather a b ...`` as one displayable list."""
-    return GatherResults(results)
-
-
-def series_svg(series: list[list[float]], title: str, width: int = 480, height: int = 220) -> str:
-    """One line per rank against the step, as inline SVG with axes and one legend."""
-    lines = [Line(rank, list(range(len(s))), s) for rank, s in enumerate(series) if s]
-    return line_chart_svg(
-        lines,
-        title=f"{title} per rank",
-        x_label="step",
-        y_label=title,
-        width=width,
-        height=height,
-        line_class="mlx-series",
-    )

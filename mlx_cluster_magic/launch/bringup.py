@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 import ipyparallel as ipp
 import psutil
 
-from . import engines, launch, procs
-from .errors import MLXClusterError
-from .options import ClusterSpec
-from .snapshot import NodeStatus
-from .status import StatusReceiver
+from ..contract import CONNECTION_FILE_VAR, STATUS_VAR
+from ..errors import MLXClusterError
+from ..observe.snapshot import NodeStatus
+from ..observe.status_receiver import StatusReceiver
+from . import ipp_adapter, mpi_job, processes
+from .spec import ClusterSpec
 
 if TYPE_CHECKING:
-    from .doctor import DoctorReport
+    from ..fabric.doctor import DoctorReport
 
 # The controller pings engines this often (ms) and unregisters one after this many misses:
 # ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
@@ -39,8 +40,8 @@ HEARTBEAT_MS = 50
 HEARTBEAT_MISSES = 40
 
 ENGINE_NAMESPACE = (
-    "import mlx.core as mx; from mlx_cluster_magic.engine import WORLD as world; "
-    "from mlx_cluster_magic.sidecar import report"
+    "import mlx.core as mx; from mlx_cluster_magic.rank.bootstrap import WORLD as world; "
+    "from mlx_cluster_magic import report"
 )
 
 
@@ -53,20 +54,20 @@ class Running:
     profile_dir: str
     started_at: float
     status: StatusReceiver | None
-    watchdog: procs.Watchdog | None = None
+    watchdog: processes.Watchdog | None = None
     client: ipp.Client | None = None
     view: Any = None
     ranks: list[dict[str, Any]] = field(default_factory=list)
-    tracked: list[procs.Tracked] = field(default_factory=list)
-    rank_procs: dict[int, procs.Tracked] = field(default_factory=dict)
+    tracked: list[processes.Tracked] = field(default_factory=list)
+    rank_procs: dict[int, processes.Tracked] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return self.spec.n
 
-    def track(self, pids: Sequence[int]) -> list[procs.Tracked]:
+    def track(self, pids: Sequence[int]) -> list[processes.Tracked]:
         """Track processes at spawn (with their start times), children included."""
-        new = procs.track(pids)
+        new = processes.track(pids)
         self.tracked += new
         return new
 
@@ -74,10 +75,10 @@ class Running:
 def prepare(spec: ClusterSpec) -> Running:
     """The private profile directory (0700), the ipyparallel cluster object and the status
     receiver: nothing is running yet, but ``tear_down`` already knows what to remove."""
-    profile = tempfile.mkdtemp(prefix=procs.PRIVATE_PREFIX)
+    profile = tempfile.mkdtemp(prefix=processes.PRIVATE_PREFIX)
     for sub in ("security", "log", "startup", "pid"):
         os.makedirs(os.path.join(profile, sub), mode=0o700)
-    cluster = engines.new_cluster(
+    cluster = ipp_adapter.new_cluster(
         n=spec.n,
         profile_dir=profile,
         controller_ip=spec.controller_ip,
@@ -111,7 +112,8 @@ def refuse_failed_hosts(report: DoctorReport) -> None:
 def start_controller(run: Running) -> None:
     """Launch the controller (it becomes ready in the background) and the watchdog."""
     run.ipp.start_controller_sync()
-    run.watchdog = procs.Watchdog(run.profile_dir, run.track(engines.launcher_pids(run.ipp)))
+    pids = run.track(ipp_adapter.launcher_pids(run.ipp))
+    run.watchdog = processes.Watchdog(run.profile_dir, pids)
 
 
 def bring_up(run: Running) -> None:
@@ -119,7 +121,7 @@ def bring_up(run: Running) -> None:
     been checked."""
     spec = run.spec
     assert run.watchdog is not None
-    env = launch.backend_environment(
+    env = mpi_job.backend_environment(
         spec.placement,
         spec.backend,
         libmpi=spec.mpi_lib,
@@ -129,10 +131,10 @@ def bring_up(run: Running) -> None:
     )
     env.update(spec.placement.envs)
     if run.status is not None:
-        env[launch.STATUS_VAR] = run.status.url
+        env[STATUS_VAR] = run.status.url
     if not run.ipp.send_engines_connection_env:  # as ``prepare`` chose
-        env[launch.CONNECTION_FILE_VAR] = engines.engine_connection_file(run.ipp)
-    mpi = launch.MPIOptions(
+        env[CONNECTION_FILE_VAR] = ipp_adapter.engine_connection_file(run.ipp)
+    mpi = mpi_job.MPIOptions(
         forward=tuple(sorted(env)),
         prted=spec.prted,
         ssh_agent=spec.ssh,
@@ -144,8 +146,8 @@ def bring_up(run: Running) -> None:
     run.ipp.start_engines_sync(
         n=spec.n,
         mpi_cmd=[spec.mpiexec],
-        mpi_args=launch.mpiexec_args(spec.placement, mpi),
-        engine_cmd=[spec.python, "-m", "mlx_cluster_magic.engine"],
+        mpi_args=mpi_job.mpiexec_args(spec.placement, mpi),
+        engine_cmd=[spec.python, "-m", "mlx_cluster_magic.rank.bootstrap"],
         engine_args=[
             f"--IPEngine.startup_command={ENGINE_NAMESPACE}",
             # No sqlite history on the engines: a write per cell costs the %%px round trip.
@@ -153,7 +155,7 @@ def bring_up(run: Running) -> None:
         ],
         environment=env,
     )
-    run.watchdog.watch(run.track(engines.launcher_pids(run.ipp)))
+    run.watchdog.watch(run.track(ipp_adapter.launcher_pids(run.ipp)))
     run.client = run.ipp.connect_client_sync()
     wait_for_engines(run)
     run.view = run.client[list(range(spec.n))]
@@ -166,24 +168,24 @@ def wait_for_engines(run: Running) -> None:
     assert run.client is not None
     timeout = run.spec.timeout
     deadline = time.monotonic() + timeout
-    launcher = engines.engine_launcher(run.ipp)
+    launcher = ipp_adapter.engine_launcher(run.ipp)
     while len(run.client.ids) < run.n:
         what = None
-        if engines.launcher_exited(launcher):
+        if ipp_adapter.launcher_exited(launcher):
             what = "mpiexec exited"
         elif time.monotonic() > deadline:
             missing = sorted(set(range(run.n)) - set(run.client.ids))
             what = f"rank(s) {missing} did not register within {timeout:g} s"
         if what:
-            output = engines.launcher_output(launcher)
-            raise MLXClusterError(engines.launch_failure(output, what))
+            output = ipp_adapter.launcher_output(launcher)
+            raise MLXClusterError(ipp_adapter.launch_failure(output, what))
         time.sleep(0.02)
 
 
 def check_ranks(run: Running) -> None:
     """Engine id == MPI rank == MLX rank, and every group spans all ranks; then each local
     engine (and its kernel nanny, a child) is tracked as ours to stop."""
-    from .engine import rank_report
+    from ..rank.bootstrap import rank_report
 
     placement, n = run.spec.placement, run.n
     reports = run.view.apply_sync(rank_report)
@@ -196,7 +198,7 @@ def check_ranks(run: Running) -> None:
     run.ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
     local = [r for r in run.ranks if placement.is_local or placement.ranks[r["mlx_rank"]].is_local]
     for r in local:
-        tracked = procs.Tracked.of(r["pid"])
+        tracked = processes.Tracked.of(r["pid"])
         if tracked is not None:
             run.rank_procs[r["rank"]] = tracked
     assert run.watchdog is not None
@@ -208,7 +210,7 @@ def dead_evidence(run: Running | None) -> dict[int, str]:
     local pid vanished, or the controller's heartbeat lost the engine."""
     if run is None:
         return {}
-    if engines.launcher_exited(engines.engine_launcher(run.ipp)):
+    if ipp_adapter.launcher_exited(ipp_adapter.engine_launcher(run.ipp)):
         return {r: "mpiexec exited" for r in range(run.n)}
     dead = {r: "process gone" for r, t in run.rank_procs.items() if not t.alive()}
     if run.client is not None and run.ranks:
@@ -231,7 +233,7 @@ def remove_session_dir(mpiexec_pid: int, since: float) -> None:
     """mpiexec keeps its session directory when it is killed before it cleans up (an abort),
     and a later mpiexec given the same pid cannot start its PMIx server ("The PMIx server's
     listener thread failed to start"): remove ours, once that pid is free."""
-    path = launch.mpi_session_dir(mpiexec_pid)
+    path = mpi_job.mpi_session_dir(mpiexec_pid)
     if psutil.pid_exists(mpiexec_pid):
         return  # still running, or the pid already belongs to another process
     try:
@@ -257,14 +259,14 @@ def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
     if run.client is None:
         # The start failed early: the controller may still be forking its schedulers, and
         # ipyparallel's stop would leave those behind. Reaping pauses it while it looks.
-        procs.reap(run.tracked, grace=grace)
+        processes.reap(run.tracked, grace=grace)
     # Local ranks get SIGTERM together with mpiexec, which would pass it on only after about
     # half a second; mpiexec then sees them exit and ends at once.
-    launcher = engines.engine_launcher(run.ipp)
+    launcher = ipp_adapter.engine_launcher(run.ipp)
     mpiexec = launcher.process if launcher is not None else None
-    procs.terminate(run.rank_procs.values())
-    engines.stop(run.ipp, run.client, drain=min(1.0, grace))
-    procs.reap(run.tracked, grace=grace)
+    processes.terminate(run.rank_procs.values())
+    ipp_adapter.stop(run.ipp, run.client, drain=min(1.0, grace))
+    processes.reap(run.tracked, grace=grace)
     if isinstance(mpiexec, psutil.Process):
         remove_session_dir(mpiexec.pid, run.started_at)
     if run.watchdog is not None:

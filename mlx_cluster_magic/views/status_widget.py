@@ -1,8 +1,8 @@
 """The live status view: an anywidget whose synced traits are the cluster's snapshot.
 
 Python only sets data (``update(snapshot)``, about twice a second from the status thread);
-``status.js`` renders it in the browser. Button clicks come back as custom messages and call the
-callbacks given at construction; the front end shows at once that a click was received.
+``status_widget.js`` renders it in the browser. Button clicks come back as custom messages and
+call the callbacks given at construction; the front end shows at once that a click was received.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ..snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from ..observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
 from .text import snapshot_html, snapshot_text
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,8 @@ class StatusWidget(anywidget.AnyWidget):
     runs: they must be safe to call from another thread than the cell's.
     """
 
-    _esm = HERE / "status.js"
-    _css = HERE / "status.css"
+    _esm = HERE / "status_widget.js"
+    _css = HERE / "status_widget.css"
 
     snapshot = traitlets.Dict().tag(sync=True)
     metrics: traitlets.List[dict[str, Any]] = traitlets.List().tag(sync=True)
@@ -229,7 +229,7 @@ class StatusWidget(anywidget.AnyWidget):
                     said = self._on_side()
                     message = said if isinstance(said, str) else None
                 else:
-                    from .side import open_side_panel
+                    from .side_panel import open_side_panel
 
                     message = open_side_panel(self)
             else:

@@ -8,7 +8,7 @@ current request has run, RSS, MLX's memory, the numbers user code passed to ``re
 and the flight recorder's summary.
 
 A C call that holds the GIL silences this thread; the head then shows the rank
-``unresponsive``, never ``dead`` (see status.py).
+``unresponsive``, never ``dead`` (see observe.status_receiver).
 """
 
 from __future__ import annotations

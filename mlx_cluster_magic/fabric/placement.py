@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MLXClusterError
+from ..errors import MLXClusterError
 
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _HOSTNAME_RE = re.compile(r"^(?:[A-Za-z0-9_.@-]+|\[[0-9A-Fa-f:]+\])$")

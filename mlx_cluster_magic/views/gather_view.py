@@ -1,14 +1,16 @@
-"""How a gathered variable reads: one verdict wording for text and HTML, series as charts.
+"""A gathered variable as the notebook shows it: the ranks' summaries compared (``GatherResult``),
+one verdict wording for text and HTML, series as charts.
 
-Typed against the shape of ``gather.GatherResult`` (a protocol), so this module imports nothing
-of the package: ``gather.py`` calls it to render itself.
+The ranks' summaries (``rank.gather_summary.Summary``) are typed by their shape (a protocol),
+so this module imports nothing of the rank side.
 """
 
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .charts import Line, fmt, is_constant, line_chart_svg
 
@@ -26,6 +28,10 @@ class SummaryLike(Protocol):
     def series(self) -> list[float] | None: ...
     @property
     def axis(self) -> str: ...
+    @property
+    def checksum(self) -> str: ...
+    @property
+    def value(self) -> Any: ...
 
 
 class ResultLike(Protocol):
@@ -170,3 +176,65 @@ def many_text(results: Sequence[ResultLike]) -> str:
 
 def many_html(results: Sequence[ResultLike]) -> str:
     return "<div class='mlx-gather-many'>" + "".join(gather_html(r) for r in results) + "</div>"
+
+
+@dataclass(frozen=True)
+class GatherResult:
+    """One variable from every rank: ``.values`` by rank, ``.agree``, ``.diverged`` ranks."""
+
+    name: str
+    summaries: Sequence[SummaryLike]
+    hosts: list[str]
+
+    @property
+    def values(self) -> list[Any]:
+        """The values by rank (``None`` where an array was over the size limit)."""
+        return [s.value for s in self.summaries]
+
+    @property
+    def diverged(self) -> list[int]:
+        """The ranks whose value differs from rank 0's."""
+        ref = self.summaries[0].checksum
+        return [r for r, s in enumerate(self.summaries) if s.checksum != ref]
+
+    @property
+    def agree(self) -> bool:
+        return not self.diverged and self.summaries[0].kind != "missing"
+
+    def __repr__(self) -> str:
+        return gather_text(self)
+
+    def _repr_html_(self) -> str:
+        return gather_html(self)
+
+
+class GatherResults(list[GatherResult]):
+    """Several gathered variables (``gather a b``): a list that renders each view."""
+
+    def __repr__(self) -> str:
+        return many_text(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+    def _repr_html_(self) -> str:
+        return many_html(self)
+
+
+def render_many(results: list[GatherResult]) -> GatherResults:
+    """The results of ``gather a b ...`` as one displayable list."""
+    return GatherResults(results)
+
+
+def series_svg(series: list[list[float]], title: str, width: int = 480, height: int = 220) -> str:
+    """One line per rank against the step, as inline SVG with axes and one legend."""
+    lines = [Line(rank, list(range(len(s))), s) for rank, s in enumerate(series) if s]
+    return line_chart_svg(
+        lines,
+        title=f"{title} per rank",
+        x_label="step",
+        y_label=title,
+        width=width,
+        height=height,
+        line_class="mlx-series",
+    )

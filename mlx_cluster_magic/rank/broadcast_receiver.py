@@ -1,61 +1,24 @@
-"""Broadcast: an array from the notebook to every rank as one variable.
+"""Broadcast, rank side: receive an array from the notebook and bind it on every rank.
 
-``send_broadcast`` (head) streams the array straight to the root rank over one TCP connection
-(not through the controller, which would copy it several times), and the ranks pass it on with
-MPI's buffer broadcast, chunk by chunk as it arrives (``receive_broadcast``, shipped to the
-engines by ``view.apply``). The listener binds the root's cluster address only, accepts only the
-connection that presents the random token, and is always closed. The head connects *before*
-the ranks start waiting, so a connection that fails raises its real error at once.
+The head (``broadcast_sender``) streams the array to the root rank over one TCP connection, and
+the ranks pass it on with MPI's buffer broadcast, chunk by chunk as it arrives
+(``receive_broadcast``, shipped to the engines by ``view.apply``). The listener binds the
+root's cluster address only, accepts only the connection that presents the random token, and is
+always closed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-import secrets
 import socket
 import time
-from typing import Any
-
-from .errors import MLXClusterError
 
 CHUNK_BYTES = 4 << 20
 ACCEPT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 
 _listeners: dict[str, socket.socket] = {}
-
-
-def send_broadcast(client: Any, view: Any, name: str, value: Any, *, root: int, ip: str) -> None:
-    """Head: bind ``value`` to ``name`` on every rank (see the module docstring)."""
-    import numpy as np
-
-    if not isinstance(name, str) or not name.isidentifier():
-        raise MLXClusterError(f"broadcast takes a variable name, got {name!r}")
-    to_mlx = type(value).__module__.startswith("mlx")
-    if to_mlx and "bfloat16" in str(getattr(value, "dtype", "")):
-        raise MLXClusterError("broadcast: bfloat16 has no NumPy type; send .astype(mx.float32)")
-    arr = np.require(np.asarray(value), requirements="C")  # keeps 0-d arrays 0-d
-    if arr.dtype.hasobject:
-        raise MLXClusterError("broadcast sends numeric arrays; use view.push for objects")
-    token = secrets.token_hex(16)
-    port = client[root].apply_sync(open_listener, ip, token)
-    try:
-        conn = socket.create_connection((ip, port), timeout=CONNECT_TIMEOUT_S)
-    except OSError as e:
-        client[root].apply_sync(close_listener, token)
-        raise MLXClusterError(
-            f"broadcast: cannot connect to rank {root} at {ip}:{port}: {e}"
-        ) from None
-    with conn:
-        conn.sendall(token.encode())
-        ar = view.apply_async(
-            receive_broadcast, name, arr.shape, arr.dtype.str, to_mlx, token, root
-        )
-        try:
-            conn.sendall(arr.reshape(-1).view(np.uint8).data)
-        finally:
-            ar.get()
 
 
 def close_listener(token: str) -> None:

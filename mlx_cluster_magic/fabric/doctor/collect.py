@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MLXClusterError
-from ..hosts import Host
+from ...errors import MLXClusterError
+from ..placement import Host
 from . import probe as _probe_module
 from .probe import MARK
 

@@ -1,54 +1,34 @@
-"""Every rank's Python stack, even while its main thread holds the GIL or waits in native code.
+"""Every rank's Python stack, read by the head, and faulthandler's text turned into frames.
 
-Engine side, ``install()`` registers :mod:`faulthandler` on ``SIGUSR2``: its handler is plain C,
-runs at signal delivery and writes all threads' Python frames to a private per-rank file, so it
-works when no Python code can run (a native MLX/MPI collective, a long C call holding the GIL).
-Neither ipyparallel nor Open MPI uses ``SIGUSR2`` in an engine process (the handler there is
-``SIG_DFL`` before ``install``); ``mpiexec`` only forwards it when *it* receives one.
-
-Head side, ``capture()`` signals the pid (``os.kill`` locally; over the cluster's own ssh for a
-remote rank) and reads the dump back; ``parse()`` turns faulthandler's text into frames. Cell
-frames (``/tmp/ipykernel_<pid>/<hash>.py`` on ipykernel engines) are shown as ``cell line N``.
-
-No IPython import: this module is used on the engines and by the head's analysis.
+``capture()`` signals a rank's pid (``os.kill`` locally; over the cluster's own ssh for a
+remote rank) so that its ``rank.stack_dump`` handler writes the dump, and reads it back;
+``parse()`` turns faulthandler's text into frames. Cell frames
+(``/tmp/ipykernel_<pid>/<hash>.py`` on ipykernel engines) are shown as ``cell line N``.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import re
 import shlex
-import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import IO
 
-SIGNAL = signal.SIGUSR2
+from ..contract import STACK_SIGNAL as SIGNAL
+from ..contract import is_cell, location
 
-#: The file this engine's dumps go to, once ``install`` has run.
-STACK_FILE: str | None = None
-_FILE: IO[str] | None = None
-
-_CELL = re.compile(
-    r"(?:^|[/\\])ipykernel_\d+[/\\]\d+\.py$|^<ipython-input-\d+-[0-9a-f]+>$|^<cell line: \d+>$"
-)
-
-
-def is_cell(filename: str) -> bool:
-    """True for the file name a notebook cell (``%%px`` included) is compiled under."""
-    return bool(_CELL.search(filename))
-
-
-def location(filename: str, line: int | None) -> str:
-    """``cell line 3`` for a cell, else ``train.py:12``: what a user recognises."""
-    where = "cell" if is_cell(filename) else os.path.basename(filename) or filename
-    if line is None:
-        return where
-    return f"cell line {line}" if where == "cell" else f"{where}:{line}"
+__all__ = [
+    "Frame",
+    "ThreadStack",
+    "capture",
+    "capture_all",
+    "is_cell",
+    "location",
+    "main_thread",
+    "parse",
+    "traceback_where",
+]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -104,48 +84,6 @@ def _outer_call(code: str) -> str:
     return ""
 
 
-# ----------------------------------------------------------------------------- engine side
-def install(path: str | None = None) -> str:
-    """Dump every thread's stack to ``path`` (a new private file by default) on ``SIGUSR2``.
-
-    The file is opened for appending, so the head may truncate it before each capture.
-    Returns the path; idempotent.
-    """
-    import faulthandler
-
-    global STACK_FILE, _FILE
-    if STACK_FILE is not None and path in (None, STACK_FILE):
-        return STACK_FILE
-    if path is None:
-        fd, path = tempfile.mkstemp(prefix="mlx-cluster-stack-", suffix=".txt")  # 0600
-        os.close(fd)
-    f = open(path, "a")  # noqa: SIM115 - faulthandler writes to this fd for the process's life
-    faulthandler.register(SIGNAL, file=f, all_threads=True, chain=False)
-    if _FILE is not None:
-        _FILE.close()
-    if STACK_FILE is None:
-        atexit.register(uninstall)  # a clean exit leaves no file behind
-    _FILE, STACK_FILE = f, path
-    return path
-
-
-def uninstall() -> None:
-    """Stop dumping on ``SIGUSR2`` and remove the file."""
-    import faulthandler
-
-    global STACK_FILE, _FILE
-    if STACK_FILE is None:
-        return
-    faulthandler.unregister(SIGNAL)
-    if _FILE is not None:
-        _FILE.close()
-    if STACK_FILE is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(STACK_FILE)
-    _FILE = STACK_FILE = None
-
-
-# ----------------------------------------------------------------------------- head side
 def capture(
     pid: int,
     path: str,

@@ -15,19 +15,13 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .errors import MLXClusterError
-from .hosts import JACCL_BACKENDS, LOCAL_NAMES, Placement
-
-# Variables read by the engine start-up (mlx_cluster_magic.engine) on every rank.
-BACKEND_VAR = "MLX_CLUSTER_BACKEND"
-RING_HOSTS_VAR = "MLX_CLUSTER_RING_HOSTS"
-IBV_DEVICES_VAR = "MLX_CLUSTER_IBV_DEVICES"
-STATUS_VAR = "MLX_CLUSTER_STATUS_URL"
-# Ranks on the head read the controller's engine connection file (private directory) instead of
-# waiting for it in their environment, so they start while the controller does.
-CONNECTION_FILE_VAR = "MLX_CLUSTER_CONNECTION_FILE"
-# ipyparallel hands engines their connection in these; remote ranks only get them via ``-x``.
-IPP_VARS = ("IPP_CONNECTION_INFO", "IPP_CLUSTER_ID", "IPP_PROFILE_DIR")
+from ..contract import (
+    BACKEND_VAR,
+    IBV_DEVICES_VAR,
+    RING_HOSTS_VAR,
+)
+from ..errors import MLXClusterError
+from ..fabric.placement import JACCL_BACKENDS, LOCAL_NAMES, Placement
 
 DEFAULT_RING_PORT = 32323
 DEFAULT_JACCL_PORT = 32323
@@ -63,7 +57,7 @@ def find_libmpi(mpiexec: str, explicit: str | None = None) -> str:
     doctor's probe runs on every host, too)."""
     # Here, not at the top: every rank imports this module for its variable names, and the
     # doctor package is the head's.
-    from .doctor.probe import is_loadable_library, libmpi_beside
+    from ..fabric.doctor.probe import is_loadable_library, libmpi_beside
 
     if explicit:
         if not is_loadable_library(explicit):

@@ -567,7 +567,7 @@ def write_hostfile(
         if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
             raise ValueError(f"host entry {rank} needs 'ips' as a list of strings: {entry!r}")
         hosts.append(dict(entry))
-    from .hosts import write_hostfile as write  # the one hostfile writer, beside the reader
+    from .placement import write_hostfile as write  # the one hostfile writer, beside the reader
 
     return write(path, hosts, backend=backend, envs=envs)
 
@@ -666,7 +666,7 @@ def discover_command(
     updates it in place and the ranks keep their order.  Problems come back as
     one-line ``MLXClusterError``s, which the magic shows without a traceback.
     """
-    from .errors import MLXClusterError
+    from ..errors import MLXClusterError
 
     try:
         interfaces = discover(run)

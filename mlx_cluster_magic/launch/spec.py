@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import hosts as hostmod
-from . import launch
-from .errors import MLXClusterError
+from ..errors import MLXClusterError
+from ..fabric import placement as hostmod
+from . import mpi_job
 
 START_TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 30.0
@@ -44,7 +44,7 @@ class ClusterSpec:
     collective_timeout: float = COLLECTIVE_TIMEOUT_S
     verbose: bool = False
     connections_per_ip: int = 1
-    control: launch.ControlPlane = field(default_factory=lambda: launch.ControlPlane("127.0.0.1"))
+    control: mpi_job.ControlPlane = field(default_factory=lambda: mpi_job.ControlPlane("127.0.0.1"))
     peers: tuple[tuple[str, str], ...] = ()  # (ssh name, address ssh reaches it at)
 
     @property
@@ -102,7 +102,7 @@ def resolve(
     python: str | None = None,
     workdir: str | None = None,
     controller_ip: str | None = None,
-    ring_port: int = launch.DEFAULT_RING_PORT,
+    ring_port: int = mpi_job.DEFAULT_RING_PORT,
     ssh: str | None = None,
     timeout: float = START_TIMEOUT_S,
     live_status: bool = True,
@@ -119,13 +119,13 @@ def resolve(
         raise MLXClusterError(
             f"--connections-per-ip must be a whole number from 1 to 16, got {connections_per_ip}"
         )
-    ports = placement.size * launch.ring_ports_per_rank(placement, connections_per_ip)
+    ports = placement.size * mpi_job.ring_ports_per_rank(placement, connections_per_ip)
     if not (isinstance(ring_port, int) and 1024 <= ring_port <= 65535 - ports):
         raise MLXClusterError(f"--ring-port must be a port from 1024 to 65535, got {ring_port}")
     timeout = _positive(timeout, "--timeout")
     collective_timeout = _positive(collective_timeout, "--collective-timeout")
-    found_mpiexec = launch.find_mpiexec(mpiexec)
-    lib = launch.find_libmpi(found_mpiexec, mpi_lib) if chosen in ("mpi", "any") else mpi_lib
+    found_mpiexec = mpi_job.find_mpiexec(mpiexec)
+    lib = mpi_job.find_libmpi(found_mpiexec, mpi_lib) if chosen in ("mpi", "any") else mpi_lib
     if chosen in hostmod.JACCL_BACKENDS:
         if placement.is_local:
             raise MLXClusterError(
@@ -134,7 +134,7 @@ def resolve(
                 "locally use mpi or ring"
             )
         # validate the rdma rows before launching
-        launch.ibv_devices(placement, ring=chosen == "jaccl-ring")
+        mpi_job.ibv_devices(placement, ring=chosen == "jaccl-ring")
     if placement.is_local and python and not os.access(python, os.X_OK):
         raise MLXClusterError(f"--python {python!r} is not an executable here")
     if workdir is not None and placement.is_local and not os.path.isdir(workdir):
@@ -149,11 +149,11 @@ def resolve(
             ) from None
     # Where the head listens for the hosts (the cables, or the network ssh uses when every
     # cable has its own subnet) and which networks MPI's own traffic is pinned to.
-    peers = {} if placement.is_local else launch.ssh_addresses(placement, ssh)
-    control = launch.control_plane(
-        placement, launch.local_interfaces(), peers, explicit=controller_ip
+    peers = {} if placement.is_local else mpi_job.ssh_addresses(placement, ssh)
+    control = mpi_job.control_plane(
+        placement, mpi_job.local_interfaces(), peers, explicit=controller_ip
     )
-    subnet = ",".join(launch.mpi_subnets(placement, control)) or None
+    subnet = ",".join(mpi_job.mpi_subnets(placement, control)) or None
     return ClusterSpec(
         placement=placement,
         backend=chosen,

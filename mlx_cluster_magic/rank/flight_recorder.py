@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .stacks import is_cell, location
+from ..contract import is_cell, location
 
 #: How many records each rank keeps.
 RING_SIZE = 256
@@ -457,7 +457,7 @@ def snapshot(recent: int = RECENT, busy: bool | None = None) -> dict[str, Any]:
     from the main thread's stack. About 50 us; 4 KB of JSON with 16 records.
     """
     global _blocked_seen, _settled
-    from . import stacks
+    from . import stack_dump
 
     records = _ring.copy()
     count, evaluating = _count, _evaluating
@@ -497,7 +497,7 @@ def snapshot(recent: int = RECENT, busy: bool | None = None) -> dict[str, Any]:
         "blocked_s": blocked_s,
         "where": where,
         "main_thread": f"0x{threading.main_thread().ident or 0:016x}",
-        "stack_file": stacks.STACK_FILE,
+        "stack_file": stack_dump.STACK_FILE,
         "checks": dict(checks_info),
         "pid": os.getpid(),
     }

@@ -1,0 +1,47 @@
+"""What the head and every rank agree on: the seam between the notebook's kernel and the ranks.
+
+Environment variables the head sets for the ranks' start-up, the exit code a rank uses to say
+its MLX group could not be formed, the signal that asks a rank for its stacks, and how a code
+location is written for a user. Both sides import this module; it imports nothing of the
+package, so a rank never pulls head-side code in through it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+# Read by the ranks' start-up (mlx_cluster_magic.rank.bootstrap), set by the head's launch.
+BACKEND_VAR = "MLX_CLUSTER_BACKEND"
+RING_HOSTS_VAR = "MLX_CLUSTER_RING_HOSTS"
+IBV_DEVICES_VAR = "MLX_CLUSTER_IBV_DEVICES"
+STATUS_VAR = "MLX_CLUSTER_STATUS_URL"
+# Ranks on the head read the controller's engine connection file (private directory) instead of
+# waiting for it in their environment, so they start while the controller does.
+CONNECTION_FILE_VAR = "MLX_CLUSTER_CONNECTION_FILE"
+# ipyparallel hands engines their connection in these; remote ranks only get them via ``-x``.
+IPP_VARS = ("IPP_CONNECTION_INFO", "IPP_CLUSTER_ID", "IPP_PROFILE_DIR")
+
+#: A rank exits with this when its MLX group does not span every rank (the head says why).
+EXIT_BAD_GROUP = 3
+
+#: The signal on which a rank dumps every thread's Python stack (see rank.stack_dump).
+STACK_SIGNAL = signal.SIGUSR2
+
+_CELL = re.compile(
+    r"(?:^|[/\\])ipykernel_\d+[/\\]\d+\.py$|^<ipython-input-\d+-[0-9a-f]+>$|^<cell line: \d+>$"
+)
+
+
+def is_cell(filename: str) -> bool:
+    """True for the file name a notebook cell (``%%px`` included) is compiled under."""
+    return bool(_CELL.search(filename))
+
+
+def location(filename: str, line: int | None) -> str:
+    """``cell line 3`` for a cell, else ``train.py:12``: what a user recognises."""
+    where = "cell" if is_cell(filename) else os.path.basename(filename) or filename
+    if line is None:
+        return where
+    return f"cell line {line}" if where == "cell" else f"{where}:{line}"
