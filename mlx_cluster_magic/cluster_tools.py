@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,12 +25,24 @@ if TYPE_CHECKING:
     from .observe.hang_verdict import WhyReport
 
 
+#: The comment line ``%%px`` sends before a cell (``px.CELL_HEADER`` and its magic line), so
+#: the ranks number lines as the editor does: kept out of ``cell``, sent again on replay.
+_PX_HEADER = re.compile(r"# %%px(?: [^\n]*)?\n")
+
+
 @dataclass(frozen=True)
 class HistoryEntry:
-    """A ``%%px`` cell that completed on its ranks (replayed by ``restart(replay=True)``)."""
+    """A ``%%px`` cell that completed on its ranks (replayed by ``restart(replay=True)``):
+    ``cell`` as the user wrote it, ``header`` the ``%%px`` line's comment sent before it."""
 
     cell: str
     targets: tuple[int, ...] | None = None
+    header: str = ""
+
+    @property
+    def code(self) -> str:
+        """What the ranks ran (and run again on replay), line numbers as in the editor."""
+        return self.header + self.cell
 
 
 class ClusterTools:
@@ -180,7 +193,7 @@ class ClusterTools:
         for i, entry in enumerate(history, 1):
             view = self.view if entry.targets is None else self.client[list(entry.targets)]
             try:
-                view.execute(entry.cell, block=True)
+                view.execute(entry.code, block=True)
             except Exception as e:
                 first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise MLXClusterError(
@@ -189,10 +202,14 @@ class ClusterTools:
             self._history.append(entry)
 
     def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None:
-        """Remember a cell that completed (``%%px`` calls this; ``--no-replay`` skips it)."""
+        """Remember a cell that completed (``%%px`` calls this as each completes, from any
+        thread; ``--no-replay`` skips it)."""
         full = targets is None or sorted(targets) == list(range(self.n))
-        self._history.append(HistoryEntry(cell, None if full else tuple(targets or ())))
+        m = _PX_HEADER.match(cell)
+        header, cell = (m.group(0), cell[m.end() :]) if m else ("", cell)
+        self._history.append(HistoryEntry(cell, None if full else tuple(targets or ()), header))
 
     def history(self) -> list[HistoryEntry]:
-        """The ``%%px`` cells that completed since the cluster started, in order."""
+        """The ``%%px`` cells that completed since the cluster started, in the order they
+        completed (blocking or ``--noblock``)."""
         return list(self._history)

@@ -5,6 +5,7 @@ state, never changes its life cycle (the widget's buttons call back into it)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -65,15 +66,22 @@ class ClusterViews:
 
     def metrics(self) -> Any:
         """Every number the ranks passed to ``report()``: records (rank, name, value, step,
-        time), as a pandas DataFrame when pandas is installed."""
+        time), as a pandas DataFrame when pandas is installed. ``time`` is a (local)
+        ``datetime``; ``step`` an integer where it was given as one."""
         run = self._require()
         points = [] if run.status is None else run.status.metrics()
-        records = [p.as_dict() for p in points]
+        records = [
+            {**p.as_dict(), "time": datetime.datetime.fromtimestamp(p.time)} for p in points
+        ]
         try:
             import pandas as pd
         except ImportError:
             return records
-        return pd.DataFrame(records, columns=["rank", "name", "value", "step", "time"])
+        frame = pd.DataFrame(records, columns=["rank", "name", "value", "step", "time"])
+        steps = [p.step for p in points if p.step is not None]
+        if steps and len(steps) < len(points) and all(type(s) is int for s in steps):
+            frame["step"] = frame["step"].astype("Int64")  # integers, with <NA> where not given
+        return frame
 
     def snapshot(self) -> ClusterSnapshot:
         """The plain data every view renders."""

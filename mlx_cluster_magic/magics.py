@@ -1,9 +1,9 @@
 """``%mlx_cluster``: thin magics that parse arguments and call ``MLXCluster``.
 
-Each subcommand has its own argparse parser, so ``-h``/``--help`` print its options with their
-defaults (``%mlx_cluster -h``, ``%mlx_cluster help [SUBCOMMAND]`` and ``%mlx_cluster?`` show them
-all). Misuse and every ``MLXClusterError`` become an IPython ``UsageError``: one line, no
-traceback.
+Each subcommand has its own argparse parser, so ``SUB -h``/``--help`` print its options with
+their defaults. ``%mlx_cluster -h`` (or ``help``) is a one-screen overview, one line per
+subcommand; ``%mlx_cluster help all`` and ``%mlx_cluster?`` show every option. Misuse and every
+``MLXClusterError`` become an IPython ``UsageError``: one line, no traceback.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def _build_parsers() -> dict[str, _Parser]:
     p = sub("checks", "Switch the cross-rank collective checks of a running cluster on or off.")
     p.add_argument("state", choices=("on", "off"), help="on or off")
 
-    sub("history", "The %%px cells that completed on every rank since start (what --replay runs).")
+    sub("history", "The %%px cells that completed since start, in that order (what --replay runs).")
 
     p = sub("links", "Measure every link between hosts: latency, bandwidth, route; flag slow ones.")
     p.add_argument(
@@ -275,8 +275,10 @@ def _build_parsers() -> dict[str, _Parser]:
         "--write", default=None, metavar="FILE", help="append this Mac to a JSON hostfile"
     )
 
-    p = sub("help", "Print the options of every subcommand, or of one.")
-    p.add_argument("subcommand", nargs="?", default=None, help="the subcommand to describe")
+    p = sub("help", "This overview; help SUBCOMMAND: its options; help all: every option.")
+    p.add_argument(
+        "subcommand", nargs="?", default=None, help="the subcommand to describe, or all"
+    )
     return parsers
 
 
@@ -291,7 +293,8 @@ def overview() -> str:
         "usage: %mlx_cluster SUBCOMMAND [options]",
         "",
         "Start, stop and inspect an MLX cluster from the notebook.",
-        "%mlx_cluster SUBCOMMAND -h shows one subcommand's options.",
+        "%mlx_cluster SUBCOMMAND -h shows one subcommand's options; %mlx_cluster help all (or",
+        "%mlx_cluster?) shows every option of every subcommand.",
         "",
         "subcommands:",
     ]
@@ -301,7 +304,7 @@ def overview() -> str:
 
 
 def full_help() -> str:
-    """Every subcommand's usage, options and defaults: ``-h``, ``help`` and ``?`` show this."""
+    """Every subcommand's usage, options and defaults: ``help all`` and ``?`` show this."""
     parts = [overview()]
     for name, parser in PARSERS.items():
         if name != "help":
@@ -345,7 +348,7 @@ class History(list):  # type: ignore[type-arg]
 
     def _lines(self) -> list[str]:
         if not self:
-            return ["no %%px cell has completed on every rank since the cluster started"]
+            return ["no %%px cell has completed since the cluster started"]
         lines = []
         for i, entry in enumerate(self, 1):
             targets = getattr(entry, "targets", None)
@@ -385,7 +388,7 @@ class MLXClusterMagics(Magics):
             what = f"unknown subcommand {sub!r}" if sub else "missing subcommand"
             raise UsageError(
                 f"%mlx_cluster: {what}; use one of: {', '.join(SUBCOMMANDS)} "
-                "(%mlx_cluster -h shows their options)"
+                "(%mlx_cluster -h says what each does)"
             )
         args = parse(sub, rest)
         if args is None:
@@ -412,12 +415,15 @@ class MLXClusterMagics(Magics):
     # ------------------------------------------------------------------- subcommands
     def _help(self, args: argparse.Namespace) -> None:
         if args.subcommand is None:
+            print(overview())
+            return
+        if args.subcommand == "all":
             print(full_help(), end="")
             return
         if args.subcommand not in PARSERS:
             raise UsageError(
                 f"%mlx_cluster help: unknown subcommand {args.subcommand!r}; use one of: "
-                f"{', '.join(SUBCOMMANDS)}"
+                f"{', '.join(SUBCOMMANDS)}, or all"
             )
         PARSERS[args.subcommand].print_help()
 
@@ -511,7 +517,18 @@ class MLXClusterMagics(Magics):
         return self._running().links(timeout=args.timeout, seconds=args.seconds)
 
     def _metrics(self, args: argparse.Namespace) -> Any:
-        return self._any("yet").metrics()
+        cluster = self._any("yet")
+        records = cluster.metrics()
+        if len(records):
+            return records
+        if not cluster.live_status:
+            print("no metrics: live status is off for this cluster (started with --no-status)")
+        else:
+            print(
+                "no metrics reported yet: in a %%px cell, report(step=i, loss=loss) records "
+                "numbers per rank (elsewhere: from mlx_cluster_magic import report)"
+            )
+        return None
 
     def _doctor(self, args: argparse.Namespace) -> Any:
         from .fabric.doctor import run_doctor

@@ -12,7 +12,11 @@ The magics are ipyparallel's own (``ParallelMagics``); only the blocking wait ch
 - the status view's Stop and Restart end the cell at once with one line (their clicks run on
   a kernel subshell of the widget's own, so they do not wait for the cell);
 - a cell that completed is remembered for ``%mlx_cluster restart --replay`` (``--no-replay``
-  skips it).
+  skips it), ``--noblock`` cells too, in the order they completed;
+- an interrupt ends with one line per rank saying where it stopped (the ranks' own
+  ``KeyboardInterrupt`` tracebacks are left to ``%pxresult``);
+- the ranks number a cell's lines as the editor does: the ``%%px`` line is line 1, in
+  tracebacks, ``why`` and every message.
 
 This module knows the cluster only through the ``PxCluster`` protocol.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import html
 import re
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -34,9 +39,14 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from .errors import MLXClusterError
 from .launch import ipp_adapter
+from .observe import stack_capture
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0
+#: The first line a ``%%px`` cell sends to the ranks: its own magic line, as a comment, so that
+#: the ranks number the cell's lines as the editor shows them (``cluster_tools`` keeps it out of
+#: the history's text).
+CELL_HEADER = "# %%px"
 #: Sooner, when the ranks still running wait in a collective for ranks done with the cell, and
 #: have for this long: a status period and a little, so every rank's record is that recent.
 HOPELESS_S = 0.6
@@ -75,6 +85,30 @@ def _strip_ours(line: str) -> str:
     """The cell line without our own options (ipyparallel's parser does not know them); the
     rest is left exactly as written, quotes included."""
     return _OUR_OPTIONS.sub(" ", line).strip()
+
+
+def as_shown(line: str, cell: str) -> str:
+    """The code a ``%%px`` cell sends: the cell after a comment holding its magic line, so line
+    numbers on the ranks (tracebacks, ``why``, checked collectives) are the editor's."""
+    return f"{CELL_HEADER} {line}".rstrip() + "\n" + cell
+
+
+def stopped_where(errors: dict[int, Any], targets: Sequence[int]) -> list[tuple[int, str]]:
+    """(rank, where it stopped) per target of a finished cell: ``KeyboardInterrupt at cell line
+    3 (time.sleep)``, or ``had finished`` for a rank without an error."""
+    rows = []
+    for t in targets:
+        err = errors.get(t)
+        if err is None:
+            rows.append((t, "had finished"))
+            continue
+        found = stack_capture.traceback_where(str(getattr(err, "traceback", "") or ""))
+        text = str(getattr(err, "ename", "") or "error")
+        if found is not None:
+            where, call = found
+            text += f" at {where}" + (f" ({call})" if call else "")
+        rows.append((t, text))
+    return rows
 
 
 def progress_rows(
@@ -167,6 +201,7 @@ class MLXParallelMagics(ParallelMagics):
         self.cluster = cluster
         self.cell_timeout: float | None = None
         self.replayable = True
+        self._interrupted: threading.Event | None = None  # set once the running cell's is sent
         super().__init__(shell, view)
 
     def _check_cluster(self) -> PxCluster:
@@ -207,7 +242,7 @@ class MLXParallelMagics(ParallelMagics):
         self.cell_timeout = args.timeout
         self.replayable = not args.no_replay
         try:
-            return super().cell_px(_strip_ours(line), cell)
+            return super().cell_px(_strip_ours(line), as_shown(line, cell or ""))
         finally:
             self.cell_timeout = None
             self.replayable = True
@@ -238,7 +273,12 @@ class MLXParallelMagics(ParallelMagics):
         cluster = self._check_cluster()
         block = self.view.block if block is None else block
         if not block:
-            return super().parallel_execute(cell, block=False, groupby=groupby, save_name=save_name)
+            result = super().parallel_execute(
+                cell, block=False, groupby=groupby, save_name=save_name
+            )
+            if self.replayable:
+                _record_when_done(cluster, result, cell, self.view.targets)
+            return result
         stream_output = self.stream_output if stream_output is None else stream_output
         sig = self.signal_on_interrupt if signal_on_interrupt is None else signal_on_interrupt
         progress_after = self.progress_after_seconds if progress_after is None else progress_after
@@ -250,19 +290,27 @@ class MLXParallelMagics(ParallelMagics):
         self.last_result = result
         if save_name:
             self.shell.user_ns[save_name] = result
+        recorded = _record_when_done(cluster, result, cell, targets) if self.replayable else None
+        self._interrupted = threading.Event()
+        interrupted = self._interrupted
+
+        def hide(content: dict[str, Any]) -> bool:
+            return interrupted.is_set() and content.get("ename") == "KeyboardInterrupt"
+
+        stopped: list[tuple[int, str]] | None = None
         try:
-            with result.stream_output() if stream_output else nullcontext():
+            with ipp_adapter.stream_output(result, hide) if stream_output else nullcontext():
                 try:
                     self._wait(cluster, result, self.cell_timeout, progress_after)
                 except KeyboardInterrupt:
-                    self._interrupt(cluster, result, sig=sig)
-                    return None
-                try:
-                    result.get()
-                except error.CompositeError as e:
-                    if stream_output and ipp_adapter.output_ready(result):
-                        raise error.AlreadyDisplayedError(e) from None
-                    raise
+                    stopped = self._interrupt(cluster, result, sig=sig)
+                else:
+                    try:
+                        result.get()
+                    except error.CompositeError as e:
+                        if stream_output and ipp_adapter.output_ready(result):
+                            raise error.AlreadyDisplayedError(e) from None
+                        raise
         except CellAborted as e:
             raise UsageError(str(e)) from None
         finally:
@@ -270,8 +318,11 @@ class MLXParallelMagics(ParallelMagics):
             if not stream_output and result.done():
                 result.wait_for_output(1)
                 result.display_outputs(groupby)
-        if self.replayable:
-            cluster.record_cell(cell, None if targets == "all" else list(_as_list(targets)))
+        if stopped:
+            lines = [f"rank {r}: {where}" for r, where in stopped]
+            print("\n".join([*lines, "(%pxresult shows the full tracebacks)"]), file=sys.stderr)
+        elif recorded is not None:
+            recorded.wait(1)  # the history has the cell when the cell returns
         return None
 
     def _wait(
@@ -289,9 +340,12 @@ class MLXParallelMagics(ParallelMagics):
                 self._check_alive(cluster, generation)
                 elapsed = time.monotonic() - start
                 if deadline is not None and time.monotonic() > deadline:
-                    self._interrupt(cluster, result, why=f"did not finish within {timeout:g} s")
+                    stopped = self._interrupt(
+                        cluster, result, why=f"did not finish within {timeout:g} s"
+                    )
+                    at = "".join(f"; rank {r}: {where}" for r, where in stopped)
                     raise CellAborted(
-                        f"the cell did not finish within {timeout:g} s and was interrupted"
+                        f"the cell did not finish within {timeout:g} s and was interrupted{at}"
                     )
                 if progress_after >= 0 and elapsed >= progress_after:
                     rows = progress_rows(
@@ -331,9 +385,10 @@ class MLXParallelMagics(ParallelMagics):
 
     def _interrupt(
         self, cluster: PxCluster, result: Any, why: str | None = None, sig: Any = "SIGINT"
-    ) -> None:
+    ) -> list[tuple[int, str]]:
         """Send ``sig`` to every rank still running, as ipyparallel does; abort the cluster if
-        one does not stop. ``0`` sends nothing. Every step has a time bound."""
+        one does not stop. ``0`` sends nothing. Every step has a time bound. Returns where each
+        rank stopped once all have (empty when no signal was sent)."""
         running = ipp_adapter.pending_targets(result)
         if why is None:
             print(
@@ -341,10 +396,13 @@ class MLXParallelMagics(ParallelMagics):
                 file=sys.stderr,
             )
         if not running or sig == 0 or sig == "0":
-            return
+            return []
+        if self._interrupted is not None:
+            self._interrupted.set()  # the ranks' KeyboardInterrupt tracebacks are not streamed
         ipp_adapter.send_signal(self.view.client, sig, running, SIGNAL_TIMEOUT_S)
         start = time.monotonic()
         hopeless_since: float | None = None
+        hopeless = False
         while time.monotonic() - start < INTERRUPT_GRACE_S and not result.done():
             result.wait(POLL_S)
             if not cluster.waits_on_ended(ipp_adapter.pending_targets(result)):
@@ -352,21 +410,55 @@ class MLXParallelMagics(ParallelMagics):
             elif hopeless_since is None:
                 hopeless_since = time.monotonic()
             elif time.monotonic() - hopeless_since >= HOPELESS_S:
+                hopeless = True
                 break
-        if result.done() or not cluster.running:
-            return
-        waited = time.monotonic() - start
+        if result.done():
+            result.wait_for_output(1)
+            errors = ipp_adapter.errors_by_rank(result)
+            return stopped_where(errors, ipp_adapter.result_targets(result))
+        if not cluster.running:
+            return []
         stuck = ipp_adapter.pending_targets(result)
         what = cluster.describe_ranks(stuck)
         verdict = cluster.hang_verdict()
         cell = f"the cell {why}" if why else "the cell was interrupted"
         cluster.abort(f"{cell} and {what} did not respond")
+        grace = (
+            f"waited {HOPELESS_S:g} s in a collective that the other ranks had left"
+            if hopeless
+            else f"did not respond to the interrupt within {INTERRUPT_GRACE_S:g} s"
+        )
         raise CellAborted(
-            f"{cell}, but {what} did not respond to the interrupt within {waited:.1f} s "
+            f"{cell}, but {what} did not respond to the interrupt: it {grace} "
             "(stuck in a native MLX/MPI collective, which cannot be interrupted); the cluster "
             "was stopped: %mlx_cluster restart brings it back"
             f"{_verdict(verdict)}"
         )
+
+
+def _record_when_done(
+    cluster: PxCluster, result: Any, cell: str, targets: Any
+) -> threading.Event:
+    """Remember ``cell`` for replay when it completes without an error on every target, from
+    the thread that completes it: blocking and ``--noblock`` cells alike, in the order they
+    completed (not one of a cluster since restarted). The event is set once decided."""
+    generation = cluster.generation
+    on = None if targets == "all" else list(_as_list(targets))
+    decided = threading.Event()
+
+    def record(_: Any) -> None:
+        try:
+            if (
+                result.exception() is None
+                and cluster.generation == generation
+                and cluster.running
+            ):
+                cluster.record_cell(cell, on)
+        finally:
+            decided.set()
+
+    result.add_done_callback(record)
+    return decided
 
 
 def _nodes(cluster: PxCluster) -> list[dict[str, Any]]:

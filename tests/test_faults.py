@@ -47,15 +47,21 @@ def test_rank_killed_mid_cell_ends_the_cell_naming_rank_and_host(ip) -> None:
     _healthy(ip, cluster)
 
 
-def test_interrupt_reaches_every_rank(ip, capsys) -> None:
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_interrupt_reaches_every_rank(ip, capsys, stream: str) -> None:
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
     _later(1.5, _thread.interrupt_main)
     t = time.monotonic()
-    # As ipyparallel's own %%px: a one-line notice, the outputs so far, no local traceback.
-    ip.run_cell_magic("px", "--no-stream", "import time\nprint('started')\ntime.sleep(60)")
+    # As ipyparallel's own %%px: a one-line notice, the outputs so far, no local traceback;
+    # then where each rank stopped (line 4 of the cell as the editor shows it), not the ranks'
+    # own KeyboardInterrupt tracebacks (streamed by ipyparallel's magic).
+    ip.run_cell_magic("px", stream, "import time\nprint('started')\ntime.sleep(60)")
     assert time.monotonic() - t < 1.5 + 5
     out, err = capsys.readouterr()
-    assert "Received Keyboard Interrupt. Sending signal SIGINT to engines..." in err
+    notice = "Received Keyboard Interrupt. Sending signal SIGINT to engines...\n"
+    where = [f"rank {r}: KeyboardInterrupt at cell line 4 (time.sleep)\n" for r in (0, 1)]
+    assert err.index(notice) < err.index(where[0]) < err.index(where[1]), err
+    assert "%pxresult shows the full tracebacks" in err
     assert "Traceback" not in err and "Traceback" not in out
     assert out.count("started") == 2
     assert cluster.running
@@ -89,8 +95,17 @@ def test_interrupt_of_a_rank_stuck_in_a_collective_aborts_the_cluster(ip) -> Non
     t = time.monotonic()
     with pytest.raises(UsageError, match=r"rank 0 on .* did not respond to the interrupt") as e:
         ip.run_cell_magic("px", "", STUCK)
-    assert time.monotonic() - t - 1.0 < 5, "control came back too late"
+    waited = time.monotonic() - t - 1.0
+    assert waited < 5, "control came back too late"
     assert "native MLX/MPI collective" in str(e.value)
+    # the wait it names is the one the code applied: rank 1 has left the cell, so rank 0's
+    # collective can never complete and the shorter wait ends it
+    from mlx_cluster_magic.px import HOPELESS_S, INTERRUPT_GRACE_S
+
+    assert f"waited {HOPELESS_S:g} s in a collective that the other ranks had left" in str(
+        e.value
+    ), str(e.value)
+    assert waited < INTERRUPT_GRACE_S + 1
     assert not cluster.running
     assert wait_no_processes() == []
     # mpiexec killed by the abort leaves its session directory; a later mpiexec given the same
@@ -114,7 +129,11 @@ def test_cell_timeout_on_a_stuck_collective(ip) -> None:
 def test_cell_timeout_on_an_interruptible_cell_keeps_the_cluster(ip) -> None:
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
     t = time.monotonic()
-    with pytest.raises(UsageError, match=r"did not finish within 1 s and was interrupted"):
+    with pytest.raises(
+        UsageError,
+        match=r"did not finish within 1 s and was interrupted; rank 0: KeyboardInterrupt at "
+        r"cell line 3 \(time.sleep\); rank 1: KeyboardInterrupt at cell line 3 \(time.sleep\)$",
+    ):
         ip.run_cell_magic("px", "--timeout 1 --no-stream", "import time\ntime.sleep(60)")
     assert time.monotonic() - t < 1 + 5
     assert cluster.running

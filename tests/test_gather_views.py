@@ -67,6 +67,21 @@ def test_constant_series_say_so_instead_of_a_flat_chart() -> None:
     assert "<svg" not in per_rank._repr_html_()
 
 
+def test_arrays_speak_of_elements_and_histories_of_steps() -> None:
+    flat = result("y", [np.array([2, 2, 2, 2])] * 2)
+    assert repr(flat) == "y: identical on 2/2 ranks: int64[4] min 2 mean 2 max 2 (every element is 2)"
+    assert "step" not in repr(flat) and "step" not in flat._repr_html_()
+    per_rank = result("y", [np.full(4, 2.0), np.full(4, 3.0)])
+    assert "all elements equal on each rank: rank 0 2, rank 1 3" in repr(per_rank)
+    import mlx.core as mx
+
+    ramp = result("y", [mx.arange(8), mx.arange(8) * 2])
+    html = ramp._repr_html_()
+    assert ">element</text>" in html and ">step</text>" not in html
+    history = result("loss", [[1.0, 0.5, 0.25], [1.0, 0.6, 0.3]])
+    assert ">step</text>" in history._repr_html_()
+
+
 def test_log_scale_when_a_series_spans_decades() -> None:
     loss = result("loss", [[10.0 * 0.5**i for i in range(20)], [11.0 * 0.5**i for i in range(20)]])
     html = loss._repr_html_()

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -102,8 +103,19 @@ def test_every_subcommand_prints_its_help(ip, capsys, sub: str) -> None:
 
 
 @pytest.mark.parametrize("line", ["-h", "--help", "help"])
-def test_help_lists_every_subcommand_with_its_options(ip, capsys, line: str) -> None:
+def test_help_is_a_one_screen_overview(ip, capsys, line: str) -> None:
     assert magic(ip, line) is None
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert len(lines) <= 24 and max(len(ln) for ln in lines) <= 100, text
+    for sub in OPTIONS:
+        assert len(re.findall(rf"^  {sub}  +\S", text, re.M)) == 1, f"{sub} not one line"
+    assert "%mlx_cluster SUBCOMMAND -h shows one subcommand's options" in text
+    assert "usage: %mlx_cluster start" not in text and "--collective-timeout" not in text
+
+
+def test_help_all_lists_every_subcommand_with_its_options(ip, capsys) -> None:
+    assert magic(ip, "help all") is None
     text = capsys.readouterr().out
     for sub in OPTIONS:
         assert re.search(rf"^  {sub}  +\S", text, re.M), f"{sub} missing from the overview"
@@ -231,7 +243,7 @@ def test_new_subcommands_reach_the_cluster(ip, capsys) -> None:
             assert "\n" not in str(e).strip(), sub
             assert sub.split()[0] in ("links", "metrics"), f"{sub}: {e}"
             continue
-        assert result is not None or sub.startswith("checks"), sub
+        assert result is not None or sub.startswith(("checks", "metrics")), sub
         if sub.startswith("why"):
             assert len(result.ranks) == 2 and hasattr(result, "verdict")
     out = capsys.readouterr().out
@@ -246,6 +258,29 @@ def test_new_subcommands_reach_the_cluster(ip, capsys) -> None:
     magic(ip, "stop")
     if missing:
         pytest.skip(f"cluster side not there yet: {', '.join(missing)}")
+
+
+def test_metrics_say_how_to_report_then_show_datetimes_and_integer_steps(ip, capsys) -> None:
+    import pandas as pd
+
+    magic(ip, "start -n 2")
+    capsys.readouterr()
+    assert magic(ip, "metrics") is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("no metrics reported yet:")
+    assert "report(step=i, loss=loss)" in out and "from mlx_cluster_magic import report" in out
+    ip.run_cell_magic("px", "", "for i in range(3):\n    report(step=i, loss=1.0 / (i + 1))")
+    deadline = time.monotonic() + 10
+    frame = magic(ip, "metrics")
+    while (frame is None or len(frame) < 6) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        frame = magic(ip, "metrics")
+    assert list(frame.columns) == ["rank", "name", "value", "step", "time"] and len(frame) == 6
+    assert frame["step"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert pd.api.types.is_integer_dtype(frame["step"])
+    assert pd.api.types.is_datetime64_any_dtype(frame["time"])
+    assert abs(frame["time"].iloc[0] - pd.Timestamp.now()) < pd.Timedelta(minutes=1)
+    magic(ip, "stop")
 
 
 def test_loading_twice_keeps_the_cluster(ip) -> None:

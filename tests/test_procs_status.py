@@ -173,6 +173,24 @@ def test_metrics_are_bounded_per_series(receiver) -> None:
     assert got[-1].step == POINTS_PER_SERIES + 49 and got[0].name == "loss"
 
 
+def test_integer_steps_stay_integers(receiver) -> None:
+    import numpy as np
+
+    from mlx_cluster_magic.rank import status_sidecar as sidecar
+
+    sidecar._drain(sidecar.REPORT_BUFFER)
+    sidecar.report(step=3, loss=1.0)
+    sidecar.report(step=np.int64(4), loss=1.0)
+    sidecar.report(step=4.5, loss=1.0)
+    sidecar.report(loss=1.0)
+    points = sidecar._drain(10)
+    assert [p[2] for p in points] == [3, 4, 4.5, None]
+    assert [type(p[2]) for p in points] == [int, int, float, type(None)]
+    _push(receiver, _report(receiver, 0, metrics=[list(p) for p in points]))
+    steps = [p.step for p in receiver.metrics()]
+    assert steps == [3, 4, 4.5, None] and type(steps[0]) is int and type(steps[2]) is float
+
+
 def test_a_failed_start_inlines_mpiexec_output_not_a_log_path() -> None:
     from mlx_cluster_magic.launch.ipp_adapter import launch_failure
 

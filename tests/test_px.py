@@ -5,6 +5,7 @@ progress in the cell, and replay of completed cells after a restart."""
 from __future__ import annotations
 
 import _thread
+import re
 import threading
 import time
 
@@ -191,6 +192,78 @@ def test_progress_appears_in_the_cell_after_progress_after(ip, capsys) -> None:
     assert shown[-1].startswith("2/2 ranks done after")
     ip.run_cell_magic("px", "--progress-after -1 --no-stream", "import time\ntime.sleep(1)")
     assert "ranks done after" not in capsys.readouterr().out
+
+
+def test_readme_states_the_interrupt_waits_the_code_uses() -> None:
+    from pathlib import Path
+
+    from mlx_cluster_magic.px import HOPELESS_S, INTERRUPT_GRACE_S
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert f"after {INTERRUPT_GRACE_S:g} s (`px.INTERRUPT_GRACE_S`)" in readme
+    assert f"or {HOPELESS_S:g} s (`px.HOPELESS_S`)" in readme
+
+
+def _history_settles(cluster, n: int) -> list:
+    """The history once it holds ``n`` cells (a cell is recorded as it completes, by the
+    thread that completes it)."""
+    deadline = time.monotonic() + 5
+    while len(cluster.history()) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cluster.history()
+
+
+def test_history_has_noblock_cells_in_the_order_they_completed(ip) -> None:
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    slow = ip.run_cell_magic("px", "--noblock --targets 0", "import time\ntime.sleep(1.5)\nslow = 1")
+    ip.run_cell_magic("px", "--targets 1", "fast = 1")
+    assert [h.cell for h in cluster.history()] == ["fast = 1"]  # there when the cell returns
+    slow.get(timeout=10)
+    history = _history_settles(cluster, 2)
+    assert [(h.cell, h.targets) for h in history] == [
+        ("fast = 1", (1,)),
+        ("import time\ntime.sleep(1.5)\nslow = 1", (0,)),
+    ]
+    # what the ranks ran: the cell after its %%px line, so line numbers are the editor's
+    assert history[0].code == "# %%px --targets 1\nfast = 1"
+    failed = ip.run_cell_magic("px", "--noblock", "1 / 0")
+    with pytest.raises(Exception):  # noqa: B017 - a failed cell is not history
+        failed.get(timeout=10)
+    time.sleep(0.3)
+    assert len(cluster.history()) == 2
+    shown = repr(ip.run_line_magic("mlx_cluster", "history"))
+    assert shown.index("[1] on ranks [1]:") < shown.index("[2] on ranks [0]:")
+
+
+def test_cell_lines_are_numbered_as_the_editor_shows_them(ip) -> None:
+    """The %%px line is line 1: in the ranks' tracebacks and in why's verdict."""
+    from ipyparallel.error import CompositeError
+
+    from mlx_cluster_magic.observe import stack_capture as stacks
+
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    with pytest.raises(CompositeError) as e:
+        ip.run_cell_magic("px", "--no-stream", "x = 1\ny = int('no')")
+    assert stacks.traceback_where(e.value.elist[0][2]) == ("cell line 3", "int")
+    cell = (
+        "import time\n"  # 2
+        "if world.rank() == 0:\n"  # 3
+        "    mx.eval(mx.distributed.all_sum(mx.ones(3)))\n"  # 4
+        "else:\n"  # 5
+        "    time.sleep(3)\n"  # 6
+        "    mx.eval(mx.distributed.all_sum(mx.ones(3)))\n"  # 7
+    )
+    ar = ip.run_cell_magic("px", "--noblock", cell)
+    try:
+        time.sleep(1.5)
+        verdict = cluster.why(stacks=False).verdict
+        assert re.match(
+            r"rank 1 is behind: rank 0 waits in all_sum #\d+ \(cell line 4\); rank 1 issued \d+ "
+            r"collectives? and is in time.sleep \(cell line 6\)$",
+            verdict,
+        ), verdict
+    finally:
+        ar.get(timeout=15)
 
 
 def test_replay_restores_variables_defined_across_cells(ip) -> None:

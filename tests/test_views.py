@@ -170,6 +170,26 @@ def test_chart_axes_ticks_log_scale_and_legend() -> None:
     assert line_chart_svg([], title="x", x_label="step") == ""
 
 
+def test_coinciding_lines_stay_visible() -> None:
+    """Every rank reporting the same values: each line is dashed in turn (one dash of each
+    rank's colour) and the chart says all ranks are identical; distinct lines stay solid."""
+    same = [Line(r, [0, 1, 2], [1.0, 2.0, 3.0]) for r in range(3)]
+    svg = line_chart_svg(same, title="loss", x_label="step")
+    lines = re.findall(r"<polyline [^>]*>", svg)
+    assert len(lines) == 3 and "all ranks identical" in svg
+    assert [re.search(r"stroke-dasharray='([^']*)' stroke-dashoffset='([^']*)'", ln).groups()
+            for ln in lines] == [("6 12", "0"), ("6 12", "-6"), ("6 12", "-12")]  # fmt: skip
+    apart = line_chart_svg(
+        [Line(0, [0, 1, 2], [1.0, 2.0, 3.0]), Line(1, [0, 1, 2], [1.0, 2.5, 3.0])],
+        title="loss",
+        x_label="step",
+    )
+    assert "stroke-dasharray" not in apart and "all ranks identical" not in apart
+    # two of three coincide: those two are dashed, no "all ranks identical"
+    two = line_chart_svg([*same[:2], Line(2, [0, 1, 2], [3.0, 2.0, 1.0])], title="l", x_label="s")
+    assert two.count("stroke-dasharray='6 6'") == 2 and "all ranks identical" not in two
+
+
 # --------------------------------------------------------------------------- the live widget
 def test_widget_traits_are_the_snapshot_data() -> None:
     s = snap(banner="careful", metrics=metrics(), topology_svg="<svg></svg>")
@@ -284,7 +304,8 @@ def test_es_module_renders_the_same_words(tmp_path: Path) -> None:
         f"const s = {json.dumps({**s.as_dict(), 'nodes': list(s.as_dict()['nodes'])})};\n"
         "console.log(JSON.stringify({header: m.headerText(s), rows: s.nodes.map(m.cells),\n"
         "  broken: m.brokenText({...s, state: 'broken', reason: 'rank 1 died.'}),\n"
-        "  chart: m.lineChart([{rank: 0, xs: [0, 1, 2], ys: [10, 1, 0.01]}], 'loss', 'step')}));\n"
+        "  chart: m.lineChart([{rank: 0, xs: [0, 1, 2], ys: [10, 1, 0.01]}], 'loss', 'step'),\n"
+        "  same: m.lineChart([0, 1].map((rank) => ({rank, xs: [0, 1], ys: [2, 3]})), 'l', 's')}));\n"
     )
     out = json.loads(
         subprocess.run(["node", str(script)], capture_output=True, text=True, check=True).stdout
@@ -296,6 +317,11 @@ def test_es_module_renders_the_same_words(tmp_path: Path) -> None:
     assert out["broken"] == "broken: rank 1 died; `%mlx_cluster restart` brings it back."
     assert out["chart"].count("<polyline") == 1 and "log scale" in out["chart"]
     assert re.search(r">step</text>", out["chart"])
+    assert "all ranks identical" in out["same"] and "all ranks identical" not in out["chart"]
+    assert re.findall(r'stroke-dasharray="(\d+ \d+)" stroke-dashoffset="(-?\d+)"', out["same"]) == [
+        ("6 6", "0"),
+        ("6 6", "-6"),
+    ]
 
 
 # --------------------------------------------------------------------------- side panel

@@ -194,6 +194,39 @@ def test_verdict_with_a_silent_rank() -> None:
     assert stacks.location("/x/train.py", 12) == "train.py:12"
 
 
+# What a rank sends back for ``def f(): ... 1/0`` then ``y = f()`` (IPython's colours and all).
+RANK_TRACEBACK = (
+    "\x1b[31m---------------------------------------------------------------------------\x1b[39m\n"
+    "\x1b[31mZeroDivisionError\x1b[39m                         Traceback (most recent call last)\n"
+    "\x1b[36mCell\x1b[39m\x1b[36m \x1b[39m\x1b[32mIn[1]\x1b[39m\x1b[32m, line 7\x1b[39m\n"
+    "\x1b[32m      5\x1b[39m     \x1b[38;5;28;01mreturn\x1b[39;00m \x1b[32m1\x1b[39m/\x1b[32m0\x1b[39m\n"
+    "\x1b[32m----> \x1b[39m\x1b[32m7\x1b[39m y = f()\n\n"
+    "\x1b[36mCell\x1b[39m\x1b[36m \x1b[39m\x1b[32mIn[1]\x1b[39m\x1b[32m, line 5\x1b[39m, in "
+    "\x1b[36mf\x1b[39m\x1b[34m()\x1b[39m\n"
+    "\x1b[32m----> \x1b[39m\x1b[32m5\x1b[39m     time.sleep(30)\n\n"
+    "\x1b[36mFile \x1b[39m\x1b[32m/x/numpy/linalg/_linalg.py:647\x1b[39m, in \x1b[36minv\x1b[39m"
+    "\x1b[34m(a)\x1b[39m\n"
+    "\x1b[32m--> \x1b[39m\x1b[32m647\x1b[39m     ainv = _umath_linalg.inv(a)\n\n"
+    "\x1b[31mZeroDivisionError\x1b[39m: division by zero"
+)
+
+
+def test_where_a_ranks_traceback_left_the_cell() -> None:
+    assert stacks.traceback_where(RANK_TRACEBACK) == ("cell line 5 in f()", "time.sleep")
+    top = RANK_TRACEBACK.split("\n\n")[0]
+    assert stacks.traceback_where(top) == ("cell line 7", "f")
+    assert stacks.traceback_where("KeyboardInterrupt: ") is None
+    from mlx_cluster_magic.px import stopped_where
+
+    class Err:
+        ename, traceback = "KeyboardInterrupt", top
+
+    assert stopped_where({0: Err()}, [0, 1]) == [
+        (0, "KeyboardInterrupt at cell line 7 (f)"),
+        (1, "had finished"),
+    ]
+
+
 # ----------------------------------------------------------------- captured from the runs above
 def _captured(name: str) -> dict:
     import json

@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ipyparallel as ipp
@@ -25,6 +25,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("AsyncResult", "_children"),
     ("AsyncResult", "_output_ready"),
     ("AsyncResult", "_fname"),
+    ("AsyncResult", "_iopub_streaming_output_callback"),
     ("ParallelMagics", "_autopx"),
 )
 
@@ -217,6 +218,40 @@ def output_ready(result: Any) -> bool:
 def name_result(result: Any, name: str) -> None:
     """The name an ``AsyncResult`` shows in its repr, as ipyparallel's magics set it."""
     result._fname = name
+
+
+@contextlib.contextmanager
+def stream_output(result: Any, hide_error: Callable[[dict[str, Any]], bool]) -> Iterator[None]:
+    """``result.stream_output()``, leaving out each streamed error whose content (``ename``,
+    ``traceback``...) ``hide_error`` picks: the ranks' tracebacks of an interrupt we sent, said
+    in one line per rank instead (``%pxresult`` still shows them)."""
+    show = result._iopub_streaming_output_callback
+
+    def callback(eid: Any, msg_future: Any, msg: dict[str, Any]) -> None:
+        if msg["header"]["msg_type"] == "error" and hide_error(msg["content"]):
+            return
+        show(eid, msg_future, msg)
+
+    result._iopub_streaming_output_callback = callback  # read by stream_output() as it starts
+    try:
+        with result.stream_output():
+            yield
+    finally:
+        del result._iopub_streaming_output_callback
+
+
+def errors_by_rank(result: Any) -> dict[int, Any]:
+    """The remote errors of a finished ``AsyncResult`` by rank (``ename``, ``traceback``)."""
+    exc = result.exception()
+    if exc is None:
+        return {}
+    elist = getattr(exc, "elist", None)
+    if elist is None:  # one engine: the RemoteError itself
+        return {int((exc.engine_info or {}).get("engine_id", -1)): exc}
+    return {
+        int((info or {}).get("engine_id", -1)): ipp.error.RemoteError(ename, evalue, tb, info)
+        for ename, evalue, tb, info in elist
+    }
 
 
 def send_signal(client: ipp.Client, sig: Any, targets: list[int], timeout: float) -> None:

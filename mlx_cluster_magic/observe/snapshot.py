@@ -43,12 +43,13 @@ class NodeStatus:
 
 @dataclass(frozen=True)
 class MetricPoint:
-    """One number a rank recorded with ``report(name=value, step=...)``."""
+    """One number a rank recorded with ``report(name=value, step=...)``: ``step`` is an int
+    when it was given as one; ``time`` is the rank's clock (seconds since the epoch)."""
 
     rank: int
     name: str
     value: float
-    step: float | None
+    step: int | float | None
     time: float
 
     def as_dict(self) -> dict[str, Any]:

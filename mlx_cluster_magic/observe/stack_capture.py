@@ -27,7 +27,61 @@ __all__ = [
     "location",
     "main_thread",
     "parse",
+    "traceback_where",
 ]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TB_CELL = re.compile(r"^Cell In\s*\[\d*\], line (\d+)(?:, in ([^(\s]+))?")
+_TB_FILE = re.compile(r"^File .+:\d+, in ")
+_TB_ARROW = re.compile(r"^-+>\s*(\d+)\s?(.*)$")
+
+
+def traceback_where(text: str) -> tuple[str, str] | None:
+    """Where a traceback as IPython formats it (what a rank sends back, colours and all) left
+    the user's cell: ``("cell line 3", "time.sleep")`` from its innermost cell frame, with
+    ``in f()`` for a function defined in the cell and the call on that line ("" for none).
+    None when no frame is a cell's."""
+    found: tuple[str, str] | None = None
+    frame: tuple[int, str] | None = None
+    for raw in _ANSI.sub("", text).splitlines():
+        head = _TB_CELL.match(raw)
+        if head:
+            frame = (int(head.group(1)), head.group(2) or "")
+            line, func = frame
+            found = (f"cell line {line}" + (f" in {func}()" if func else ""), "")
+            continue
+        if _TB_FILE.match(raw):
+            frame = None
+            continue
+        arrow = _TB_ARROW.match(raw)
+        if arrow and frame is not None and found is not None and int(arrow.group(1)) == frame[0]:
+            found = (found[0], _outer_call(arrow.group(2)))
+    return found
+
+
+def _outer_call(code: str) -> str:
+    """The outermost call of one line of source: ``time.sleep``, ``np.linalg.inv``; ""."""
+    import ast
+
+    text = code.strip()
+    for prefix in ("return ", "yield ", "await "):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    try:
+        tree = ast.parse(text + (" pass" if text.endswith(":") else ""))  # for/with/if lines
+    except SyntaxError:
+        return ""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name, func = [], node.func
+            while isinstance(func, ast.Attribute):
+                name.append(func.attr)
+                func = func.value
+            if isinstance(func, ast.Name):
+                name.append(func.id)
+            return ".".join(reversed(name))
+    return ""
 
 
 def capture(

@@ -127,7 +127,9 @@ class StatusReceiver:
                     if len(series) >= SERIES_PER_RANK:
                         continue
                     line = series[str(name)] = deque(maxlen=POINTS_PER_SERIES)
-                line.append((float(value), None if step is None else float(step), float(t)))
+                if step is not None and type(step) is not int:
+                    step = float(step)
+                line.append((float(value), step, float(t)))
             except (TypeError, ValueError):
                 continue
 

@@ -28,6 +28,9 @@ class Summary:
     dtype: str | None = None
     stats: dict[str, float] = field(default_factory=dict)
     series: list[float] | None = None
+    #: What a series' positions are: ``step`` for a list of numbers (a loss history),
+    #: ``element`` for an array.
+    axis: str = "step"
 
 
 def summarize(value: Any, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> Summary:
@@ -45,8 +48,9 @@ def summarize(value: Any, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> Summary:
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     ):
         value = np.asarray(value, dtype=np.float64)
-        series = True
+        series, axis = True, "step"
     else:
+        axis = "element"
         # A series is numbers along one axis; strings, datetimes, objects are shown, not drawn.
         series = (
             isinstance(value, np.ndarray)
@@ -80,6 +84,7 @@ def summarize(value: Any, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> Summary:
             dtype=str(arr.dtype),
             stats=stats,
             series=[float(x) for x in arr[:10_000]] if series and small else None,
+            axis=axis,
         )
     try:
         raw = pickle.dumps(value)

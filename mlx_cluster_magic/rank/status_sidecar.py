@@ -14,13 +14,14 @@ A C call that holds the GIL silences this thread; the head then shows the rank
 from __future__ import annotations
 
 import json
+import operator
 import os
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 PERIOD_S = 0.5
 #: Numbers ``report()`` keeps until the next send; the oldest go first when full.
@@ -90,11 +91,15 @@ def report(step: float | None = None, **values: float) -> None:
     """Record numbers for the live view, e.g. ``report(step=i, loss=loss, tok_s=rate)``.
 
     Each keyword is one metric (a chart in the status view, one line per rank); ``step`` is
-    its x value (else the time). Costs a few microseconds; never blocks on the network.
+    its x value (else the time), kept an integer when given as one. Costs a few microseconds;
+    never blocks on the network.
     """
     now = time.time()
-    if step is not None:
-        step = float(step)
+    if step is not None and type(step) is not int and type(step) is not float:
+        try:
+            step = operator.index(cast(Any, step))  # NumPy and MLX integers stay integers
+        except TypeError:
+            step = float(step)
     append = _POINTS.append
     for name, value in values.items():
         append((name, float(value), step, now))

@@ -1,5 +1,8 @@
 """Small line charts as inline SVG: one line per rank, axes with ticks, one legend.
 
+Lines that coincide (every rank reports the same values) are dashed in turn, each rank one dash
+of its colour, and a chart where all of them coincide says "all ranks identical".
+
 Drawn in Python for the static views (gather results, the HTML fallback of the status view),
 which must render anywhere a notebook's HTML does, with no plotting library. The live widget
 draws the same charts in its ES module (``status_widget.js``) with the same rules.
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 RANK_COLOURS = ("#1565c0", "#c62828", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#5d4037")
 #: A range spanning at least this ratio (two decades) of positive values is drawn on a log axis.
 LOG_RATIO = 100.0
+#: Length of one rank's dash where several ranks' lines coincide.
+DASH = 6
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,26 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     """Powers of ten within [lo, hi] (lo > 0)."""
     a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
     return [10.0**k for k in range(a, b + 1) if lo * (1 - 1e-9) <= 10.0**k <= hi * (1 + 1e-9)]
+
+
+def overlapping(drawn: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[int, int]]:
+    """For each drawn line (its points in pixels): its place among the lines drawn over it
+    (the same points, to the pixel) and how many they are; ``(0, 1)`` for a line alone."""
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    keys = []
+    for i, pts in enumerate(drawn):
+        key = tuple((round(x), round(y)) for x, y in pts)
+        keys.append(key)
+        groups.setdefault(key, []).append(i)
+    return [(groups[key].index(i), len(groups[key])) for i, key in enumerate(keys)]
+
+
+def dashes(k: int, m: int) -> str:
+    """The dash attributes of the ``k``-th of ``m`` lines drawn over each other: each draws
+    one dash in turn, so every rank's colour stays visible; "" for a line alone."""
+    if m < 2:
+        return ""
+    return f" stroke-dasharray='{DASH} {DASH * (m - 1)}' stroke-dashoffset='{-DASH * k}'"
 
 
 def line_chart_svg(
@@ -138,16 +163,26 @@ def line_chart_svg(
         f"<text x='10' y='{top + ph / 2:.1f}' text-anchor='middle' class='mlx-y-label' "
         f"transform='rotate(-90 10 {top + ph / 2:.1f})'>{y_axis}</text>"
     )
-    for ln in lines:
-        pts = " ".join(
-            f"{tx(x):.1f},{ty(y):.1f}"
+    drawn = [
+        [
+            (tx(x), ty(y))
             for x, y in zip(ln.xs, ln.ys)
             if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log)
+        ]
+        for ln in lines
+    ]
+    overlaps = overlapping(drawn)
+    if len(lines) > 1 and all(m == len(lines) for _, m in overlaps):
+        parts.append(
+            f"<text x='{left + pw}' y='13' text-anchor='end' class='mlx-identical' "
+            f"fill='#555'>all ranks identical</text>"
         )
+    for ln, pts, (k, m) in zip(lines, drawn, overlaps):
         colour = rank_colour(ln.rank)
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
         parts.append(
             f"<polyline class='{line_class}' data-rank='{ln.rank}' fill='none' "
-            f"stroke='{colour}' stroke-width='1.5' points='{pts}'>"
+            f"stroke='{colour}' stroke-width='1.5'{dashes(k, m)} points='{points}'>"
             f"<title>rank {ln.rank}</title></polyline>"
         )
     if legend:

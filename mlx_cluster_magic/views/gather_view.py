@@ -27,6 +27,8 @@ class SummaryLike(Protocol):
     @property
     def series(self) -> list[float] | None: ...
     @property
+    def axis(self) -> str: ...
+    @property
     def checksum(self) -> str: ...
     @property
     def value(self) -> Any: ...
@@ -73,15 +75,32 @@ def verdict_colour(r: ResultLike) -> str:
     return NEUTRAL_COLOUR if is_series(r) else DIFFER_COLOUR
 
 
+def axis(r: ResultLike) -> str:
+    """``step`` for lists of numbers (a history), ``element`` for arrays."""
+    kinds = {s.axis for s in r.summaries if s.series}
+    return "step" if kinds == {"step"} else "element"
+
+
 def constant_note(r: ResultLike) -> str | None:
-    """``constant 3 at every step`` (or per rank) when every rank's series is flat."""
+    """``constant 3 at every step`` for a flat history, ``every element is 3`` for a flat
+    array (or per rank) when every rank's series is flat."""
     series = [s.series for s in r.summaries]
     if not any(series) or not all(s and is_constant(s) for s in series if s is not None):
         return None
     values = [(rank, s[0]) for rank, s in enumerate(series) if s]
-    if len({v for _, v in values}) == 1:
-        return f"constant {fmt(values[0][1])} at every step"
-    return "constant at every step: " + ", ".join(f"rank {r} {fmt(v)}" for r, v in values)
+    same = len({v for _, v in values}) == 1
+    per_rank = ", ".join(f"rank {r} {fmt(v)}" for r, v in values)
+    if axis(r) == "element":
+        return (
+            f"every element is {fmt(values[0][1])}"
+            if same
+            else f"all elements equal on each rank: {per_rank}"
+        )
+    return (
+        f"constant {fmt(values[0][1])} at every step"
+        if same
+        else f"constant at every step: {per_rank}"
+    )
 
 
 def gather_text(r: ResultLike) -> str:
@@ -98,7 +117,8 @@ def gather_text(r: ResultLike) -> str:
 
 
 def series_chart(r: ResultLike, width: int = 480, height: int = 220) -> str:
-    """One line per rank (rank 0's alone when all agree) against the step; "" when flat."""
+    """One line per rank (rank 0's alone when all agree) against the step or element; ""
+    when flat."""
     if constant_note(r) is not None:
         return ""
     lines = [
@@ -109,7 +129,7 @@ def series_chart(r: ResultLike, width: int = 480, height: int = 220) -> str:
     return line_chart_svg(
         lines,
         title=f"{r.name} per rank" if not r.agree else f"{r.name} (identical on every rank)",
-        x_label="step",
+        x_label=axis(r),
         y_label=r.name,
         width=width,
         height=height,

@@ -6,6 +6,7 @@
 const COLUMNS = ["rank", "host", "state", "busy", "heartbeat", "RSS", "MLX active", "MLX peak", "device"];
 const RANK_COLOURS = ["#1565c0", "#c62828", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#5d4037"];
 const LOG_RATIO = 100;
+const DASH = 6; // one rank's dash where lines coincide, as views/charts.py
 const PENDING_TEXT = { stop: "stopping…", restart: "restarting…", replay: "restarting…", side: "opening…" };
 
 function humanBytes(n) {
@@ -141,17 +142,31 @@ function lineChart(lines, title, xLabel, width = 320, height = 170) {
     parts.push(`<line x1="${x}" x2="${x}" y1="${top + ph}" y2="${top + ph + 3}" class="mlx-axis"/><text x="${x}" y="${top + ph + 13}" text-anchor="middle" class="mlx-tick">${fmt(t)}</text>`);
   }
   parts.push(`<text x="${left + pw / 2}" y="${height - 3}" text-anchor="middle" class="mlx-x-label">${esc(xLabel)}</text>`);
-  if (log) parts.push(`<text x="${left + pw}" y="13" text-anchor="end" class="mlx-tick">log scale</text>`);
-  for (const l of lines) {
+  const drawn = lines.map((l) => {
     const pts = [];
     for (let i = 0; i < l.xs.length; i++) {
       const y = l.ys[i];
       if (y === null || !isFinite(y) || !isFinite(l.xs[i]) || (log && y <= 0)) continue;
-      pts.push(`${tx(l.xs[i]).toFixed(1)},${ty(y).toFixed(1)}`);
+      pts.push([tx(l.xs[i]), ty(y)]);
     }
+    return pts;
+  });
+  // Lines drawn over each other (the same points, to the pixel) are dashed in turn, one dash of
+  // each rank's colour, as views/charts.py does; a chart where all coincide says so.
+  const keys = drawn.map((pts) => pts.map(([x, y]) => `${Math.round(x)},${Math.round(y)}`).join(" "));
+  const groups = new Map();
+  keys.forEach((k, i) => { if (!groups.has(k)) groups.set(k, []); groups.get(k).push(i); });
+  const identical = lines.length > 1 && groups.size === 1;
+  const notes = [identical ? "all ranks identical" : "", log ? "log scale" : ""].filter(Boolean).join(", ");
+  if (notes) parts.push(`<text x="${left + pw}" y="13" text-anchor="end" class="mlx-tick${identical ? " mlx-identical" : ""}">${notes}</text>`);
+  lines.forEach((l, i) => {
+    const group = groups.get(keys[i]);
+    const m = group.length, k = group.indexOf(i);
+    const dash = m > 1 ? ` stroke-dasharray="${DASH} ${DASH * (m - 1)}" stroke-dashoffset="${-DASH * k}"` : "";
+    const pts = drawn[i].map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" ");
     const colour = RANK_COLOURS[l.rank % RANK_COLOURS.length];
-    parts.push(`<polyline class="mlx-line" data-rank="${l.rank}" fill="none" stroke="${colour}" stroke-width="1.5" points="${pts.join(" ")}"><title>rank ${l.rank}</title></polyline>`);
-  }
+    parts.push(`<polyline class="mlx-line" data-rank="${l.rank}" fill="none" stroke="${colour}" stroke-width="1.5"${dash} points="${pts}"><title>rank ${l.rank}</title></polyline>`);
+  });
   parts.push("</svg>");
   return parts.join("");
 }
