@@ -208,7 +208,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         """Point ``%%px``, ``%px``, ``%autopx`` and ``%pxresult`` at every rank of this cluster.
 
         They are ipyparallel's magics, with a wait that ends the cell when a rank dies, honours
-        interrupts and ``%%px --timeout S``.
+        interrupts and ``%%px --timeout S``. They get a view of their own: ``%pxconfig
+        --targets`` or ``--noblock`` changes what ``%px`` runs on, not ``cluster.view``.
         """
         from IPython import get_ipython
 
@@ -216,7 +217,9 @@ class MLXCluster(ClusterViews, ClusterTools):
 
         shell = get_ipython()
         if shell is not None:
-            shell.magics_manager.register(MLXParallelMagics(shell, self.view, self))
+            view = self.client[list(range(self.n))]
+            view.block = True
+            shell.magics_manager.register(MLXParallelMagics(shell, view, self))
 
     # ------------------------------------------------------------------ faults
     def _dead_evidence(self) -> dict[int, str]:
