@@ -46,7 +46,19 @@ class MLXCluster(ClusterViews, ClusterTools):
     >>> cluster.view.execute("y = mx.distributed.all_sum(mx.ones(4))")
     >>> cluster.stop()
 
-    Also a context manager: ``with MLXCluster(n=2) as cluster: ...``.
+    Life cycle (``state``):
+
+    - ``stopped`` on creation; ``start()`` goes through ``starting`` to ``running``, or back to
+      ``stopped`` with nothing left running and the error raised. ``start()`` on a running
+      cluster raises; ``restart()`` stops whatever runs and starts again.
+    - ``abort(reason)`` (a rank died, a cell could not be interrupted) kills every process at
+      once: ``broken``, with ``broken_reason``, until ``stop()``, ``restart()`` or ``start()``.
+    - ``stop()`` (``close()`` is the same) returns once no process of the cluster is left, and
+      is harmless to repeat: on a stopped cluster it returns at once; called from two threads,
+      one stops and the other waits for it. A ``with MLXCluster(n=2) as cluster:`` block stops
+      at its end; the kernel's exit stops every cluster still running.
+    - Every change of state happens under one lock, so a stop from the status view (another
+      thread) and a call in the cell cannot interleave.
     """
 
     def __init__(
@@ -208,7 +220,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         """Point ``%%px``, ``%px``, ``%autopx`` and ``%pxresult`` at every rank of this cluster.
 
         They are ipyparallel's magics, with a wait that ends the cell when a rank dies, honours
-        interrupts and ``%%px --timeout S``.
+        interrupts and ``%%px --timeout S``. They get a view of their own: ``%pxconfig
+        --targets`` or ``--noblock`` changes what ``%px`` runs on, not ``cluster.view``.
         """
         from IPython import get_ipython
 
@@ -216,7 +229,9 @@ class MLXCluster(ClusterViews, ClusterTools):
 
         shell = get_ipython()
         if shell is not None:
-            shell.magics_manager.register(MLXParallelMagics(shell, self.view, self))
+            view = self.client[list(range(self.n))]
+            view.block = True
+            shell.magics_manager.register(MLXParallelMagics(shell, view, self))
 
     # ------------------------------------------------------------------ faults
     def _dead_evidence(self) -> dict[int, str]:
@@ -263,19 +278,25 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._refresh_widget()
 
     def stop(self, *, origin: str | None = None) -> None:
-        """Stop engines and controller; check that no process of ours is left.
+        """Stop engines and controller; return once no process of ours is left.
 
-        Stopping a stopped cluster says so (``MLXClusterError``); a broken one is cleared.
+        A stopped cluster returns at once (closing twice is harmless, as for files and dask
+        clusters); a broken one is cleared. Two threads stopping at once stop it once: the
+        second waits for the first and returns.
         """
         with self._lock:
             if self._state == "stopped":
-                raise MLXClusterError("no cluster is running: nothing to stop")
+                return
             # Stopped first: a %%px cell waiting in another thread then reports the stop, not
             # the errors of the ranks the teardown kills.
             self._state = "stopped"
             self._reason = f"stopped from {origin}" if origin else None
             self._teardown()
         self._refresh_widget()
+
+    def close(self) -> None:
+        """The same as ``stop()`` (the name dask's clusters and executors use)."""
+        self.stop()
 
     def stopped_by(self) -> str | None:
         """Who stopped the cluster, when it was not a call in the cell itself."""
@@ -310,10 +331,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         return self if self.running else self.start()
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            if self._run is not None:
-                self._teardown()
-            self._state = "stopped"
+        self.stop()
 
     def mpiexec_command(self) -> str:
         """The mpiexec command line the engines are started with (for logs and debugging)."""

@@ -457,8 +457,11 @@ class MLXClusterMagics(Magics):
         return cluster
 
     def _stop(self, args: argparse.Namespace) -> None:
-        cluster = self._any("is running")
-        cluster.stop()  # a broken cluster stops too; a stopped one says so
+        cluster = self.cluster
+        if cluster is None or cluster.state == "stopped":
+            print("no MLX cluster is running: nothing to stop")
+            return
+        cluster.stop()  # a broken cluster stops too
         print(f"MLX cluster stopped: {_describe(cluster)}, no process left")
 
     def _restart(self, args: argparse.Namespace) -> MLXCluster:

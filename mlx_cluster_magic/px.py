@@ -18,24 +18,31 @@ The magics are ipyparallel's own (``ParallelMagics``); only the blocking wait ch
 - the ranks number a cell's lines as the editor does: the ``%%px`` line is line 1, in
   tracebacks, ``why`` and every message.
 
+Every override keeps what ipyparallel's decorators gave the stock magic (``like_stock``): its
+argument parser, its help text (``%pxresult?``) and its variable expansion (``%px`` sends
+``{x}`` and f-strings to the ranks as written).
+
 This module knows the cluster only through the ``PxCluster`` protocol.
 """
 
 from __future__ import annotations
 
+import copy
 import html
+import inspect
 import re
 import sys
+import textwrap
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ipyparallel import error
-from ipyparallel.client.magics import ParallelMagics, exec_args, output_args
+from ipyparallel.client.magics import ParallelMagics
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, construct_parser, parse_argstring
 
 from .errors import MLXClusterError
 from .launch import ipp_adapter
@@ -82,8 +89,8 @@ _OUR_OPTIONS = re.compile(r"(?:^|\s)(?:--timeout(?:=|\s+)\S+|--no-replay)(?=\s|$
 
 
 def _strip_ours(line: str) -> str:
-    """The cell line without our own options (ipyparallel's parser does not know them); the
-    rest is left exactly as written, quotes included."""
+    """The cell line without our own options, for ipyparallel's code; the rest is left exactly
+    as written, quotes included."""
     return _OUR_OPTIONS.sub(" ", line).strip()
 
 
@@ -109,6 +116,35 @@ def stopped_where(errors: dict[int, Any], targets: Sequence[int]) -> list[tuple[
             text += f" at {where}" + (f" ({call})" if call else "")
         rows.append((t, text))
     return rows
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def like_stock(name: str, *extra: argument, note: str = "") -> Callable[[_F], _F]:
+    """Give an override of ``ParallelMagics.<name>`` everything ipyparallel's decorators gave
+    the stock magic: its argument parser (``parse_argstring`` looks it up on the method), its
+    help text and its marks (``@no_var_expand``). ``extra`` options are added after stock's, in
+    the parser and the help, with ``note`` after stock's description."""
+    stock = getattr(ParallelMagics, name)
+
+    def wrap(func: _F) -> _F:
+        for attr, value in vars(stock).items():
+            setattr(func, attr, copy.copy(value) if isinstance(value, (list, dict)) else value)
+        func.__doc__ = stock.__doc__
+        if extra or note:
+            parser = getattr(stock, "parser", None)
+            description = parser.description if parser is not None else stock.__doc__
+            description = inspect.cleandoc(description or "")
+            func.__doc__ = f"{description}\n\n{textwrap.fill(note, 79)}" if note else description
+            # construct_parser applies the list last to first: stock's options first, then ours
+            decorators: list[Any] = getattr(stock, "decorators", [])
+            func.has_arguments = True  # type: ignore[attr-defined]
+            func.decorators = [*reversed(extra), *decorators]  # type: ignore[attr-defined]
+            func.parser = construct_parser(func)  # type: ignore[attr-defined]
+        return func
+
+    return wrap
 
 
 def progress_rows(
@@ -211,30 +247,25 @@ class MLXParallelMagics(ParallelMagics):
             raise UsageError(self.cluster.not_running_message())
         return self.cluster
 
-    @magic_arguments()
-    @exec_args
-    @output_args
-    @argument(
-        "--local",
-        action="store_const",
-        const=True,
-        dest="local",
-        help="also execute the cell in the local namespace",
-    )
-    @argument(
-        "--timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="abort the cell (and the cluster, if the ranks cannot be interrupted) after S seconds",
-    )
-    @argument(
-        "--no-replay",
-        action="store_true",
-        help="do not re-run this cell on %%mlx_cluster restart --replay",
+    @like_stock(
+        "cell_px",
+        argument(
+            "--timeout",
+            type=float,
+            default=None,
+            metavar="S",
+            help="abort the cell (and the cluster, if the ranks cannot be interrupted) after S "
+            "seconds",
+        ),
+        argument(
+            "--no-replay",
+            action="store_true",
+            help="do not re-run this cell on %%mlx_cluster restart --replay",
+        ),
+        note="On an MLX cluster a rank that dies, an interrupt the ranks cannot take, or "
+        "--timeout S ends the cell with one line instead of hanging the notebook.",
     )
     def cell_px(self, line: str = "", cell: str | None = None) -> Any:
-        """Executes the cell on every rank; ``--timeout S`` bounds how long it may run."""
         self._check_cluster()
         args = parse_argstring(self.cell_px, line)
         if args.timeout is not None and args.timeout <= 0:
@@ -247,15 +278,18 @@ class MLXParallelMagics(ParallelMagics):
             self.cell_timeout = None
             self.replayable = True
 
+    @like_stock("px")
     def px(self, line: str = "") -> Any:
         self._check_cluster()
         return super().px(line)
 
+    @like_stock("autopx")
     def autopx(self, line: str = "") -> Any:
         if not ipp_adapter.autopx_enabled(self):
             self._check_cluster()
         return super().autopx(line)
 
+    @like_stock("result")
     def result(self, line: str = "") -> Any:
         self._check_cluster()
         return super().result(line)
