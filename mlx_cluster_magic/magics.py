@@ -255,8 +255,7 @@ def _build_parsers() -> dict[str, _Parser]:
 
     p = sub(
         "doctor",
-        "Check every host is ready: ssh, python, versions, mpiexec, IP, MTU, route, and that "
-        "each host reaches the peers the backend sends to.",
+        "Check every host is ready: ssh, python, versions, mpiexec, IP, MTU, route, peers.",
     )
     _add_hosts_options(p)
     p.add_argument(

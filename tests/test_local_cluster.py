@@ -142,7 +142,6 @@ def test_wrong_libmpi_fails_start_with_a_clear_error_and_leaves_nothing(no_leaks
         ("gather", "the following arguments are required: names"),
         ("doctor --timeout 0", "must be more than 0 seconds"),
         ("hosts", "give --discover or --write FILE"),
-        ("stop", "no cluster is running"),
         ("restart", "no cluster to restart"),
         ("status", "no cluster is running"),
     ],

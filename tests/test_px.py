@@ -624,7 +624,7 @@ def test_stop_and_close_on_a_stopped_cluster_return_quietly(no_leaks, capsys) ->
 def test_stop_from_two_threads_at_once_stops_once(no_leaks) -> None:
     """Both calls return only once every rank is gone; the teardown runs once (counted by a
     profiler hook, which changes nothing)."""
-    import mlx_cluster_magic.bringup as bringup
+    import mlx_cluster_magic.launch.bringup as bringup
     from mlx_cluster_magic import MLXCluster
 
     cluster = MLXCluster(n=2).start()
