@@ -992,6 +992,14 @@ def test_side_panels_of_two_notebooks(no_leaks: None, lab: Lab, artifacts: Path)
             assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
             page.screenshot(path=str(shots["two"]))
 
+            # With A's panel in front, "Side panel" in B brings B's panel back (not a new one).
+            page.locator(f'.lm-TabBar-tab[data-id="{a_panel.split(chr(34))[1]}"]').click()
+            _wait("A's panel in front", lambda: page.locator(a_panel).is_visible(), 5)
+            assert not page.locator(b_panel).is_visible()
+            side_b.click()
+            _wait("B's panel in front again", lambda: page.locator(b_panel).is_visible(), 5)
+            assert sorted(_side_titles(page)) == [a_title, b_title]
+
             # Closing B's panel takes B's note with it.
             tab = page.locator(f'.lm-TabBar-tab[data-id="{b_panel.split(chr(34))[1]}"]')
             # A middle click closes a JupyterLab tab (the small x lies under the rotated

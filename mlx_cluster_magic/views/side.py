@@ -108,6 +108,8 @@ def open_side_panel(widget: Any, title: str | None = None) -> str:
         old = dict(_PANEL)
         if old and old["title"] == title and _is_open(old["widget"], widget):
             if old["widget"] is widget:
+                with contextlib.suppress(Exception):
+                    widget.send({"reveal": True})  # its view brings the panel on screen
                 return f'already open in the side panel "{title}" on the right'
             panel = old["panel"]
             panel.clear_output()

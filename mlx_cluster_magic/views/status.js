@@ -401,8 +401,24 @@ function render({ model, el }) {
   const closeMenu = (e) => { if (!menu.contains(e.target)) menu.hidden = true; };
   document.addEventListener("click", closeMenu);
 
+  // Bring this side view's panel on screen (its tab in the side bar), as a click on the tab.
+  function reveal() {
+    const panel = el.closest(".jupyterlab-sidecar");
+    if (!panel || panel.offsetParent !== null) return; // already on screen
+    const tab = document.querySelector(`.lm-TabBar-tab[data-id="${panel.id}"]`);
+    if (!tab) return;
+    const r = tab.getBoundingClientRect();
+    const at = { bubbles: true, cancelable: true, button: 0, clientX: r.left + r.width / 2, clientY: r.top + r.height / 2, pointerId: 1, isPrimary: true, pointerType: "mouse" };
+    tab.dispatchEvent(new PointerEvent("pointerdown", { ...at, buttons: 1 }));
+    tab.dispatchEvent(new PointerEvent("pointerup", { ...at, buttons: 0 }));
+  }
+
   function onMessage(msg) {
     if (!msg) return;
+    if (msg.reveal) {
+      if (me.side) reveal();
+      return;
+    }
     if (msg.got !== undefined) {
       if (pending && msg.view === viewId) pending.received = true;
       return;
