@@ -306,11 +306,19 @@ class MLXCluster(ClusterViews, ClusterTools):
         """Stop (if running) and start a fresh cluster of the same shape; with ``replay``, run
         the ``%%px`` cells that had completed (``history()``) again, in order."""
         history = list(self._history)
-        with self._lock:
-            if self._run is not None:
-                self._teardown()
-            self._state = "stopped"
-        self.start(activate=activate)
+        # The views say `restarting` (every rank `starting`) from now, not once the old ranks
+        # are gone.
+        self._restarting = True
+        self._refresh_widget()
+        try:
+            with self._lock:
+                if self._run is not None:
+                    self._teardown()
+                self._state = "stopped"
+            self.start(activate=activate)
+        finally:
+            self._restarting = False
+            self._refresh_widget()
         if replay:
             self._replay(history)
         return self
@@ -321,6 +329,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         _LIVE.discard(self)
         if run is None:
             return
+        self._keep_metrics_of(run)
         remains = bringup.tear_down(run, grace=grace)
         if remains is not None:
             self.last_nodes, self._last_recorders = remains.nodes, remains.recorders

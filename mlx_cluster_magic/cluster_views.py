@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import MLXClusterError
-from .observe.snapshot import ClusterSnapshot, NodeStatus
+from .observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
 
 if TYPE_CHECKING:
     from .fabric.placement import Placement
@@ -45,6 +45,12 @@ class ClusterViews:
     _require: Callable[[], Running]
     stop: Callable[..., None]
     restart: Callable[..., Any]
+
+    #: The last metrics of the run that ended (stop, restart, abort), shown marked as from the
+    #: previous run until the new run reports or the user clears them.
+    _previous_metrics: tuple[MetricPoint, ...] = ()
+    #: Set from the moment a restart is asked for until its start is done or failed.
+    _restarting: bool = False
 
     if TYPE_CHECKING:
 
@@ -84,22 +90,57 @@ class ClusterViews:
         return frame
 
     def snapshot(self) -> ClusterSnapshot:
-        """The plain data every view renders."""
+        """The plain data every view renders.
+
+        While a restart runs the header says ``restarting`` and every rank ``starting`` (the old
+        ranks are going, the new ones not there yet). Metrics of a run that ended stay, marked
+        ``metrics_previous``, until the new run reports one or ``clear_previous_metrics()``.
+        """
         run = self._run
-        nodes = self.last_nodes if run is None or run.status is None else self._node_records()
-        points = () if run is None or run.status is None else run.status.metrics(SNAPSHOT_POINTS)
+        restarting = self._restarting
+        if restarting:
+            nodes: list[NodeStatus] = [self._starting_row(r) for r in range(self.n)]
+        elif run is None or run.status is None:
+            nodes = self.last_nodes
+        else:
+            nodes = self._node_records()
+        live = () if run is None or run.status is None else run.status.metrics(SNAPSHOT_POINTS)
+        if live:
+            self._previous_metrics = ()  # the new run reports: the previous run's give way
+        points = tuple(live) if live else self._previous_metrics
         return ClusterSnapshot(
-            state=self._state,
+            state="restarting" if restarting else self._state,
             backend=self.backend,
             n=self.n,
             hosts=len({h.ssh for h in self.placement.hosts}),
-            uptime_s=None if run is None else time.time() - run.started_at,
+            uptime_s=None if run is None or restarting else time.time() - run.started_at,
             nodes=tuple(nodes),
-            reason=self._reason,
-            banner=self.banner,
-            metrics=tuple(points),
+            reason=None if restarting else self._reason,
+            banner=None if restarting else self.banner,
+            metrics=points,
             topology_svg=self._topology_svg,
+            metrics_previous=not live and bool(points),
         )
+
+    def _starting_row(self, rank: int) -> NodeStatus:
+        """A rank of a cluster being (re)started: no report yet, nothing live to show."""
+        host = (
+            self.last_nodes[rank].host
+            if rank < len(self.last_nodes)
+            else self.placement.ranks[rank].ssh
+        )
+        return NodeStatus(rank, host, "starting", 0.0, None, None, None, None, None, None)
+
+    def _keep_metrics_of(self, run: Running) -> None:
+        """Before ``run`` is torn down: keep its metrics for the views (previous run)."""
+        if run.status is not None:
+            with contextlib.suppress(Exception):
+                self._previous_metrics = tuple(run.status.metrics(SNAPSHOT_POINTS))
+
+    def clear_previous_metrics(self) -> None:
+        """Drop the metrics kept from a run that ended (the view's Clear button)."""
+        self._previous_metrics = ()
+        self._refresh_widget()
 
     def status_view(self) -> StatusWidget:
         """The live status widget; cached, so every display shows the same live object."""
@@ -110,6 +151,7 @@ class ClusterViews:
                 on_stop=lambda: self._stop_from_view(),
                 on_restart=lambda replay: self.restart(activate=True, replay=replay),
                 on_side=lambda: self.open_side_panel(),
+                on_clear=lambda: self.clear_previous_metrics(),
             )
             self._widget.update(self.snapshot())
         return self._widget

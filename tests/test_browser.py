@@ -62,6 +62,8 @@ CELLS = [
 ]
 
 VIEW_NOTEBOOK = "status-view.ipynb"
+#: The notebook on screen (another one may be open in a hidden tab).
+NB = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook"
 TOPOLOGY_SVG = (
     "<svg xmlns='http://www.w3.org/2000/svg' width='200' height='60' class='mlx-topo-test'>"
     "<text x='10' y='30'>mac1 = mac2 = mac3 = mac4</text></svg>"
@@ -110,6 +112,16 @@ threading.Thread(target=grow, daemon=True).start()""",
     "print(open_side_panel(w))",
     # 3: what Python received
     "print(clicks)",
+]
+
+
+# Two notebooks, each with its own kernel and cluster (A's is stopped before B's starts).
+TWO_NOTEBOOKS = ("nb-a.ipynb", "nb-b.ipynb")
+TWO_CELLS = [
+    "%load_ext mlx_cluster_magic",
+    "cluster = %mlx_cluster start -n 2",
+    "cluster",
+    "cluster.stop()",
 ]
 
 
@@ -284,6 +296,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     root.mkdir()
     _write_notebook(root / NOTEBOOK)
     _write_notebook(root / VIEW_NOTEBOOK, VIEW_CELLS)
+    for name in TWO_NOTEBOOKS:
+        _write_notebook(root / name, TWO_CELLS)
     server = Lab(root)
     try:
         server.wait_ready()
@@ -293,14 +307,14 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 # --------------------------------------------------------------------------- the page
-def _header(page: Any, scope: str = ".jp-Notebook") -> Any:
+def _header(page: Any, scope: str = NB) -> Any:
     """The status view's header line (the anywidget view's, or the older ipywidgets one's)."""
     return page.locator(
         f"{scope} .mlx-cluster-status .mlx-header, {scope} .mlx-cluster-status .widget-html"
     ).first
 
 
-def _button(page: Any, name: str, scope: str = ".jp-Notebook") -> Any:
+def _button(page: Any, name: str, scope: str = NB) -> Any:
     """A status view button by its name (``Stop``, ``Restart``), pending text included."""
     cls = {"Stop": "mlx-stop", "Restart": "mlx-restart"}[name]
     return page.locator(
@@ -309,7 +323,7 @@ def _button(page: Any, name: str, scope: str = ".jp-Notebook") -> Any:
     ).first
 
 
-def _rows(page: Any, scope: str = ".jp-Notebook") -> list[dict[str, Any]]:
+def _rows(page: Any, scope: str = NB) -> list[dict[str, Any]]:
     """The status table as the user sees it: one dict per rank row."""
     return page.evaluate(
         """(scope) => Array.from(document.querySelectorAll(
@@ -338,13 +352,13 @@ def _cell_errors(page: Any) -> str:
 
 def _run_cell(page: Any, index: int) -> None:
     """Select code cell ``index`` and run it with Shift+Enter, as a user would."""
-    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell = page.locator(f"{NB} .jp-Cell").nth(index)
     cell.locator(".jp-InputArea-editor").click()
     page.keyboard.press("Shift+Enter")
 
 
 def _prompt(page: Any, index: int) -> str:
-    return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputPrompt").inner_text()
+    return page.locator(f"{NB} .jp-Cell").nth(index).locator(".jp-InputPrompt").inner_text()
 
 
 def _wait_executed(page: Any, index: int, timeout: float) -> None:
@@ -370,7 +384,13 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
     metrics_shot = artifacts / "status-widget-metrics.png"
     stopped_shot = artifacts / "status-widget-stopped-mid-cell.png"
     failure_shot = artifacts / "status-widget-failure.png"
-    for old in (screenshot, metrics_shot, stopped_shot, failure_shot):
+    restarting_shot = artifacts / "status-widget-restarting.png"
+    cleared_shot = artifacts / "status-widget-cleared.png"
+    ended_shot = artifacts / "status-widget-kernel-restarted.png"
+    for old in (
+        screenshot, metrics_shot, stopped_shot, failure_shot, restarting_shot, cleared_shot,
+        ended_shot,
+    ):  # fmt: skip
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
     with sync_playwright() as pw:
@@ -472,6 +492,12 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             )
             ended_s = time.monotonic() - clicked
             _wait("the Stop button to be disabled", stop.is_disabled, timeout=5)
+            # What the user was looking at stays: the loss chart, marked as from the previous
+            # run; the stopped rows show no live figures.
+            assert len(_points(page, "loss")) == 2
+            assert _previous_note(page) == "metrics from the previous run"
+            for row in _rows(page):
+                assert "mlx-stopped" in row["cls"] and row["cells"][4:8] == ["-"] * 4, row
             page.locator(".mlx-cluster-status").first.screenshot(path=str(stopped_shot))
             said = _output(page, 5)
             print(
@@ -498,9 +524,79 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             error = _output(page, 7).strip()
             assert error.count("\n") == 0 and "Traceback" not in error, error
             assert "no cluster is running: start one with %mlx_cluster start" in error, error
-            page.locator(".jp-Notebook .jp-Cell").nth(7).screenshot(
+            page.locator(f"{NB} .jp-Cell").nth(7).screenshot(
                 path=str(artifacts / "px-after-stop-one-line.png")
             )
+
+            # Restart from the view: the header says restarting and every row starting at once;
+            # the charts of the previous run stay until the new run reports.
+            restart = _button(page, "Restart")
+            restart.click()
+            clicked = time.monotonic()
+            _wait(
+                "the header to say restarting, every row starting",
+                lambda: (
+                    "(restarting)" in _header(page).inner_text()
+                    and [r["cells"][2] for r in _rows(page)] == ["● starting"] * 2
+                ),
+                timeout=3,
+                period=0.05,
+            )
+            restarting_s = time.monotonic() - clicked
+            assert len(_points(page, "loss")) == 2 and _previous_note(page)
+            page.locator(".mlx-cluster-status").first.screenshot(path=str(restarting_shot))
+            _wait("the restarted cluster", lambda: _idle_rows(page), timeout=90)
+            assert "(running)" in _header(page).inner_text()
+            assert not [n for n in _notices(page) if "busy" in n], _notices(page)
+            assert len(_points(page, "loss")) == 2 and _previous_note(page)
+            print(f"Restart: header said restarting {restarting_s * 1000:.0f} ms after the click")
+
+            # New reports replace the previous run's charts.
+            before = _prompt(page, 4)
+            _run_cell(page, 4)
+            _wait("the new run's charts", lambda: _previous_note(page) is None, timeout=30)
+            _wait(
+                "cell 4 to finish again",
+                lambda: re.search(r"\[\d+\]", _prompt(page, 4)) and _prompt(page, 4) != before,
+                timeout=60,
+            )
+            assert "Error" not in _output(page, 4), _output(page, 4)
+            assert len(_points(page, "loss")) == 2
+
+            # Stop keeps them (previous run) until Clear.
+            stop.click()
+            _wait("stopped", lambda: "(stopped)" in _header(page).inner_text(), timeout=30)
+            _wait("the previous-run note", lambda: _previous_note(page) is not None, timeout=5)
+            page.locator(".mlx-cluster-status button.mlx-clear").first.click()
+            _wait("the charts to be cleared", lambda: _points(page, "loss") == [], timeout=10)
+            page.locator(".mlx-cluster-status").first.screenshot(path=str(cleared_shot))
+
+            # A kernel restart with a cluster running: every process goes with the kernel and
+            # the view says so, its buttons off; no button claims the kernel is busy.
+            restart.click()
+            _wait("the restarted cluster", lambda: _idle_rows(page), timeout=90)
+            kernel = _kernel_process(lab)
+            ours = kernel.children(recursive=True)
+            assert ours, "the cluster's processes are the kernel's children"
+            _lab_menu(page, "Kernel", "Restart Kernel…")
+            page.locator(".jp-Dialog button.jp-mod-accept").click()
+            _wait(
+                "the view to say the cluster ended with its kernel",
+                lambda: (
+                    "this cluster ended with its kernel"
+                    in page.locator(".mlx-cluster-status .mlx-broken").first.inner_text()
+                ),
+                timeout=15,
+            )
+            assert "(ended)" in _header(page).inner_text()
+            for name in ("Stop", "Restart"):
+                assert _button(page, name).is_disabled(), name
+            assert all("mlx-stopped" in r["cls"] for r in _rows(page))
+            _gone, alive = psutil.wait_procs([kernel, *ours], timeout=15)
+            assert not alive, [p.pid for p in alive]
+            time.sleep(3.5)  # past the moment a pending click would speak
+            assert not [n for n in _notices(page) if "busy" in n], _notices(page)
+            page.locator(".mlx-cluster-status").first.screenshot(path=str(ended_shot))
         except BaseException:
             if page is not None:
                 with contextlib.suppress(Exception):
@@ -511,6 +607,35 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             browser.close()
     killed = lab.stop()
     assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+
+
+def _previous_note(page: Any, scope: str = NB) -> str | None:
+    """The "metrics from the previous run" line above the charts, when shown."""
+    text: str | None = page.evaluate(
+        """(scope) => {
+            const note = document.querySelector(scope + ' .mlx-cluster-status .mlx-previous-note span');
+            return note ? note.innerText.trim() : null;
+        }""",
+        scope,
+    )
+    return text
+
+
+def _kernel_process(lab: Lab) -> psutil.Process:
+    """The notebook's kernel (the one ipykernel process the server runs)."""
+    kernels = [
+        p
+        for p in psutil.Process(lab.proc.pid).children()
+        if "ipykernel_launcher" in " ".join(p.cmdline())
+    ]
+    assert len(kernels) == 1, kernels
+    return kernels[0]
+
+
+def _lab_menu(page: Any, menu: str, item: str) -> None:
+    """Choose ``item`` in JupyterLab's ``menu`` (the menu bar), as a person does."""
+    page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
 
 
 def _idle_rows(page: Any) -> list[dict[str, Any]] | None:
@@ -545,12 +670,58 @@ def _open_notebook(page: Any, lab: Lab, name: str) -> None:
     )
 
 
+def _side_note(page: Any, scope: str) -> str | None:
+    """The visible "also shown in the side panel" note of the view in ``scope``, else None."""
+    text: str | None = page.evaluate(
+        """(scope) => {
+            const note = document.querySelector(scope + ' .mlx-cluster-status .mlx-side-note');
+            return note && !note.hidden && note.offsetParent !== null ? note.innerText : null;
+        }""",
+        scope,
+    )
+    return text
+
+
+def _notices(page: Any) -> list[str]:
+    """Every visible answer line of every status view on the page."""
+    texts: list[str] = page.evaluate(
+        """() => Array.from(document.querySelectorAll('.mlx-cluster-status .mlx-notice'))
+            .filter(n => !n.hidden && n.innerText.trim()).map(n => n.innerText.trim())"""
+    )
+    return texts
+
+
+def _side_titles(page: Any) -> list[str]:
+    """The titles of the side panels (their tabs in JupyterLab's right side bar)."""
+    titles: list[str] = page.evaluate(
+        """() => Array.from(document.querySelectorAll('.jupyterlab-sidecar')).map(p => {
+            const tab = document.querySelector(`.lm-TabBar-tab[data-id="${p.id}"]`);
+            return tab ? tab.innerText.trim() : '';
+        })"""
+    )
+    return titles
+
+
+def _table_fit(page: Any, scope: str) -> dict[str, Any]:
+    """The status table's box in ``scope``: its content and visible widths, shown headers."""
+    fit: dict[str, Any] = page.evaluate(
+        """(scope) => {
+            const box = document.querySelector(scope + ' .mlx-cluster-status .mlx-table-box');
+            return {scroll: box.scrollWidth, client: box.clientWidth,
+                    headers: Array.from(box.querySelectorAll('th'))
+                        .filter(th => th.offsetParent !== null).map(th => th.innerText.trim())};
+        }""",
+        scope,
+    )
+    return fit
+
+
 def _output(page: Any, index: int) -> str:
-    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell = page.locator(f"{NB} .jp-Cell").nth(index)
     return "\n".join(cell.locator(".jp-OutputArea-output").all_inner_texts())
 
 
-def _points(page: Any, metric: str, scope: str = ".jp-Notebook") -> list[int]:
+def _points(page: Any, metric: str, scope: str = NB) -> list[int]:
     """How many points each rank's line of ``metric`` has, as drawn."""
     return page.evaluate(
         """([scope, metric]) => Array.from(document.querySelectorAll(
@@ -632,18 +803,28 @@ def test_status_view_buttons_charts_and_side_panel(lab: Lab, artifacts: Path) ->
             _wait("the side panel's rows", lambda: len(_rows(page, side)) == 4, 10)
             assert not page.locator(f"{side} button.mlx-side").is_visible()
             _wait("the side button to be answered", side_button.is_enabled, 10)
+            # The notebook's view says where the panel is; the panel does not say it of itself.
+            _wait("the side note", lambda: _side_note(page, inline) is not None, 5)
+            assert _side_note(page, side) is None
+            assert _notices(page) == [], _notices(page)
+            assert _side_titles(page) == ["status-view.ipynb: MLX cluster, 4 ranks"]
+            # The table fits the narrow panel: columns drop, the heartbeat column stays.
+            fit = _table_fit(page, side)
+            assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
+            assert "silent 9.0 s" in _rows(page, side)[2]["cells"][4]
             page.screenshot(path=str(shots["side"]))
 
-            # From code, once the view has said it lives in JupyterLab: one panel, not two.
+            # From code, once the view has said it lives in JupyterLab: the open panel is
+            # reused, not a second one.
             _run_cell(page, 2)
             _wait_executed(page, 2, timeout=20)
             said = _output(page, 2)
-            assert "opened in a JupyterLab side panel (reported by the view in the browser)" in said
-            _wait(
-                "one side panel",
-                lambda: page.locator(f"{side} .mlx-cluster-status").count() == 1,
-                10,
-            )
+            assert (
+                'already open in the side panel "status-view.ipynb: MLX cluster, 4 ranks"' in said
+            ), said
+            time.sleep(1)
+            assert page.locator(f"{side} .mlx-cluster-status").count() == 1
+            assert len(_side_titles(page)) == 1
 
             # Restart and replay: a choice under the Restart button, answered by Python.
             page.locator(f"{inline} button.mlx-restart-more").click()
@@ -686,6 +867,167 @@ def test_status_view_buttons_charts_and_side_panel(lab: Lab, artifacts: Path) ->
             _run_cell(page, 3)
             _wait_executed(page, 3, timeout=20)
             assert _output(page, 3).strip() == "['restart True', 'stop']"
+        except BaseException:
+            if page is not None:
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(shots["failure"]))
+            print(f"jupyter lab log tail:\n{lab.log()}")
+            raise
+        finally:
+            browser.close()
+    killed = lab.stop()
+    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+
+
+# --------------------------------------------------------------------------- two notebooks
+def _side_scope(page: Any, title: str) -> str:
+    """A CSS scope for the side panel titled ``title``."""
+    ids: list[str] = page.evaluate(
+        """(title) => Array.from(document.querySelectorAll('.jupyterlab-sidecar')).filter(p => {
+            const tab = document.querySelector(`.lm-TabBar-tab[data-id="${p.id}"]`);
+            return tab && tab.innerText.trim() === title;
+        }).map(p => p.id)""",
+        title,
+    )
+    assert len(ids) == 1, (title, ids, _side_titles(page))
+    return f'.jupyterlab-sidecar[id="{ids[0]}"]'
+
+
+def _open_from_file_browser(page: Any, lab: Lab, name: str, kernels: int) -> None:
+    """Open ``name`` by a double click in JupyterLab's file browser; wait for its kernel."""
+    page.locator(".jp-DirListing-item", has_text=name).first.dblclick()
+    _wait(
+        f"{kernels} idle kernels",
+        lambda: len([k for k in lab.kernels() if k["execution_state"] == "idle"]) == kernels,
+        timeout=45,
+        period=0.5,
+    )
+    lab.remember_children()
+    page.wait_for_selector(
+        ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator[data-status='idle']"
+    )
+    tab = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
+    assert tab.is_visible()
+
+
+def _start_and_show(page: Any) -> None:
+    """Run the notebook's first three cells: load, start 2 ranks, show the view."""
+    _run_cell(page, 0)
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.press("Shift+Enter")
+    _wait_executed(page, 2, timeout=90)
+    page.wait_for_selector(f"{NB} .mlx-cluster-status.mlx-live", timeout=15_000)
+    _wait("2 idle rank rows", lambda: _idle_rows(page), timeout=20)
+
+
+@pytest.mark.cluster
+def test_side_panels_of_two_notebooks(no_leaks: None, lab: Lab, artifacts: Path) -> None:
+    """Notebooks A and B each start a cluster and open a side panel: one panel per notebook,
+    titled with its name and cluster, reused on a second click, the note in the notebook only
+    while the panel is open; a kernel shut down leaves a view that says the cluster ended."""
+    from playwright.sync_api import sync_playwright
+
+    shots = {
+        "a": artifacts / "side-panel-a-stopped.png",
+        "two": artifacts / "side-panels-two-notebooks.png",
+        "closed": artifacts / "side-panel-closed.png",
+        "shutdown": artifacts / "status-widget-kernel-shut-down.png",
+        "failure": artifacts / "side-panels-failure.png",
+    }
+    for old in shots.values():
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    a_name, b_name = TWO_NOTEBOOKS
+    a_title, b_title = (f"{n}: MLX cluster, 2 ranks" for n in TWO_NOTEBOOKS)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = None
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+
+            # A: a cluster, its view, "Side panel".
+            _open_notebook(page, lab, a_name)
+            _start_and_show(page)
+            side_a = page.locator(f"{NB} button.mlx-side")
+            side_a.click()
+            _wait("A's side panel", lambda: _side_titles(page) == [a_title], 15)
+            a_panel = _side_scope(page, a_title)
+            _wait("A's panel rows", lambda: len(_rows(page, a_panel)) == 2, 10)
+            _wait("A's note", lambda: _side_note(page, NB) is not None, 5)
+            assert _side_note(page, a_panel) is None and _notices(page) == [], _notices(page)
+            fit = _table_fit(page, a_panel)
+            assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
+
+            # A second click reuses the panel.
+            _wait("the side button to be answered", side_a.is_enabled, 10)
+            side_a.click()
+            _wait("the second click to be answered", side_a.is_enabled, 10)
+            time.sleep(1)
+            assert _side_titles(page) == [a_title]
+            assert page.locator(".jupyterlab-sidecar .mlx-cluster-status").count() == 1
+
+            # A stops its cluster; its panel says so.
+            _run_cell(page, 3)
+            _wait_executed(page, 3, timeout=30)
+            _wait("A's panel to say stopped", lambda: "(stopped)" in _header(page, a_panel)
+                  .inner_text(), 10)  # fmt: skip
+            page.screenshot(path=str(shots["a"]))
+
+            # B, opened beside A: its own cluster and its own panel, titled with its name.
+            _open_from_file_browser(page, lab, b_name, kernels=2)
+            _start_and_show(page)
+            side_b = page.locator(f"{NB} button.mlx-side")
+            side_b.click()
+            _wait("B's side panel", lambda: sorted(_side_titles(page)) == [a_title, b_title], 15)
+            b_panel = _side_scope(page, b_title)
+            _wait(
+                "B's panel running", lambda: "(running)" in _header(page, b_panel).inner_text(), 10
+            )
+            assert "(stopped)" in _header(page, a_panel).inner_text()
+            assert page.locator(b_panel).is_visible() and not page.locator(a_panel).is_visible()
+            _wait("B's note", lambda: _side_note(page, NB) is not None, 5)
+            assert _notices(page) == [], _notices(page)
+            fit = _table_fit(page, b_panel)
+            assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
+            page.screenshot(path=str(shots["two"]))
+
+            # With A's panel in front, "Side panel" in B brings B's panel back (not a new one).
+            page.locator(f'.lm-TabBar-tab[data-id="{a_panel.split(chr(34))[1]}"]').click()
+            _wait("A's panel in front", lambda: page.locator(a_panel).is_visible(), 5)
+            assert not page.locator(b_panel).is_visible()
+            side_b.click()
+            _wait("B's panel in front again", lambda: page.locator(b_panel).is_visible(), 5)
+            assert sorted(_side_titles(page)) == [a_title, b_title]
+
+            # Closing B's panel takes B's note with it.
+            tab = page.locator(f'.lm-TabBar-tab[data-id="{b_panel.split(chr(34))[1]}"]')
+            # A middle click closes a JupyterLab tab (the small x lies under the rotated
+            # label of a side-bar tab, where the browser's hit test finds the label).
+            tab.click(button="middle")
+            _wait("B's panel to close", lambda: _side_titles(page) == [a_title], 10)
+            _wait("B's note to go", lambda: _side_note(page, NB) is None, 5)
+            assert _notices(page) == [], _notices(page)
+            page.screenshot(path=str(shots["closed"]))
+            # ... and "Side panel" opens it again.
+            _wait("the side button to be enabled", side_b.is_enabled, 10)
+            side_b.click()
+            _wait("B's panel again", lambda: sorted(_side_titles(page)) == [a_title, b_title], 15)
+
+            # B's kernel shut down from the Kernel menu, its cluster running: the view says
+            # the cluster ended with its kernel and its buttons are off.
+            _lab_menu(page, "Kernel", "Shut Down Kernel")  # JupyterLab 4.6 asks nothing
+            _wait(
+                "B's view to say its cluster ended",
+                lambda: (
+                    "this cluster ended with its kernel"
+                    in page.locator(f"{NB} .mlx-cluster-status .mlx-broken").first.inner_text()
+                ),
+                timeout=15,
+            )
+            assert _button(page, "Stop").is_disabled() and _button(page, "Restart").is_disabled()
+            assert "(ended)" in _header(page).inner_text()
+            page.screenshot(path=str(shots["shutdown"]))
         except BaseException:
             if page is not None:
                 with contextlib.suppress(Exception):

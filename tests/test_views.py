@@ -18,6 +18,7 @@ from mlx_cluster_magic.views.status_widget import MAX_CHART_POINTS, StatusWidget
 from mlx_cluster_magic.views.text import (
     STATE_COLOURS,
     header_text,
+    node_cells,
     nodes_html,
     snapshot_html,
     snapshot_text,
@@ -89,7 +90,7 @@ def test_header_and_table_text_for_every_state() -> None:
     for rank, state in enumerate(NODE_STATES):
         assert f" {state} " in rows[str(rank)]
     assert "silent 12.5 s, process alive" in rows["3"]
-    assert "3.5 s" in rows["2"] and "200.0 MiB" in rows["0"] and "1.0 GiB" in rows["0"]
+    assert "3.5 s" in rows["2"] and "200.0 MiB" in rows["1"] and "1.0 GiB" in rows["1"]
     assert "rank 4: killed by signal 9" in text
     one_host = snap(n=1, hosts=1, nodes=(node(0, "idle"),))
     assert (
@@ -129,6 +130,34 @@ def test_html_rows_classes_and_colours() -> None:
     assert "silent 12.5 s, process alive" in html
     # escaping: a host name is data, never markup
     assert "&lt;b&gt;" in nodes_html([node(0, "idle", host="<b>")])
+
+
+def test_rows_that_are_not_live_show_no_live_figures() -> None:
+    """A stopped or dead rank's last report is not shown as if live: no busy time, heartbeat,
+    RSS or MLX memory (its host and device stay); a starting rank has none yet."""
+    for state in ("stopped", "dead", "starting"):
+        cells = node_cells(node(0, state, last_seen_s=0.2))
+        assert cells[3:8] == ["-"] * 5, (state, cells)
+        assert cells[1] == "mac1" and cells[8] == "Device(gpu, 0)"
+    for state in ("idle", "busy", "unresponsive"):
+        cells = node_cells(node(0, state, silent_s=4.0 if state == "unresponsive" else None))
+        assert cells[5:8] == ["200.0 MiB", "16.0 MiB", "1.0 GiB"], (state, cells)
+        assert cells[4] != "-"
+    # After an abort: dead rows, no fresh heartbeat (the text view says the same).
+    aborted = snap("broken", reason="rank 1 died", nodes=(node(0, "dead"), node(1, "dead")))
+    assert "0.3 s ago" not in snapshot_text(aborted)
+    assert "200.0 MiB" not in snapshot_text(aborted)
+
+
+def test_restarting_header_and_previous_metrics_in_text_and_html() -> None:
+    starting = tuple(node(i, "starting", last_seen_s=None) for i in range(2))
+    s = snap("restarting", n=2, hosts=1, uptime_s=None, nodes=starting)
+    assert header_text(s) == "MLX cluster (restarting): backend mpi, 2 ranks on 1 host, uptime -"
+    kept = snap("stopped", metrics=metrics(), metrics_previous=True)
+    text = snapshot_text(kept)
+    assert "metrics from the previous run:" in text and "loss: rank 0" in text
+    assert "metrics from the previous run" in snapshot_html(kept)
+    assert "previous run" not in snapshot_text(snap(metrics=metrics()))
 
 
 def test_banner_in_text_and_html() -> None:
@@ -226,6 +255,24 @@ def test_widget_traits_are_the_snapshot_data() -> None:
     assert {c["name"] for c in sent} == {"snapshot", "metrics", "topology_svg"}
 
 
+def test_widget_previous_metrics_flag_and_clear() -> None:
+    kept = snap("stopped", metrics=metrics(), metrics_previous=True)
+    cleared: list[str] = []
+    w = StatusWidget(
+        on_stop=lambda: None,
+        on_restart=lambda replay: None,
+        on_clear=lambda: cleared.append("clear"),
+        snapshot=kept,
+    )
+    assert w.snapshot["metrics_previous"] is True and len(w.metrics) == 4
+    w.click("clear")
+    assert cleared == ["clear"]
+    # Without a callback the widget drops the charts it holds.
+    alone = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=kept)
+    alone.click("clear")
+    assert alone.metrics == []
+
+
 def test_widget_metrics_are_thinned_and_json_safe() -> None:
     n = MAX_CHART_POINTS * 3
     points = tuple(MetricPoint(0, "loss", float(i), float(i), float(i)) for i in range(n))
@@ -253,10 +300,15 @@ def test_buttons_call_the_callbacks_and_answer() -> None:
     _click(w, {"action": "stop"})
     _click(w, {"action": "restart", "replay": False})
     _click(w, {"action": "replay", "replay": True})
-    _click(w, {"action": "side"})
+    _click(w, {"action": "side", "view": "v1"})
     assert calls == ["stop", ("restart", False), ("restart", True), "side"]
-    assert [a["ack"] for a in answers] == ["stop", "restart", "replay", "side"]
-    assert all(a["error"] is None for a in answers)
+    # Each click is taken at once ("got", before the callback runs), then answered.
+    assert [a.get("got") for a in answers[::2]] == ["stop", "restart", "replay", "side"]
+    acks = answers[1::2]
+    assert [a["ack"] for a in acks] == ["stop", "restart", "replay", "side"]
+    assert all(a["error"] is None for a in acks)
+    # The answer names the view that was clicked (only that view shows it).
+    assert answers[-2] == {"got": "side", "view": "v1"} and acks[-1]["view"] == "v1"
     w.click("stop")
     assert calls[-1] == "stop"
 
@@ -269,9 +321,11 @@ def test_a_failing_callback_is_one_line_in_the_view() -> None:
     answers: list[dict[str, object]] = []
     w.send = lambda content, buffers=None: answers.append(content)  # type: ignore[method-assign]
     _click(w, {"action": "stop"})
-    assert answers == [{"ack": "stop", "error": "the cluster is already stopping", "message": None}]
+    assert answers[-1] == {
+        "ack": "stop", "error": "the cluster is already stopping", "message": None, "view": None,
+    }  # fmt: skip
     _click(w, {"something": "else"})  # not ours: ignored
-    assert len(answers) == 1
+    assert len(answers) == 2
 
 
 def test_widget_display_bundle_has_text_and_html_fallbacks() -> None:
@@ -331,6 +385,100 @@ def test_side_panel_outside_a_kernel_falls_back_inline() -> None:
     said = side.open_side_panel(w)
     assert said.startswith("shown inline: the side panel needs JupyterLab (terminal:")
     assert w.side_panel is None
+
+
+def test_side_panel_title_names_the_notebook_and_the_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=snap())
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert side.panel_title(w) == "notebook: MLX cluster, 6 ranks"
+    # The kernel's session name (jupyter_server sets it to the notebook's path) ...
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/work/train.ipynb")
+    assert side.panel_title(w) == "train.ipynb: MLX cluster, 6 ranks"
+    # ... and better, the name the view in the browser reports.
+    w.notebook = "renamed.ipynb"
+    assert side.panel_title(w) == "renamed.ipynb: MLX cluster, 6 ranks"
+    w.update(snap(n=1, nodes=(node(0, "idle"),)))
+    assert side.panel_title(w) == "renamed.ipynb: MLX cluster, 1 rank"
+
+
+def test_side_panel_is_open_as_its_views_report() -> None:
+    """Whether this notebook's panel is still open: from the page that was clicked when there
+    is one (it knows which panels it shows), else from the side views' own reports."""
+    shown = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=snap())
+    asking = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=snap())
+    assert shown.key != asking.key and len(shown.key) == 32
+    assert not side._is_open(shown, asking)
+    _click(shown, {"event": "side_view", "open": True})
+    assert shown.side_views == 1 and side._is_open(shown, asking)
+    asking.page_side_keys = []  # the page clicked shows no panel: it was closed there
+    assert not side._is_open(shown, asking)
+    asking.page_side_keys = [shown.key]
+    assert side._is_open(shown, asking)
+    asking.page_side_keys = None
+    _click(shown, {"event": "side_view", "open": False})
+    _click(shown, {"event": "side_view", "open": False})  # never below zero
+    assert shown.side_views == 0 and not side._is_open(shown, asking)
+
+
+# --------------------------------------------------------------------------- a real cluster
+@pytest.mark.cluster
+def test_cluster_views_through_stop_restart_and_abort(no_leaks: None) -> None:
+    """What the views get from a real cluster: metrics kept (marked previous) through stop and
+    restart until the new run reports or they are cleared; `restarting` with every rank
+    `starting` from the moment restart is called; stopped and dead rows without live figures."""
+    import time
+
+    from mlx_cluster_magic import MLXCluster
+
+    def wait_for(what: str, check: object, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():  # type: ignore[operator]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
+    report = "for i in range(5): report(step=i, loss=1.0 / (i + 1))"
+    with MLXCluster(n=2) as cluster:
+        widget = cluster.status_view()
+        cluster.view.execute(report)
+        wait_for("the metrics", lambda: len(cluster.snapshot().metrics) == 10)
+        assert not cluster.snapshot().metrics_previous
+        cluster.stop()
+        s = cluster.snapshot()
+        assert s.state == "stopped" and s.metrics_previous and len(s.metrics) == 10
+        assert [node_cells(n)[4:8] for n in s.nodes] == [["-"] * 4] * 2
+        assert widget.snapshot["metrics_previous"] and len(widget.metrics) == 2
+
+        seen: list[tuple[str, list[str], bool]] = []
+        widget.observe(
+            lambda ch: seen.append(
+                (
+                    ch["new"]["state"],
+                    [n["state"] for n in ch["new"]["nodes"]],
+                    ch["new"]["metrics_previous"],
+                )
+            ),
+            names=["snapshot"],
+        )
+        cluster.restart()
+        assert seen[0] == ("restarting", ["starting", "starting"], True), seen
+        assert seen[-1][0] == "running" and seen[-1][2], seen  # kept until the new run reports
+        assert all(state in ("restarting", "running") for state, _, _ in seen), seen
+        cluster.view.execute("report(step=0, loss=3.0)")
+        wait_for("the new run's metric", lambda: len(cluster.snapshot().metrics) == 2)
+        assert not cluster.snapshot().metrics_previous
+
+        cluster.stop()
+        assert cluster.snapshot().metrics_previous
+        widget.click("clear")  # the view's Clear button
+        assert cluster.snapshot().metrics == () and widget.metrics == []
+
+        cluster.restart()
+        cluster.abort("aborted by the test")
+        s = cluster.snapshot()
+        assert s.state == "broken" and [n.state for n in s.nodes] == ["dead", "dead"]
+        assert [node_cells(n)[3:8] for n in s.nodes] == [["-"] * 5] * 2
 
 
 # --------------------------------------------------------------------------- clicks mid-cell

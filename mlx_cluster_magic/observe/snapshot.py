@@ -13,6 +13,12 @@ from typing import Any
 NODE_STATES = ("starting", "idle", "busy", "unresponsive", "dead", "stopped")
 #: Every state of the cluster's life cycle.
 CLUSTER_STATES = ("stopped", "starting", "running", "broken")
+#: What a view's header can say: the life cycle, plus ``restarting`` from the moment a restart is
+#: asked for until its new start is done (the old ranks stopping, the new ones starting).
+VIEW_STATES = (*CLUSTER_STATES, "restarting")
+#: Rank states whose figures (busy time, heartbeat, RSS, MLX memory) are live; a ``stopped`` or
+#: ``dead`` rank's last report is not, and the views show ``-`` for it.
+LIVE_NODE_STATES = ("idle", "busy", "unresponsive")
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class MetricPoint:
 class ClusterSnapshot:
     """The header and rows of the status view at one moment."""
 
-    state: str  # one of CLUSTER_STATES
+    state: str  # one of VIEW_STATES
     backend: str
     n: int
     hosts: int
@@ -70,6 +76,9 @@ class ClusterSnapshot:
     banner: str | None = None  # a warning to show above the table (e.g. a hang verdict)
     metrics: tuple[MetricPoint, ...] = field(default_factory=tuple)
     topology_svg: str | None = None  # the measured fabric, once ``links()`` has run
+    #: ``metrics`` are the last ones of a run that has ended (kept through stop and restart
+    #: until the new run reports or the user clears them), not this run's.
+    metrics_previous: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,6 +5,10 @@ it (``StatusWidget.frontend``, from JupyterLab's shell element in the page). Bef
 has rendered, the kernel's ancestry is the best evidence: a kernel started by a ``jupyter lab``
 server is taken to be shown in JupyterLab. The ``sidecar`` panel needs JupyterLab's shell, so
 every other front end (classic Notebook, VS Code, a terminal) gets the inline view.
+
+A kernel runs one notebook, so it keeps one panel: titled with the notebook's name and the
+cluster, reused while it is open (a second click, or a new cluster of the same notebook, shows
+in the same panel), opened anew once the user has closed it.
 """
 
 from __future__ import annotations
@@ -53,11 +57,40 @@ def detect_frontend(widget: Any) -> tuple[str, str]:
     return "other", "no view has reported its front end and the server is not jupyter lab"
 
 
-def open_side_panel(widget: Any, title: str = "MLX cluster") -> str:
-    """Show ``widget`` (live) in a JupyterLab side panel; elsewhere display it inline.
+#: This kernel's side panel: {"panel": Sidecar, "widget": the view it shows, "title": str}.
+_PANEL: dict[str, Any] = {}
 
-    Returns one line saying which it did and why. A panel opened earlier for the same widget is
-    closed first, so there is one panel per widget.
+
+def notebook_name(widget: Any) -> str:
+    """The notebook showing ``widget``: as its view reports it, else the kernel's session name
+    (``JPY_SESSION_NAME``, set by jupyter_server), else ``notebook``."""
+    name = str(getattr(widget, "notebook", "") or "") or os.environ.get("JPY_SESSION_NAME", "")
+    return os.path.basename(name.rstrip("/")) or "notebook"
+
+
+def panel_title(widget: Any) -> str:
+    """``quickstart.ipynb: MLX cluster, 2 ranks``: which notebook, which cluster."""
+    snap = getattr(widget, "snapshot", None) or {}
+    n = snap.get("n") if isinstance(snap, dict) else None
+    cluster = f"MLX cluster, {n} rank{'' if n == 1 else 's'}" if n else "MLX cluster"
+    return f"{notebook_name(widget)}: {cluster}"
+
+
+def _is_open(shown: Any, asking: Any) -> bool:
+    """Whether the panel showing ``shown`` is still open: as the page ``asking`` was clicked on
+    says (its ``page_side_keys``), else as the views have reported to this kernel."""
+    keys = getattr(asking, "page_side_keys", None)
+    if keys is not None:
+        return getattr(shown, "key", None) in keys
+    return int(getattr(shown, "side_views", 0) or 0) > 0
+
+
+def open_side_panel(widget: Any, title: str | None = None) -> str:
+    """Show ``widget`` (live) in this notebook's JupyterLab side panel; elsewhere display it
+    inline. Returns one line saying which it did and why.
+
+    One panel per notebook: while it is open it is reused (it already shows ``widget``, or it
+    now shows it in place of an earlier cluster's view); once closed, a new one opens.
     """
     from IPython.display import display as _display
 
@@ -71,15 +104,29 @@ def open_side_panel(widget: Any, title: str = "MLX cluster") -> str:
         except ImportError:
             display(widget)
             return "shown inline: the sidecar package is not installed (pip install sidecar)"
-        old = getattr(widget, "side_panel", None)
-        if old is not None:
+        title = title or panel_title(widget)
+        old = dict(_PANEL)
+        if old and old["title"] == title and _is_open(old["widget"], widget):
+            if old["widget"] is widget:
+                with contextlib.suppress(Exception):
+                    widget.send({"reveal": True})  # its view brings the panel on screen
+                return f'already open in the side panel "{title}" on the right'
+            panel = old["panel"]
+            panel.clear_output()
+            panel.append_display_data(widget)
+            _PANEL["widget"] = widget
+            with contextlib.suppress(AttributeError):
+                widget.side_panel = panel
+            return f'shown in the side panel "{title}" in place of the earlier view'
+        if old:
             with contextlib.suppress(Exception):
-                old.close()
+                old["panel"].close()
         panel = Sidecar(title=title)
         # Not ``with panel: display(...)``: appending works from a button's message handler too.
         panel.append_display_data(widget)
+        _PANEL.update(panel=panel, widget=widget, title=title)
         with contextlib.suppress(AttributeError):
             widget.side_panel = panel
-        return f"opened in a JupyterLab side panel ({evidence})"
+        return f'opened in a JupyterLab side panel "{title}" ({evidence})'
     display(widget)
     return f"shown inline: the side panel needs JupyterLab ({frontend}: {evidence})"

@@ -1,13 +1,21 @@
 // The live status view of an MLX cluster (anywidget ES module; no build step).
 // Python syncs plain data: `snapshot` (header + one record per rank), `metrics` (one series per
 // metric and rank), `topology_svg`. Buttons send {action: ...} to Python and show at once that
-// the click was received; Python answers {ack: action, error: ...} when it is done.
+// the click was received; Python says {got: action} when its handler starts and
+// {ack: action, error: ...} when it is done (both name the view that was clicked).
+// A view can outlive its kernel (restart, shut down): it then says so and its buttons go off.
 
 const COLUMNS = ["rank", "host", "state", "busy", "heartbeat", "RSS", "MLX active", "MLX peak", "device"];
+// Dropped in this order, one at a time, until the table fits its box (a narrow side panel).
+const DROP_ORDER = ["device", "MLX peak", "MLX active", "RSS", "host", "busy"];
 const RANK_COLOURS = ["#1565c0", "#c62828", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#5d4037"];
 const LOG_RATIO = 100;
 const DASH = 6; // one rank's dash where lines coincide, as views/charts.py
-const PENDING_TEXT = { stop: "stopping…", restart: "restarting…", replay: "restarting…", side: "opening…" };
+const PENDING_TEXT = { stop: "stopping…", restart: "restarting…", replay: "restarting…", side: "opening…", clear: "clearing…" };
+// Rank states whose figures are live (as snapshot.LIVE_NODE_STATES).
+const LIVE_NODE_STATES = ["idle", "busy", "unresponsive"];
+const ENDED = "this cluster ended with its kernel";
+const PREVIOUS_RUN = "from the previous run";
 
 function humanBytes(n) {
   if (n === null || n === undefined) return "-";
@@ -42,25 +50,31 @@ function brokenText(s) {
   return `broken: ${reason}; \`%mlx_cluster restart\` brings it back.`;
 }
 
+function endedText(why) {
+  return `${ENDED} (${why}); \`%mlx_cluster start\` starts a new one.`;
+}
+
 function heartbeat(node) {
   if (node.state === "unresponsive") {
     const silent = node.silent_s ?? node.last_seen_s;
     return `silent ${humanSeconds(silent)}, process alive`;
   }
-  if (node.last_seen_s === null || node.last_seen_s === undefined || node.state === "stopped") return "-";
+  if (node.last_seen_s === null || node.last_seen_s === undefined || !LIVE_NODE_STATES.includes(node.state)) return "-";
   return `${node.last_seen_s.toFixed(1)} s ago`;
 }
 
+// As views/text.py node_cells: a stopped or dead rank shows no live figures.
 function cells(node) {
+  const live = LIVE_NODE_STATES.includes(node.state);
   return [
     String(node.rank),
     node.host,
     node.state,
     node.state === "busy" || node.state === "unresponsive" ? humanSeconds(node.busy_s) : "-",
     heartbeat(node),
-    humanBytes(node.rss_bytes),
-    humanBytes(node.mlx_active_bytes),
-    humanBytes(node.mlx_peak_bytes),
+    humanBytes(live ? node.rss_bytes : null),
+    humanBytes(live ? node.mlx_active_bytes : null),
+    humanBytes(live ? node.mlx_peak_bytes : null),
     node.device || "-",
   ];
 }
@@ -202,9 +216,48 @@ function frontendName() {
   return "other";
 }
 
+// Every view on this page, by the widget's key (several views of one widget: the notebook's and
+// the side panel's), and the widgets whose kernel has gone. Shared by the views of all notebooks.
+const VIEWS = (globalThis.__mlxClusterViews ??= new Map());
+const ENDED_KEYS = (globalThis.__mlxClusterEnded ??= new Map());
+
+function sideViews(key) {
+  return [...(VIEWS.get(key) || [])].filter((v) => v.side);
+}
+
+// Side views whose panel was closed: forget them (their own clean-up may not have run).
+function pruneViews() {
+  for (const set of VIEWS.values()) {
+    for (const v of [...set]) if (v.side && !v.el.isConnected) v.forget();
+  }
+}
+
+// The kernel behind the view, where the front end says (JupyterLab's widget manager).
+function kernelOf(model) {
+  try {
+    const mgr = model.widget_manager;
+    const ctx = mgr && mgr.context && mgr.context.sessionContext;
+    if (ctx) return { ctx, kernel: ctx.session ? ctx.session.kernel : null };
+    return { ctx: null, kernel: (mgr && mgr.kernel) || null };
+  } catch (e) {
+    return { ctx: null, kernel: null };
+  }
+}
+
+function notebookName(model) {
+  try {
+    const mgr = model.widget_manager;
+    const path = mgr && mgr.context && mgr.context.path;
+    return path ? String(path).split("/").pop() : "";
+  } catch (e) {
+    return "";
+  }
+}
+
 function render({ model, el }) {
   el.classList.add("mlx-cluster-status", "mlx-live");
-  const inSidePanel = () => el.closest(".jupyterlab-sidecar") !== null;
+  const key = model.get("key") || "";
+  const viewId = Math.random().toString(36).slice(2);
 
   const dot = h("span", { class: "mlx-dot", text: "● " });
   const header = h("span", { class: "mlx-header" });
@@ -217,25 +270,115 @@ function render({ model, el }) {
   const side = h("button", { class: "mlx-button mlx-side", title: "Show this view in a JupyterLab side panel", text: "Side panel" });
   const buttons = h("span", { class: "mlx-buttons" }, stop, h("span", { class: "mlx-split" }, restart, more, menu), side);
   const notice = h("div", { class: "mlx-notice", hidden: "" });
+  const sideNote = h("div", { class: "mlx-side-note", hidden: "", text: "also shown in the JupyterLab side panel on the right" });
   const broken = h("div", { class: "mlx-broken", hidden: "" });
   const banner = h("div", { class: "mlx-banner", role: "alert", hidden: "" });
   const tbody = h("tbody");
   const colClass = (c) => `mlx-col-${c.toLowerCase().replace(/\s+/g, "-")}`;
   const thead = h("thead", {}, h("tr", {}, ...COLUMNS.map((c) => h("th", { class: colClass(c), text: c }))));
   const table = h("table", { class: "mlx-cluster-nodes" }, thead, tbody);
+  const hiddenCols = h("div", { class: "mlx-hidden-cols", hidden: "" });
   const tabs = h("div", { class: "mlx-tabs", hidden: "" });
   const panes = h("div", { class: "mlx-panes" });
   const tableBox = h("div", { class: "mlx-table-box" }, table);
-  el.replaceChildren(h("div", { class: "mlx-head" }, title, buttons), notice, broken, banner, tableBox, tabs, panes);
+  el.replaceChildren(h("div", { class: "mlx-head" }, title, buttons), notice, sideNote, broken, banner, tableBox, hiddenCols, tabs, panes);
 
-  let pending = null; // {action, timer}
+  let pending = null; // {action, timer, received}
   let activeTab = null; // "metrics" | "topology" | null (hidden)
   let chosenTab = false;
+  let ended = ENDED_KEYS.get(key) || null; // why this view outlived its kernel
+  let clearedHere = false; // Clear pressed after the kernel had gone: nothing to ask Python
+  let sideNotice = false; // the notice is the answer to "Side panel"
+  // This view in the page's registry; `side` is known once the view is in the page.
+  const me = { el, side: false, placed: false, redraw: () => draw(), forget: () => forget() };
 
+  // ---------------------------------------------------------------- where this view lives
+  function peers() {
+    return [...(VIEWS.get(key) || [])].filter((v) => v !== me);
+  }
+  function place() {
+    if (me.placed || !el.isConnected) return;
+    me.placed = true;
+    me.side = el.closest(".jupyterlab-sidecar") !== null;
+    if (!VIEWS.has(key)) VIEWS.set(key, new Set());
+    VIEWS.get(key).add(me);
+    if (me.side) {
+      tell(true);
+      peers().forEach((v) => v.redraw());
+    }
+    draw();
+  }
+  let forgotten = false;
+  function forget() {
+    if (forgotten) return;
+    forgotten = true;
+    const set = VIEWS.get(key);
+    if (set) set.delete(me);
+    if (me.side) {
+      tell(false);
+      peers().forEach((v) => v.redraw());
+    }
+  }
+  function tell(open) {
+    if (!ended) model.send({ event: "side_view", open });
+  }
+  function sideOpen() {
+    pruneViews();
+    return sideViews(key).length > 0;
+  }
+
+  // ---------------------------------------------------------------- the kernel behind it
+  function end(why) {
+    if (ended) return;
+    ended = why;
+    ENDED_KEYS.set(key, why);
+    clearPending();
+    showNotice("", false);
+    menu.hidden = true;
+    draw();
+    drawTabs();
+  }
+  // ipywidgets marks the views of a model whose kernel restarted (its comm is no longer live).
+  const onCommLive = () => setTimeout(() => {
+    if (el.classList.contains("jupyter-widgets-disconnected")) end("the kernel restarted");
+  }, 0);
+  const onStatus = (_sender, status) => {
+    if (status === "restarting" || status === "autorestarting") end("the kernel restarted");
+    else if (status === "dead" || status === "terminating") end("the kernel was shut down");
+  };
+  const onKernelChanged = (_sender, change) => {
+    end(change && change.newValue ? "the notebook changed kernel" : "the kernel was shut down");
+  };
+  const watched = kernelOf(model);
+  const statusSignal = watched.ctx ? watched.ctx.statusChanged : watched.kernel && watched.kernel.statusChanged;
+  const kernelSignal = watched.ctx && watched.ctx.kernelChanged;
+  try { if (statusSignal) statusSignal.connect(onStatus); } catch (e) { /* not JupyterLab */ }
+  try { if (kernelSignal) kernelSignal.connect(onKernelChanged); } catch (e) { /* not JupyterLab */ }
+  const hadKernel = watched.kernel !== null;
+  function kernelStatus() {
+    const k = kernelOf(model).kernel;
+    return k ? k.status : null;
+  }
+  const ticker = setInterval(() => {
+    place();
+    // A kernel shut down under a view that missed the signal.
+    const k = kernelOf(model).kernel;
+    if (hadKernel && (k === null || k.isDisposed)) end("the kernel was shut down");
+    if (!me.side && !ended) drawSideNote();
+  }, 1000);
+  setTimeout(place, 0);
+  requestAnimationFrame(place);
+
+  // ---------------------------------------------------------------- clicks
   function setPending(action) {
     clearPending();
-    pending = { action, timer: setTimeout(() => {
-      if (pending) showNotice(`${PENDING_TEXT[action]} the kernel is busy; the click runs as soon as it is free`, false);
+    pending = { action, received: false, timer: setTimeout(() => {
+      // Say why nothing has happened yet only when it is so: the kernel has not taken the
+      // click (its handler says so at once) and the kernel reports itself busy.
+      if (!pending || pending.received || ended) return;
+      const status = kernelStatus();
+      if (status === "busy") showNotice(`${PENDING_TEXT[action]} the kernel is busy; the click runs as soon as it is free`, false);
+      else showNotice(`${PENDING_TEXT[action]} waiting for the kernel to take the click`, false);
     }, 3000) };
     draw();
   }
@@ -246,6 +389,7 @@ function render({ model, el }) {
   let noticeTimer = null;
   function showNotice(text, error) {
     clearTimeout(noticeTimer);
+    sideNotice = false;
     // A plain answer fades after a while; an error stays until the next click.
     if (text && !error) noticeTimer = setTimeout(() => showNotice("", false), 10000);
     notice.textContent = text || "";
@@ -254,39 +398,101 @@ function render({ model, el }) {
   }
 
   function send(action, extra = {}) {
-    if (pending) return;
+    if (pending || ended) return;
     showNotice("", false);
     setPending(action);
-    model.send({ action, ...extra });
+    model.send({ action, view: viewId, ...extra });
   }
   stop.addEventListener("click", () => send("stop"));
   restart.addEventListener("click", () => send("restart", { replay: false }));
   replay.addEventListener("click", () => { menu.hidden = true; send("replay", { replay: true }); });
-  more.addEventListener("click", (e) => { e.stopPropagation(); menu.hidden = !menu.hidden; });
-  side.addEventListener("click", () => send("side"));
+  more.addEventListener("click", (e) => { e.stopPropagation(); if (!ended) menu.hidden = !menu.hidden; });
+  side.addEventListener("click", () => {
+    // Which widgets have a side panel open on this page: Python reuses a panel that is.
+    pruneViews();
+    const open = [...VIEWS.keys()].filter((k) => sideViews(k).length > 0);
+    send("side", { side_keys: open });
+  });
   const closeMenu = (e) => { if (!menu.contains(e.target)) menu.hidden = true; };
   document.addEventListener("click", closeMenu);
 
+  // Bring this side view's panel on screen (its tab in the side bar), as a click on the tab.
+  function reveal() {
+    const panel = el.closest(".jupyterlab-sidecar");
+    if (!panel || panel.offsetParent !== null) return; // already on screen
+    const tab = document.querySelector(`.lm-TabBar-tab[data-id="${panel.id}"]`);
+    if (!tab) return;
+    const r = tab.getBoundingClientRect();
+    const at = { bubbles: true, cancelable: true, button: 0, clientX: r.left + r.width / 2, clientY: r.top + r.height / 2, pointerId: 1, isPrimary: true, pointerType: "mouse" };
+    tab.dispatchEvent(new PointerEvent("pointerdown", { ...at, buttons: 1 }));
+    tab.dispatchEvent(new PointerEvent("pointerup", { ...at, buttons: 0 }));
+  }
+
   function onMessage(msg) {
-    if (!msg || msg.ack === undefined) return;
-    if (pending && (pending.action === msg.ack)) clearPending();
-    showNotice(msg.error ? `${msg.ack}: ${msg.error}` : (msg.message || ""), !!msg.error);
+    if (!msg) return;
+    if (msg.reveal) {
+      if (me.side) reveal();
+      return;
+    }
+    if (msg.got !== undefined) {
+      if (pending && msg.view === viewId) pending.received = true;
+      return;
+    }
+    if (msg.ack === undefined) return;
+    if (msg.view && msg.view !== viewId) return; // another view's click
+    if (pending && pending.action === msg.ack) clearPending();
+    if (msg.ack === "side" && !msg.error && sideOpen()) {
+      showNotice("", false); // the side note says where it is
+    } else {
+      showNotice(msg.error ? `${msg.ack}: ${msg.error}` : (msg.message || ""), !!msg.error);
+      sideNotice = msg.ack === "side" && !msg.error;
+    }
     draw();
   }
+
+  // ---------------------------------------------------------------- drawing
+  function drawSideNote() {
+    const shown = !me.side && !ended && sideOpen();
+    sideNote.hidden = !shown;
+    if (shown && sideNotice) showNotice("", false);
+  }
+
+  function fit() {
+    // Drop columns (least needed first) until the table fits its box, then let cells wrap.
+    const width = tableBox.clientWidth;
+    if (!width) return;
+    table.classList.remove("mlx-wrap");
+    for (const c of DROP_ORDER) table.classList.remove(`mlx-hide-${colClass(c).slice(8)}`);
+    const hidden = [];
+    for (const c of DROP_ORDER) {
+      if (table.offsetWidth <= width) break;
+      table.classList.add(`mlx-hide-${colClass(c).slice(8)}`);
+      hidden.push(c);
+    }
+    if (table.offsetWidth > width) table.classList.add("mlx-wrap");
+    hiddenCols.textContent = hidden.length ? `not shown at this width: ${hidden.join(", ")}` : "";
+    hiddenCols.hidden = hidden.length === 0;
+  }
+  const resize = typeof ResizeObserver === "function" ? new ResizeObserver(() => fit()) : null;
+  if (resize) resize.observe(tableBox);
 
   function draw() {
     const s = model.get("snapshot") || {};
     if (!s.state) { header.textContent = "MLX cluster"; return; }
-    el.dataset.state = s.state;
-    dot.className = `mlx-dot mlx-cluster-${s.state}`;
-    header.textContent = headerText(s);
-    const b = brokenText(s);
+    const state = ended ? "ended" : s.state;
+    el.dataset.state = state;
+    dot.className = `mlx-dot mlx-cluster-${state}`;
+    header.textContent = headerText({ ...s, state });
+    const b = ended ? endedText(ended) : brokenText(s);
     broken.textContent = b || "";
     broken.hidden = !b;
-    broken.classList.toggle("mlx-stopped-by", s.state === "stopped");
-    banner.textContent = s.banner || "";
-    banner.hidden = !s.banner;
-    const rows = (s.nodes || []).map((node) => {
+    broken.classList.toggle("mlx-stopped-by", !ended && s.state === "stopped");
+    broken.classList.toggle("mlx-ended", !!ended);
+    banner.textContent = ended ? "" : s.banner || "";
+    banner.hidden = ended || !s.banner;
+    const rows = (s.nodes || []).map((given) => {
+      // The kernel took the cluster with it: every rank is stopped.
+      const node = ended ? { ...given, state: "stopped" } : given;
       const c = cells(node);
       const tr = h("tr", { class: `mlx-node mlx-${node.state}`, "data-rank": String(node.rank) });
       if (node.why) tr.title = node.why;
@@ -300,18 +506,24 @@ function render({ model, el }) {
     });
     tbody.replaceChildren(...rows);
     const busy = pending !== null;
-    stop.disabled = busy || s.state === "stopped";
-    restart.disabled = busy;
-    more.disabled = busy;
-    replay.disabled = busy;
-    side.hidden = !model.get("side_button") || inSidePanel() || frontendName() !== "jupyterlab";
-    side.disabled = busy;
+    stop.disabled = !!ended || busy || s.state === "stopped";
+    restart.disabled = !!ended || busy;
+    more.disabled = !!ended || busy;
+    replay.disabled = !!ended || busy;
+    side.hidden = !model.get("side_button") || me.side || frontendName() !== "jupyterlab";
+    side.disabled = !!ended || busy;
     stop.textContent = pending && pending.action === "stop" ? PENDING_TEXT.stop : "Stop";
     restart.textContent = pending && (pending.action === "restart" || pending.action === "replay") ? PENDING_TEXT[pending.action] : "Restart";
+    drawSideNote();
+    fit();
   }
 
+  let drawnPrevious = null;
   function drawTabs() {
-    const metrics = model.get("metrics") || [];
+    const s = model.get("snapshot") || {};
+    const metrics = clearedHere ? [] : model.get("metrics") || [];
+    const previous = !!(ended || s.metrics_previous);
+    drawnPrevious = previous;
     const topo = model.get("topology_svg") || "";
     const names = [...new Set(metrics.map((m) => m.name))];
     const available = [];
@@ -321,9 +533,9 @@ function render({ model, el }) {
     if (!chosenTab && (activeTab === null || !available.some(([k]) => k === activeTab))) {
       activeTab = available.length ? available[0][0] : null;
     }
-    tabs.replaceChildren(...available.map(([key, label]) => {
-      const t = h("button", { class: `mlx-tab mlx-tab-${key}${key === activeTab ? " mlx-active" : ""}`, text: label });
-      t.addEventListener("click", () => { chosenTab = true; activeTab = activeTab === key ? null : key; drawTabs(); });
+    tabs.replaceChildren(...available.map(([k, label]) => {
+      const t = h("button", { class: `mlx-tab mlx-tab-${k}${k === activeTab ? " mlx-active" : ""}`, text: label });
+      t.addEventListener("click", () => { chosenTab = true; activeTab = activeTab === k ? null : k; drawTabs(); });
       return t;
     }));
     if (activeTab === "metrics" && names.length) {
@@ -333,9 +545,17 @@ function render({ model, el }) {
         item.style.setProperty("--mlx-rank-colour", RANK_COLOURS[r % RANK_COLOURS.length]);
         return item;
       }));
-      const grid = h("div", { class: "mlx-charts" });
+      let note = null;
+      if (previous) {
+        const clear = h("button", { class: "mlx-button mlx-clear", title: "Clear the charts of the previous run", text: "Clear" });
+        clear.addEventListener("click", () => {
+          if (ended) { clearedHere = true; drawTabs(); } else send("clear");
+        });
+        note = h("div", { class: "mlx-previous-note" }, h("span", { text: `metrics ${PREVIOUS_RUN} ` }), clear);
+      }
+      const grid = h("div", { class: `mlx-charts${previous ? " mlx-previous" : ""}` });
       grid.innerHTML = chartsByName(metrics).map((c) => lineChart(c.lines, c.name, c.xLabel)).join("");
-      panes.replaceChildren(h("div", { class: "mlx-pane mlx-metrics" }, legend, grid));
+      panes.replaceChildren(h("div", { class: "mlx-pane mlx-metrics" }, note, legend, grid));
     } else if (activeTab === "topology" && topo) {
       const pane = h("div", { class: "mlx-pane mlx-topology" });
       pane.innerHTML = topo;
@@ -350,31 +570,48 @@ function render({ model, el }) {
     // A stop is done once the cluster says stopped, even before the answer arrives.
     if (pending && pending.action === "stop" && s.state === "stopped") clearPending();
     draw();
+    if (!!s.metrics_previous !== drawnPrevious && !ended) drawTabs();
   };
   model.on("change:snapshot", onSnapshot);
   model.on("change:metrics", drawTabs);
   model.on("change:topology_svg", drawTabs);
   model.on("change:side_button", draw);
   model.on("msg:custom", onMessage);
+  model.on("comm_live_update", onCommLive);
+  if (el.classList.contains("jupyter-widgets-disconnected")) end("the kernel restarted");
   draw();
   drawTabs();
-  // Tell Python where this view lives, so the side panel opens only where it can.
+  // Tell Python where this view lives (the side panel opens only where it can) and which
+  // notebook shows it (the side panel's title).
   const here = frontendName();
-  if (model.get("frontend") !== here && here !== "other" || !model.get("frontend")) {
+  const nb = notebookName(model);
+  let changed = false;
+  if ((model.get("frontend") !== here && here !== "other") || !model.get("frontend")) {
     model.set("frontend", here);
-    model.save_changes();
+    changed = true;
   }
+  if (nb && model.get("notebook") !== nb) {
+    model.set("notebook", nb);
+    changed = true;
+  }
+  if (changed && !ended) model.save_changes();
   return () => {
     clearPending();
     clearTimeout(noticeTimer);
+    clearInterval(ticker);
+    if (resize) resize.disconnect();
+    forget();
     document.removeEventListener("click", closeMenu);
+    try { if (statusSignal) statusSignal.disconnect(onStatus); } catch (e) { /* gone */ }
+    try { if (kernelSignal) kernelSignal.disconnect(onKernelChanged); } catch (e) { /* gone */ }
     model.off("change:snapshot", onSnapshot);
     model.off("change:metrics", drawTabs);
     model.off("change:topology_svg", drawTabs);
     model.off("change:side_button", draw);
     model.off("msg:custom", onMessage);
+    model.off("comm_live_update", onCommLive);
   };
 }
 
-export { headerText, brokenText, cells, lineChart, chartsByName, niceTicks };
+export { headerText, brokenText, endedText, cells, lineChart, chartsByName, niceTicks };
 export default { render };

@@ -7,10 +7,12 @@ call the callbacks given at construction; the front end shows at once that a cli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,7 @@ def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
         "nodes": [{f: getattr(n, f) for f in NODE_FIELDS} for n in s.nodes],
         "reason": s.reason,
         "banner": s.banner,
+        "metrics_previous": s.metrics_previous,
     }
 
 
@@ -142,8 +145,13 @@ class StatusWidget(anywidget.AnyWidget):
 
     ``on_stop()`` runs on Stop; ``on_restart(replay)`` on Restart (``replay`` True for
     "Restart and replay"); ``on_side()`` on "Side panel" (None: the widget opens its own side
-    panel with ``views.side.open_side_panel``); a string it returns is shown in the view. A
-    callback's exception is shown in the view as one line and logged with its traceback.
+    panel with ``views.side_panel.open_side_panel``); a string it returns is shown in the view;
+    ``on_clear()`` on the Clear button beside metrics of a previous run (None: the widget
+    drops the charts it holds). A callback's exception is shown in the view as one line and
+    logged with its traceback.
+
+    In the browser, a view whose kernel restarts or shuts down says "this cluster ended with
+    its kernel" and turns its buttons off; that needs no kernel, so it is ``status.js``'s alone.
 
     With ``own_thread`` (the default) and a kernel that has subshells (ipykernel 7), the
     callbacks run on a kernel subshell thread of this widget's own, so Stop acts while a cell
@@ -159,6 +167,14 @@ class StatusWidget(anywidget.AnyWidget):
     side_button = traitlets.Bool(True).tag(sync=True)
     #: Set by the browser: "jupyterlab", "notebook" or "other" ("" until a view renders).
     frontend = traitlets.Unicode("").tag(sync=True)
+    #: Set by the browser: the name of the notebook that shows the view ("" where unknown).
+    notebook = traitlets.Unicode("").tag(sync=True)
+    #: Tells this widget's views apart from other widgets' on the page (the side panel's).
+    key = traitlets.Unicode().tag(sync=True)
+
+    @traitlets.default("key")
+    def _new_key(self) -> str:
+        return uuid.uuid4().hex
 
     def __init__(
         self,
@@ -166,6 +182,7 @@ class StatusWidget(anywidget.AnyWidget):
         on_restart: Callable[[bool], object],
         on_side: Callable[[], object] | None = None,
         snapshot: ClusterSnapshot | None = None,
+        on_clear: Callable[[], object] | None = None,
         side_button: bool = True,
         own_thread: bool = True,
         **kwargs: Any,
@@ -174,6 +191,12 @@ class StatusWidget(anywidget.AnyWidget):
         self._on_stop = on_stop
         self._on_restart = on_restart
         self._on_side = on_side
+        self._on_clear = on_clear
+        #: Views of this widget now shown in a side panel, as the browser reports them.
+        self.side_views = 0
+        #: While "Side panel" is handled: the keys of the widgets with a side panel open on the
+        #: page that was clicked (None otherwise); ``views.side_panel`` reuses a panel that is.
+        self.page_side_keys: list[str] | None = None
         self._lock = threading.Lock()
         self._metrics_src: tuple[MetricPoint, ...] = ()
         self.last: ClusterSnapshot | None = None
@@ -214,9 +237,18 @@ class StatusWidget(anywidget.AnyWidget):
 
     # ------------------------------------------------------------------ clicks
     def _on_message(self, _widget: object, content: Any, _buffers: object) -> None:
-        if not isinstance(content, dict) or "action" not in content:
+        if not isinstance(content, dict):
+            return
+        if content.get("event") == "side_view":  # a view in a side panel rendered or went
+            self.side_views = max(0, self.side_views + (1 if content.get("open") else -1))
+            return
+        if "action" not in content:
             return
         action = str(content["action"])
+        view = content.get("view")
+        # At once: the view then knows the kernel has the click (and is not busy elsewhere).
+        with contextlib.suppress(Exception):
+            self.send({"got": action, "view": view})
         error = None
         message = None
         try:
@@ -225,23 +257,34 @@ class StatusWidget(anywidget.AnyWidget):
             elif action in ("restart", "replay"):
                 self._on_restart(bool(content.get("replay", action == "replay")))
             elif action == "side":
-                if self._on_side is not None:
-                    said = self._on_side()
-                    message = said if isinstance(said, str) else None
-                else:
-                    from .side_panel import open_side_panel
+                keys = content.get("side_keys")
+                self.page_side_keys = [str(k) for k in keys] if isinstance(keys, list) else None
+                try:
+                    if self._on_side is not None:
+                        said = self._on_side()
+                        message = said if isinstance(said, str) else None
+                    else:
+                        from .side_panel import open_side_panel
 
-                    message = open_side_panel(self)
+                        message = open_side_panel(self)
+                finally:
+                    self.page_side_keys = None
+            elif action == "clear":
+                if self._on_clear is not None:
+                    self._on_clear()
+                else:
+                    with self._lock:
+                        self.metrics = []
             else:
                 error = f"unknown action {action!r}"
         except Exception as e:  # shown in the view; the traceback goes to the log
             log.exception("the status view's %s button failed", action)
             error = str(e).splitlines()[0] if str(e) else type(e).__name__
-        self.send({"ack": action, "error": error, "message": message})
+        self.send({"ack": action, "error": error, "message": message, "view": view})
 
     def click(self, action: str, replay: bool = False) -> None:
         """Act as the browser does when a button is clicked (``stop``, ``restart``, ``replay``,
-        ``side``): for code and tests without a browser."""
+        ``side``, ``clear``): for code and tests without a browser."""
         self._on_message(self, {"action": action, "replay": replay}, None)
 
     # ------------------------------------------------------------------ fallbacks

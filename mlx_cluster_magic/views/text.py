@@ -10,7 +10,7 @@ import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from ..observe.snapshot import LIVE_NODE_STATES, ClusterSnapshot, MetricPoint, NodeStatus
 from .charts import Line, fmt, line_chart_svg, rank_colour
 
 STATE_COLOURS = {
@@ -24,11 +24,14 @@ STATE_COLOURS = {
 CLUSTER_COLOURS = {
     "running": "#2e7d32",
     "starting": "#8a8a8a",
+    "restarting": "#8a8a8a",
     "stopped": "#616161",
     "broken": "#c62828",
 }
 COLUMNS = ("rank", "host", "state", "busy", "heartbeat", "RSS", "MLX active", "MLX peak", "device")
 RESTART_HINT = "`%mlx_cluster restart` brings it back"
+#: Above metrics kept from a run that has ended.
+PREVIOUS_RUN = "from the previous run"
 
 
 def human_bytes(n: int | None) -> str:
@@ -54,25 +57,29 @@ def human_seconds(s: float | None) -> str:
 
 def heartbeat_cell(node: NodeStatus) -> str:
     """How fresh the rank's reports are; an unresponsive rank says how long it has been silent
-    and that its process is alive (a C call holding the GIL, not a crash)."""
+    and that its process is alive (a C call holding the GIL, not a crash). A rank that is not
+    live (starting, stopped, dead) has no heartbeat: ``-``."""
     if node.state == "unresponsive":
         silent = node.silent_s if node.silent_s is not None else node.last_seen_s
         return f"silent {human_seconds(silent)}, process alive"
-    if node.last_seen_s is None or node.state == "stopped":
+    if node.last_seen_s is None or node.state not in LIVE_NODE_STATES:
         return "-"
     return f"{node.last_seen_s:.1f} s ago"
 
 
 def node_cells(node: NodeStatus) -> list[str]:
+    """The row's cells; a stopped or dead rank's last report is not shown as if live (``-``
+    for its busy time, heartbeat, RSS and MLX memory)."""
+    live = node.state in LIVE_NODE_STATES
     return [
         str(node.rank),
         node.host,
         node.state,
         human_seconds(node.busy_s) if node.state in ("busy", "unresponsive") else "-",
         heartbeat_cell(node),
-        human_bytes(node.rss_bytes),
-        human_bytes(node.mlx_active_bytes),
-        human_bytes(node.mlx_peak_bytes),
+        human_bytes(node.rss_bytes if live else None),
+        human_bytes(node.mlx_active_bytes if live else None),
+        human_bytes(node.mlx_peak_bytes if live else None),
         node.device or "-",
     ]
 
@@ -166,9 +173,10 @@ def _chart_lines(series: Sequence[Series]) -> tuple[list[Line], str]:
     return [Line(s.rank, [t - t0 for t in s.times], s.values) for s in series], "time (s)"
 
 
-def metrics_text(points: Sequence[MetricPoint]) -> str:
-    """One line per metric: each rank's latest value (and step)."""
-    lines = []
+def metrics_text(points: Sequence[MetricPoint], previous: bool = False) -> str:
+    """One line per metric: each rank's latest value (and step); ``previous``: headed
+    ``metrics from the previous run:``."""
+    lines = [f"metrics {PREVIOUS_RUN}:"] if previous and points else []
     by_name: dict[str, list[Series]] = {}
     for s in group_metrics(points):
         by_name.setdefault(s.name, []).append(s)
@@ -182,7 +190,7 @@ def metrics_text(points: Sequence[MetricPoint]) -> str:
     return "\n".join(lines)
 
 
-def metrics_html(points: Sequence[MetricPoint]) -> str:
+def metrics_html(points: Sequence[MetricPoint], previous: bool = False) -> str:
     by_name: dict[str, list[Series]] = {}
     for s in group_metrics(points):
         by_name.setdefault(s.name, []).append(s)
@@ -190,7 +198,14 @@ def metrics_html(points: Sequence[MetricPoint]) -> str:
     for name, series in by_name.items():
         lines, x_label = _chart_lines(series)
         charts.append(line_chart_svg(lines, title=name, x_label=x_label, y_label=name))
-    return f"<div class='mlx-metrics'>{''.join(charts)}</div>" if charts else ""
+    if not charts:
+        return ""
+    caption = (
+        f"<div class='mlx-previous-note' style='color:#616161'>metrics {PREVIOUS_RUN}</div>"
+        if previous
+        else ""
+    )
+    return f"<div class='mlx-metrics'>{caption}{''.join(charts)}</div>"
 
 
 # --------------------------------------------------------------------------- the whole view
@@ -203,7 +218,7 @@ def snapshot_text(s: ClusterSnapshot) -> str:
     if s.banner:
         parts.append(f"! {s.banner}")
     if s.metrics:
-        parts.append(metrics_text(s.metrics))
+        parts.append(metrics_text(s.metrics, previous=s.metrics_previous))
     return "\n".join(parts)
 
 
@@ -226,7 +241,7 @@ def snapshot_html(s: ClusterSnapshot) -> str:
         )
     parts.append(nodes_html(s.nodes))
     if s.metrics:
-        parts.append(metrics_html(s.metrics))
+        parts.append(metrics_html(s.metrics, previous=s.metrics_previous))
     if s.topology_svg:
         parts.append(f"<div class='mlx-topology'>{s.topology_svg}</div>")
     parts.append("</div>")
@@ -235,6 +250,7 @@ def snapshot_html(s: ClusterSnapshot) -> str:
 
 __all__ = [
     "COLUMNS",
+    "PREVIOUS_RUN",
     "STATE_COLOURS",
     "Series",
     "broken_text",
