@@ -613,15 +613,21 @@ def _advice(w: ModelWeights, memory: Sequence[int], headroom: float | int) -> st
                 lo, hi = (lo, mid) if _fits(w, [*memory, mid], headroom) else (mid, hi)
             ways.append(f"another Mac giving MLX {format_size(hi)}")
     source = w.bits + (_QUANT_OVERHEAD_BITS if w.quantized else 0.0)
-    for bits in _FEWER_BITS:
-        if bits >= w.bits:
-            continue
-        smaller = _scaled(w, (bits + _QUANT_OVERHEAD_BITS) / source)
+    fewer: list[tuple[str, float]] = []
+    if not w.quantized and w.bits > 16:
+        fewer.append(("16-bit weights (mlx_lm.convert --dtype bfloat16", 16 / source))
+    fewer += [
+        (
+            f"{bits}-bit weights (mlx_lm.convert -q --q-bits {bits}",
+            (bits + _QUANT_OVERHEAD_BITS) / source,
+        )
+        for bits in _FEWER_BITS
+        if bits < w.bits
+    ]
+    for what, factor in fewer:  # the most bits that fit
+        smaller = _scaled(w, factor)
         if _fits(smaller, memory, headroom):
-            ways.append(
-                f"{bits}-bit weights (mlx_lm.convert -q --q-bits {bits}: about "
-                f"{format_size(smaller.total_bytes)})"
-            )
+            ways.append(f"{what}: about {format_size(smaller.total_bytes)})")
             break
     if not ways:
         return "no Mac added or fewer bits would make it fit"

@@ -152,6 +152,13 @@ def test_cannot_fit_is_one_line_with_the_shortfall_and_what_would_fit(tmp_path: 
     assert again.fits
 
 
+def test_a_32_bit_model_is_advised_16_bits_first(tmp_path: Path) -> None:
+    model = fake_model(tmp_path / "f32", 12, 1 * GB, dtype="F32")  # 12 GB on 10 GB
+    plan = pp.plan_pipeline(model, ["a", "b"], memory={"a": "5GB", "b": "5GB"}, headroom=0)
+    assert plan.problem is not None
+    assert "16-bit weights (mlx_lm.convert --dtype bfloat16: about 6.0 GB)" in plan.problem
+
+
 def test_a_rank_too_small_for_the_embeddings_is_named(tmp_path: Path) -> None:
     model = fake_model(tmp_path / "m", 8, 100 * MB, 3 * GB)
     plan = pp.plan_pipeline(model, ["a", "b"], memory={"a": "64GB", "b": "2GB"})
