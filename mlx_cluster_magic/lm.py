@@ -6,6 +6,10 @@ second on any machine: ``config.json``, safetensors weights drawn from a fixed s
 byte-level BPE tokenizer trained offline with the ``tokenizers`` package on generated text
 (``tokenizer.json`` + ``tokenizer_config.json``, which ``transformers.AutoTokenizer`` loads).
 
+Also the rank side of a pipeline split by memory: ``pipeline_load(model_dir, plan)`` loads an
+mlx-lm model as pipeline stages with the layer ranges of a ``PipelinePlan``
+(``cluster.plan_pipeline``), where mlx-lm's own ``pipeline_load`` always splits evenly.
+
 Needs the ``lm`` extra (``pip install 'mlx_cluster_magic[lm]'``) for ``tokenizers``.
 """
 
@@ -14,9 +18,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .errors import MLXClusterError
+
+if TYPE_CHECKING:
+    from .pipeline_plan import PipelinePlan
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 MODEL_TYPES = ("llama", "ministral3")
@@ -225,3 +234,67 @@ def write_tiny_llama(
     }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def pipeline_load(
+    model_dir: str | Path,
+    plan: PipelinePlan,
+    *,
+    group: Any = None,
+    return_config: bool = False,
+    tokenizer_config: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """On every rank (a ``%%px`` cell): ``model, tokenizer = pipeline_load(model_dir, plan)``.
+
+    mlx-lm's own loading with the plan's layer counts: ``load_model(lazy=True)``, then
+    ``model.model.pipeline(group, split=plan.split)`` (rank 0 runs the last layers), then only
+    this rank's weights are read, as ``mlx_lm.utils.pipeline_load`` does with its even split.
+    Generation works unchanged (``mlx_lm.generate`` / ``stream_generate`` on every rank).
+    """
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    if not hasattr(plan, "split") or not hasattr(plan, "ranks"):
+        raise MLXClusterError(
+            f"pipeline_load takes the plan of cluster.plan_pipeline(...), got {type(plan).__name__}"
+        )
+    if not plan.fits:
+        raise MLXClusterError(plan.problem or "the plan does not fit the cluster's memory")
+    group = group if group is not None else mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    if size != len(plan.ranks):
+        raise MLXClusterError(
+            f"the plan is for {len(plan.ranks)} ranks, this group has {size}: plan again with "
+            "cluster.plan_pipeline on this cluster"
+        )
+    path = Path(model_dir).expanduser()
+    mine = plan.ranks[rank]
+    missing = [f for f in mine.files if not (path / f).exists()]
+    if missing:
+        raise MLXClusterError(
+            f"rank {rank} lacks {missing[0]} in {path} (its layers {mine.start}-{mine.end - 1} "
+            "are there): copy the model's files to this host"
+        )
+    model, config = load_model(path, lazy=True, strict=False, trust_remote_code=trust_remote_code)
+    inner: Any = getattr(model, "model", None)
+    if not hasattr(inner, "pipeline"):
+        raise MLXClusterError(
+            f"mlx-lm's {config.get('model_type')!r} model cannot run as pipeline stages "
+            "(no pipeline() in mlx_lm.models); use mlx_lm.utils.sharded_load (tensor parallel)"
+        )
+    if len(inner.layers) != plan.num_layers:
+        raise MLXClusterError(
+            f"the plan is for {plan.num_layers} layers, {path} has {len(inner.layers)}: "
+            "plan this model"
+        )
+    inner.pipeline(group, split=list(plan.split))
+    mx.eval(model.parameters())
+    # every rank has its weights before anyone generates (as mlx-lm's loader does)
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=group))
+    tokenizer = load_tokenizer(  # type: ignore[no-untyped-call,unused-ignore]
+        path,
+        tokenizer_config or {"trust_remote_code": True},
+        eos_token_ids=config.get("eos_token_id", None),
+    )
+    return (model, tokenizer, config) if return_config else (model, tokenizer)

@@ -95,6 +95,8 @@ PURE = [
     "mlx_cluster_magic.hosts",
     "mlx_cluster_magic.launch",
     "mlx_cluster_magic.views.text",
+    "mlx_cluster_magic.pipeline_plan",
+    "mlx_cluster_magic.lm",
 ]
 
 
