@@ -177,11 +177,12 @@ class ClusterTools:
         with ``mlx_cluster_magic.lm.pipeline_load(model_dir, plan)`` (push the plan first).
         """
         from . import pipeline_plan as pp
+        from .lm import rank_memory
 
         hosts = [h.ssh for h in self.placement.ranks]
         reports = None
         if self._run is not None and self.running:
-            reports = self.view.apply_sync(pp.rank_memory)
+            reports = self.view.apply_sync(rank_memory)
         elif not memory:
             self._require()  # says the cluster is not running
         plan = pp.plan_pipeline(model_dir, hosts, reports, memory, headroom)

@@ -10,7 +10,8 @@ pipeline.py``, ``PipelineMixin.pipeline(group, split)``): rank 0 holds the LAST 
 Tensor sizes come from the safetensors headers (a few KB per file; no weight is read), the files
 from ``model.safetensors.index.json`` when there is one; tensors are matched to layers by number
 as mlx-lm's ``sharded_load`` does. Sizes: ``"64GB"`` means 64 * 2**30 bytes, as Apple counts
-memory. No IPython import: unit-tested directly, and ``rank_memory`` runs on the ranks.
+memory. No IPython import: unit-tested directly. What each rank reports of its memory is
+``lm.rank_memory`` (run on the ranks).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import re
-import socket
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +36,6 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # as mlx_lm.utils.sharded_load matches
 _RANK_KEY_RE = re.compile(r"^rank\s*(\d+)$", re.IGNORECASE)
-_UNLIMITED = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
 _BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8}
 _FEWER_BITS = (8, 6, 4, 3, 2)
 _QUANT_OVERHEAD_BITS = 0.5  # affine, group 64: a 16-bit scale and bias per 64 weights
@@ -245,68 +244,6 @@ def read_weights(model_dir: str | os.PathLike[str]) -> ModelWeights:
 
 
 # --------------------------------------------------------------------------- memory
-def _cgroup_limit() -> tuple[int | None, str | None]:
-    """This process's memory cgroup limit (v1, else v2), and the cgroup's path."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            limit = None
-            try:
-                for stat in (base / "memory.stat").read_text().splitlines():
-                    if stat.startswith("hierarchical_memory_limit "):
-                        limit = int(stat.split()[1])
-            except (OSError, ValueError):
-                pass
-            try:
-                own = int((base / "memory.limit_in_bytes").read_text())
-                limit = own if limit is None else min(limit, own)
-            except (OSError, ValueError):
-                pass
-            return (limit if limit is not None and limit < _UNLIMITED else None), path
-    for line in lines:
-        if line.startswith("0::"):
-            path = line[3:]
-            try:
-                text = (Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max").read_text()
-            except OSError:
-                return None, path
-            return (None if text.strip() == "max" else int(text)), path
-    return None, None
-
-
-def rank_memory() -> dict[str, Any]:
-    """Run on a rank: the memory this process may use. On Apple silicon MLX's recommended
-    working-set size; the machine's memory elsewhere; and the memory cgroup's limit when lower.
-    Ranks on one host share these (``resolve_memory`` divides them)."""
-    machine = None
-    try:
-        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-    working_set = None
-    try:
-        import mlx.core as mx
-
-        if mx.metal.is_available():
-            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-            working_set = int(info["max_recommended_working_set_size"])
-    except Exception:  # no MLX or no Metal: the machine's memory stands
-        working_set = None
-    cgroup, cgroup_path = _cgroup_limit()
-    return {
-        "hostname": socket.gethostname(),
-        "machine": machine,
-        "working_set": working_set,
-        "cgroup": cgroup,
-        "cgroup_path": cgroup_path,
-    }
-
-
 def _rank_key(key: object) -> int | None:
     if isinstance(key, int) and not isinstance(key, bool):
         return key
@@ -321,7 +258,7 @@ def resolve_memory(
 ) -> list[tuple[int, str]]:
     """Each rank's memory and where it came from (``cap``, ``cgroup``, ``working set``,
     ``machine``). ``hosts`` names each rank's host as the hostfile does; ``reports`` are the
-    ranks' ``rank_memory()``; ``memory`` caps a host (shared evenly by its ranks) or a rank
+    ranks' ``lm.rank_memory()``; ``memory`` caps a host (shared evenly by its ranks) or a rank
     (``rank1`` or the number 1), as bytes or ``"64GB"``. A measured limit below a cap wins."""
     n = len(hosts)
     reports = list(reports) if reports is not None else [None] * n
@@ -722,7 +659,7 @@ def plan_pipeline(
     headroom: object = DEFAULT_HEADROOM,
 ) -> PipelinePlan:
     """Read the model in ``model_dir`` and plan it on ranks on ``hosts`` (rank order), with the
-    ranks' ``rank_memory()`` reports and/or ``memory`` caps (see ``resolve_memory``)."""
+    ranks' ``lm.rank_memory()`` reports and/or ``memory`` caps (see ``resolve_memory``)."""
     return make_plan(
         read_weights(model_dir), hosts, resolve_memory(hosts, reports, memory), headroom
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_cluster_magic import lm
 from mlx_cluster_magic import pipeline_plan as pp
 from mlx_cluster_magic.errors import MLXClusterError
 
@@ -344,7 +345,7 @@ def test_a_rank_in_a_memory_cgroup_reports_its_limit() -> None:
         (group / "memory.limit_in_bytes").write_text(str(300 * MB))
         code = (
             f"import os, json; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()));"
-            "from mlx_cluster_magic.pipeline_plan import rank_memory; print(json.dumps(rank_memory()))"
+            "from mlx_cluster_magic.lm import rank_memory; print(json.dumps(rank_memory()))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -355,5 +356,5 @@ def test_a_rank_in_a_memory_cgroup_reports_its_limit() -> None:
         assert pp.resolve_memory(["localhost"], [report]) == [(300 * MB, "cgroup")]
     finally:
         group.rmdir()
-    here = pp.rank_memory()  # this process: no cap below the machine
+    here = lm.rank_memory()  # this process: no cap below the machine
     assert here["machine"] and (here["cgroup"] is None or here["cgroup"] > 300 * MB)
