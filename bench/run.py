@@ -27,6 +27,7 @@ from cabling import bench_cabling
 from links import bench_links
 from lm import bench_lm
 from overhead import bench_overhead
+from pipeline import bench_pipeline
 from rank_import import bench_rank_import
 from recorder import bench_recorder
 from recovery import bench_recovery, bench_report
@@ -148,6 +149,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "recorder": bench_recorder,
     "links": bench_links,
     "cabling": bench_cabling,
+    "pipeline": bench_pipeline,
     "lm": bench_lm,
 }
 
