@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,9 @@ def sums_right(cluster: MLXCluster, hosts: list[str]) -> None:
 
 
 @pytest.mark.parametrize("backend", ["mpi", "ring"])
-def test_bridged_star_runs(ip: Any, bridged_star: Any, tmp_path: Path, backend: str) -> None:
+def test_bridged_star_runs(
+    ip: Any, bridged_star: Any, tmp_path: Path, artifacts: Path, backend: str
+) -> None:
     hostfile = bridged_star.cabled_hostfile(tmp_path / "star.json", backend)
     try:
         with start(ip, bridged_star, hostfile, "--no-status") as cluster:
@@ -133,6 +136,16 @@ def test_bridged_star_runs(ip: Any, bridged_star: Any, tmp_path: Path, backend: 
                 report = cluster.links(timeout=10)
                 assert len(report.records) == 6, report.text()
                 assert all(r.gbit_s for r in report.records), report.text()
+                # the picture: mac1 (its bridge holds three cables) at the centre of the star
+                assert report.hub == "mac1"
+                svg = ET.fromstring(report.picture or "")
+                ns = "{http://www.w3.org/2000/svg}"
+                centre = next(
+                    t for t in svg.iter(f"{ns}text") if t.text == "mac1" and t.get("x") == "180.0"
+                )
+                assert centre.get("y") == "184.0"
+                assert len(list(svg.iter(f"{ns}line"))) == 3  # a cable from mac1 to each
+                (artifacts / "topology-bridged-star.svg").write_text(report.picture or "")
             report = cluster.doctor(advice=False)
             assert report.ok, repr(report)
             assert "FAIL" not in report.reach_text()

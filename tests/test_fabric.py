@@ -161,6 +161,7 @@ def test_ring_of_four_with_control_on_the_management_network(
             report = links.measure(cluster.view, cluster.placement, cluster.ranks, timeout=10)
             (artifacts / "links-ring4.txt").write_text(report.text() + "\n")
             assert len(report.records) == 6
+            assert report.hub is None  # a ring: no host is the centre
             far = report.record("mac1", "mac3")
             assert far is not None and far.gbit_s is None  # no cable, no MLX send
             near = report.record("mac1", "mac2")

@@ -11,6 +11,7 @@ No IPython import.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import ipaddress
 import secrets
@@ -139,6 +140,9 @@ class LinkReport:
     meta: dict[str, Any] = field(default_factory=dict)
     #: The topology picture (SVG) of these links over the hostfile's cables, when known.
     picture: str | None = None
+    #: The master of a star: the one host whose cluster address is on a bridge of two or more
+    #: cables (its Thunderbolt Bridge), the others reaching each other through it.
+    hub: str | None = None
 
     def flagged(self) -> list[LinkRecord]:
         return [r for r in self.records if r.flag]
@@ -515,10 +519,11 @@ def measure(
         elapsed_s=time.monotonic() - started,
         meta={"seconds": stream_s},
     )
+    report.hub = star_hub(placement, facts)
     if len(hosts) > 1:
         from .topology import topology_svg
 
-        report.picture = topology_svg(placement, report.records)
+        report.picture = topology_svg(placement, report.records, hub=report.hub)
     if advise is not None:
         report.advice = advise(report)
     return report
@@ -586,6 +591,40 @@ def _macos_ports(outputs: Mapping[str, str]) -> dict[str, tuple[str | None, floa
     except Exception:  # discovery is a best effort: the kinds fall back to names
         pass
     return out
+
+
+def bridge_members(facts: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """A rank's bridges and their member ports: Linux's from the rank, a Mac's from its
+    ``ifconfig -a`` (parsed here)."""
+    out = {
+        iface: tuple(raw.get("members") or ())
+        for iface, raw in (facts.get("interfaces") or {}).items()
+        if raw.get("members")
+    }
+    text = (facts.get("macos") or {}).get("ifconfig -a")
+    if text:
+        from .netif import parse_ifconfig
+
+        with contextlib.suppress(Exception):
+            out.update({i.name: i.members for i in parse_ifconfig(text).values() if i.members})
+    return out
+
+
+def star_hub(placement: Placement, facts: Sequence[Mapping[str, Any]]) -> str | None:
+    """The star's master: the one host (of three or more) whose cluster address sits on a bridge
+    of two or more ports, while no other host's does; None for any other cabling."""
+    hosts = list(placement.hosts)
+    if len(hosts) < 3:
+        return None
+    hubs = []
+    for host in hosts:
+        rank = placement.ranks.index(host)
+        if rank >= len(facts) or not host.ips:
+            continue
+        iface = next((a["iface"] for a in facts[rank]["addrs"] if a["address"] in host.ips), None)
+        if iface is not None and len(bridge_members(facts[rank]).get(iface, ())) >= 2:
+            hubs.append(host.ssh)
+    return hubs[0] if len(hubs) == 1 else None
 
 
 def macos_commands() -> list[tuple[str, ...]]:

@@ -115,18 +115,28 @@ def _host_labels(placement: Placement, records: Sequence[LinkRecord] | None) -> 
 
 
 def topology_svg(
-    placement: Placement, records: Sequence[LinkRecord] | None = None, size: int = 360
+    placement: Placement,
+    records: Sequence[LinkRecord] | None = None,
+    size: int = 360,
+    hub: str | None = None,
 ) -> str:
-    """Hosts on a circle, an edge per cable/link, coloured by measured Gb/s."""
+    """Hosts on a circle, an edge per cable/link, coloured by measured Gb/s. With ``hub`` (a
+    star's master, by its ssh name) the master sits at the centre with a cable to each host,
+    and the pairs that pass through it are not drawn as cables of their own."""
     labels = _host_labels(placement, records)
     es = edges(placement, records)
     n = len(labels)
     cx = cy = size / 2
     radius = size / 2 - 50 if n > 1 else 0
-    pos = [
-        (cx + radius * math.sin(2 * math.pi * i / n), cy - radius * math.cos(2 * math.pi * i / n))
-        for i in range(n)
-    ]
+    names = [h.ssh for h in placement.hosts]
+    centre = names.index(hub) if hub in names else None
+    ring = [i for i in range(n) if i != centre]
+    pos = [(cx, cy)] * n
+    for k, i in enumerate(ring):
+        angle = 2 * math.pi * k / len(ring)
+        pos[i] = (cx + radius * math.sin(angle), cy - radius * math.cos(angle))
+    if centre is not None:
+        es = [e for e in es if centre in (e.a, e.b)]
     rates = [e.rate for e in es if e.rate is not None]
     best = max(rates) if rates else 0.0
     out = [
@@ -162,6 +172,12 @@ def topology_svg(
             f'<g class="host"><rect x="{x - 40:.1f}" y="{y - 14:.1f}" width="80" height="28" '
             f'rx="6" fill="#f4f4f8" stroke="#446"/><text x="{x:.1f}" y="{y + 4:.1f}" '
             f'text-anchor="middle">{html.escape(name)}</text></g>'
+        )
+    if centre is not None:
+        out.append(
+            f'<text x="{cx:.1f}" y="{size - 8}" text-anchor="middle" fill="#555" '
+            f'class="mlx-hub-note">the others reach each other through '
+            f"{html.escape(labels[centre])}'s bridge</text>"
         )
     out.append("</svg>")
     return "".join(out)

@@ -40,10 +40,12 @@ def rank_facts(macos_commands: Sequence[Sequence[str]] = ()) -> dict[str, Any]:
     interfaces = {}
     for iface in {a["iface"] for a in addrs}:
         st = stats.get(iface)
+        brif = f"/sys/class/net/{iface}/brif"  # a Linux bridge's ports
         interfaces[iface] = {
             "speed_mbit": st.speed if st else None,
             "virtual": sys.platform.startswith("linux")
             and not os.path.exists(f"/sys/class/net/{iface}/device"),
+            "members": sorted(os.listdir(brif)) if os.path.isdir(brif) else [],
         }
     macos: dict[str, str] = {}
     if sys.platform == "darwin":
