@@ -76,9 +76,7 @@ class ClusterViews:
         ``datetime``; ``step`` an integer where it was given as one."""
         run = self._require()
         points = [] if run.status is None else run.status.metrics()
-        records = [
-            {**p.as_dict(), "time": datetime.datetime.fromtimestamp(p.time)} for p in points
-        ]
+        records = [{**p.as_dict(), "time": datetime.datetime.fromtimestamp(p.time)} for p in points]
         try:
             import pandas as pd
         except ImportError:

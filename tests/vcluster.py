@@ -118,6 +118,8 @@ class VirtualCluster:
         cables: str | list[tuple[int, int]] | None = None,
         cable_subnet: str | None = None,
         bridged: bool = False,
+        private_dirs: list[str] | None = None,
+        private_size: str = "4g",
     ) -> None:
         net = ipaddress.ip_network(subnet)
         if n < 1 or net.num_addresses < 12 + n:
@@ -147,6 +149,13 @@ class VirtualCluster:
         # for every cable, the master's address on its bridge, the workers reach each other
         # through it.
         self.bridged = bridged
+        # Directories each host sees as its own empty tmpfs (a disk of its own): every process
+        # ssh starts there (prted, the ranks) lives in the host's mount namespace; the head and
+        # the other hosts keep their own view of those paths.
+        self.private_dirs = [str(Path(d)) for d in private_dirs or []]
+        self.private_size = private_size
+        if any(not Path(d).is_absolute() for d in self.private_dirs):
+            raise ValueError("private_dirs must be absolute paths")
         if bridged and cables not in ("star", "star-head"):
             raise ValueError("bridged=True is for a star: the master bridges its cables")
         # With "ring-head" or "star-head" the head (this machine, where the notebook runs) is
@@ -302,6 +311,7 @@ class VirtualCluster:
         # that bridges every cable holds the whole cable subnet itself).
         if not (self.bridged and self.cables[0][0] == -1):
             _run(f"ip route replace unreachable {self.cable_subnet}")
+
         def on(host_i: int) -> str:  # run a command on the head or in a host's namespace
             return "" if host_i == -1 else f"ip netns exec {self.namespaces[host_i]} "
 
@@ -360,10 +370,17 @@ class VirtualCluster:
         # `ip netns exec` and `unshare` (without --fork) both exec, so the pid we
         # get is sshd's own; sh sets the hostname inside the new UTS namespace.
         log = (hdir / "sshd.log").open("wb")
+        unshare = ["unshare", "--uts"]
+        mounts = ""
+        if self.private_dirs:
+            unshare += ["--mount", "--propagation", "private"]
+            for d in self.private_dirs:
+                Path(d).mkdir(parents=True, exist_ok=True)  # the mount point, on the head
+                mounts += f"mount -t tmpfs -o size={self.private_size} tmpfs {d} && "
         proc = subprocess.Popen(
             [
-                "ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
-                f'hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host, str(config),
+                "ip", "netns", "exec", ns, *unshare, "sh", "-c",
+                f'{mounts}hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host, str(config),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
