@@ -34,6 +34,7 @@ from .launch import spec as opts
 from .observe.snapshot import NodeStatus
 
 if TYPE_CHECKING:
+    from .pipeline_plan import PipelinePlan
     from .views.status_widget import StatusWidget
 
 START_TIMEOUT_S = opts.START_TIMEOUT_S
@@ -97,6 +98,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._history: list[HistoryEntry] = []
         self._topology_svg: str | None = None
         self._last_recorders: list[dict[str, Any] | None] = []
+        #: The latest ``plan_pipeline`` result (which layers each rank holds), else None.
+        self.pipeline_plan: PipelinePlan | None = None
         self.banner: str | None = None
         self.last_nodes: list[NodeStatus] = []
         #: Counts starts, so a wait can tell its cluster was restarted under it.

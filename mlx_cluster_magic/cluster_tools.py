@@ -1,15 +1,15 @@
 """What a person does with a running cluster besides running cells: gather and broadcast data,
-sync files to every host,
-ask why a cell hangs, switch checked collectives, measure the links, run the doctor, and the
-history that ``restart(replay=True)`` runs again. Mixed into ``MLXCluster``; each method
-delegates to its own module."""
+sync files to every host, ask why a cell hangs, switch checked collectives, measure the links,
+run the doctor, plan a model's pipeline split by memory, and the history that
+``restart(replay=True)`` runs again. Mixed into ``MLXCluster``; each method delegates to its own
+module."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .launch.bringup import Running
     from .launch.spec import ClusterSpec
     from .observe.hang_verdict import WhyReport
+    from .pipeline_plan import PipelinePlan
 
 
 #: The comment line ``%%px`` sends before a cell (``px.CELL_HEADER`` and its magic line), so
@@ -51,6 +52,7 @@ class ClusterTools:
 
     # provided by MLXCluster
     _run: Running | None
+    pipeline_plan: PipelinePlan | None
     _history: list[HistoryEntry]
     _last_recorders: list[dict[str, Any] | None]
     _topology_svg: str | None
@@ -58,6 +60,7 @@ class ClusterTools:
     placement: Placement
     backend: str
     n: int
+    running: bool
     ranks: list[dict[str, Any]]
     view: Any
     client: Any
@@ -193,6 +196,34 @@ class ClusterTools:
         self._topology_svg = report.picture
         self._refresh_widget()
         return report
+
+    def plan_pipeline(
+        self,
+        model_dir: str,
+        memory: Mapping[Any, Any] | None = None,
+        headroom: float | int | str = 0.1,
+    ) -> PipelinePlan:
+        """Which layers of the model in ``model_dir`` each rank should hold so that its weights
+        plus ``headroom`` fit its memory, in proportion to what each can hold (rank 0 the last
+        layers, as mlx-lm). Memory: what every rank reports (MLX's working set on Apple
+        silicon, else the machine's; a memory cgroup's limit when lower), capped by ``memory``:
+        ``{"mac1": "64GB", "rank1": 8 * 2**30}`` (a host as the hostfile names it, shared by
+        its ranks; or one rank). ``headroom``: a fraction of each rank's memory or bytes per
+        rank. Without a running cluster, ``memory`` must give every rank. Load it on the ranks
+        with ``mlx_cluster_magic.rank.lm.pipeline_load(model_dir, plan)`` (push the plan first).
+        """
+        from . import pipeline_plan as pp
+        from .rank.lm import rank_memory
+
+        hosts = [h.ssh for h in self.placement.ranks]
+        reports = None
+        if self._run is not None and self.running:
+            reports = self.view.apply_sync(rank_memory)
+        elif not memory:
+            self._require()  # says the cluster is not running
+        plan = pp.plan_pipeline(model_dir, hosts, reports, memory, headroom)
+        self.pipeline_plan = plan
+        return plan
 
     def _set_checks(self, run: Running, on: bool) -> None:
         run.view.execute(

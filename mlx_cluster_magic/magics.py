@@ -272,6 +272,25 @@ def _build_parsers() -> dict[str, _Parser]:
     sub("metrics", "The values ranks recorded with report(...), as records or a DataFrame.")
 
     p = sub(
+        "plan",
+        "Plan a model's pipeline split: each rank's layers in proportion to its memory.",
+    )
+    p.add_argument("model_dir", help="folder of an mlx-lm model (config.json, safetensors)")
+    p.add_argument(
+        "--memory",
+        default=None,
+        metavar="HOST=SIZE,...",
+        help="cap the memory of a host (as the hostfile names it; shared by its ranks) or of "
+        "a rank (rank1=8GB); default: what each rank reports",
+    )
+    p.add_argument(
+        "--headroom",
+        default="10%",
+        help="left free on each rank for KV cache and activations: a share of its memory, or "
+        "a size per rank (4GB)",
+    )
+
+    p = sub(
         "doctor",
         "Check every host is ready: ssh, python, versions, mpiexec, IP, MTU, route, peers.",
     )
@@ -558,6 +577,15 @@ class MLXClusterMagics(Magics):
                 "numbers per rank (elsewhere: from mlx_cluster_magic import report)"
             )
         return None
+
+    def _plan(self, args: argparse.Namespace) -> Any:
+        from .pipeline_plan import parse_memory_spec
+
+        memory = parse_memory_spec(args.memory) if args.memory is not None else None
+        cluster = self._any("to plan for")
+        if not cluster.running and not memory:
+            raise MLXClusterError(cluster.not_running_message())
+        return cluster.plan_pipeline(args.model_dir, memory=memory, headroom=args.headroom)
 
     def _doctor(self, args: argparse.Namespace) -> Any:
         from .fabric.doctor import run_doctor

@@ -202,6 +202,7 @@ PURE = [
     "mlx_cluster_magic.fabric.doctor",
     "mlx_cluster_magic.observe.hang_verdict",
     "mlx_cluster_magic.contract",
+    "mlx_cluster_magic.pipeline_plan",
 ]
 
 

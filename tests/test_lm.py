@@ -167,3 +167,79 @@ def test_split_over_two_ranks_generates_the_single_process_tokens_and_reports_ra
             time.sleep(0.2)
     assert all(s == list(range(1, n + 1)) for s in steps.values()), steps
     assert all(r["value"] > 0 for r in records if r["name"].startswith("tok_s"))
+
+
+PLANNED = """
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.utils import pipeline_load as even_load
+from mlx_cluster_magic.rank.lm import pipeline_load
+
+def _tokens(model, tokenizer):
+    return [r.token for r in stream_generate(model, tokenizer, {prompt!r}, max_tokens={n})]
+
+mx.clear_cache()
+_before = mx.get_active_memory()
+model, tokenizer = pipeline_load({m3!r}, plan)
+plan_loaded = mx.get_active_memory() - _before
+plan_stage = (model.model.start_idx, model.model.end_idx)
+plan_tokens = _tokens(model, tokenizer)
+del model, tokenizer
+mx.clear_cache()
+model, tokenizer = even_load({m3!r})
+even_stage = (model.model.start_idx, model.model.end_idx)
+even_tokens = _tokens(model, tokenizer)
+del model, tokenizer
+"""
+
+
+def test_a_plan_by_memory_loads_and_generates_the_tokens_of_the_even_split_and_one_process(
+    ip, tmp_path: Path
+) -> None:
+    """2 local ranks with unequal memory caps: the plan gives rank 0 fewer layers where mlx-lm's
+    even split would overflow rank 0's cap; pipeline_load loads exactly those layers (and only
+    their bytes), and greedy generation gives the tokens of the even split and of one process."""
+    from mlx_lm import load, stream_generate
+
+    prompt, n = "the busy robot", 20
+    m3 = lm.write_tiny_llama(tmp_path / "m3", seed=2, model_type="ministral3", num_layers=6)
+    model, tokenizer = load(str(m3))
+    expected = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=n)]
+    del model
+
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2 --no-status")
+    # what the ranks report: this machine's memory (or cgroup) shared by the 2 ranks
+    measured = cluster.plan_pipeline(str(m3))
+    assert measured.fits and measured.layers == [(3, 6), (0, 3)]  # even memory: mlx-lm's split
+    assert {r.memory_from for r in measured.ranks} <= {"machine", "cgroup"}
+    assert measured.ranks[0].memory == measured.ranks[1].memory
+
+    plan = ip.run_line_magic(
+        "mlx_cluster", f"plan {m3} --memory rank0=8MB,rank1=16MB --headroom 1MB"
+    )
+    assert cluster.pipeline_plan is plan
+    assert plan.fits and plan.layers == [(4, 6), (0, 4)] and plan.split == [2, 4]
+    assert [(r.memory, r.memory_from) for r in plan.ranks] == [(8 << 20, "cap"), (16 << 20, "cap")]
+    assert all(r.weight_bytes + r.headroom <= r.memory for r in plan.ranks)
+    # mlx-lm's even split puts 3 layers on rank 0: more than its 8 MB cap holds
+    per_layer = plan.ranks[0].layer_bytes // 2
+    assert 3 * per_layer + plan.ranks[0].shared_bytes + plan.ranks[0].headroom > 8 << 20
+
+    cluster.view.push({"plan": plan})
+    cluster.view.execute(PLANNED.format(prompt=prompt, n=n, m3=str(m3)))
+    assert [tuple(s) for s in cluster.view["plan_stage"]] == plan.layers
+    assert [tuple(s) for s in cluster.view["even_stage"]] == [(3, 6), (0, 3)]
+    assert cluster.view["plan_tokens"] == [expected, expected]
+    assert cluster.view["even_tokens"] == [expected, expected]
+    # each rank read its own layers' weights and no others
+    loaded = cluster.view["plan_loaded"]
+    for r, got in enumerate(loaded):
+        assert abs(got - plan.weight_bytes[r]) <= 0.02 * plan.weight_bytes[r], (r, got, plan)
+
+    # a model that cannot fit: one line with the shortfall, and pipeline_load refuses it
+    small = ip.run_line_magic("mlx_cluster", f"plan {m3} --memory localhost=6MB --headroom 0")
+    assert not small.fits and small.problem and " short" in small.problem
+    assert "\n" not in small.problem
+    cluster.view.push({"plan": small})
+    with pytest.raises(Exception, match="ValueError.*does not fit"):
+        cluster.view.execute(f"pipeline_load({str(m3)!r}, plan)")

@@ -62,6 +62,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
     "history": {},
     "links": {"--timeout": "default: 10", "--seconds": "shared out over the pairs"},
     "metrics": {},
+    "plan": {"model_dir": None, "--memory": None, "--headroom": "default: 10%"},
     "doctor": {**HOSTS_OPTIONS, "--backend": None, "--timeout": "default: 10"},
     "hosts": {"--discover": None, "--write": None},
     "help": {"subcommand": None},
@@ -172,6 +173,10 @@ def test_help_needs_no_cluster_and_starts_nothing(ip, capsys) -> None:
         ("restart --replay", "no cluster to restart"),
         ("stop now", "unrecognized arguments: now"),
         ("gather 'a", "No closing quotation"),
+        ("plan", "the following arguments are required: model_dir"),
+        ("plan /models/x", "no cluster to plan for: start one with"),
+        ("plan /models/x --memory mac1:64GB", "--memory 'mac1:64GB': give HOST=SIZE pairs"),
+        ("plan /models/x --memory mac1=lots", "memory of mac1: 'lots' is not a size"),
     ],
 )
 def test_misuse_is_one_line(ip, line: str, message: str) -> None:

@@ -6,13 +6,21 @@ second on any machine: ``config.json``, safetensors weights drawn from a fixed s
 byte-level BPE tokenizer trained offline with the ``tokenizers`` package on generated text
 (``tokenizer.json`` + ``tokenizer_config.json``, which ``transformers.AutoTokenizer`` loads).
 
+Also the rank side of a pipeline split by memory (``pipeline_plan`` plans it on the head):
+``rank_memory()`` tells the head how much memory a rank may use, and
+``pipeline_load(model_dir, plan)`` loads an mlx-lm model as pipeline stages with the plan's layer
+ranges, where mlx-lm's own ``pipeline_load`` always splits evenly. Imports nothing else of the
+package: the ranks import it.
+
 Needs the ``lm`` extra (``pip install 'mlx_cluster_magic[lm]'``) for ``tokenizers``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,7 @@ import numpy as np
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 MODEL_TYPES = ("llama", "ministral3")
+_UNLIMITED = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
 
 _DETERMINERS = ("the", "a", "one", "every", "that")
 _ADJECTIVES = ("small", "quick", "green", "quiet", "bright", "old", "busy", "warm", "heavy", "red")
@@ -225,3 +234,129 @@ def write_tiny_llama(
     }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def pipeline_load(
+    model_dir: str | Path,
+    plan: Any,
+    *,
+    group: Any = None,
+    return_config: bool = False,
+    tokenizer_config: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """On every rank (a ``%%px`` cell): ``model, tokenizer = pipeline_load(model_dir, plan)``.
+
+    mlx-lm's own loading with the plan's layer counts: ``load_model(lazy=True)``, then
+    ``model.model.pipeline(group, split=plan.split)`` (rank 0 runs the last layers), then only
+    this rank's weights are read, as ``mlx_lm.utils.pipeline_load`` does with its even split.
+    Generation works unchanged (``mlx_lm.generate`` / ``stream_generate`` on every rank).
+    """
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    if not hasattr(plan, "split") or not hasattr(plan, "ranks"):
+        raise ValueError(
+            f"pipeline_load takes the plan of cluster.plan_pipeline(...), got {type(plan).__name__}"
+        )
+    if not plan.fits:
+        raise ValueError(plan.problem or "the plan does not fit the cluster's memory")
+    group = group if group is not None else mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    if size != len(plan.ranks):
+        raise ValueError(
+            f"the plan is for {len(plan.ranks)} ranks, this group has {size}: plan again with "
+            "cluster.plan_pipeline on this cluster"
+        )
+    path = Path(model_dir).expanduser()
+    mine = plan.ranks[rank]
+    missing = [f for f in mine.files if not (path / f).exists()]
+    if missing:
+        raise ValueError(
+            f"rank {rank} lacks {missing[0]} in {path} (its layers {mine.start}-{mine.end - 1} "
+            "are there): copy the model's files to this host"
+        )
+    model, config = load_model(path, lazy=True, strict=False, trust_remote_code=trust_remote_code)
+    inner: Any = getattr(model, "model", None)
+    if not hasattr(inner, "pipeline"):
+        raise ValueError(
+            f"mlx-lm's {config.get('model_type')!r} model cannot run as pipeline stages "
+            "(no pipeline() in mlx_lm.models); use mlx_lm.utils.sharded_load (tensor parallel)"
+        )
+    if len(inner.layers) != plan.num_layers:
+        raise ValueError(
+            f"the plan is for {plan.num_layers} layers, {path} has {len(inner.layers)}: "
+            "plan this model"
+        )
+    inner.pipeline(group, split=list(plan.split))
+    mx.eval(model.parameters())
+    # every rank has its weights before anyone generates (as mlx-lm's loader does)
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=group))
+    tokenizer = load_tokenizer(  # type: ignore[no-untyped-call,unused-ignore]
+        path,
+        tokenizer_config or {"trust_remote_code": True},
+        eos_token_ids=config.get("eos_token_id", None),
+    )
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def _cgroup_limit() -> tuple[int | None, str | None]:
+    """This process's memory cgroup limit (v1, else v2), and the cgroup's path."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            limit = None
+            try:
+                for stat in (base / "memory.stat").read_text().splitlines():
+                    if stat.startswith("hierarchical_memory_limit "):
+                        limit = int(stat.split()[1])
+            except (OSError, ValueError):
+                pass
+            try:
+                own = int((base / "memory.limit_in_bytes").read_text())
+                limit = own if limit is None else min(limit, own)
+            except (OSError, ValueError):
+                pass
+            return (limit if limit is not None and limit < _UNLIMITED else None), path
+    for line in lines:
+        if line.startswith("0::"):
+            path = line[3:]
+            try:
+                text = (Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max").read_text()
+            except OSError:
+                return None, path
+            return (None if text.strip() == "max" else int(text)), path
+    return None, None
+
+
+def rank_memory() -> dict[str, Any]:
+    """Run on a rank: the memory this process may use. On Apple silicon MLX's recommended
+    working-set size; the machine's memory elsewhere; and the memory cgroup's limit when lower.
+    Ranks on one host share these (``pipeline_plan.resolve_memory`` divides them)."""
+    machine = None
+    try:
+        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    working_set = None
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            working_set = int(info["max_recommended_working_set_size"])
+    except Exception:  # no MLX or no Metal: the machine's memory stands
+        working_set = None
+    cgroup, cgroup_path = _cgroup_limit()
+    return {
+        "hostname": socket.gethostname(),
+        "machine": machine,
+        "working_set": working_set,
+        "cgroup": cgroup,
+        "cgroup_path": cgroup_path,
+    }
