@@ -320,7 +320,11 @@ def run_sync(
     if shards == "pipeline":
         if entries[0][0] != "dir":
             raise MLXClusterError("sync --shards pipeline takes a model directory")
-        rank_files = pipeline_files(source, cluster.n, getattr(cluster, "pipeline_plan", None))
+        plan = getattr(cluster, "pipeline_plan", None)
+        planned = getattr(plan, "model_dir", None)
+        if planned is None or Path(os.path.abspath(os.path.expanduser(planned))) != source:
+            plan = None  # a plan for another model does not say which of these files go where
+        rank_files = pipeline_files(source, cluster.n, plan)
         if rank_files is None:
             raise MLXClusterError(
                 f"sync --shards pipeline: {source} has no model.safetensors.index.json; "

@@ -348,3 +348,102 @@ def test_bad_input_gets_one_line(cluster: tuple[Any, Any], tree: Path) -> None:
     assert msg.startswith("sync: too little space: mac1 needs 1.0 GiB at "), msg
     assert "mac2" in msg and "mac3" in msg and "short)" in msg, msg
     assert "huge.bin" not in host_listings(c, tree)[0]
+
+
+def sharded_model(root: Path, layers: int = 6) -> dict[str, float]:
+    """A tiny mlx-lm model whose weights are split over several files as the hub ships big
+    ones (the embedding, norm and head in the last file, two layers per file); returns every
+    tensor's sum, to compare with what each rank loads."""
+    import json
+
+    import mlx.core as mx
+
+    from mlx_cluster_magic.rank.lm import write_tiny_llama
+
+    write_tiny_llama(
+        root, model_type="ministral3", num_layers=layers, hidden_size=64, intermediate_size=128
+    )
+    weights = mx.load(str(root / "model.safetensors"))
+    (root / "model.safetensors").unlink()
+    files: dict[str, dict[str, Any]] = {}
+    for key, value in weights.items():
+        layer = key.split("layers.")[1].split(".")[0] if "layers." in key else None
+        n = layers // 2 + 1
+        part = int(layer) // 2 + 1 if layer is not None else n
+        files.setdefault(f"model-{part:05d}-of-{n:05d}.safetensors", {})[key] = value
+    weight_map = {}
+    for name, tensors in files.items():
+        mx.save_safetensors(str(root / name), tensors, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    return {k: float(v.astype(mx.float32).sum().item()) for k, v in weights.items()}
+
+
+LOAD = """
+def _shard_check(path, sums):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import sharded_load
+    model, _ = sharded_load(path, pipeline_group=mx.distributed.init())
+    inner = model.model
+    bad = []
+    for key, value in tree_flatten(model.parameters()):
+        m = key.split("layers.")
+        if len(m) > 1 and not (inner.start_idx <= int(m[1].split(".")[0]) < inner.end_idx):
+            continue
+        if abs(float(value.astype(mx.float32).sum().item()) - sums[key]) > 1e-3 * (1 + abs(sums[key])):
+            bad.append(key)
+    return (inner.start_idx, inner.end_idx, bad)
+"""
+
+
+def test_pipeline_shards_give_each_host_only_what_its_rank_loads(
+    cluster: tuple[Any, Any], tree: Path
+) -> None:
+    shell, c = cluster
+    model = tree / "model"
+    sums = sharded_model(model)
+    every = sorted(p.name for p in model.glob("*.safetensors"))
+    assert len(every) == 4
+    report = sync(shell, f"{model} --shards pipeline")
+    assert report.ok, repr(report)
+    got = host_listings(c, model)
+    # mlx-lm's split of 6 layers over 3 ranks: rank 0 the last two, rank 2 the first two
+    expect = [
+        ["model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"],
+        ["model-00002-of-00004.safetensors", "model-00004-of-00004.safetensors"],
+        ["model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors"],
+    ]
+    for g, want in zip(got, expect, strict=True):
+        assert sorted(k for k in g if k.endswith(".safetensors")) == want
+        assert "config.json" in g and "tokenizer.json" in g
+    total = sum(v[2] for v in (listing(model) or {}).values() if v[0] == "file")
+    for h in report.hosts:
+        assert h.wanted_bytes < 0.75 * total, repr(report)
+    # what sharded_load then loads on each rank is exactly the model's own weights
+    c.view.execute(LOAD, block=True)
+    c.view.push({"_sums": sums}, block=True)
+    loaded = on_hosts(c, f"_shard_check({str(model)!r}, _sums)")
+    assert loaded == [(4, 6, []), (2, 4, []), (0, 2, [])], loaded
+    # tensor: everything everywhere
+    report = sync(shell, f"{model} --shards tensor")
+    got = host_listings(c, model)
+    for g in got:
+        assert sorted(k for k in g if k.endswith(".safetensors")) == every
+
+
+def test_pipeline_shards_follow_a_memory_plan(cluster: tuple[Any, Any], tree: Path) -> None:
+    shell, c = cluster
+    model = tree / "model"
+    sharded_model(model)
+    # mac1 (rank 0) may hold a third of what the others hold: fewer layers than the even split
+    sizes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    cap = {"mac1": sizes // 3, "mac2": sizes, "mac3": sizes}
+    plan = c.plan_pipeline(str(model), memory=cap, headroom=0)
+    assert plan.fits and plan.split != [2, 2, 2], plan
+    report = sync(shell, f"{model} --shards pipeline")
+    assert report.ok, repr(report)
+    got = host_listings(c, model)
+    for g, r in zip(got, plan.ranks, strict=True):
+        assert sorted(k for k in g if k.endswith(".safetensors")) == sorted(r.files), plan
