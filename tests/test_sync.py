@@ -175,6 +175,58 @@ def test_no_cluster_running_gets_one_line(ip: Any, tmp_path: Path) -> None:
     assert str(e.value).startswith("no cluster is running: "), str(e.value)
 
 
+def test_a_head_with_a_link_to_every_host_sends_to_all_at_once(tmp_path: Path) -> None:
+    """The notebook's machine is the star's master, bridging a cable to each host: the route
+    is a star, and no host forwards."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from vcluster import VirtualCluster, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    vc = VirtualCluster(
+        3,
+        subnet="10.88.2.0/24",
+        prefix="syns",
+        cables="star-head",
+        cable_subnet="10.88.66.0/24",
+        bridged=True,
+        private_dirs=[str(ROOT)],
+        private_size="64m",
+    )
+    shell = InteractiveShell.instance()
+    src = ROOT / f"star-{os.getpid()}"
+    try:
+        vc.start()
+        hostfile = vc.cabled_hostfile(tmp_path / "star.json", "mpi")
+        shell.run_line_magic("load_ext", "mlx_cluster_magic")
+        with shell.run_line_magic(
+            "mlx_cluster", vc.start_line(hostfile, "--no-status", ring_port=RING_PORT + 10)
+        ) as c:
+            c.view.execute(LISTING, block=True)
+            src.mkdir(parents=True)
+            make_tree(src, big_mb=2, small=5)
+            report = sync(shell, str(src))
+            assert report.route == "this machine -> {mac1, mac2, mac3}", report.route
+            # rank 0 runs on this machine, where the tree already is: it is not a target
+            assert [h.host for h in report.hosts] == ["mac1", "mac2", "mac3"], repr(report)
+            got = host_listings(c, src)
+            assert got == [listing(src)] * 4
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+        magics = shell.magics_manager.registry.get("MLXClusterMagics")
+        if magics is not None:
+            magics.cluster = None
+            shell.run_line_magic("unload_ext", "mlx_cluster_magic")
+        deadline = time.monotonic() + 10
+        while (left := our_processes(vhost_pids(vc))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        vc.stop()
+        assert not left, f"left running: {left}"
+        assert vc.leftovers() == []
+
+
 def test_a_tree_reaches_every_host_once_over_the_management_network(
     cluster: tuple[Any, Any], ring: Any, tree: Path
 ) -> None:
