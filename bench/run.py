@@ -31,6 +31,7 @@ from rank_import import bench_rank_import
 from recorder import bench_recorder
 from recovery import bench_recovery, bench_report
 from scaling import bench_scaling
+from sync import bench_sync
 
 import benchlib
 from benchlib import compare
@@ -149,6 +150,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "links": bench_links,
     "cabling": bench_cabling,
     "lm": bench_lm,
+    "sync": bench_sync,
 }
 
 

@@ -349,7 +349,7 @@ def run_sync(
         client[r].apply_async(sync_receiver.survey, target, entries, verify, w)
         for r, w in zip(first, wanted, strict=True)
     ]
-    found = [ar.get(timeout=60) for ar in surveys]
+    found = [ar.get(timeout=None if verify else 120) for ar in surveys]
     for h, s in zip(names, found, strict=True):
         if s["error"]:
             raise MLXClusterError(f"sync: {s['error']} on {h}")
@@ -405,13 +405,16 @@ def run_sync(
     token = secrets.token_hex(16)
     active = [k for k in range(len(names)) if subtree_needs[k]]
     ports: dict[int, int] = {}
+    opening: dict[int, Any] = {}
     try:
-        for k in active:
-            ports[k] = client[first[k]].apply_sync(
-                sync_receiver.open_listener, route.address[k], token
-            )
+        opening |= {
+            k: client[first[k]].apply_async(sync_receiver.open_listener, route.address[k], token)
+            for k in active
+        }
+        for k, ar in opening.items():
+            ports[k] = ar.get(timeout=30)
     except Exception:
-        for k in ports:
+        for k in opening:
             with contextlib.suppress(Exception):
                 client[first[k]].apply_sync(sync_receiver.close_listener, token)
         raise
@@ -431,26 +434,28 @@ def run_sync(
         )
     streams: list[_Stream] = []
     failed: dict[int, str] = {}
-    for k in route.children(sync_plan.HEAD):
-        if k not in ports:
-            continue
-        try:
-            sock = socket.create_connection((route.address[k], ports[k]), timeout=stall_s)
-            sock.settimeout(stall_s)
-            sock.sendall(token.encode())
-        except OSError as e:
-            failed[k] = f"cannot connect to {route.address[k]}:{ports[k]}: {e.strerror or e}"
-            continue
-        streams.append(_Stream(sock, source, entries, subtree_needs[k], names[k]))
-    if on_start is not None:
-        on_start()
-    to_send = sum(
-        entries[i][2] - o for s in streams for i, o in s.wants.items() if entries[i][0] == "file"
-    )
-    bar = Progress(to_send, progress)
-    for s in streams:
-        s.start()
+    heads = [k for k in route.children(sync_plan.HEAD) if k in ports]
     try:
+        for k in heads:
+            try:
+                sock = socket.create_connection((route.address[k], ports[k]), timeout=stall_s)
+                sock.settimeout(stall_s)
+                sock.sendall(token.encode())
+            except OSError as e:
+                failed[k] = f"cannot connect to {route.address[k]}:{ports[k]}: {e.strerror or e}"
+                continue
+            streams.append(_Stream(sock, source, entries, subtree_needs[k], names[k]))
+        if on_start is not None:
+            on_start()
+        to_send = sum(
+            entries[i][2] - o
+            for s in streams
+            for i, o in s.wants.items()
+            if entries[i][0] == "file"
+        )
+        bar = Progress(to_send, progress)
+        for s in streams:
+            s.start()
         while any(s.is_alive() for s in streams) or not all(r.ready() for r in receivers.values()):
             for s in streams:
                 s.join(0.1)
@@ -460,9 +465,19 @@ def run_sync(
                 _wait(receivers.values(), stall_s * (1 + len(names)))
                 break
     except KeyboardInterrupt:
+        # cut every stream; a host the head had not reached yet gets a connection closed at
+        # once, so it stops too (its own downstream hosts see their stream end)
         for s in streams:
             with contextlib.suppress(OSError):
                 s.sock.shutdown(socket.SHUT_RDWR)
+        reached = {s.host for s in streams}
+        for k in heads:
+            if names[k] not in reached and k not in failed:
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection((route.address[k], ports[k]), 1.0) as late,
+                ):
+                    late.sendall(token.encode())  # then closed: an empty stream
         _wait(receivers.values(), 2.0)
         raise KeyboardInterrupt(
             "sync interrupted: partial files stay under temporary names; the next sync resumes them"

@@ -681,12 +681,14 @@ class VirtualCluster:
     def shape_cable(self, k: int, rate: str | None, delay: str | None = None) -> None:
         """Limit point-to-point cable ``k`` to ``rate`` both ways (None: unshaped again)."""
         for end, host_i in enumerate(self.cables[k]):
-            ns, iface = self.namespaces[host_i], self.cable_iface(k, end)
+            iface = self.cable_iface(k, end)
+            # the head's end (-1) is in the head's own namespace
+            on = "" if host_i == -1 else f"ip netns exec {self.namespaces[host_i]} "
             if rate is None and delay is None:
-                _run(f"ip netns exec {ns} tc qdisc del dev {iface} root", check=False)
+                _run(f"{on}tc qdisc del dev {iface} root", check=False)
                 continue
             if delay:
                 qdisc = f"netem delay {delay}" + (f" rate {rate}" if rate else "")
             else:
                 qdisc = f"tbf rate {rate} burst 256kb latency 50ms"
-            _run(f"ip netns exec {ns} tc qdisc replace dev {iface} root {qdisc}")
+            _run(f"{on}tc qdisc replace dev {iface} root {qdisc}")
