@@ -200,13 +200,15 @@ class SyncReport:
 class Progress:
     """The progress line: in a notebook one display updated in place, else a printed line."""
 
-    def __init__(self, total: int, show: bool) -> None:
-        self.total, self.show, self.t0 = total, show, time.monotonic()
+    def __init__(
+        self, total: int, show: bool, also: Callable[[str | None], None] | None = None
+    ) -> None:
+        self.total, self.show, self.t0, self.also = total, show, time.monotonic(), also
         self._handle: Any = None
         self._last = 0.0
 
     def update(self, done: int, rates: dict[str, float], final: bool = False) -> None:
-        if not self.show or (not final and time.monotonic() - self._last < 0.5):
+        if not final and time.monotonic() - self._last < 0.5:
             return
         self._last = time.monotonic()
         elapsed = max(time.monotonic() - self.t0, 1e-6)
@@ -215,6 +217,11 @@ class Progress:
         per = ", ".join(f"{h} {r / 1e6:.0f} MB/s" for h, r in rates.items())
         eta = "done" if final else (f"{left:.0f} s left" if left != float("inf") else "")
         line = f"sync: {_size(done)} of {_size(self.total)} sent · {per} · {eta}".rstrip(" ·")
+        if self.also is not None:  # the status view shows it too, while it runs
+            with contextlib.suppress(Exception):
+                self.also(None if final else line)
+        if not self.show:
+            return
         try:
             from IPython import get_ipython
             from IPython.display import display
@@ -453,7 +460,7 @@ def run_sync(
             for i, o in s.wants.items()
             if entries[i][0] == "file"
         )
-        bar = Progress(to_send, progress)
+        bar = Progress(to_send, progress, lambda line: _show(cluster, line))
         for s in streams:
             s.start()
         while any(s.is_alive() for s in streams) or not all(r.ready() for r in receivers.values()):
@@ -485,12 +492,22 @@ def run_sync(
     finally:
         for s in streams:
             s.sock.close()
+        with contextlib.suppress(Exception):
+            _show(cluster, None)
     elapsed = max(time.monotonic() - bar.t0, 1e-6)
     report.sent = sum(s.sent for s in streams)
     bar.update(report.sent, {s.host: s.sent / elapsed for s in streams}, final=True)
     _collect(report, names, route, receivers, failed, streams)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _show(cluster: Any, line: str | None) -> None:
+    """The sync's progress in the cluster's status view (its banner line)."""
+    cluster.activity = line
+    refresh = getattr(cluster, "_refresh_widget", None)
+    if refresh is not None:
+        refresh()
 
 
 def _wait(ars: Any, timeout: float) -> None:

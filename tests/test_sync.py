@@ -175,9 +175,16 @@ def test_no_cluster_running_gets_one_line(ip: Any, tmp_path: Path) -> None:
     assert str(e.value).startswith("no cluster is running: "), str(e.value)
 
 
-def test_a_head_with_a_link_to_every_host_sends_to_all_at_once(tmp_path: Path) -> None:
-    """The notebook's machine is the star's master, bridging a cable to each host: the route
-    is a star, and no host forwards."""
+@pytest.mark.parametrize(
+    ("cables", "route"),
+    [
+        ("star-head", "this machine -> {mac1, mac2, mac3}"),
+        ("ring-head", "this machine -> mac1 -> mac2 -> mac3"),
+    ],
+)
+def test_a_head_on_the_cables_sends_over_them(tmp_path: Path, cables: str, route: str) -> None:
+    """The notebook's machine is cabled too: the star's master, bridging a cable to each host
+    (it sends to all at once), or one of a ring's Macs (the bytes go round the ring)."""
     from IPython.core.interactiveshell import InteractiveShell
 
     from vcluster import VirtualCluster, skip_reason
@@ -185,21 +192,22 @@ def test_a_head_with_a_link_to_every_host_sends_to_all_at_once(tmp_path: Path) -
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
+    star = cables == "star-head"
     vc = VirtualCluster(
         3,
-        subnet="10.88.2.0/24",
-        prefix="syns",
-        cables="star-head",
-        cable_subnet="10.88.66.0/24",
-        bridged=True,
+        subnet="10.88.2.0/24" if star else "10.88.5.0/24",
+        prefix="syns" if star else "synh",
+        cables=cables,
+        cable_subnet="10.88.66.0/24" if star else "10.88.69.0/24",
+        bridged=star,
         private_dirs=[str(ROOT)],
         private_size="64m",
     )
     shell = InteractiveShell.instance()
-    src = ROOT / f"star-{os.getpid()}"
+    src = ROOT / f"{cables}-{os.getpid()}"
     try:
         vc.start()
-        hostfile = vc.cabled_hostfile(tmp_path / "star.json", "mpi")
+        hostfile = vc.cabled_hostfile(tmp_path / "hosts.json", "mpi" if star else "ring")
         shell.run_line_magic("load_ext", "mlx_cluster_magic")
         with shell.run_line_magic(
             "mlx_cluster", vc.start_line(hostfile, "--no-status", ring_port=RING_PORT + 10)
@@ -207,12 +215,14 @@ def test_a_head_with_a_link_to_every_host_sends_to_all_at_once(tmp_path: Path) -
             c.view.execute(LISTING, block=True)
             src.mkdir(parents=True)
             make_tree(src, big_mb=2, small=5)
+            before = mgmt_bytes(vc)
             report = sync(shell, str(src))
-            assert report.route == "this machine -> {mac1, mac2, mac3}", report.route
+            sent = [a - b for a, b in zip(mgmt_bytes(vc), before, strict=True)]
+            assert report.route == route, report.route
             # rank 0 runs on this machine, where the tree already is: it is not a target
             assert [h.host for h in report.hosts] == ["mac1", "mac2", "mac3"], repr(report)
-            got = host_listings(c, src)
-            assert got == [listing(src)] * 4
+            assert host_listings(c, src) == [listing(src)] * 4
+            assert max(sent) < (1 << 20), sent  # nothing went over the management network
     finally:
         shutil.rmtree(src, ignore_errors=True)
         magics = shell.magics_manager.registry.get("MLXClusterMagics")
@@ -315,6 +325,9 @@ def test_an_interrupted_sync_leaves_only_temporary_names_and_resumes(
     (tree / "big.bin").write_bytes(os.urandom(48 << 20))
     ring.shape("80mbit")  # the management network: about 5 s for the file
     try:
+        seen: list[str | None] = []
+        look = threading.Timer(1.2, lambda: seen.append(c.snapshot().banner))
+        look.start()
         t0 = time.monotonic()
         timer = _interrupt_after(2.0)
         with pytest.raises(KeyboardInterrupt):
@@ -324,6 +337,9 @@ def test_an_interrupted_sync_leaves_only_temporary_names_and_resumes(
     finally:
         ring.unshape()
     print(f"interrupt took {took - 2.0:.2f} s after the signal")
+    # the status view showed the progress while it ran, and shows nothing of it after
+    assert seen and (seen[0] or "").startswith("sync: "), seen
+    assert c.snapshot().banner is None
     assert took < 2.0 + 2.0, took
     # nothing is stuck: every engine answers at once
     t1 = time.monotonic()
@@ -499,3 +515,26 @@ def test_pipeline_shards_follow_a_memory_plan(cluster: tuple[Any, Any], tree: Pa
     got = host_listings(c, model)
     for g, r in zip(got, plan.ranks, strict=True):
         assert sorted(k for k in g if k.endswith(".safetensors")) == sorted(r.files), plan
+
+
+def test_a_host_listens_on_its_given_address_only_and_drops_a_wrong_token(
+    cluster: tuple[Any, Any], ring: Any
+) -> None:
+    import socket
+
+    from mlx_cluster_magic.rank import sync_receiver
+
+    _, c = cluster
+    ip, token = ring.ips[0], "ab" * 16  # mac1's address on the network the head shares
+    port = c.client[0].apply_sync(sync_receiver.open_listener, ip, token)
+    listening = ring.netns_exec("mac1", "ss", "-ltnH").stdout
+    assert f"{ip}:{port} " in listening, listening
+    assert f"0.0.0.0:{port} " not in listening and f"*:{port} " not in listening, listening
+    ar = c.client[0].apply_async(sync_receiver.receive, token, "/srv/mcm-sync/x", [], {}, [], [])
+    with socket.create_connection((ip, port), timeout=5) as wrong:
+        wrong.sendall(b"ba" * 16)
+        assert wrong.recv(1) == b""  # closed without a word
+    with socket.create_connection((ip, port), timeout=5) as right:
+        right.sendall(token.encode() + sync_receiver.HEADER.pack(sync_receiver.END, 0, 0))
+        result = ar.get(timeout=10)
+    assert result["error"] is None and result["files"] == 0, result
