@@ -170,6 +170,7 @@ class SyncReport:
     route: str = ""
     seconds: float = 0.0
     sent: int = 0  # bytes the head sent
+    note: str = ""
 
     @property
     def ok(self) -> bool:
@@ -180,6 +181,8 @@ class SyncReport:
             f"sync {self.source} -> {self.dest}: {len(self.hosts)} host(s), "
             f"{self.seconds:.2f} s" + (f", route {self.route}" if self.route else "")
         ]
+        if self.note:
+            lines.append(f"  {self.note}")
         for h in self.hosts:
             part = (
                 f" ({h.wanted_bytes / self.total_bytes:.0%} of the tree is for this host)"
@@ -348,6 +351,7 @@ def run_sync(
     names = [h for h in host_ranks if not (local_of[h] and target == str(source))]
     report = SyncReport(str(source), target, total)
     if not names:
+        report.note = "every rank runs on this machine, where it already is: nothing to send"
         report.seconds = time.monotonic() - t0
         return report
     first = [host_ranks[h][0] for h in names]
