@@ -36,6 +36,8 @@ from .rank import sync_receiver
 from .rank.sync_receiver import HEADER, Entry
 
 SHARDS = ("pipeline", "tensor")
+#: Files up to this size go out with their header in one send (many small files).
+SMALL_BYTES = 64 << 10
 #: Files every rank of a model reads, whatever its layers (mlx-lm's ``sharded_load`` fetches
 #: these before it knows its shard).
 _NON_WEIGHT = re.compile(r"\.(json|py|model|tiktoken|txt|jsonl|jinja)$")
@@ -267,11 +269,20 @@ class _Stream(threading.Thread):
                 if kind != "file":
                     continue
                 first = self.wants[i]
-                self.sock.sendall(HEADER.pack(i, first, size - first))
-                if size > first:
-                    path = self.root / rel if rel else self.root
+                header = HEADER.pack(i, first, size - first)
+                path = self.root / rel if rel else self.root
+                if size - first <= SMALL_BYTES:  # header and bytes in one send
                     with open(path, "rb") as f:
-                        self._send_file(f, first, size - first)
+                        f.seek(first)
+                        data = f.read(size - first)
+                    if len(data) != size - first:
+                        raise OSError(f"{rel} changed while it was sent")
+                    self.sock.sendall(header + data)
+                    self.sent += len(data)
+                    continue
+                self.sock.sendall(header)
+                with open(path, "rb") as f:
+                    self._send_file(f, first, size - first)
             self.sock.sendall(HEADER.pack(sync_receiver.END, 0, 0))
         except OSError as e:
             self.error = f"{self.host}: {e.strerror or e or 'timed out'}"

@@ -41,6 +41,10 @@ END = 0xFFFFFFFF
 STALL_S = 5.0
 PART_SUFFIX = ".mcmsync"
 
+class SyncFault(Exception):
+    """A fault on this host (not the stream's): said as it is."""
+
+
 # An entry of the manifest: (kind, relative path, size, mtime_ns, mode, link target or sha256)
 Entry = tuple[str, str, int, int, int, str]
 
@@ -292,7 +296,9 @@ def receive(
                 outs.append(Forward(None, name, stall_s, f"{name}: {e.strerror or e}"))
         _pump(conn, dest, entries, mine, outs, needs, verify, result)
         complete = True
-    except (OSError, ConnectionError) as e:
+    except SyncFault as e:
+        result["error"] = str(e)
+    except OSError as e:
         result["error"] = f"the stream from upstream broke: {getattr(e, 'strerror', None) or e}"
     finally:
         conn.close()
@@ -333,15 +339,22 @@ def _pump(
         targets = [(o, needs[c][idx]) for c, o in enumerate(outs) if idx in needs[c]]
         for out, first in targets:
             out.put(HEADER.pack(idx, first, size - first))
-        f = None
+        f: Any = None
         own = mine.get(idx)
         final = _target(dest, rel)
         part = part_path(final, size, mtime_ns)
-        if own is not None:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            f = open(part, "r+b" if own and part.exists() else "wb")  # noqa: SIM115
+        if own:  # resumed: keep the first ``own`` bytes of the part
+            if not part.exists() or part.stat().st_size < own:
+                raise SyncFault(f"{part.name} changed during the sync; run it again")
+            f = open(part, "r+b")  # noqa: SIM115
             f.truncate(own)
             f.seek(own)
+        elif own is not None:
+            try:
+                f = open(part, "wb")  # noqa: SIM115
+            except FileNotFoundError:  # its folder is not there yet
+                final.parent.mkdir(parents=True, exist_ok=True)
+                f = open(part, "wb")  # noqa: SIM115
         try:
             pos = start
             while pos < size:
@@ -366,7 +379,7 @@ def _pump(
             os.utime(part, ns=(mtime_ns, mtime_ns))
             if verify and extra and _sha256(part) != extra:
                 part.unlink()
-                raise ConnectionError(f"{rel or final.name}: checksum differs after writing")
+                raise SyncFault(f"{rel or final.name}: checksum differs after writing")
             os.replace(part, final)
             result["files"] += 1
             result["bytes"] += size - own
