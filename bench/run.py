@@ -27,6 +27,8 @@ from cabling import bench_cabling
 from links import bench_links
 from lm import bench_lm
 from overhead import bench_overhead
+from pipeline import bench_pipeline
+from px_parity import bench_px_parity
 from rank_import import bench_rank_import
 from recorder import bench_recorder
 from recovery import bench_recovery, bench_report
@@ -140,6 +142,7 @@ def bench_startup(reps: int) -> list[dict[str, Any]]:
 SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "startup": bench_startup,
     "rank_import": bench_rank_import,
+    "px": bench_px_parity,
     "bandwidth": bench_bandwidth,
     "overhead": bench_overhead,
     "report": bench_report,
@@ -149,6 +152,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "recorder": bench_recorder,
     "links": bench_links,
     "cabling": bench_cabling,
+    "pipeline": bench_pipeline,
     "lm": bench_lm,
     "sync": bench_sync,
 }

@@ -208,9 +208,10 @@ class ClusterTools:
         layers, as mlx-lm). Memory: what every rank reports (MLX's working set on Apple
         silicon, else the machine's; a memory cgroup's limit when lower), capped by ``memory``:
         ``{"mac1": "64GB", "rank1": 8 * 2**30}`` (a host as the hostfile names it, shared by
-        its ranks; or one rank). ``headroom``: a fraction of each rank's memory or bytes per
-        rank. Without a running cluster, ``memory`` must give every rank. Load it on the ranks
-        with ``mlx_cluster_magic.rank.lm.pipeline_load(model_dir, plan)`` (push the plan first).
+        its ranks; or one rank), and by a host's ``"memory"`` in the hostfile. ``headroom``: a
+        fraction of each rank's memory or bytes per rank. Without a running cluster, ``memory``
+        (or the hostfile) must give every rank. Load it on the ranks with
+        ``mlx_cluster_magic.rank.lm.pipeline_load(model_dir, plan)`` (push the plan first).
         """
         from . import pipeline_plan as pp
         from .rank.lm import rank_memory
@@ -219,9 +220,12 @@ class ClusterTools:
         reports = None
         if self._run is not None and self.running:
             reports = self.view.apply_sync(rank_memory)
-        elif not memory:
+        elif not memory and not any(h.memory for h in self.placement.hosts):
             self._require()  # says the cluster is not running
-        plan = pp.plan_pipeline(model_dir, hosts, reports, memory, headroom)
+        # the hostfile's "memory" per host, unless memory= names that host (or a rank) again
+        caps: dict[Any, Any] = {h.ssh: h.memory for h in self.placement.hosts if h.memory}
+        caps.update(memory or {})
+        plan = pp.plan_pipeline(model_dir, hosts, reports, caps or None, headroom)
         self.pipeline_plan = plan
         return plan
 

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MLXClusterError
+from .fabric.placement import parse_size
 
 #: Default headroom: this fraction of each rank's memory stays free for KV cache and activations.
 DEFAULT_HEADROOM = 0.1
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # as mlx_lm.utils.sharded_load matches
 _RANK_KEY_RE = re.compile(r"^rank\s*(\d+)$", re.IGNORECASE)
 _BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8}
@@ -42,25 +41,6 @@ _QUANT_OVERHEAD_BITS = 0.5  # affine, group 64: a 16-bit scale and bias per 64 w
 
 
 # --------------------------------------------------------------------------- sizes
-def parse_size(value: object, what: str = "memory") -> int:
-    """Bytes from ``"64GB"``, ``"512MiB"``, ``"2.5G"`` or a whole number of bytes."""
-    if isinstance(value, bool):
-        raise MLXClusterError(f"{what}: {value!r} is not a size; give bytes or e.g. '64GB'")
-    if isinstance(value, int):
-        if value <= 0:
-            raise MLXClusterError(f"{what} must be more than 0 bytes, got {value}")
-        return value
-    if isinstance(value, float) and value.is_integer() and value > 0:
-        return int(value)
-    m = _SIZE_RE.match(value) if isinstance(value, str) else None
-    if m is None:
-        raise MLXClusterError(f"{what}: {value!r} is not a size; give bytes or e.g. '64GB'")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise MLXClusterError(f"{what} must be more than 0 bytes, got {value!r}")
-    return size
-
-
 def format_size(n: float) -> str:
     """``1.5 GB``, ``320 MB``, ``12 KB`` (powers of 1024, as ``parse_size`` reads them)."""
     sign, n = ("-" if n < 0 else ""), abs(n)

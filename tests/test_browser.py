@@ -59,6 +59,7 @@ CELLS = [
     "%%px\nimport time\ntime.sleep(60)",  # stopped from the view while it runs
     "%mlx_cluster start -h",  # help, as a person asks for it
     "%%px\nx = 1",  # on the stopped cluster: one line, no traceback
+    "%%px\nimport time\ntime.sleep(30)",  # interrupted from the toolbar
 ]
 
 VIEW_NOTEBOOK = "status-view.ipynb"
@@ -575,6 +576,34 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
             # the view says so, its buttons off; no button claims the kernel is busy.
             restart.click()
             _wait("the restarted cluster", lambda: _idle_rows(page), timeout=90)
+
+            # The toolbar's interrupt on a sleeping %%px cell: the notice, then one line per
+            # rank saying where it stopped, lines numbered as the editor shows them (the %%px
+            # line is line 1); no traceback.
+            _run_cell(page, 8)
+            _wait("the sleeping cell's ranks busy", lambda: _busy_rows(page), timeout=15)
+            time.sleep(0.5)
+            page.locator(
+                ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-NotebookPanel-toolbar "
+                "[data-command='notebook:interrupt-kernel']"
+            ).first.click()
+            interrupted = time.monotonic()
+            _wait(
+                "the interrupted cell to end",
+                lambda: re.search(r"\[\d+\]", _prompt(page, 8)) is not None,
+                timeout=15,
+                period=0.05,
+            )
+            ended_s = time.monotonic() - interrupted
+            said = _output(page, 8)
+            print(f"toolbar interrupt: the cell ended {ended_s:.2f} s after the click: {said!r}")
+            assert "Traceback" not in said and "Cell In[" not in said, said
+            for rank in (0, 1):
+                assert f"rank {rank}: KeyboardInterrupt at cell line 3 (time.sleep)" in said, said
+            page.locator(f"{NB} .jp-Cell").nth(8).screenshot(
+                path=str(artifacts / "px-interrupted-from-the-toolbar.png")
+            )
+            _wait("both ranks idle after the interrupt", lambda: _idle_rows(page), timeout=15)
             kernel = _kernel_process(lab)
             ours = kernel.children(recursive=True)
             assert ours, "the cluster's processes are the kernel's children"

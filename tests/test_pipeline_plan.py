@@ -358,3 +358,30 @@ def test_a_rank_in_a_memory_cgroup_reports_its_limit() -> None:
         group.rmdir()
     here = lm.rank_memory()  # this process: no cap below the machine
     assert here["machine"] and (here["cgroup"] is None or here["cgroup"] > 300 * MB)
+
+
+def test_a_hostfile_memory_caps_its_host_and_the_option_overrides_it(tmp_path: Path) -> None:
+    from mlx_cluster_magic import MLXCluster
+    from mlx_cluster_magic.fabric.placement import read_hostfile
+
+    model = fake_model(tmp_path / "m", 12, 1 * GB)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(
+        json.dumps(
+            [
+                {"ssh": "mac1", "ips": ["10.0.0.1"], "memory": "8GB"},
+                {"ssh": "mac2", "ips": ["10.0.0.2"], "memory": 16 * GB},
+            ]
+        )
+    )
+    assert [h.memory for h in read_hostfile(hostfile).hosts] == [8 * GB, 16 * GB]
+    # not started: the hostfile gives every rank's memory
+    cluster = MLXCluster(hostfile=hostfile, controller_ip="127.0.0.1")
+    plan = cluster.plan_pipeline(str(model), headroom=0)
+    assert [r.memory for r in plan.ranks] == [8 * GB, 16 * GB]
+    assert [r.end - r.start for r in plan.ranks] == [4, 8]
+    again = cluster.plan_pipeline(str(model), memory={"mac1": "16GB"}, headroom=0)
+    assert [r.end - r.start for r in again.ranks] == [6, 6]
+    hostfile.write_text(json.dumps([{"ssh": "mac1", "memory": "lots"}]))
+    with pytest.raises(MLXClusterError, match=r'hosts.json: host 1: "memory": .lots. is not a size'):
+        read_hostfile(hostfile)

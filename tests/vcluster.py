@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 
 SSHD = "/usr/sbin/sshd"
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 # sshd refuses to start without its privilege-separation directory; Debian
 # normally creates it at boot (systemd tmpfiles), containers often lack it.
 PRIVSEP_DIR = Path("/run/sshd")
@@ -118,6 +119,7 @@ class VirtualCluster:
         cables: str | list[tuple[int, int]] | None = None,
         cable_subnet: str | None = None,
         bridged: bool = False,
+        memory: dict[str, int] | None = None,
         private_dirs: list[str] | None = None,
         private_size: str = "4g",
     ) -> None:
@@ -161,6 +163,10 @@ class VirtualCluster:
         # With "ring-head" or "star-head" the head (this machine, where the notebook runs) is
         # cabled too, as index -1: one of the ring's Macs, or the star's master.
         self.head_cabled = any(-1 in c for c in self.cables)
+        # Memory caps per host (bytes): the host's sshd is put in a memory cgroup (v1) of that
+        # limit, so every session, prted and rank it starts is capped with it, as a smaller Mac.
+        self.memory = dict(memory or {})
+        self.cgroups = {h: CGROUP_ROOT / f"{prefix}-{h}" for h in self.memory}
         self.head_bridge = f"{prefix}tbb"
         self.cable_subnet = str(ipaddress.ip_network(cable_subnet)) if cable_subnet else None
         if (
@@ -380,7 +386,8 @@ class VirtualCluster:
         proc = subprocess.Popen(
             [
                 "ip", "netns", "exec", ns, *unshare, "sh", "-c",
-                f'{mounts}hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host, str(config),
+                f'{mounts}{self._cgroup_mount(host)}hostname "$1" && exec {SSHD} -D -e -f "$2"',
+                "sh", host, str(config),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -391,6 +398,22 @@ class VirtualCluster:
         log.close()
         self._procs.append(proc)
         self.sshd_pids.append(proc.pid)
+        if host in self.memory:
+            group = self.cgroups[host]
+            group.mkdir(exist_ok=True)
+            (group / "memory.limit_in_bytes").write_text(str(self.memory[host]))
+            (group / "cgroup.procs").write_text(str(proc.pid))
+
+    def _cgroup_mount(self, host: str) -> str:
+        """Shell commands that give a capped host the memory cgroup hierarchy a Linux machine
+        has at /sys/fs/cgroup/memory (``ip netns exec`` mounts a fresh /sys without it), so its
+        ranks can read their own limit."""
+        if host not in self.memory:
+            return ""
+        return (
+            "mount -t tmpfs cgroup_root /sys/fs/cgroup && mkdir -p /sys/fs/cgroup/memory && "
+            "mount -t cgroup -o memory memory /sys/fs/cgroup/memory && "
+        )
 
     def _write_ssh_config(self) -> None:
         blocks = []
@@ -446,6 +469,13 @@ class VirtualCluster:
                 _run("ip", "link", "del", link, check=False)
         if self.cable_subnet and self._unreachable_route():
             _run("ip", "route", "del", "unreachable", self.cable_subnet, check=False)
+        for group in self.cgroups.values():  # empty once its processes are reaped
+            deadline = time.monotonic() + 5
+            while group.exists() and time.monotonic() < deadline:
+                try:
+                    group.rmdir()
+                except OSError:
+                    time.sleep(0.05)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _head_cable_links(self) -> list[str]:
@@ -492,6 +522,7 @@ class VirtualCluster:
             found.append(f"route unreachable {self.cable_subnet}")
         if self.dir.exists():
             found.append(f"dir {self.dir}")
+        found += [f"cgroup {g}" for g in self.cgroups.values() if g.exists()]
         return found
 
     # -- use ------------------------------------------------------------------

@@ -30,14 +30,40 @@ _HOSTNAME_RE = re.compile(r"^(?:[A-Za-z0-9_.@-]+|\[[0-9A-Fa-f:]+\])$")
 RdmaCell = str | tuple[str, ...] | None
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object, what: str = "memory") -> int:
+    """Bytes from ``"64GB"``, ``"512MiB"``, ``"2.5G"`` or a whole number of bytes."""
+    if isinstance(value, bool):
+        raise MLXClusterError(f"{what}: {value!r} is not a size; give bytes or e.g. '64GB'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise MLXClusterError(f"{what} must be more than 0 bytes, got {value}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value > 0:
+        return int(value)
+    m = _SIZE_RE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise MLXClusterError(f"{what}: {value!r} is not a size; give bytes or e.g. '64GB'")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise MLXClusterError(f"{what} must be more than 0 bytes, got {value!r}")
+    return size
+
+
+
 @dataclass(frozen=True)
 class Host:
-    """One machine: how to ssh to it, its cluster (Thunderbolt) IPs, its ranks."""
+    """One machine: how to ssh to it, its cluster (Thunderbolt) IPs, its ranks, and the memory
+    a pipeline plan may give its ranks (``"memory"`` in a JSON hostfile; ours, not MLX's)."""
 
     ssh: str
     ips: tuple[str, ...] = ()
     slots: int | None = None
     rdma: tuple[RdmaCell, ...] = ()
+    memory: int | None = None
 
     @property
     def is_local(self) -> bool:
@@ -125,10 +151,10 @@ def _host_from_json(entry: object, where: str) -> Host:
         return Host(_check_name(entry, where))
     if not isinstance(entry, dict):
         raise MLXClusterError(f'{where}: expected an object like {{"ssh": "mac1", "ips": [...]}}')
-    unknown = set(entry) - {"ssh", "ips", "rdma", "slots"}
+    unknown = set(entry) - {"ssh", "ips", "rdma", "slots", "memory"}
     if unknown:
         raise MLXClusterError(
-            f"{where}: unknown key(s) {sorted(unknown)}; allowed: ssh, ips, rdma, slots"
+            f"{where}: unknown key(s) {sorted(unknown)}; allowed: ssh, ips, rdma, slots, memory"
         )
     if "ssh" not in entry:
         raise MLXClusterError(f'{where}: missing "ssh" (the host name to ssh to)')
@@ -142,11 +168,13 @@ def _host_from_json(entry: object, where: str) -> Host:
     slots = entry.get("slots")
     if slots is not None:
         check_rank_count(slots, f'{where}: "slots"')
+    memory = entry.get("memory")
     return Host(
         ssh=_check_name(entry["ssh"], where),
         ips=tuple(_check_ip(ip, where) for ip in ips),
         slots=slots,
         rdma=tuple(cells),
+        memory=None if memory is None else parse_size(memory, f'{where}: "memory"'),
     )
 
 
@@ -326,11 +354,14 @@ def check_backend(backend: str) -> str:
 
 def host_entry(host: Host) -> dict[str, Any]:
     """One host as MLX writes it (``Hostfile.to_json``): ssh, ips, rdma (lists, not tuples)."""
-    return {
+    entry: dict[str, Any] = {
         "ssh": host.ssh,
         "ips": list(host.ips),
         "rdma": [list(c) if isinstance(c, tuple) else c for c in host.rdma],
     }
+    if host.memory is not None:
+        entry["memory"] = host.memory
+    return entry
 
 
 def hostfile_json(placement: Placement) -> dict[str, Any]:
