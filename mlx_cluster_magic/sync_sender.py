@@ -321,7 +321,6 @@ def run_sync(
     verify: bool = False,
     progress: bool = True,
     stall_s: float = sync_receiver.STALL_S,
-    on_start: Callable[[], None] | None = None,
 ) -> SyncReport:
     """Copy ``path`` to every host of ``cluster`` at ``dest`` (default: the same absolute
     path); see the module docstring."""
@@ -467,8 +466,6 @@ def run_sync(
                 failed[k] = f"cannot connect to {route.address[k]}:{ports[k]}: {e.strerror or e}"
                 continue
             streams.append(_Stream(sock, source, entries, subtree_needs[k], names[k]))
-        if on_start is not None:
-            on_start()
         to_send = sum(
             entries[i][2] - o
             for s in streams
