@@ -1,7 +1,8 @@
 """What a person does with a running cluster besides running cells: gather and broadcast data,
-ask why a cell hangs, switch checked collectives, measure the links, run the doctor, plan a
-model's pipeline split by memory, and the history that ``restart(replay=True)`` runs again.
-Mixed into ``MLXCluster``; each method delegates to its own module."""
+sync files to every host, ask why a cell hangs, switch checked collectives, measure the links,
+run the doctor, plan a model's pipeline split by memory, and the history that
+``restart(replay=True)`` runs again. Mixed into ``MLXCluster``; each method delegates to its own
+module."""
 
 from __future__ import annotations
 
@@ -150,6 +151,26 @@ class ClusterTools:
             self.placement, root, self.spec.control, dict(self.spec.peers)
         )
         send_broadcast(self.client, self.view, name, value, root=root, ip=ip)
+
+    def sync(
+        self,
+        path: str,
+        dest: str | None = None,
+        *,
+        shards: str | None = None,
+        verify: bool = False,
+        progress: bool = True,
+    ) -> Any:
+        """Copy a file or directory tree from the notebook's machine to every host of the
+        cluster, at the same absolute path (or ``dest``), over the cables: only what is missing
+        or changed (size and time; ``verify``: a checksum computed on each host), under
+        temporary names until complete, modes and symlinks kept. ``shards="pipeline"`` sends
+        each host of an mlx-lm model only the weight files its ranks load (``"tensor"``: all).
+        Returns a ``SyncReport``."""
+        from .sync_sender import run_sync
+
+        self._require()
+        return run_sync(self, path, dest, shards=shards, verify=verify, progress=progress)
 
     def links(self, timeout: float = 10.0, seconds: float | None = None) -> Any:
         """Measure every pair of hosts: MLX send/recv latency and bandwidth in the cluster's

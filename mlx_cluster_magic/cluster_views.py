@@ -35,6 +35,8 @@ class ClusterViews:
     _reason: str | None
     _topology_svg: str | None
     banner: str | None
+    #: a line about work in progress on the hosts (a sync's progress), shown like the banner
+    activity: str | None = None
     last_nodes: list[NodeStatus]
     spec: ClusterSpec
     placement: Placement
@@ -76,9 +78,7 @@ class ClusterViews:
         ``datetime``; ``step`` an integer where it was given as one."""
         run = self._require()
         points = [] if run.status is None else run.status.metrics()
-        records = [
-            {**p.as_dict(), "time": datetime.datetime.fromtimestamp(p.time)} for p in points
-        ]
+        records = [{**p.as_dict(), "time": datetime.datetime.fromtimestamp(p.time)} for p in points]
         try:
             import pandas as pd
         except ImportError:
@@ -116,7 +116,7 @@ class ClusterViews:
             uptime_s=None if run is None or restarting else time.time() - run.started_at,
             nodes=tuple(nodes),
             reason=None if restarting else self._reason,
-            banner=None if restarting else self.banner,
+            banner=None if restarting else (self.banner or self.activity),
             metrics=points,
             topology_svg=self._topology_svg,
             metrics_previous=not live and bool(points),

@@ -214,6 +214,24 @@ def _build_parsers() -> dict[str, _Parser]:
     p = sub("gather", "Fetch variables from every rank and show whether the ranks agree.")
     p.add_argument("names", nargs="+", help="variable names to fetch")
 
+    p = sub("sync", "Copy a file or tree to every host, over the cables: only what is missing.")
+    p.add_argument("path", help="file or directory on this machine")
+    p.add_argument(
+        "--to", default=None, metavar="DEST", help="where on every host (default: the same path)"
+    )
+    p.add_argument(
+        "--shards",
+        choices=("pipeline", "tensor"),
+        default=None,
+        help="an mlx-lm model: pipeline sends each host only the weight files its ranks load; "
+        "tensor sends every file",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare checksums computed on each host, not only size and modification time",
+    )
+
     p = sub(
         "why",
         "Why a cell hangs: where every rank is (collective, line, stack) and a one-line verdict.",
@@ -294,9 +312,7 @@ def _build_parsers() -> dict[str, _Parser]:
     )
 
     p = sub("help", "This overview; help SUBCOMMAND: its options; help all: every option.")
-    p.add_argument(
-        "subcommand", nargs="?", default=None, help="the subcommand to describe, or all"
-    )
+    p.add_argument("subcommand", nargs="?", default=None, help="the subcommand to describe, or all")
     return parsers
 
 
@@ -514,6 +530,17 @@ class MLXClusterMagics(Magics):
         cluster = self._running()
         results = [cluster.gather(name) for name in args.names]
         return results[0] if len(results) == 1 else GatherResults(results)
+
+    def _sync(self, args: argparse.Namespace) -> Any:
+        report = self._running().sync(args.path, args.to, shards=args.shards, verify=args.verify)
+        if not report.ok:
+            failed = [h for h in report.hosts if h.error]
+            raise MLXClusterError(
+                "sync: "
+                + "; ".join(f"{h.host}: {h.error}" for h in failed)
+                + "; the other hosts have every file; run the same sync again to resume"
+            )
+        return report
 
     def _why(self, args: argparse.Namespace) -> Any:
         return self._any("to examine").why(stacks=not args.no_stacks, timeout=args.timeout)

@@ -470,9 +470,7 @@ class MLXParallelMagics(ParallelMagics):
         )
 
 
-def _record_when_done(
-    cluster: PxCluster, result: Any, cell: str, targets: Any
-) -> threading.Event:
+def _record_when_done(cluster: PxCluster, result: Any, cell: str, targets: Any) -> threading.Event:
     """Remember ``cell`` for replay when it completes without an error on every target, from
     the thread that completes it: blocking and ``--noblock`` cells alike, in the order they
     completed (not one of a cluster since restarted). The event is set once decided."""
@@ -482,11 +480,7 @@ def _record_when_done(
 
     def record(_: Any) -> None:
         try:
-            if (
-                result.exception() is None
-                and cluster.generation == generation
-                and cluster.running
-            ):
+            if result.exception() is None and cluster.generation == generation and cluster.running:
                 cluster.record_cell(cell, on)
         finally:
             decided.set()

@@ -56,6 +56,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
     "status": {"--side": None},
     "nodes": {},
     "gather": {"names": None},
+    "sync": {"path": None, "--to": None, "--shards": None, "--verify": None},
     "why": {"--no-stacks": None, "--timeout": "default: 2"},
     "checks": {"{on,off}": None},
     "history": {},

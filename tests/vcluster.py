@@ -120,6 +120,8 @@ class VirtualCluster:
         cable_subnet: str | None = None,
         bridged: bool = False,
         memory: dict[str, int] | None = None,
+        private_dirs: list[str] | None = None,
+        private_size: str = "4g",
     ) -> None:
         net = ipaddress.ip_network(subnet)
         if n < 1 or net.num_addresses < 12 + n:
@@ -149,6 +151,13 @@ class VirtualCluster:
         # for every cable, the master's address on its bridge, the workers reach each other
         # through it.
         self.bridged = bridged
+        # Directories each host sees as its own empty tmpfs (a disk of its own): every process
+        # ssh starts there (prted, the ranks) lives in the host's mount namespace; the head and
+        # the other hosts keep their own view of those paths.
+        self.private_dirs = [str(Path(d)) for d in private_dirs or []]
+        self.private_size = private_size
+        if any(not Path(d).is_absolute() for d in self.private_dirs):
+            raise ValueError("private_dirs must be absolute paths")
         if bridged and cables not in ("star", "star-head"):
             raise ValueError("bridged=True is for a star: the master bridges its cables")
         # With "ring-head" or "star-head" the head (this machine, where the notebook runs) is
@@ -308,6 +317,7 @@ class VirtualCluster:
         # that bridges every cable holds the whole cable subnet itself).
         if not (self.bridged and self.cables[0][0] == -1):
             _run(f"ip route replace unreachable {self.cable_subnet}")
+
         def on(host_i: int) -> str:  # run a command on the head or in a host's namespace
             return "" if host_i == -1 else f"ip netns exec {self.namespaces[host_i]} "
 
@@ -366,10 +376,17 @@ class VirtualCluster:
         # `ip netns exec` and `unshare` (without --fork) both exec, so the pid we
         # get is sshd's own; sh sets the hostname inside the new UTS namespace.
         log = (hdir / "sshd.log").open("wb")
+        unshare = ["unshare", "--uts"]
+        mounts = ""
+        if self.private_dirs:
+            unshare += ["--mount", "--propagation", "private"]
+            for d in self.private_dirs:
+                Path(d).mkdir(parents=True, exist_ok=True)  # the mount point, on the head
+                mounts += f"mount -t tmpfs -o size={self.private_size} tmpfs {d} && "
         proc = subprocess.Popen(
             [
-                "ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
-                f'{self._cgroup_mount(host)}hostname "$1" && exec {SSHD} -D -e -f "$2"',
+                "ip", "netns", "exec", ns, *unshare, "sh", "-c",
+                f'{mounts}{self._cgroup_mount(host)}hostname "$1" && exec {SSHD} -D -e -f "$2"',
                 "sh", host, str(config),
             ],
             stdin=subprocess.DEVNULL,
@@ -695,12 +712,14 @@ class VirtualCluster:
     def shape_cable(self, k: int, rate: str | None, delay: str | None = None) -> None:
         """Limit point-to-point cable ``k`` to ``rate`` both ways (None: unshaped again)."""
         for end, host_i in enumerate(self.cables[k]):
-            ns, iface = self.namespaces[host_i], self.cable_iface(k, end)
+            iface = self.cable_iface(k, end)
+            # the head's end (-1) is in the head's own namespace
+            on = "" if host_i == -1 else f"ip netns exec {self.namespaces[host_i]} "
             if rate is None and delay is None:
-                _run(f"ip netns exec {ns} tc qdisc del dev {iface} root", check=False)
+                _run(f"{on}tc qdisc del dev {iface} root", check=False)
                 continue
             if delay:
                 qdisc = f"netem delay {delay}" + (f" rate {rate}" if rate else "")
             else:
                 qdisc = f"tbf rate {rate} burst 256kb latency 50ms"
-            _run(f"ip netns exec {ns} tc qdisc replace dev {iface} root {qdisc}")
+            _run(f"{on}tc qdisc replace dev {iface} root {qdisc}")

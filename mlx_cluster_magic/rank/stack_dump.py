@@ -62,5 +62,3 @@ def uninstall() -> None:
         with contextlib.suppress(OSError):
             os.unlink(STACK_FILE)
     _FILE = STACK_FILE = None
-
-

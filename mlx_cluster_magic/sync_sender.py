@@ -1,0 +1,574 @@
+"""Sync, head side: a file or tree from the notebook's machine to every host of the cluster.
+
+1. The tree is listed here (``manifest``: kind, path, size, modification time, mode, a link's
+   target; with ``verify`` each file's SHA-256).
+2. One rank per host says what it lacks (``rank.sync_receiver.survey``), whether it can write
+   there and its free space; with ``shards`` each host is asked only about the files its ranks
+   load. Every refusal (a missing path, a destination that cannot be written, too little
+   space, naming the host and the shortfall) comes before a byte is sent.
+3. ``fabric.sync_plan`` routes the bytes along the cables; each host listens on the address
+   its upstream reaches it at, with a per-sync token, and forwards as it receives.
+4. The head streams each file once per direct downstream host (``socket.sendfile``: no copy
+   through Python), showing bytes done, the rate and the time left; an interrupt cuts every
+   connection, so every host stops within a second and keeps only temporary names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MLXClusterError
+from .fabric import sync_plan
+from .rank import sync_receiver
+from .rank.sync_receiver import HEADER, Entry
+
+SHARDS = ("pipeline", "tensor")
+#: Files up to this size go out with their header in one send (many small files).
+SMALL_BYTES = 64 << 10
+#: Files every rank of a model reads, whatever its layers (mlx-lm's ``sharded_load`` fetches
+#: these before it knows its shard).
+_NON_WEIGHT = re.compile(r"\.(json|py|model|tiktoken|txt|jsonl|jinja)$")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# --------------------------------------------------------------------------- the tree
+def manifest(root: Path, verify: bool) -> list[Entry]:
+    """Every entry under ``root`` (parents before children; ``root`` itself is ``""``)."""
+
+    def entry(path: Path, rel: str) -> Entry:
+        st = path.lstat()
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            return ("link", rel, 0, 0, 0, os.readlink(path))
+        if stat.S_ISDIR(st.st_mode):
+            return ("dir", rel, 0, 0, mode, "")
+        if not stat.S_ISREG(st.st_mode):
+            raise MLXClusterError(f"sync: {path} is not a file, directory or link")
+        digest = _sha256(path) if verify else ""
+        return ("file", rel, st.st_size, st.st_mtime_ns, mode, digest)
+
+    if not root.is_dir() or root.is_symlink():
+        return [entry(root, "")]
+    out = [entry(root, "")]
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        base = Path(folder)
+        for name in sorted(dirs) + sorted(files):
+            path = base / name
+            out.append(entry(path, str(path.relative_to(root))))
+        # a link to a directory is kept as a link: do not walk into it
+        dirs[:] = [d for d in dirs if not (base / d).is_symlink()]
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- shards
+def pipeline_files(model_dir: Path, n_ranks: int, plan: Any = None) -> list[set[str]] | None:
+    """The weight files each rank loads in a pipeline of ``n_ranks``: mlx-lm's split (rank 0
+    holds the last layers; the low ranks one more when it does not divide), or each rank's
+    ``plan.ranks[r].files`` when a memory plan is given. None: not a sharded mlx-lm model."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError, KeyError) as e:
+        raise MLXClusterError(f"sync --shards pipeline: cannot read {index}: {e}") from None
+    if plan is not None and getattr(plan, "ranks", None) is not None:
+        ranks = list(plan.ranks)
+        if len(ranks) != n_ranks:
+            raise MLXClusterError(
+                f"sync --shards pipeline: the pipeline plan has {len(ranks)} ranks, "
+                f"the cluster {n_ranks}; plan again with cluster.plan_pipeline"
+            )
+        return [set(r.files) for r in ranks]
+    layers = config.get("num_hidden_layers") or config.get("n_layers")
+    if not isinstance(layers, int) or layers < n_ranks:
+        raise MLXClusterError(
+            f"sync --shards pipeline: {model_dir}/config.json gives {layers!r} layers for "
+            f"{n_ranks} ranks"
+        )
+    base, extra = divmod(layers, n_ranks)
+    split = [base + (1 if r < extra else 0) for r in range(n_ranks)]
+    out = []
+    for r in range(n_ranks):
+        start = sum(split[r + 1 :])
+        end = start + split[r]
+        files = set()
+        for key, name in weight_map.items():
+            m = _LAYER.search(key)
+            if m is None or start <= int(m.group(1)) < end:
+                files.add(name)
+        out.append(files)
+    return out
+
+
+def _wanted(
+    entries: Sequence[Entry],
+    shards: str | None,
+    rank_files: list[set[str]] | None,
+    host_ranks: Sequence[int],
+) -> list[int] | None:
+    """The entries a host asks about: all (None), or with ``--shards pipeline`` everything but
+    the weight files of other ranks' layers."""
+    if shards != "pipeline" or rank_files is None:
+        return None
+    weights = set().union(*rank_files)
+    mine = set().union(*(rank_files[r] for r in host_ranks))
+    return [
+        i for i, e in enumerate(entries) if e[0] != "file" or e[1] not in weights or e[1] in mine
+    ]
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class HostResult:
+    host: str
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    wanted_bytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class SyncReport:
+    """What a sync did: per host the files and bytes written, how many were already there,
+    the route and the time."""
+
+    source: str
+    dest: str
+    total_bytes: int
+    hosts: list[HostResult] = field(default_factory=list)
+    route: str = ""
+    seconds: float = 0.0
+    sent: int = 0  # bytes the head sent
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(h.error is None for h in self.hosts)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"sync {self.source} -> {self.dest}: {len(self.hosts)} host(s), "
+            f"{self.seconds:.2f} s" + (f", route {self.route}" if self.route else "")
+        ]
+        if self.note:
+            lines.append(f"  {self.note}")
+        for h in self.hosts:
+            part = (
+                f" ({h.wanted_bytes / self.total_bytes:.0%} of the tree is for this host)"
+                if self.total_bytes and h.wanted_bytes != self.total_bytes
+                else ""
+            )
+            state = f"FAILED: {h.error}" if h.error else "ok"
+            lines.append(
+                f"  {h.host}: {h.files} file(s) written, {_size(h.bytes)}, "
+                f"{h.skipped} already there{part}; {state}"
+            )
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+class Progress:
+    """The progress line: in a notebook one display updated in place, else a printed line."""
+
+    def __init__(
+        self, total: int, show: bool, also: Callable[[str | None], None] | None = None
+    ) -> None:
+        self.total, self.show, self.t0, self.also = total, show, time.monotonic(), also
+        self._handle: Any = None
+        self._last = 0.0
+
+    def update(self, done: int, rates: dict[str, float], final: bool = False) -> None:
+        if not final and time.monotonic() - self._last < 0.5:
+            return
+        self._last = time.monotonic()
+        elapsed = max(time.monotonic() - self.t0, 1e-6)
+        rate = done / elapsed
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        per = ", ".join(f"{h} {r / 1e6:.0f} MB/s" for h, r in rates.items())
+        eta = "done" if final else (f"{left:.0f} s left" if left != float("inf") else "")
+        line = f"sync: {_size(done)} of {_size(self.total)} sent · {per} · {eta}".rstrip(" ·")
+        if self.also is not None:  # the status view shows it too, while it runs
+            with contextlib.suppress(Exception):
+                self.also(None if final else line)
+        if not self.show:
+            return
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+
+            if get_ipython() is not None and type(get_ipython()).__name__ == "ZMQInteractiveShell":
+                from IPython.display import Pretty
+
+                if self._handle is None:
+                    self._handle = display(Pretty(line), display_id=True)  # type: ignore[no-untyped-call]
+                else:
+                    self._handle.update(Pretty(line))  # type: ignore[no-untyped-call]
+                return
+        except ImportError:
+            pass
+        print("\r" + line, end="\n" if final else "", flush=True)
+
+
+# --------------------------------------------------------------------------- sending
+class _Stream(threading.Thread):
+    """The head's stream to one direct downstream host: its subtree's files, each from the
+    first byte any host there lacks."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        root: Path,
+        entries: Sequence[Entry],
+        wants: dict[int, int],
+        name: str,
+    ) -> None:
+        super().__init__(name=f"sync-to-{name}", daemon=True)
+        self.sock, self.root, self.entries, self.wants, self.host = sock, root, entries, wants, name
+        self.sent = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            for i in sorted(self.wants):
+                kind, rel, size, _mtime, _mode, _extra = self.entries[i]
+                if kind != "file":
+                    continue
+                first = self.wants[i]
+                header = HEADER.pack(i, first, size - first)
+                path = self.root / rel if rel else self.root
+                if size - first <= SMALL_BYTES:  # header and bytes in one send
+                    with open(path, "rb") as f:
+                        f.seek(first)
+                        data = f.read(size - first)
+                    if len(data) != size - first:
+                        raise OSError(f"{rel} changed while it was sent")
+                    self.sock.sendall(header + data)
+                    self.sent += len(data)
+                    continue
+                self.sock.sendall(header)
+                with open(path, "rb") as f:
+                    self._send_file(f, first, size - first)
+            self.sock.sendall(HEADER.pack(sync_receiver.END, 0, 0))
+        except OSError as e:
+            self.error = f"{self.host}: {e.strerror or e or 'timed out'}"
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def _send_file(self, f: Any, offset: int, count: int) -> None:
+        end = offset + count
+        while offset < end:  # in slices, so progress shows and a cut is seen at once
+            n = self.sock.sendfile(f, offset, min(1 << 20, end - offset))
+            if n == 0:
+                raise OSError("the source file shrank while it was sent")
+            offset += n
+            self.sent += n
+
+
+def _head_interfaces() -> tuple[dict[str, list[str]], list[str]]:
+    from .launch import mpi_job
+
+    interfaces = mpi_job.local_interfaces()
+    bridges = [
+        name
+        for name in interfaces
+        if Path(f"/sys/class/net/{name}/bridge").exists() or name.startswith("bridge")
+    ]
+    return interfaces, bridges
+
+
+def run_sync(
+    cluster: Any,
+    path: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    shards: str | None = None,
+    verify: bool = False,
+    progress: bool = True,
+    stall_s: float = sync_receiver.STALL_S,
+) -> SyncReport:
+    """Copy ``path`` to every host of ``cluster`` at ``dest`` (default: the same absolute
+    path); see the module docstring."""
+    from .launch import mpi_job
+
+    t0 = time.monotonic()
+    if shards is not None and shards not in SHARDS:
+        raise MLXClusterError(f"sync: --shards is pipeline or tensor, got {shards!r}")
+    source = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if not source.exists() and not source.is_symlink():
+        raise MLXClusterError(f"sync: {source} does not exist on this machine")
+    target = os.path.abspath(os.path.expanduser(os.fspath(dest))) if dest else str(source)
+    entries = manifest(source, verify)
+    total = sum(e[2] for e in entries)
+    placement, spec, client = cluster.placement, cluster.spec, cluster.client
+    rank_files = None
+    if shards == "pipeline":
+        if entries[0][0] != "dir":
+            raise MLXClusterError("sync --shards pipeline takes a model directory")
+        plan = getattr(cluster, "pipeline_plan", None)
+        planned = getattr(plan, "model_dir", None)
+        if planned is None or Path(os.path.abspath(os.path.expanduser(planned))) != source:
+            plan = None  # a plan for another model does not say which of these files go where
+        rank_files = pipeline_files(source, cluster.n, plan)
+        if rank_files is None:
+            raise MLXClusterError(
+                f"sync --shards pipeline: {source} has no model.safetensors.index.json; "
+                "without one every rank reads every file: use --shards tensor"
+            )
+    # one rank per host; a host on this machine only when the destination is elsewhere
+    host_ranks: dict[str, list[int]] = {}
+    local_of: dict[str, bool] = {}
+    for r, host in enumerate(placement.ranks):
+        local = placement.is_local or host.is_local
+        key = "localhost" if local else host.ssh
+        host_ranks.setdefault(key, []).append(r)
+        local_of[key] = local
+    names = [h for h in host_ranks if not (local_of[h] and target == str(source))]
+    report = SyncReport(str(source), target, total)
+    if not names:
+        report.note = "every rank runs on this machine, where it already is: nothing to send"
+        report.seconds = time.monotonic() - t0
+        return report
+    first = [host_ranks[h][0] for h in names]
+    wanted = [_wanted(entries, shards, rank_files, host_ranks[h]) for h in names]
+    surveys = [
+        client[r].apply_async(sync_receiver.survey, target, entries, verify, w)
+        for r, w in zip(first, wanted, strict=True)
+    ]
+    found = [ar.get(timeout=None if verify else 120) for ar in surveys]
+    for h, s in zip(names, found, strict=True):
+        if s["error"]:
+            raise MLXClusterError(f"sync: {s['error']} on {h}")
+    short = []
+    needs: list[dict[int, int]] = []
+    for h, s, w in zip(names, found, wanted, strict=True):
+        need = {int(k): int(v) for k, v in s["need"].items()}
+        needs.append(need)
+        lack = sum(entries[i][2] - o for i, o in need.items())
+        if lack > s["free"]:
+            short.append(
+                f"{h} needs {_size(lack)} at {target}, has {_size(s['free'])} free "
+                f"({_size(lack - s['free'])} short)"
+            )
+        ids = range(len(entries)) if w is None else w
+        file_ids = [i for i in ids if entries[i][0] == "file"]
+        report.hosts.append(
+            HostResult(
+                h,
+                skipped=sum(1 for i in file_ids if i not in need),
+                wanted_bytes=sum(entries[i][2] for i in file_ids),
+            )
+        )
+    if short:
+        raise MLXClusterError("sync: too little space: " + "; ".join(short))
+    if not any(needs):
+        report.seconds = time.monotonic() - t0
+        return report
+    # the route, over the cables
+    head_ifs, bridges = _head_interfaces()
+    nodes = [
+        sync_plan.Node(
+            h,
+            tuple(placement.ranks[r].ips),
+            tuple(s["ifaces"]),
+            local_of[h],
+        )
+        for h, r, s in zip(names, first, found, strict=True)
+    ]
+    entry_addr = [
+        mpi_job.head_reach_address(placement, r, spec.control, dict(spec.peers)) for r in first
+    ]
+    route = sync_plan.plan(nodes, head_ifs, bridges, entry_addr)
+    report.route = route.describe()
+    # what each host's subtree lacks, from its first missing byte
+    subtree_needs = []
+    for k in range(len(names)):
+        merged: dict[int, int] = {}
+        for j in [k, *route.subtree(k)]:
+            for i, o in needs[j].items():
+                merged[i] = min(o, merged.get(i, o))
+        subtree_needs.append(merged)
+    token = secrets.token_hex(16)
+    active = [k for k in range(len(names)) if subtree_needs[k]]
+    ports: dict[int, int] = {}
+    opening: dict[int, Any] = {}
+    try:
+        opening |= {
+            k: client[first[k]].apply_async(sync_receiver.open_listener, route.address[k], token)
+            for k in active
+        }
+        for k, ar in opening.items():
+            ports[k] = ar.get(timeout=30)
+    except Exception:
+        for k in opening:
+            with contextlib.suppress(Exception):
+                client[first[k]].apply_sync(sync_receiver.close_listener, token)
+        raise
+    receivers = {}
+    for k in active:
+        kids = [c for c in route.children(k) if c in ports]
+        receivers[k] = client[first[k]].apply_async(
+            sync_receiver.receive,
+            token,
+            target,
+            entries,
+            needs[k],
+            [(names[c], route.address[c], ports[c]) for c in kids],
+            [subtree_needs[c] for c in kids],
+            verify,
+            stall_s,
+        )
+    streams: list[_Stream] = []
+    failed: dict[int, str] = {}
+    heads = [k for k in route.children(sync_plan.HEAD) if k in ports]
+    try:
+        for k in heads:
+            try:
+                sock = socket.create_connection((route.address[k], ports[k]), timeout=stall_s)
+                sock.settimeout(stall_s)
+                sock.sendall(token.encode())
+            except OSError as e:
+                failed[k] = f"cannot connect to {route.address[k]}:{ports[k]}: {e.strerror or e}"
+                continue
+            streams.append(_Stream(sock, source, entries, subtree_needs[k], names[k]))
+        to_send = sum(
+            entries[i][2] - o
+            for s in streams
+            for i, o in s.wants.items()
+            if entries[i][0] == "file"
+        )
+        bar = Progress(to_send, progress, lambda line: _show(cluster, line))
+        for s in streams:
+            s.start()
+        while any(s.is_alive() for s in streams) or not all(r.ready() for r in receivers.values()):
+            for s in streams:
+                s.join(0.1)
+            elapsed = max(time.monotonic() - bar.t0, 1e-6)
+            bar.update(sum(s.sent for s in streams), {s.host: s.sent / elapsed for s in streams})
+            if not any(s.is_alive() for s in streams):
+                _wait(receivers.values(), stall_s * (1 + len(names)))
+                break
+    except KeyboardInterrupt:
+        # cut every stream; a host the head had not reached yet gets a connection closed at
+        # once, so it stops too (its own downstream hosts see their stream end)
+        for s in streams:
+            with contextlib.suppress(OSError):
+                s.sock.shutdown(socket.SHUT_RDWR)
+        reached = {s.host for s in streams}
+        for k in heads:
+            if names[k] not in reached and k not in failed:
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection((route.address[k], ports[k]), 1.0) as late,
+                ):
+                    late.sendall(token.encode())  # then closed: an empty stream
+        _wait(receivers.values(), 2.0)
+        raise KeyboardInterrupt(
+            "sync interrupted: partial files stay under temporary names; the next sync resumes them"
+        ) from None
+    finally:
+        for s in streams:
+            s.sock.close()
+        with contextlib.suppress(Exception):
+            _show(cluster, None)
+    elapsed = max(time.monotonic() - bar.t0, 1e-6)
+    report.sent = sum(s.sent for s in streams)
+    bar.update(report.sent, {s.host: s.sent / elapsed for s in streams}, final=True)
+    _collect(report, names, route, receivers, failed, streams)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _show(cluster: Any, line: str | None) -> None:
+    """The sync's progress in the cluster's status view (its banner line)."""
+    cluster.activity = line
+    refresh = getattr(cluster, "_refresh_widget", None)
+    if refresh is not None:
+        refresh()
+
+
+def _wait(ars: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for ar in ars:
+        with contextlib.suppress(Exception):
+            ar.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _collect(
+    report: SyncReport,
+    names: list[str],
+    route: sync_plan.SyncRoute,
+    receivers: dict[int, Any],
+    failed: dict[int, str],
+    streams: list[_Stream],
+) -> None:
+    """Each host's outcome; a host cut off upstream is named with the link that broke."""
+    broken: dict[str, str] = {}
+    for s in streams:
+        if s.error:
+            broken[s.host] = s.error
+    results: dict[int, dict[str, Any]] = {}
+    for k, ar in receivers.items():
+        if not ar.ready():
+            results[k] = {"error": "still receiving when the others had finished"}
+            continue
+        try:
+            results[k] = ar.get(0)
+        except Exception as e:
+            text = str(e).strip().splitlines()
+            results[k] = {"error": text[-1] if text else type(e).__name__}
+        for lost in results[k].get("lost") or []:
+            who = lost.split(":", 1)[0]
+            broken[who] = lost
+    for k, name in enumerate(names):
+        hr = report.hosts[k]
+        res = results.get(k)
+        if res is None:
+            if k in failed:
+                hr.error = failed[k]
+            continue
+        hr.files, hr.bytes = int(res.get("files", 0)), int(res.get("bytes", 0))
+        if res.get("error"):
+            up = route.parent[k]
+            upstream = "this machine" if up == sync_plan.HEAD else names[up]
+            why = broken.get(name)
+            hr.error = (
+                f"the link from {upstream} to {name} broke ({why.split(': ', 1)[-1]})"
+                if why
+                else str(res["error"])
+            )
