@@ -171,20 +171,22 @@ def artifacts() -> Path:
 
 
 @contextlib.contextmanager
-def virtual_macs(n: int, subnet: str, prefix: str) -> Iterator[Any]:
-    """A started VirtualCluster (skips the test where one cannot be built), always torn down.
-    Every fixture uses its own subnet and prefix so they never clash."""
+def virtual_macs(n: int, subnet: str, prefix: str, **options: Any) -> Iterator[Any]:
+    """A started VirtualCluster (skips the test where one cannot be built), always torn down
+    and checked to leave nothing behind. Every fixture uses its own subnet and prefix so they
+    never clash; ``options`` are VirtualCluster's (cables, memory caps, private disks...)."""
     from vcluster import VirtualCluster, skip_reason
 
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    vc = VirtualCluster(n, subnet=subnet, prefix=prefix)
+    vc = VirtualCluster(n, subnet=subnet, prefix=prefix, **options)
     try:
         vc.start()
         yield vc
     finally:
         vc.stop()
+        assert vc.leftovers() == []
 
 
 @pytest.fixture(scope="session")
@@ -202,14 +204,20 @@ def vhost_pids(vc: object) -> frozenset[int]:
     return frozenset(pids)
 
 
-@pytest.fixture
-def no_vhost_leaks(vhosts: object) -> Iterator[None]:
-    """Fails the test if any engine/prted is left on the virtual hosts or on the head."""
-    yield
-    deadline = time.monotonic() + 10
+def no_leaks_on(vc: object, timeout: float = 10.0) -> None:
+    """Fails if any engine/prted of ours is still running on these virtual hosts or the head
+    ``timeout`` seconds from now."""
+    deadline = time.monotonic() + timeout
     while True:
-        left = our_processes(vhost_pids(vhosts))
+        left = our_processes(vhost_pids(vc))
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert not left, f"left running: {left}"
+
+
+@pytest.fixture
+def no_vhost_leaks(vhosts: object) -> Iterator[None]:
+    """Fails the test if any engine/prted is left on the virtual hosts or on the head."""
+    yield
+    no_leaks_on(vhosts)

@@ -13,7 +13,6 @@ backend sends to (nothing here replaces a step; test_architecture guards that).
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 import xml.etree.ElementTree as ET
@@ -26,7 +25,7 @@ from IPython.core.error import UsageError
 
 from mlx_cluster_magic import MLXCluster
 
-from conftest import our_processes, vhost_pids
+from conftest import no_leaks_on, virtual_macs
 
 pytestmark = pytest.mark.multihost
 
@@ -47,24 +46,8 @@ peers = sorted(
 """
 
 
-@contextlib.contextmanager
-def rig(
-    n: int, cables: str, subnet: str, cable_subnet: str, prefix: str, **kw: Any
-) -> Iterator[Any]:
-    from vcluster import VirtualCluster, skip_reason
-
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    vc = VirtualCluster(
-        n, subnet=subnet, prefix=prefix, cables=cables, cable_subnet=cable_subnet, **kw
-    )
-    try:
-        vc.start()
-        yield vc
-    finally:
-        vc.stop()
-        assert vc.leftovers() == []
+def rig(n: int, cables: str, subnet: str, cable_subnet: str, prefix: str, **kw: Any) -> Any:
+    return virtual_macs(n, subnet, prefix, cables=cables, cable_subnet=cable_subnet, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +76,6 @@ def star_with_head() -> Iterator[Any]:
     """The notebook's machine is the star's master, bridging its cables to three Macs."""
     with rig(3, "star-head", "10.77.9.0/24", "10.77.73.0/24", "fabsh", bridged=True) as vc:
         yield vc
-
-
-def no_leaks_on(vc: Any) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        left = our_processes(vhost_pids(vc))
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert not left, f"left running: {left}"
 
 
 def start(ip: Any, vc: Any, hostfile: Path, *flags: str) -> MLXCluster:

@@ -8,7 +8,6 @@ the hostfile forms MLX writes start a cluster.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -23,7 +22,7 @@ from mlx_cluster_magic.fabric import links, topology
 from mlx_cluster_magic.fabric.placement import read_hostfile
 from mlx_cluster_magic.launch import mpi_job as launch
 
-from conftest import our_processes, vhost_pids
+from conftest import no_leaks_on, virtual_macs
 
 pytestmark = pytest.mark.multihost
 
@@ -41,20 +40,8 @@ peers = sorted(
 """
 
 
-@contextlib.contextmanager
-def cabled_macs(n: int, cables: str, subnet: str, cable_subnet: str, prefix: str) -> Iterator[Any]:
-    from vcluster import VirtualCluster, skip_reason
-
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    vc = VirtualCluster(n, subnet=subnet, prefix=prefix, cables=cables, cable_subnet=cable_subnet)
-    try:
-        vc.start()
-        yield vc
-    finally:
-        vc.stop()
-        assert vc.leftovers() == []
+def cabled_macs(n: int, cables: Any, subnet: str, cable_subnet: str, prefix: str) -> Any:
+    return virtual_macs(n, subnet, prefix, cables=cables, cable_subnet=cable_subnet)
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +56,6 @@ def ring4() -> Iterator[Any]:
     """Four Macs in a ring of cables: mac1 and mac3 share no cable (nor do mac2 and mac4)."""
     with cabled_macs(4, "ring", "10.77.2.0/24", "10.77.65.0/24", "fabr") as vc:
         yield vc
-
-
-def no_leaks_on(vc: Any) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        left = our_processes(vhost_pids(vc))
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert not left, f"left running: {left}"
 
 
 def start(ip: Any, vc: Any, hostfile: Path, *flags: str) -> MLXCluster:

@@ -8,7 +8,6 @@ as a smaller Mac holds its ranks; each rank reads its own limit (``rank.lm.rank_
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from IPython.core.error import UsageError
 
 from mlx_cluster_magic.rank import lm
 
-from conftest import our_processes, vhost_pids
+from conftest import no_leaks_on, virtual_macs
 
 pytestmark = pytest.mark.multihost
 
@@ -39,20 +38,10 @@ tokens = [r.token for r in stream_generate(model, tokenizer, {prompt!r}, max_tok
 
 @pytest.fixture(scope="module")
 def capped() -> Iterator[Any]:
-    from vcluster import VirtualCluster, skip_reason
-
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
     if not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
         pytest.skip("memory caps need the cgroup v1 memory controller at /sys/fs/cgroup/memory")
-    vc = VirtualCluster(2, subnet="10.77.14.0/24", prefix="plcap", memory=CAPS)
-    try:
-        vc.start()
+    with virtual_macs(2, "10.77.14.0/24", "plcap", memory=CAPS) as vc:
         yield vc
-    finally:
-        vc.stop()
-        assert vc.leftovers() == []
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +100,4 @@ def test_the_plan_loads_what_the_even_split_cannot(
         assert all(peaks[h] <= CAPS[h] for h in CAPS), peaks
         ip.run_line_magic("mlx_cluster", "stop")
     finally:
-        deadline = time.monotonic() + 10
-        while our_processes(vhost_pids(capped)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert our_processes(vhost_pids(capped)) == []
+        no_leaks_on(capped)

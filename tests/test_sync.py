@@ -26,7 +26,7 @@ from IPython.core.error import UsageError
 
 from mlx_cluster_magic import MLXCluster
 
-from conftest import our_processes, vhost_pids
+from conftest import no_leaks_on, virtual_macs
 
 pytestmark = pytest.mark.multihost
 
@@ -69,26 +69,16 @@ def listing(root: Path) -> dict[str, tuple[Any, ...]] | None:
 
 @pytest.fixture(scope="module")
 def ring() -> Iterator[Any]:
-    from vcluster import VirtualCluster, skip_reason
-
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    vc = VirtualCluster(
+    with virtual_macs(
         3,
-        subnet="10.88.1.0/24",
-        prefix="synr",
+        "10.88.1.0/24",
+        "synr",
         cables="ring",
         cable_subnet="10.88.65.0/24",
         private_dirs=[str(ROOT)],
         private_size="400m",
-    )
-    try:
-        vc.start()
+    ) as vc:
         yield vc
-    finally:
-        vc.stop()
-        assert vc.leftovers() == []
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +100,7 @@ def cluster(ring: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         magics = shell.magics_manager.registry["MLXClusterMagics"]
         magics.cluster = None
         shell.run_line_magic("unload_ext", "mlx_cluster_magic")
-        deadline = time.monotonic() + 10
-        while (left := our_processes(vhost_pids(ring))) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not left, f"left running: {left}"
+        no_leaks_on(ring)
 
 
 @pytest.fixture
@@ -229,11 +216,10 @@ def test_a_head_on_the_cables_sends_over_them(tmp_path: Path, cables: str, route
         if magics is not None:
             magics.cluster = None
             shell.run_line_magic("unload_ext", "mlx_cluster_magic")
-        deadline = time.monotonic() + 10
-        while (left := our_processes(vhost_pids(vc))) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        vc.stop()
-        assert not left, f"left running: {left}"
+        try:
+            no_leaks_on(vc)
+        finally:
+            vc.stop()
         assert vc.leftovers() == []
 
 

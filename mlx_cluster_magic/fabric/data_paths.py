@@ -32,7 +32,8 @@ class DataPath:
     ips: tuple[str, ...]
 
 
-def _in(ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def in_networks(ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """True when ``ip`` is an address in one of ``networks``."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -70,9 +71,9 @@ def data_paths(
         target = hosts[j]
         ips = tuple(target.ips)
         if backend == "mpi" and nets:
-            ips = tuple(ip for ip in ips if _in(ip, nets))
+            ips = tuple(ip for ip in ips if in_networks(ip, nets))
             mgmt = (addresses or {}).get(target.ssh)
-            if mgmt and _in(mgmt, nets) and mgmt not in ips:
+            if mgmt and in_networks(mgmt, nets) and mgmt not in ips:
                 ips += (mgmt,)
         if ips:
             out.append(DataPath(i, j, ips))

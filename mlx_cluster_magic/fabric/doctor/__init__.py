@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import MLXClusterError
-from ..data_paths import data_paths, missing_paths_fix
+from ..data_paths import data_paths, in_networks, missing_paths_fix
 from ..macos import HostFacts, host_facts
 from ..netif import RouteFinding, interface_for, local_interfaces, route_checks
 from ..placement import Host, Placement
@@ -94,14 +94,6 @@ def _head_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return nets
 
 
-def _on(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr.version == n.version and addr in n for n in nets)
-
-
 def run_doctor(
     placement: Placement,
     *,
@@ -142,7 +134,7 @@ def run_doctor(
         for i in range(len(hosts))
     ]
     head_nets = _head_networks() if any(not h.is_local for h in hosts) else []
-    on_network = [h.is_local or not h.ips or _on(h.ips[0], head_nets) for h in hosts]
+    on_network = [h.is_local or not h.ips or in_networks(h.ips[0], head_nets) for h in hosts]
     with ThreadPoolExecutor(max_workers=max(1, 2 * len(hosts))) as pool:
         probes: list[Future[HostProbe]] = []
         reaches: list[Future[Reach] | None] = []
