@@ -189,6 +189,14 @@ def virtual_macs(n: int, subnet: str, prefix: str, **options: Any) -> Iterator[A
         assert vc.leftovers() == []
 
 
+def cabled_macs(
+    n: int, cables: Any, subnet: str, cable_subnet: str, prefix: str, **options: Any
+) -> Any:
+    """``virtual_macs`` cabled point to point (``cables``: mesh, ring, star, ring-head,
+    star-head or pairs), one subnet per cable out of ``cable_subnet``."""
+    return virtual_macs(n, subnet, prefix, cables=cables, cable_subnet=cable_subnet, **options)
+
+
 @pytest.fixture(scope="session")
 def vhosts() -> Iterator[object]:
     """Three virtual Macs (network namespaces with their own hostname, sshd, a bridge)."""

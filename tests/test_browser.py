@@ -308,6 +308,31 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 # --------------------------------------------------------------------------- the page
+@contextlib.contextmanager
+def _lab_page(lab: Lab, failure_shot: Any) -> Iterator[Any]:
+    """A Chromium page on the lab (30 s timeouts); on a failure a screenshot and the server
+    log's tail; after, the browser closed and the lab shut down cleanly."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = None
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+            yield page
+        except BaseException:
+            if page is not None:
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(failure_shot))
+            print(f"jupyter lab log tail:\n{lab.log()}")
+            raise
+        finally:
+            browser.close()
+    killed = lab.stop()
+    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+
+
 def _header(page: Any, scope: str = NB) -> Any:
     """The status view's header line (the anywidget view's, or the older ipywidgets one's)."""
     return page.locator(
@@ -375,7 +400,6 @@ def _wait_executed(page: Any, index: int, timeout: float) -> None:
 @pytest.mark.cluster
 def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: Path) -> None:
     # no_leaks first: its check runs after the lab fixture has shut the server down.
-    from playwright.sync_api import sync_playwright
 
     assert importlib.util.find_spec("jupyterlab_widgets") is not None, (
         "jupyterlab_widgets (ipywidgets 8's widget manager for JupyterLab 4) is not installed: "
@@ -394,248 +418,233 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
     ):  # fmt: skip
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = None
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(f"{lab.base}/lab/tree/{NOTEBOOK}?token={lab.token}")
-            # The notebook is open and its kernel is up and idle.
-            page.wait_for_selector(".jp-Notebook .jp-Cell .jp-InputArea-editor", timeout=45_000)
+    with _lab_page(lab, failure_shot) as page:
+        page.goto(f"{lab.base}/lab/tree/{NOTEBOOK}?token={lab.token}")
+        # The notebook is open and its kernel is up and idle.
+        page.wait_for_selector(".jp-Notebook .jp-Cell .jp-InputArea-editor", timeout=45_000)
+        _wait(
+            "the notebook's kernel to start",
+            lambda: [k for k in lab.kernels() if k["execution_state"] == "idle"],
+            timeout=45,
+            period=0.5,
+        )
+        assert len(lab.kernels()) == 1
+        lab.remember_children()
+        page.wait_for_selector(
+            ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
+        )
+
+        # Load, start, display: Shift+Enter runs a cell and moves to the next.
+        _run_cell(page, 0)
+        page.keyboard.press("Shift+Enter")
+        page.keyboard.press("Shift+Enter")
+        _wait_executed(page, 2, timeout=75)
+        lab.remember_children()
+
+        # The widget renders (jupyterlab_widgets' manager), one row per rank, both idle.
+        page.wait_for_selector(".jp-OutputArea .mlx-cluster-status", timeout=15_000)
+        rows = _wait("2 idle rank rows", lambda: _idle_rows(page), timeout=15)
+        assert [r["rank"] for r in rows] == ["0", "1"]
+        header = _header(page).inner_text()
+        assert "MLX cluster (running)" in header and "2 ranks" in header
+        stop = _button(page, "Stop")
+        assert stop.is_enabled()
+        assert _button(page, "Restart").count() == 1
+
+        # A non-blocking execute: the kernel is idle again at once, the ranks sleep. The
+        # table must follow on its own (refreshed from the kernel's status thread).
+        _run_cell(page, 3)
+        _wait_executed(page, 3, timeout=20)
+        busy = _wait("a rank row to show busy", lambda: _busy_rows(page), timeout=10)
+        first = _busy_seconds(busy[0]["cells"][3])
+        assert first is not None, busy
+        later = _wait(
+            "the busy time to grow",
+            lambda: _busy_rows(page, longer_than=first + 0.9),
+            timeout=6,
+        )
+        assert "busy" in later[0]["cells"][2]
+        page.locator(".mlx-cluster-status").screenshot(path=str(screenshot))
+        assert screenshot.stat().st_size > 0
+
+        # Back to idle when the sleep is over. A %%px cell reports a loss per step: the
+        # chart draws one line per rank and they grow while the cell still runs.
+        _wait("both ranks idle again", lambda: _idle_rows(page), timeout=BUSY_S + 10)
+        _run_cell(page, 4)
+        _wait("a loss chart", lambda: len(_points(page, "loss")) == 2, timeout=15)
+        first_points = min(_points(page, "loss"))
+        _wait(
+            "the loss lines to grow",
+            lambda: min(_points(page, "loss")) >= first_points + 10,
+            timeout=10,
+        )
+        assert not re.search(r"\[\d+\]", _prompt(page, 4)), "drawn only after the cell"
+        page.locator(".mlx-cluster-status").first.screenshot(path=str(metrics_shot))
+        _wait_executed(page, 4, timeout=30)
+
+        # A blocking %%px cell holds the kernel; the widget's own Stop button still acts
+        # (its clicks are handled on a kernel subshell of their own).
+        _run_cell(page, 5)
+        _wait("the %%px cell's ranks to be busy", lambda: _busy_rows(page), timeout=15)
+        time.sleep(1.0)  # well inside the cell
+        assert not re.search(r"\[\d+\]", _prompt(page, 5)), "the %%px cell ended early"
+        stop.click()
+        clicked = time.monotonic()
+        _wait(
+            "the click to show",
+            lambda: stop.is_disabled() and "stopping" in stop.inner_text(),
+            timeout=1.5,
+            period=0.05,
+        )
+        shown_s = time.monotonic() - clicked
+        _wait(
+            "the header to say stopped",
+            lambda: "(stopped)" in _header(page).inner_text(),
+            timeout=30,
+            period=0.05,
+        )
+        stopped_s = time.monotonic() - clicked
+        _wait(
+            "the %%px cell to end",
+            lambda: re.search(r"\[\d+\]", _prompt(page, 5)) is not None,
+            timeout=30,
+            period=0.05,
+        )
+        ended_s = time.monotonic() - clicked
+        _wait("the Stop button to be disabled", stop.is_disabled, timeout=5)
+        # What the user was looking at stays: the loss chart, marked as from the previous
+        # run; the stopped rows show no live figures.
+        assert len(_points(page, "loss")) == 2
+        assert _previous_note(page) == "metrics from the previous run"
+        for row in _rows(page):
+            assert "mlx-stopped" in row["cls"] and row["cells"][4:8] == ["-"] * 4, row
+        page.locator(".mlx-cluster-status").first.screenshot(path=str(stopped_shot))
+        said = _output(page, 5)
+        print(
+            f"mid-cell Stop: click shown {shown_s * 1000:.0f} ms, cluster stopped "
+            f"{stopped_s:.2f} s, cell ended {ended_s:.2f} s after the click; cell said {said!r}"
+        )
+        assert "Traceback" not in said and len(said.strip().splitlines()) <= 2, said
+        # One line saying the cluster was stopped from the view (after the progress line).
+        assert "stopped from the status view" in said, said
+
+        # Help lists every option with its default; %%px on the stopped cluster is one line.
+        for index in (6, 7):
+            _run_cell(page, index)
             _wait(
-                "the notebook's kernel to start",
-                lambda: [k for k in lab.kernels() if k["execution_state"] == "idle"],
-                timeout=45,
-                period=0.5,
-            )
-            assert len(lab.kernels()) == 1
-            lab.remember_children()
-            page.wait_for_selector(
-                ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
-            )
-
-            # Load, start, display: Shift+Enter runs a cell and moves to the next.
-            _run_cell(page, 0)
-            page.keyboard.press("Shift+Enter")
-            page.keyboard.press("Shift+Enter")
-            _wait_executed(page, 2, timeout=75)
-            lab.remember_children()
-
-            # The widget renders (jupyterlab_widgets' manager), one row per rank, both idle.
-            page.wait_for_selector(".jp-OutputArea .mlx-cluster-status", timeout=15_000)
-            rows = _wait("2 idle rank rows", lambda: _idle_rows(page), timeout=15)
-            assert [r["rank"] for r in rows] == ["0", "1"]
-            header = _header(page).inner_text()
-            assert "MLX cluster (running)" in header and "2 ranks" in header
-            stop = _button(page, "Stop")
-            assert stop.is_enabled()
-            assert _button(page, "Restart").count() == 1
-
-            # A non-blocking execute: the kernel is idle again at once, the ranks sleep. The
-            # table must follow on its own (refreshed from the kernel's status thread).
-            _run_cell(page, 3)
-            _wait_executed(page, 3, timeout=20)
-            busy = _wait("a rank row to show busy", lambda: _busy_rows(page), timeout=10)
-            first = _busy_seconds(busy[0]["cells"][3])
-            assert first is not None, busy
-            later = _wait(
-                "the busy time to grow",
-                lambda: _busy_rows(page, longer_than=first + 0.9),
-                timeout=6,
-            )
-            assert "busy" in later[0]["cells"][2]
-            page.locator(".mlx-cluster-status").screenshot(path=str(screenshot))
-            assert screenshot.stat().st_size > 0
-
-            # Back to idle when the sleep is over. A %%px cell reports a loss per step: the
-            # chart draws one line per rank and they grow while the cell still runs.
-            _wait("both ranks idle again", lambda: _idle_rows(page), timeout=BUSY_S + 10)
-            _run_cell(page, 4)
-            _wait("a loss chart", lambda: len(_points(page, "loss")) == 2, timeout=15)
-            first_points = min(_points(page, "loss"))
-            _wait(
-                "the loss lines to grow",
-                lambda: min(_points(page, "loss")) >= first_points + 10,
-                timeout=10,
-            )
-            assert not re.search(r"\[\d+\]", _prompt(page, 4)), "drawn only after the cell"
-            page.locator(".mlx-cluster-status").first.screenshot(path=str(metrics_shot))
-            _wait_executed(page, 4, timeout=30)
-
-            # A blocking %%px cell holds the kernel; the widget's own Stop button still acts
-            # (its clicks are handled on a kernel subshell of their own).
-            _run_cell(page, 5)
-            _wait("the %%px cell's ranks to be busy", lambda: _busy_rows(page), timeout=15)
-            time.sleep(1.0)  # well inside the cell
-            assert not re.search(r"\[\d+\]", _prompt(page, 5)), "the %%px cell ended early"
-            stop.click()
-            clicked = time.monotonic()
-            _wait(
-                "the click to show",
-                lambda: stop.is_disabled() and "stopping" in stop.inner_text(),
-                timeout=1.5,
-                period=0.05,
-            )
-            shown_s = time.monotonic() - clicked
-            _wait(
-                "the header to say stopped",
-                lambda: "(stopped)" in _header(page).inner_text(),
+                f"cell {index} to finish",
+                lambda i=index: re.search(r"\[\d+\]", _prompt(page, i)) is not None,
                 timeout=30,
-                period=0.05,
+                period=0.1,
             )
-            stopped_s = time.monotonic() - clicked
-            _wait(
-                "the %%px cell to end",
-                lambda: re.search(r"\[\d+\]", _prompt(page, 5)) is not None,
-                timeout=30,
-                period=0.05,
-            )
-            ended_s = time.monotonic() - clicked
-            _wait("the Stop button to be disabled", stop.is_disabled, timeout=5)
-            # What the user was looking at stays: the loss chart, marked as from the previous
-            # run; the stopped rows show no live figures.
-            assert len(_points(page, "loss")) == 2
-            assert _previous_note(page) == "metrics from the previous run"
-            for row in _rows(page):
-                assert "mlx-stopped" in row["cls"] and row["cells"][4:8] == ["-"] * 4, row
-            page.locator(".mlx-cluster-status").first.screenshot(path=str(stopped_shot))
-            said = _output(page, 5)
-            print(
-                f"mid-cell Stop: click shown {shown_s * 1000:.0f} ms, cluster stopped "
-                f"{stopped_s:.2f} s, cell ended {ended_s:.2f} s after the click; cell said {said!r}"
-            )
-            assert "Traceback" not in said and len(said.strip().splitlines()) <= 2, said
-            # One line saying the cluster was stopped from the view (after the progress line).
-            assert "stopped from the status view" in said, said
+        help_text = _output(page, 6)
+        for option in ("--check-collectives", "--collective-timeout", "--hostfile"):
+            assert option in help_text, help_text
+        assert "default" in help_text
+        error = _output(page, 7).strip()
+        assert error.count("\n") == 0 and "Traceback" not in error, error
+        assert "no cluster is running: start one with %mlx_cluster start" in error, error
+        page.locator(f"{NB} .jp-Cell").nth(7).screenshot(
+            path=str(artifacts / "px-after-stop-one-line.png")
+        )
 
-            # Help lists every option with its default; %%px on the stopped cluster is one line.
-            for index in (6, 7):
-                _run_cell(page, index)
-                _wait(
-                    f"cell {index} to finish",
-                    lambda i=index: re.search(r"\[\d+\]", _prompt(page, i)) is not None,
-                    timeout=30,
-                    period=0.1,
-                )
-            help_text = _output(page, 6)
-            for option in ("--check-collectives", "--collective-timeout", "--hostfile"):
-                assert option in help_text, help_text
-            assert "default" in help_text
-            error = _output(page, 7).strip()
-            assert error.count("\n") == 0 and "Traceback" not in error, error
-            assert "no cluster is running: start one with %mlx_cluster start" in error, error
-            page.locator(f"{NB} .jp-Cell").nth(7).screenshot(
-                path=str(artifacts / "px-after-stop-one-line.png")
-            )
+        # Restart from the view: the header says restarting and every row starting at once;
+        # the charts of the previous run stay until the new run reports.
+        restart = _button(page, "Restart")
+        restart.click()
+        clicked = time.monotonic()
+        _wait(
+            "the header to say restarting, every row starting",
+            lambda: (
+                "(restarting)" in _header(page).inner_text()
+                and [r["cells"][2] for r in _rows(page)] == ["● starting"] * 2
+            ),
+            timeout=3,
+            period=0.05,
+        )
+        restarting_s = time.monotonic() - clicked
+        assert len(_points(page, "loss")) == 2 and _previous_note(page)
+        page.locator(".mlx-cluster-status").first.screenshot(path=str(restarting_shot))
+        _wait("the restarted cluster", lambda: _idle_rows(page), timeout=90)
+        assert "(running)" in _header(page).inner_text()
+        assert not [n for n in _notices(page) if "busy" in n], _notices(page)
+        assert len(_points(page, "loss")) == 2 and _previous_note(page)
+        print(f"Restart: header said restarting {restarting_s * 1000:.0f} ms after the click")
 
-            # Restart from the view: the header says restarting and every row starting at once;
-            # the charts of the previous run stay until the new run reports.
-            restart = _button(page, "Restart")
-            restart.click()
-            clicked = time.monotonic()
-            _wait(
-                "the header to say restarting, every row starting",
-                lambda: (
-                    "(restarting)" in _header(page).inner_text()
-                    and [r["cells"][2] for r in _rows(page)] == ["● starting"] * 2
-                ),
-                timeout=3,
-                period=0.05,
-            )
-            restarting_s = time.monotonic() - clicked
-            assert len(_points(page, "loss")) == 2 and _previous_note(page)
-            page.locator(".mlx-cluster-status").first.screenshot(path=str(restarting_shot))
-            _wait("the restarted cluster", lambda: _idle_rows(page), timeout=90)
-            assert "(running)" in _header(page).inner_text()
-            assert not [n for n in _notices(page) if "busy" in n], _notices(page)
-            assert len(_points(page, "loss")) == 2 and _previous_note(page)
-            print(f"Restart: header said restarting {restarting_s * 1000:.0f} ms after the click")
+        # New reports replace the previous run's charts.
+        before = _prompt(page, 4)
+        _run_cell(page, 4)
+        _wait("the new run's charts", lambda: _previous_note(page) is None, timeout=30)
+        _wait(
+            "cell 4 to finish again",
+            lambda: re.search(r"\[\d+\]", _prompt(page, 4)) and _prompt(page, 4) != before,
+            timeout=60,
+        )
+        assert "Error" not in _output(page, 4), _output(page, 4)
+        assert len(_points(page, "loss")) == 2
 
-            # New reports replace the previous run's charts.
-            before = _prompt(page, 4)
-            _run_cell(page, 4)
-            _wait("the new run's charts", lambda: _previous_note(page) is None, timeout=30)
-            _wait(
-                "cell 4 to finish again",
-                lambda: re.search(r"\[\d+\]", _prompt(page, 4)) and _prompt(page, 4) != before,
-                timeout=60,
-            )
-            assert "Error" not in _output(page, 4), _output(page, 4)
-            assert len(_points(page, "loss")) == 2
+        # Stop keeps them (previous run) until Clear.
+        stop.click()
+        _wait("stopped", lambda: "(stopped)" in _header(page).inner_text(), timeout=30)
+        _wait("the previous-run note", lambda: _previous_note(page) is not None, timeout=5)
+        page.locator(".mlx-cluster-status button.mlx-clear").first.click()
+        _wait("the charts to be cleared", lambda: _points(page, "loss") == [], timeout=10)
+        page.locator(".mlx-cluster-status").first.screenshot(path=str(cleared_shot))
 
-            # Stop keeps them (previous run) until Clear.
-            stop.click()
-            _wait("stopped", lambda: "(stopped)" in _header(page).inner_text(), timeout=30)
-            _wait("the previous-run note", lambda: _previous_note(page) is not None, timeout=5)
-            page.locator(".mlx-cluster-status button.mlx-clear").first.click()
-            _wait("the charts to be cleared", lambda: _points(page, "loss") == [], timeout=10)
-            page.locator(".mlx-cluster-status").first.screenshot(path=str(cleared_shot))
+        # A kernel restart with a cluster running: every process goes with the kernel and
+        # the view says so, its buttons off; no button claims the kernel is busy.
+        restart.click()
+        _wait("the restarted cluster", lambda: _idle_rows(page), timeout=90)
 
-            # A kernel restart with a cluster running: every process goes with the kernel and
-            # the view says so, its buttons off; no button claims the kernel is busy.
-            restart.click()
-            _wait("the restarted cluster", lambda: _idle_rows(page), timeout=90)
-
-            # The toolbar's interrupt on a sleeping %%px cell: the notice, then one line per
-            # rank saying where it stopped, lines numbered as the editor shows them (the %%px
-            # line is line 1); no traceback.
-            _run_cell(page, 8)
-            _wait("the sleeping cell's ranks busy", lambda: _busy_rows(page), timeout=15)
-            time.sleep(0.5)
-            page.locator(
-                ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-NotebookPanel-toolbar "
-                "[data-command='notebook:interrupt-kernel']"
-            ).first.click()
-            interrupted = time.monotonic()
-            _wait(
-                "the interrupted cell to end",
-                lambda: re.search(r"\[\d+\]", _prompt(page, 8)) is not None,
-                timeout=15,
-                period=0.05,
-            )
-            ended_s = time.monotonic() - interrupted
-            said = _output(page, 8)
-            print(f"toolbar interrupt: the cell ended {ended_s:.2f} s after the click: {said!r}")
-            assert "Traceback" not in said and "Cell In[" not in said, said
-            for rank in (0, 1):
-                assert f"rank {rank}: KeyboardInterrupt at cell line 3 (time.sleep)" in said, said
-            page.locator(f"{NB} .jp-Cell").nth(8).screenshot(
-                path=str(artifacts / "px-interrupted-from-the-toolbar.png")
-            )
-            _wait("both ranks idle after the interrupt", lambda: _idle_rows(page), timeout=15)
-            kernel = _kernel_process(lab)
-            ours = kernel.children(recursive=True)
-            assert ours, "the cluster's processes are the kernel's children"
-            _lab_menu(page, "Kernel", "Restart Kernel…")
-            page.locator(".jp-Dialog button.jp-mod-accept").click()
-            _wait(
-                "the view to say the cluster ended with its kernel",
-                lambda: (
-                    "this cluster ended with its kernel"
-                    in page.locator(".mlx-cluster-status .mlx-broken").first.inner_text()
-                ),
-                timeout=15,
-            )
-            assert "(ended)" in _header(page).inner_text()
-            for name in ("Stop", "Restart"):
-                assert _button(page, name).is_disabled(), name
-            assert all("mlx-stopped" in r["cls"] for r in _rows(page))
-            _gone, alive = psutil.wait_procs([kernel, *ours], timeout=15)
-            assert not alive, [p.pid for p in alive]
-            time.sleep(3.5)  # past the moment a pending click would speak
-            assert not [n for n in _notices(page) if "busy" in n], _notices(page)
-            page.locator(".mlx-cluster-status").first.screenshot(path=str(ended_shot))
-        except BaseException:
-            if page is not None:
-                with contextlib.suppress(Exception):
-                    page.screenshot(path=str(failure_shot))
-            print(f"jupyter lab log tail:\n{lab.log()}")
-            raise
-        finally:
-            browser.close()
-    killed = lab.stop()
-    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+        # The toolbar's interrupt on a sleeping %%px cell: the notice, then one line per
+        # rank saying where it stopped, lines numbered as the editor shows them (the %%px
+        # line is line 1); no traceback.
+        _run_cell(page, 8)
+        _wait("the sleeping cell's ranks busy", lambda: _busy_rows(page), timeout=15)
+        time.sleep(0.5)
+        page.locator(
+            ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-NotebookPanel-toolbar "
+            "[data-command='notebook:interrupt-kernel']"
+        ).first.click()
+        interrupted = time.monotonic()
+        _wait(
+            "the interrupted cell to end",
+            lambda: re.search(r"\[\d+\]", _prompt(page, 8)) is not None,
+            timeout=15,
+            period=0.05,
+        )
+        ended_s = time.monotonic() - interrupted
+        said = _output(page, 8)
+        print(f"toolbar interrupt: the cell ended {ended_s:.2f} s after the click: {said!r}")
+        assert "Traceback" not in said and "Cell In[" not in said, said
+        for rank in (0, 1):
+            assert f"rank {rank}: KeyboardInterrupt at cell line 3 (time.sleep)" in said, said
+        page.locator(f"{NB} .jp-Cell").nth(8).screenshot(
+            path=str(artifacts / "px-interrupted-from-the-toolbar.png")
+        )
+        _wait("both ranks idle after the interrupt", lambda: _idle_rows(page), timeout=15)
+        kernel = _kernel_process(lab)
+        ours = kernel.children(recursive=True)
+        assert ours, "the cluster's processes are the kernel's children"
+        _lab_menu(page, "Kernel", "Restart Kernel…")
+        page.locator(".jp-Dialog button.jp-mod-accept").click()
+        _wait(
+            "the view to say the cluster ended with its kernel",
+            lambda: (
+                "this cluster ended with its kernel"
+                in page.locator(".mlx-cluster-status .mlx-broken").first.inner_text()
+            ),
+            timeout=15,
+        )
+        assert "(ended)" in _header(page).inner_text()
+        for name in ("Stop", "Restart"):
+            assert _button(page, name).is_disabled(), name
+        assert all("mlx-stopped" in r["cls"] for r in _rows(page))
+        _gone, alive = psutil.wait_procs([kernel, *ours], timeout=15)
+        assert not alive, [p.pid for p in alive]
+        time.sleep(3.5)  # past the moment a pending click would speak
+        assert not [n for n in _notices(page) if "busy" in n], _notices(page)
+        page.locator(".mlx-cluster-status").first.screenshot(path=str(ended_shot))
 
 
 def _previous_note(page: Any, scope: str = NB) -> str | None:
@@ -762,7 +771,6 @@ def _points(page: Any, metric: str, scope: str = NB) -> list[int]:
 
 @pytest.mark.kernel
 def test_status_view_buttons_charts_and_side_panel(lab: Lab, artifacts: Path) -> None:
-    from playwright.sync_api import sync_playwright
 
     shots = {
         "live": artifacts / "status-widget-live.png",
@@ -775,137 +783,122 @@ def test_status_view_buttons_charts_and_side_panel(lab: Lab, artifacts: Path) ->
             old.unlink()
     inline = ".jp-Notebook"
     side = ".jupyterlab-sidecar"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = None
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(30_000)
-            _open_notebook(page, lab, VIEW_NOTEBOOK)
+    with _lab_page(lab, shots["failure"]) as page:
+        _open_notebook(page, lab, VIEW_NOTEBOOK)
 
-            _run_cell(page, 0)
-            _wait_executed(page, 0, timeout=60)
-            page.wait_for_selector(f"{inline} .mlx-cluster-status.mlx-live", timeout=20_000)
-            rows = _wait("4 rank rows", lambda: len(_rows(page)) == 4 and _rows(page), 10)
-            assert [r["cls"] for r in rows] == [
-                f"mlx-node mlx-{s}" for s in ("idle", "busy", "unresponsive", "dead")
-            ]
-            assert rows[2]["cells"][4] == "silent 9.0 s, process alive"
-            assert rows[1]["cells"][3] == "4.0 s"
-            header = _header(page).inner_text()
-            assert (
-                header == "MLX cluster (running): backend ring, 4 ranks on 4 hosts, uptime 12.0 s"
-            )
-            banner = page.locator(f"{inline} .mlx-banner")
-            assert banner.is_visible() and "wait in all_sum #5" in banner.inner_text()
+        _run_cell(page, 0)
+        _wait_executed(page, 0, timeout=60)
+        page.wait_for_selector(f"{inline} .mlx-cluster-status.mlx-live", timeout=20_000)
+        rows = _wait("4 rank rows", lambda: len(_rows(page)) == 4 and _rows(page), 10)
+        assert [r["cls"] for r in rows] == [
+            f"mlx-node mlx-{s}" for s in ("idle", "busy", "unresponsive", "dead")
+        ]
+        assert rows[2]["cells"][4] == "silent 9.0 s, process alive"
+        assert rows[1]["cells"][3] == "4.0 s"
+        header = _header(page).inner_text()
+        assert (
+            header == "MLX cluster (running): backend ring, 4 ranks on 4 hosts, uptime 12.0 s"
+        )
+        banner = page.locator(f"{inline} .mlx-banner")
+        assert banner.is_visible() and "wait in all_sum #5" in banner.inner_text()
 
-            # Metrics: one chart per name, one line per rank, x = step for loss, time else.
-            charts = page.locator(f"{inline} svg.mlx-chart")
-            _wait("two metric charts", lambda: charts.count() == 2, 10)
-            assert _points(page, "loss") == [20, 20] and _points(page, "tok_s") == [20, 20]
-            loss_chart = page.locator(f"{inline} svg.mlx-chart[data-metric='loss']")
-            assert "step" in loss_chart.text_content()
-            assert (
-                "time (s)"
-                in page.locator(f"{inline} svg.mlx-chart[data-metric='tok_s']").text_content()
-            )
-            legend = page.locator(f"{inline} .mlx-legend").inner_text()
-            assert "rank 0" in legend and "rank 1" in legend
+        # Metrics: one chart per name, one line per rank, x = step for loss, time else.
+        charts = page.locator(f"{inline} svg.mlx-chart")
+        _wait("two metric charts", lambda: charts.count() == 2, 10)
+        assert _points(page, "loss") == [20, 20] and _points(page, "tok_s") == [20, 20]
+        loss_chart = page.locator(f"{inline} svg.mlx-chart[data-metric='loss']")
+        assert "step" in loss_chart.text_content()
+        assert (
+            "time (s)"
+            in page.locator(f"{inline} svg.mlx-chart[data-metric='tok_s']").text_content()
+        )
+        legend = page.locator(f"{inline} .mlx-legend").inner_text()
+        assert "rank 0" in legend and "rank 1" in legend
 
-            # New points from a background thread are drawn while they come.
-            _run_cell(page, 1)
-            _wait_executed(page, 1, timeout=20)
-            _wait("the loss lines to grow", lambda: min(_points(page, "loss") or [0]) >= 30, 15)
-            page.locator(f"{inline} .mlx-cluster-status").screenshot(path=str(shots["live"]))
+        # New points from a background thread are drawn while they come.
+        _run_cell(page, 1)
+        _wait_executed(page, 1, timeout=20)
+        _wait("the loss lines to grow", lambda: min(_points(page, "loss") or [0]) >= 30, 15)
+        page.locator(f"{inline} .mlx-cluster-status").screenshot(path=str(shots["live"]))
 
-            # The topology tab shows the measured fabric.
-            page.locator(f"{inline} button.mlx-tab-topology").click()
-            page.wait_for_selector(f"{inline} .mlx-topology svg.mlx-topo-test")
-            page.locator(f"{inline} button.mlx-tab-metrics").click()
-            page.wait_for_selector(f"{inline} svg.mlx-chart")
+        # The topology tab shows the measured fabric.
+        page.locator(f"{inline} button.mlx-tab-topology").click()
+        page.wait_for_selector(f"{inline} .mlx-topology svg.mlx-topo-test")
+        page.locator(f"{inline} button.mlx-tab-metrics").click()
+        page.wait_for_selector(f"{inline} svg.mlx-chart")
 
-            # "Side panel": the same live view opens on the right, without its own side button.
-            side_button = page.locator(f"{inline} button.mlx-side")
-            assert side_button.is_visible()
-            side_button.click()
-            page.wait_for_selector(f"{side} .mlx-cluster-status.mlx-live", timeout=15_000)
-            _wait("the side panel's rows", lambda: len(_rows(page, side)) == 4, 10)
-            assert not page.locator(f"{side} button.mlx-side").is_visible()
-            _wait("the side button to be answered", side_button.is_enabled, 10)
-            # The notebook's view says where the panel is; the panel does not say it of itself.
-            _wait("the side note", lambda: _side_note(page, inline) is not None, 5)
-            assert _side_note(page, side) is None
-            assert _notices(page) == [], _notices(page)
-            assert _side_titles(page) == ["status-view.ipynb: MLX cluster, 4 ranks"]
-            # The table fits the narrow panel: columns drop, the heartbeat column stays.
-            fit = _table_fit(page, side)
-            assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
-            assert "silent 9.0 s" in _rows(page, side)[2]["cells"][4]
-            page.screenshot(path=str(shots["side"]))
+        # "Side panel": the same live view opens on the right, without its own side button.
+        side_button = page.locator(f"{inline} button.mlx-side")
+        assert side_button.is_visible()
+        side_button.click()
+        page.wait_for_selector(f"{side} .mlx-cluster-status.mlx-live", timeout=15_000)
+        _wait("the side panel's rows", lambda: len(_rows(page, side)) == 4, 10)
+        assert not page.locator(f"{side} button.mlx-side").is_visible()
+        _wait("the side button to be answered", side_button.is_enabled, 10)
+        # The notebook's view says where the panel is; the panel does not say it of itself.
+        _wait("the side note", lambda: _side_note(page, inline) is not None, 5)
+        assert _side_note(page, side) is None
+        assert _notices(page) == [], _notices(page)
+        assert _side_titles(page) == ["status-view.ipynb: MLX cluster, 4 ranks"]
+        # The table fits the narrow panel: columns drop, the heartbeat column stays.
+        fit = _table_fit(page, side)
+        assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
+        assert "silent 9.0 s" in _rows(page, side)[2]["cells"][4]
+        page.screenshot(path=str(shots["side"]))
 
-            # From code, once the view has said it lives in JupyterLab: the open panel is
-            # reused, not a second one.
-            _run_cell(page, 2)
-            _wait_executed(page, 2, timeout=20)
-            said = _output(page, 2)
-            assert (
-                'already open in the side panel "status-view.ipynb: MLX cluster, 4 ranks"' in said
-            ), said
-            time.sleep(1)
-            assert page.locator(f"{side} .mlx-cluster-status").count() == 1
-            assert len(_side_titles(page)) == 1
+        # From code, once the view has said it lives in JupyterLab: the open panel is
+        # reused, not a second one.
+        _run_cell(page, 2)
+        _wait_executed(page, 2, timeout=20)
+        said = _output(page, 2)
+        assert (
+            'already open in the side panel "status-view.ipynb: MLX cluster, 4 ranks"' in said
+        ), said
+        time.sleep(1)
+        assert page.locator(f"{side} .mlx-cluster-status").count() == 1
+        assert len(_side_titles(page)) == 1
 
-            # Restart and replay: a choice under the Restart button, answered by Python.
-            page.locator(f"{inline} button.mlx-restart-more").click()
-            replay = page.locator(f"{inline} button.mlx-restart-replay")
-            assert replay.is_visible() and replay.inner_text() == "Restart and replay"
-            replay.click()
-            restart = _button(page, "Restart")
-            _wait("restart to be answered", lambda: restart.inner_text() == "Restart", 10)
+        # Restart and replay: a choice under the Restart button, answered by Python.
+        page.locator(f"{inline} button.mlx-restart-more").click()
+        replay = page.locator(f"{inline} button.mlx-restart-replay")
+        assert replay.is_visible() and replay.inner_text() == "Restart and replay"
+        replay.click()
+        restart = _button(page, "Restart")
+        _wait("restart to be answered", lambda: restart.inner_text() == "Restart", 10)
 
-            # Stop: the click shows at once, long before Python's answer (2 s later).
-            stop = _button(page, "Stop")
-            assert stop.is_enabled()
-            stop.click()
-            t0 = time.monotonic()
-            _wait(
-                "the click to show",
-                lambda: stop.is_disabled() and stop.inner_text() == "stopping…",
-                timeout=1.5,
-                period=0.05,
-            )
-            shown_s = time.monotonic() - t0
-            assert "(running)" in _header(page).inner_text()  # Python has not answered yet
-            _wait(
-                "the header to say stopped", lambda: "(stopped)" in _header(page).inner_text(), 10
-            )
-            _wait(
-                "the side panel to say stopped",
-                lambda: "(stopped)" in _header(page, side).inner_text(),
-                5,
-            )
-            _wait(
-                "Stop to read Stop again",
-                lambda: stop.inner_text() == "Stop" and stop.is_disabled(),
-                5,
-            )
-            assert all("mlx-stopped" in r["cls"] for r in _rows(page))
-            page.locator(f"{inline} .mlx-cluster-status").screenshot(path=str(shots["stopped"]))
-            print(f"click shown after {shown_s * 1000:.0f} ms")
+        # Stop: the click shows at once, long before Python's answer (2 s later).
+        stop = _button(page, "Stop")
+        assert stop.is_enabled()
+        stop.click()
+        t0 = time.monotonic()
+        _wait(
+            "the click to show",
+            lambda: stop.is_disabled() and stop.inner_text() == "stopping…",
+            timeout=1.5,
+            period=0.05,
+        )
+        shown_s = time.monotonic() - t0
+        assert "(running)" in _header(page).inner_text()  # Python has not answered yet
+        _wait(
+            "the header to say stopped", lambda: "(stopped)" in _header(page).inner_text(), 10
+        )
+        _wait(
+            "the side panel to say stopped",
+            lambda: "(stopped)" in _header(page, side).inner_text(),
+            5,
+        )
+        _wait(
+            "Stop to read Stop again",
+            lambda: stop.inner_text() == "Stop" and stop.is_disabled(),
+            5,
+        )
+        assert all("mlx-stopped" in r["cls"] for r in _rows(page))
+        page.locator(f"{inline} .mlx-cluster-status").screenshot(path=str(shots["stopped"]))
+        print(f"click shown after {shown_s * 1000:.0f} ms")
 
-            _run_cell(page, 3)
-            _wait_executed(page, 3, timeout=20)
-            assert _output(page, 3).strip() == "['restart True', 'stop']"
-        except BaseException:
-            if page is not None:
-                with contextlib.suppress(Exception):
-                    page.screenshot(path=str(shots["failure"]))
-            print(f"jupyter lab log tail:\n{lab.log()}")
-            raise
-        finally:
-            browser.close()
-    killed = lab.stop()
-    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+        _run_cell(page, 3)
+        _wait_executed(page, 3, timeout=20)
+        assert _output(page, 3).strip() == "['restart True', 'stop']"
 
 
 # --------------------------------------------------------------------------- two notebooks
@@ -954,7 +947,6 @@ def test_side_panels_of_two_notebooks(no_leaks: None, lab: Lab, artifacts: Path)
     """Notebooks A and B each start a cluster and open a side panel: one panel per notebook,
     titled with its name and cluster, reused on a second click, the note in the notebook only
     while the panel is open; a kernel shut down leaves a view that says the cluster ended."""
-    from playwright.sync_api import sync_playwright
 
     shots = {
         "a": artifacts / "side-panel-a-stopped.png",
@@ -968,102 +960,87 @@ def test_side_panels_of_two_notebooks(no_leaks: None, lab: Lab, artifacts: Path)
             old.unlink()
     a_name, b_name = TWO_NOTEBOOKS
     a_title, b_title = (f"{n}: MLX cluster, 2 ranks" for n in TWO_NOTEBOOKS)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = None
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(30_000)
+    with _lab_page(lab, shots["failure"]) as page:
 
-            # A: a cluster, its view, "Side panel".
-            _open_notebook(page, lab, a_name)
-            _start_and_show(page)
-            side_a = page.locator(f"{NB} button.mlx-side")
-            side_a.click()
-            _wait("A's side panel", lambda: _side_titles(page) == [a_title], 15)
-            a_panel = _side_scope(page, a_title)
-            _wait("A's panel rows", lambda: len(_rows(page, a_panel)) == 2, 10)
-            _wait("A's note", lambda: _side_note(page, NB) is not None, 5)
-            assert _side_note(page, a_panel) is None and _notices(page) == [], _notices(page)
-            fit = _table_fit(page, a_panel)
-            assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
+        # A: a cluster, its view, "Side panel".
+        _open_notebook(page, lab, a_name)
+        _start_and_show(page)
+        side_a = page.locator(f"{NB} button.mlx-side")
+        side_a.click()
+        _wait("A's side panel", lambda: _side_titles(page) == [a_title], 15)
+        a_panel = _side_scope(page, a_title)
+        _wait("A's panel rows", lambda: len(_rows(page, a_panel)) == 2, 10)
+        _wait("A's note", lambda: _side_note(page, NB) is not None, 5)
+        assert _side_note(page, a_panel) is None and _notices(page) == [], _notices(page)
+        fit = _table_fit(page, a_panel)
+        assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
 
-            # A second click reuses the panel.
-            _wait("the side button to be answered", side_a.is_enabled, 10)
-            side_a.click()
-            _wait("the second click to be answered", side_a.is_enabled, 10)
-            time.sleep(1)
-            assert _side_titles(page) == [a_title]
-            assert page.locator(".jupyterlab-sidecar .mlx-cluster-status").count() == 1
+        # A second click reuses the panel.
+        _wait("the side button to be answered", side_a.is_enabled, 10)
+        side_a.click()
+        _wait("the second click to be answered", side_a.is_enabled, 10)
+        time.sleep(1)
+        assert _side_titles(page) == [a_title]
+        assert page.locator(".jupyterlab-sidecar .mlx-cluster-status").count() == 1
 
-            # A stops its cluster; its panel says so.
-            _run_cell(page, 3)
-            _wait_executed(page, 3, timeout=30)
-            _wait("A's panel to say stopped", lambda: "(stopped)" in _header(page, a_panel)
-                  .inner_text(), 10)  # fmt: skip
-            page.screenshot(path=str(shots["a"]))
+        # A stops its cluster; its panel says so.
+        _run_cell(page, 3)
+        _wait_executed(page, 3, timeout=30)
+        _wait("A's panel to say stopped", lambda: "(stopped)" in _header(page, a_panel)
+              .inner_text(), 10)  # fmt: skip
+        page.screenshot(path=str(shots["a"]))
 
-            # B, opened beside A: its own cluster and its own panel, titled with its name.
-            _open_from_file_browser(page, lab, b_name, kernels=2)
-            _start_and_show(page)
-            side_b = page.locator(f"{NB} button.mlx-side")
-            side_b.click()
-            _wait("B's side panel", lambda: sorted(_side_titles(page)) == [a_title, b_title], 15)
-            b_panel = _side_scope(page, b_title)
-            _wait(
-                "B's panel running", lambda: "(running)" in _header(page, b_panel).inner_text(), 10
-            )
-            assert "(stopped)" in _header(page, a_panel).inner_text()
-            assert page.locator(b_panel).is_visible() and not page.locator(a_panel).is_visible()
-            _wait("B's note", lambda: _side_note(page, NB) is not None, 5)
-            assert _notices(page) == [], _notices(page)
-            fit = _table_fit(page, b_panel)
-            assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
-            page.screenshot(path=str(shots["two"]))
+        # B, opened beside A: its own cluster and its own panel, titled with its name.
+        _open_from_file_browser(page, lab, b_name, kernels=2)
+        _start_and_show(page)
+        side_b = page.locator(f"{NB} button.mlx-side")
+        side_b.click()
+        _wait("B's side panel", lambda: sorted(_side_titles(page)) == [a_title, b_title], 15)
+        b_panel = _side_scope(page, b_title)
+        _wait(
+            "B's panel running", lambda: "(running)" in _header(page, b_panel).inner_text(), 10
+        )
+        assert "(stopped)" in _header(page, a_panel).inner_text()
+        assert page.locator(b_panel).is_visible() and not page.locator(a_panel).is_visible()
+        _wait("B's note", lambda: _side_note(page, NB) is not None, 5)
+        assert _notices(page) == [], _notices(page)
+        fit = _table_fit(page, b_panel)
+        assert fit["scroll"] <= fit["client"] and "heartbeat" in fit["headers"], fit
+        page.screenshot(path=str(shots["two"]))
 
-            # With A's panel in front, "Side panel" in B brings B's panel back (not a new one).
-            page.locator(f'.lm-TabBar-tab[data-id="{a_panel.split(chr(34))[1]}"]').click()
-            _wait("A's panel in front", lambda: page.locator(a_panel).is_visible(), 5)
-            assert not page.locator(b_panel).is_visible()
-            side_b.click()
-            _wait("B's panel in front again", lambda: page.locator(b_panel).is_visible(), 5)
-            assert sorted(_side_titles(page)) == [a_title, b_title]
+        # With A's panel in front, "Side panel" in B brings B's panel back (not a new one).
+        page.locator(f'.lm-TabBar-tab[data-id="{a_panel.split(chr(34))[1]}"]').click()
+        _wait("A's panel in front", lambda: page.locator(a_panel).is_visible(), 5)
+        assert not page.locator(b_panel).is_visible()
+        side_b.click()
+        _wait("B's panel in front again", lambda: page.locator(b_panel).is_visible(), 5)
+        assert sorted(_side_titles(page)) == [a_title, b_title]
 
-            # Closing B's panel takes B's note with it.
-            tab = page.locator(f'.lm-TabBar-tab[data-id="{b_panel.split(chr(34))[1]}"]')
-            # A middle click closes a JupyterLab tab (the small x lies under the rotated
-            # label of a side-bar tab, where the browser's hit test finds the label).
-            tab.click(button="middle")
-            _wait("B's panel to close", lambda: _side_titles(page) == [a_title], 10)
-            _wait("B's note to go", lambda: _side_note(page, NB) is None, 5)
-            assert _notices(page) == [], _notices(page)
-            page.screenshot(path=str(shots["closed"]))
-            # ... and "Side panel" opens it again.
-            _wait("the side button to be enabled", side_b.is_enabled, 10)
-            side_b.click()
-            _wait("B's panel again", lambda: sorted(_side_titles(page)) == [a_title, b_title], 15)
+        # Closing B's panel takes B's note with it.
+        tab = page.locator(f'.lm-TabBar-tab[data-id="{b_panel.split(chr(34))[1]}"]')
+        # A middle click closes a JupyterLab tab (the small x lies under the rotated
+        # label of a side-bar tab, where the browser's hit test finds the label).
+        tab.click(button="middle")
+        _wait("B's panel to close", lambda: _side_titles(page) == [a_title], 10)
+        _wait("B's note to go", lambda: _side_note(page, NB) is None, 5)
+        assert _notices(page) == [], _notices(page)
+        page.screenshot(path=str(shots["closed"]))
+        # ... and "Side panel" opens it again.
+        _wait("the side button to be enabled", side_b.is_enabled, 10)
+        side_b.click()
+        _wait("B's panel again", lambda: sorted(_side_titles(page)) == [a_title, b_title], 15)
 
-            # B's kernel shut down from the Kernel menu, its cluster running: the view says
-            # the cluster ended with its kernel and its buttons are off.
-            _lab_menu(page, "Kernel", "Shut Down Kernel")  # JupyterLab 4.6 asks nothing
-            _wait(
-                "B's view to say its cluster ended",
-                lambda: (
-                    "this cluster ended with its kernel"
-                    in page.locator(f"{NB} .mlx-cluster-status .mlx-broken").first.inner_text()
-                ),
-                timeout=15,
-            )
-            assert _button(page, "Stop").is_disabled() and _button(page, "Restart").is_disabled()
-            assert "(ended)" in _header(page).inner_text()
-            page.screenshot(path=str(shots["shutdown"]))
-        except BaseException:
-            if page is not None:
-                with contextlib.suppress(Exception):
-                    page.screenshot(path=str(shots["failure"]))
-            print(f"jupyter lab log tail:\n{lab.log()}")
-            raise
-        finally:
-            browser.close()
-    killed = lab.stop()
-    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+        # B's kernel shut down from the Kernel menu, its cluster running: the view says
+        # the cluster ended with its kernel and its buttons are off.
+        _lab_menu(page, "Kernel", "Shut Down Kernel")  # JupyterLab 4.6 asks nothing
+        _wait(
+            "B's view to say its cluster ended",
+            lambda: (
+                "this cluster ended with its kernel"
+                in page.locator(f"{NB} .mlx-cluster-status .mlx-broken").first.inner_text()
+            ),
+            timeout=15,
+        )
+        assert _button(page, "Stop").is_disabled() and _button(page, "Restart").is_disabled()
+        assert "(ended)" in _header(page).inner_text()
+        page.screenshot(path=str(shots["shutdown"]))

@@ -25,7 +25,7 @@ from IPython.core.error import UsageError
 
 from mlx_cluster_magic import MLXCluster
 
-from conftest import no_leaks_on, virtual_macs
+from conftest import cabled_macs, no_leaks_on
 
 pytestmark = pytest.mark.multihost
 
@@ -46,35 +46,31 @@ peers = sorted(
 """
 
 
-def rig(n: int, cables: str, subnet: str, cable_subnet: str, prefix: str, **kw: Any) -> Any:
-    return virtual_macs(n, subnet, prefix, cables=cables, cable_subnet=cable_subnet, **kw)
-
-
 @pytest.fixture(scope="module")
 def bridged_star() -> Iterator[Any]:
     """mac1 bridges its three cables (Thunderbolt Bridge on): one subnet for all four."""
-    with rig(4, "star", "10.77.6.0/24", "10.77.70.0/24", "fabsb", bridged=True) as vc:
+    with cabled_macs(4, "star", "10.77.6.0/24", "10.77.70.0/24", "fabsb", bridged=True) as vc:
         yield vc
 
 
 @pytest.fixture(scope="module")
 def split_star() -> Iterator[Any]:
     """mac1 cabled to three workers, the bridge off: one /30 per cable."""
-    with rig(4, "star", "10.77.7.0/24", "10.77.71.0/24", "fabss") as vc:
+    with cabled_macs(4, "star", "10.77.7.0/24", "10.77.71.0/24", "fabss") as vc:
         yield vc
 
 
 @pytest.fixture(scope="module")
 def ring_with_head() -> Iterator[Any]:
     """The notebook's machine and three Macs in a ring of cables, one /30 each."""
-    with rig(3, "ring-head", "10.77.8.0/24", "10.77.72.0/24", "fabrh") as vc:
+    with cabled_macs(3, "ring-head", "10.77.8.0/24", "10.77.72.0/24", "fabrh") as vc:
         yield vc
 
 
 @pytest.fixture(scope="module")
 def star_with_head() -> Iterator[Any]:
     """The notebook's machine is the star's master, bridging its cables to three Macs."""
-    with rig(3, "star-head", "10.77.9.0/24", "10.77.73.0/24", "fabsh", bridged=True) as vc:
+    with cabled_macs(3, "star-head", "10.77.9.0/24", "10.77.73.0/24", "fabsh", bridged=True) as vc:
         yield vc
 
 

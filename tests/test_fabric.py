@@ -22,7 +22,7 @@ from mlx_cluster_magic.fabric import links, topology
 from mlx_cluster_magic.fabric.placement import read_hostfile
 from mlx_cluster_magic.launch import mpi_job as launch
 
-from conftest import no_leaks_on, virtual_macs
+from conftest import cabled_macs, no_leaks_on
 
 pytestmark = pytest.mark.multihost
 
@@ -38,10 +38,6 @@ peers = sorted(
     and ({port} <= c.raddr.port < {port} + 16 or {port} <= c.laddr.port < {port} + 16)
 )
 """
-
-
-def cabled_macs(n: int, cables: Any, subnet: str, cable_subnet: str, prefix: str) -> Any:
-    return virtual_macs(n, subnet, prefix, cables=cables, cable_subnet=cable_subnet)
 
 
 @pytest.fixture(scope="module")

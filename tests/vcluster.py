@@ -145,6 +145,7 @@ class VirtualCluster:
         self.sshd_pids: list[int] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self.cables = self._cable_list(cables, n)
+        self.layout = cables if isinstance(cables, str) else None  # "ring", "star-head", ...
         if self.cables and cable_subnet is None:
             raise ValueError("cables need a cable_subnet of their own")
         # A star whose master bridges its cable ports (macOS's Thunderbolt Bridge): one subnet
@@ -662,7 +663,7 @@ class VirtualCluster:
         hosts = []
         for m, name in enumerate(self.members):
             ips = self.member_ips(m)
-            if backend == "ring" and not self.bridged and self.cables[0][0] != self.cables[1][0]:
+            if backend == "ring" and self.layout in ("ring", "ring-head"):
                 left = self._member((m - 1) % n)
                 me = self._member(m)
                 ips = [

@@ -85,6 +85,37 @@ class HostContext:
         text = self.probe.ifaces
         return parse_interfaces(text) if self.probe.started and text.strip() else None
 
+    @cached_property
+    def route_findings(self) -> list[RouteFinding] | None:
+        """Read once per host: the route check, the peer check and the report all use it."""
+        ifaces = self.interfaces
+        if not self.probe.started or not self.host.ips or not ifaces:
+            return None
+        os_name = self.probe.os
+        routes = {ip: parse_route(os_name, text, ip) for ip, text in self.probe.routes.items()}
+        return route_checks(self.name, self.host.ips, ifaces, routes, self.peers)
+
+    @cached_property
+    def peer_reach(self) -> dict[str, tuple[bool, str, str | None]]:
+        """What the host's own test of each peer address found, with the interface tried."""
+        info = self.probe.info if self.probe.started else None
+        found = (info or {}).get("reach") or {}
+        by = {f.peer_ip: f.interface for f in self.route_findings or []}
+        out = {}
+        for _, ip in self.peers:
+            res = found.get(ip)
+            if not isinstance(res, dict):
+                continue
+            ok = bool(res.get("ok"))
+            ms = res.get("ms")
+            detail = (
+                (f"{ms:g} ms" if isinstance(ms, (int, float)) else "answers")
+                if ok
+                else str(res.get("error") or "not reached")
+            )
+            out[ip] = (ok, detail, by.get(ip))
+        return out
+
     @property
     def pip_python(self) -> str:
         return self.probe.values.get("python", self.python)
@@ -329,12 +360,7 @@ def _mtu(ctx: HostContext) -> Check | None:
 def route_findings(ctx: HostContext) -> list[RouteFinding] | None:
     """For each peer IP, the interface this host's traffic leaves by, judged; None when the
     host's interfaces or cluster IPs are unknown."""
-    ifaces = ctx.interfaces
-    if not ctx.probe.started or not ctx.host.ips or not ifaces:
-        return None
-    os_name = ctx.probe.os
-    routes = {ip: parse_route(os_name, text, ip) for ip, text in ctx.probe.routes.items()}
-    return route_checks(ctx.name, ctx.host.ips, ifaces, routes, ctx.peers)
+    return ctx.route_findings
 
 
 def _route(ctx: HostContext) -> Check | None:
@@ -369,23 +395,7 @@ def _route(ctx: HostContext) -> Check | None:
 
 def peer_reach(ctx: HostContext) -> dict[str, tuple[bool, str, str | None]]:
     """For each peer address: (reached, detail, interface tried) as the host found it."""
-    info = ctx.probe.info if ctx.probe.started else None
-    found = (info or {}).get("reach") or {}
-    by = {f.peer_ip: f.interface for f in route_findings(ctx) or []}
-    out = {}
-    for _, ip in ctx.peers:
-        res = found.get(ip)
-        if not isinstance(res, dict):
-            continue
-        ok = bool(res.get("ok"))
-        ms = res.get("ms")
-        detail = (
-            (f"{ms:g} ms" if isinstance(ms, (int, float)) else "answers")
-            if ok
-            else str(res.get("error") or "not reached")
-        )
-        out[ip] = (ok, detail, by.get(ip))
-    return out
+    return ctx.peer_reach
 
 
 def _peers(ctx: HostContext) -> Check | None:
