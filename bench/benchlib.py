@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -267,6 +268,16 @@ def compare(
         "target": target,
         "higher_is_better": higher_is_better,
     }
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A distribution-free ~95% confidence interval for the median (order statistics)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n < 6:
+        return xs[0], xs[-1]
+    k = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
+    return xs[k], xs[n - 1 - k]
 
 
 def alternate(reps: int, ours: Any, base: Any) -> None:

@@ -8,7 +8,6 @@ taking part), and the sidecar thread's CPU on every engine while idle.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import threading
@@ -18,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import benchlib
-from benchlib import compare
+from benchlib import compare, median_interval
 
 THREAD_NAME = "mlx-cluster-status"  # the sidecar's (engines) and the receiver's (head) thread
 CELL_S = 1.0  # the compute-bound cell's target length
@@ -172,16 +171,6 @@ def _calibrate(shell: Any) -> int:
     shell.run_cell_magic("px", "", CELL.format(steps=20))
     per_step = (time.perf_counter() - t) / 20
     return max(20, int(CELL_S / per_step))
-
-
-def median_interval(values: list[float]) -> tuple[float, float]:
-    """A distribution-free ~95% confidence interval for the median (order statistics)."""
-    xs = sorted(values)
-    n = len(xs)
-    if n < 6:
-        return xs[0], xs[-1]
-    k = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
-    return xs[k], xs[n - 1 - k]
 
 
 def _sidecar_ids(threads: dict[int, dict[int, str]]) -> list[str]:

@@ -191,6 +191,56 @@ def test_integer_steps_stay_integers(receiver) -> None:
     assert steps == [3, 4, 4.5, None] and type(steps[0]) is int and type(steps[2]) is float
 
 
+def _wait_for(predicate, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_request_notices_arrive_as_datagrams_on_the_reports_port(receiver) -> None:
+    """A rank's Activity (the real one, as the request hooks call it) sends its start and end
+    as UDP datagrams to the reports' address and port number: loopback here, never 0.0.0.0."""
+    import socket
+
+    from mlx_cluster_magic.rank.status_sidecar import Activity
+
+    url, _, token = receiver.url.partition("#")
+    port = int(url.rsplit(":", 1)[1])
+    bound = [
+        c.laddr
+        for c in psutil.Process().net_connections(kind="udp")
+        if c.laddr and c.laddr.port == port
+    ]
+    assert [a.ip for a in bound] == ["127.0.0.1"], bound
+    activity = Activity()
+    activity.connect(url, token, 1)
+    activity.started()
+    _wait_for(lambda: receiver.nodes()[1].state == "busy")
+    assert receiver.requests(1) == 1
+    activity.finished()
+    _wait_for(lambda: receiver.nodes()[1].state == "idle")
+    # a datagram with a wrong token changes nothing
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(_report(receiver, 1, token="0" * 32, state="busy", requests=9), ("127.0.0.1", port))
+    s.close()
+    time.sleep(0.3)
+    assert receiver.nodes()[1].state == "idle" and receiver.requests(1) == 1
+
+
+def test_a_late_record_never_undoes_a_newer_notice(receiver) -> None:
+    """Records (ZMQ) and notices (UDP) travel apart: a periodic record sampled before a
+    request ended, arriving after its end notice, must not make the rank busy again."""
+    _push(receiver, _report(receiver, 0, state="idle", requests=3, rss_bytes=1))
+    _push(receiver, _report(receiver, 0, state="busy", requests=2, busy_s=5.0, rss_bytes=2))
+    node = receiver.nodes()[0]
+    assert node.state == "idle" and node.busy_s == 0.0 and receiver.requests(0) == 3
+    assert node.rss_bytes == 2  # what describes the rank is still the newest
+    _push(receiver, _report(receiver, 0, state="busy", requests=4, busy_s=1.0))
+    node = receiver.nodes()[0]
+    assert node.state == "busy" and node.busy_s >= 1.0
+
+
 def test_a_failed_start_inlines_mpiexec_output_not_a_log_path() -> None:
     from mlx_cluster_magic.launch.ipp_adapter import launch_failure
 

@@ -53,7 +53,6 @@ def parse_size(value: object, what: str = "memory") -> int:
     return size
 
 
-
 @dataclass(frozen=True)
 class Host:
     """One machine: how to ssh to it, its cluster (Thunderbolt) IPs, its ranks, and the memory

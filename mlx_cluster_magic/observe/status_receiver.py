@@ -1,9 +1,11 @@
 """Head-side live status: receives every rank's sidecar reports and turns them into node records.
 
 One ZMQ PULL socket on its own context, bound to the controller's address (loopback for a
-local cluster) on a random port, read by one daemon thread. Reports carry a random token
-handed to the engines in their environment (compared in constant time); others, and messages
-over ``MAX_MESSAGE_BYTES``, are dropped. No IPython import.
+local cluster) on a random port, for the sidecars' periodic records and a request's numbers;
+a UDP socket on the same address and port number for the notices every request's start and
+end sends. One daemon thread takes what both queued every ``DRAIN_PERIOD_S``. Reports carry a
+random token handed to the engines in their environment (compared in constant time); others,
+and messages over ``MAX_MESSAGE_BYTES``, are dropped. No IPython import.
 
 Liveness comes from evidence, never from silence alone: a rank is ``dead`` only when the
 ``evidence`` callback says its process is gone (local pid, mpiexec, the controller's heart).
@@ -13,9 +15,11 @@ A rank whose reports stopped while its process lives is ``unresponsive``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import json
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -31,11 +35,31 @@ from .snapshot import MetricPoint, NodeStatus
 UNRESPONSIVE_AFTER_S = 2.0
 #: Larger messages are dropped (a report is a few KiB; metrics at most a few hundred KiB).
 MAX_MESSAGE_BYTES = 4 << 20
+#: The receiving thread wakes this often and takes every queued report (the kernel and ZMQ's
+#: I/O thread queue them, without the GIL): it never wakes per message, so the notices every
+#: request sends do not compete with the client waiting for that request's reply.
+DRAIN_PERIOD_S = 0.1
+#: Kernel buffer for notices between drains (Linux caps it at net.core.rmem_max).
+NOTICE_BUFFER_BYTES = 1 << 20
+#: Tries at a port free for both the reports (TCP) and the notices (UDP).
+BIND_TRIES = 50
 #: Head-side memory bounds for ``report()`` numbers.
 POINTS_PER_SERIES = 5_000
 SERIES_PER_RANK = 64
 
 Evidence = Callable[[], Mapping[int, str]]
+
+#: What a record says of the rank's request state (the rest describes the rank).
+_STATE_KEYS = ("state", "busy_s", "requests")
+
+
+def _progress(msg: Mapping[str, Any]) -> int:
+    """How far a record is in the rank's requests: twice the requests started, plus one once
+    the last of them has ended (idle after request 3 is later than busy in it)."""
+    requests = msg.get("requests")
+    if not isinstance(requests, int):
+        return -1
+    return 2 * requests + (msg.get("state") == "idle")
 
 
 class StatusReceiver:
@@ -54,16 +78,37 @@ class StatusReceiver:
         host = f"[{bind_ip}]" if ":" in bind_ip else bind_ip
         if ":" in bind_ip:
             self._sock.setsockopt(zmq.IPV6, 1)
-        port = self._sock.bind_to_random_port(f"tcp://{host}")
+        port, self._udp = self._bind(bind_ip, host)
         self.url = f"tcp://{host}:{port}#{self.token}"
         self._token = self.token.encode()
-        self._latest: dict[int, tuple[float, dict[str, Any]]] = {}
+        #: rank -> (when last heard, merged record, when its state was set)
+        self._latest: dict[int, tuple[float, dict[str, Any], float]] = {}
         self._series: dict[int, dict[str, deque[tuple[float, float | None, float]]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listeners: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="mlx-cluster-status", daemon=True)
         self._thread.start()
+
+    def _bind(self, bind_ip: str, host: str) -> tuple[int, socket.socket]:
+        """A random TCP port for the reports whose number is free for UDP too (the notices)."""
+        family = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
+        for _ in range(BIND_TRIES):
+            port = self._sock.bind_to_random_port(f"tcp://{host}")
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                udp.bind((bind_ip, port))
+            except OSError as e:
+                udp.close()
+                self._sock.unbind(f"tcp://{host}:{port}")
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            udp.setblocking(False)
+            with contextlib.suppress(OSError):
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NOTICE_BUFFER_BYTES)
+            return port, udp
+        raise OSError(errno.EADDRINUSE, f"no port free for both TCP and UDP on {bind_ip}")
 
     def set_evidence(self, evidence: Evidence) -> None:
         """Where proof of a rank's death comes from (set once the ranks' pids are known)."""
@@ -74,13 +119,10 @@ class StatusReceiver:
         self._listeners.append(callback)
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
         last_tick = 0.0
-        while not self._stop.is_set():
+        while not self._stop.wait(DRAIN_PERIOD_S):
             with contextlib.suppress(zmq.ZMQError):
-                if poller.poll(100):
-                    self._receive()
+                self._receive()
             now = time.monotonic()
             if now - last_tick >= 0.5:
                 last_tick = now
@@ -88,34 +130,53 @@ class StatusReceiver:
                     with contextlib.suppress(Exception):
                         callback()
         self._sock.close(0)
+        self._udp.close()
         self._ctx.term()
 
     def _receive(self) -> None:
+        """Take every queued report and notice."""
         while True:
             try:
-                raw = self._sock.recv(zmq.NOBLOCK)
+                self._handle(self._sock.recv(zmq.NOBLOCK))
             except zmq.Again:
-                return
+                break
+        while True:
             try:
-                msg = json.loads(raw)
-            except ValueError:
+                self._handle(self._udp.recv(65536))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # (e.g. an ICMP error queued on the socket)
                 continue
-            if not isinstance(msg, dict):
-                continue
-            token = msg.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
-                continue
-            rank = msg.get("rank")
-            if isinstance(rank, int) and 0 <= rank < self.placement.size:
-                points = msg.pop("metrics", None)
-                with self._lock:
-                    # A request's start/end notice carries only the state: merge it.
-                    old = self._latest.get(rank)
-                    if old is not None:
-                        msg = {**old[1], **msg}
-                    self._latest[rank] = (time.monotonic(), msg)
-                    if isinstance(points, list):
-                        self._store_points(rank, points)
+
+    def _handle(self, raw: bytes) -> None:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(msg, dict):
+            return
+        token = msg.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+            return
+        rank = msg.get("rank")
+        if not (isinstance(rank, int) and 0 <= rank < self.placement.size):
+            return
+        points = msg.pop("metrics", None)
+        now = time.monotonic()
+        with self._lock:
+            old = self._latest.get(rank)
+            state_at = now
+            if old is not None:
+                # Records and notices travel on two channels: the one that says less of the
+                # rank's requests is older, so it may not set the state.
+                if _progress(msg) < _progress(old[1]):
+                    msg = {**msg, **{k: old[1][k] for k in _STATE_KEYS if k in old[1]}}
+                    state_at = old[2]
+                # A request's start/end notice carries only the state: merge it.
+                msg = {**old[1], **msg}
+            self._latest[rank] = (now, msg, state_at)
+            if isinstance(points, list):
+                self._store_points(rank, points)
 
     def _store_points(self, rank: int, points: list[Any]) -> None:
         series = self._series.setdefault(rank, {})
@@ -143,8 +204,9 @@ class StatusReceiver:
             dead = {}
         result = []
         for rank, host in enumerate(self.placement.ranks):
-            seen, msg = latest.get(rank, (None, {}))
+            seen, msg, state_at = latest.get(rank, (None, {}, None))
             last_seen = None if seen is None else now - seen
+            state_age = None if state_at is None else now - state_at
             silent = None
             why = None
             if rank in dead:
@@ -158,7 +220,7 @@ class StatusReceiver:
                 state = str(msg.get("state", "idle"))
             was_busy = msg.get("state") == "busy"
             busy = (
-                float(msg.get("busy_s", 0.0)) + (last_seen or 0.0)
+                float(msg.get("busy_s", 0.0)) + (state_age or 0.0)
                 if state == "busy" or (state == "unresponsive" and was_busy)
                 else 0.0
             )

@@ -1,11 +1,11 @@
 """Engine-side status: what each rank tells the head, beside (not through) the engine's queue.
 
 An engine runs one request at a time, so a status request would queue behind a long cell. A
-daemon thread here pushes a small JSON record to the head over ZMQ twice a second (and the main
-thread sends a one-line notice when a request starts or ends): busy or idle (from the engine's
-own request handling: the moment an execute/apply request starts and ends), how long the
-current request has run, RSS, MLX's memory, the numbers user code passed to ``report()``,
-and the flight recorder's summary.
+daemon thread here pushes a small JSON record to the head over ZMQ twice a second, and the main
+thread sends a one-line notice (a UDP datagram) when a request starts or ends: busy or idle
+(from the engine's own request handling: the moment an execute/apply request starts and ends),
+how long the current request has run, RSS, MLX's memory, the numbers user code passed to
+``report()``, and the flight recorder's summary.
 
 A C call that holds the GIL silences this thread; the head then shows the rank
 ``unresponsive``, never ``dead`` (see observe.status_receiver).
@@ -13,6 +13,7 @@ A C call that holds the GIL silences this thread; the head then shows the rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import os
@@ -33,54 +34,87 @@ POINTS_PER_MESSAGE = 2_000
 class Activity:
     """The engine's request state, set from its main thread by the request hooks.
 
-    Each change is also sent to the head at once, from the main thread on a socket of its own
-    (ZMQ sockets are not shared between threads): a cell that holds the GIL from its first
-    line still shows ``busy`` before the sidecar thread is starved.
+    Each change is also sent to the head at once, from the main thread: a cell that holds the
+    GIL from its first line still shows ``busy`` before the sidecar thread is starved. A change
+    is one UDP datagram to the status address's port (a single ``sendto``: no other thread of
+    the engine or the head wakes for it, so a short request's round trip does not pay for its
+    notices); a request's ``report()`` numbers leave with its end over the sidecar's reliable
+    ZMQ channel instead. A lost datagram costs nothing lasting: the next periodic record (every
+    ``PERIOD_S``) carries the state, and ``requests`` orders records from both channels.
     """
 
     def __init__(self) -> None:
-        self.busy_since: float | None = None
-        self.requests = 0
+        #: (requests started, when the running one started or None): one tuple, so that the
+        #: sidecar thread reads both at once (a request's count is never paired with the
+        #: previous request's end).
+        self.now: tuple[int, float | None] = (0, None)
         self._target: tuple[str, str, int] | None = None
         self._sock: Any = None
+        self._udp: socket.socket | None = None
+        self._udp_to: tuple[str, int] = ("", 0)
 
     def connect(self, url: str, token: str, rank: int) -> None:
         self._target = (url, token, rank)
+        host, port = notice_address(url)
+        udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        udp.setblocking(False)
+        self._udp, self._udp_to = udp, (host, port)
+
+    @property
+    def busy_since(self) -> float | None:
+        return self.now[1]
+
+    @property
+    def requests(self) -> int:
+        return self.now[0]
 
     def started(self) -> None:
-        self.busy_since = time.time()
-        self.requests += 1
+        self.now = (self.now[0] + 1, time.time())
         self._send("busy")
 
     def finished(self) -> None:
-        self.busy_since = None
+        self.now = (self.now[0], None)
         self._send("idle")
 
     def _send(self, state: str) -> None:
         if self._target is None:
             return
-        import zmq
-
-        url, token, rank = self._target
-        if self._sock is None:
-            self._sock = zmq.Context().socket(zmq.PUSH)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.SNDHWM, 16)
-            self._sock.connect(url)
+        _url, token, rank = self._target
         msg: dict[str, Any] = {"token": token, "rank": rank, "state": state, "busy_s": 0.0}
         msg["requests"] = self.requests
         # A request's numbers leave with its end, so they are on the head when the cell is.
         points = _drain(POINTS_PER_MESSAGE) if state == "idle" else []
-        while True:
-            if points:
-                msg["metrics"] = points
+        if not points:
+            if self._udp is not None:
+                with contextlib.suppress(OSError):
+                    self._udp.sendto(json.dumps(msg).encode(), self._udp_to)
+            return
+        self._send_reliably(msg, points)
+
+    def _send_reliably(self, msg: dict[str, Any], points: list[Any]) -> None:
+        import zmq
+
+        if self._sock is None:
+            assert self._target is not None
+            self._sock = zmq.Context().socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.SNDHWM, 16)
+            self._sock.connect(self._target[0])
+        while points:
+            msg["metrics"] = points
             try:
                 self._sock.send(json.dumps(msg).encode(), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            points = _drain(POINTS_PER_MESSAGE) if points else []
-            if not points:
-                break
+            points = _drain(POINTS_PER_MESSAGE)
+
+
+def notice_address(url: str) -> tuple[str, int]:
+    """(host, port) of ``tcp://host:port`` or ``tcp://[v6]:port``: where request notices go, as
+    UDP datagrams (the head listens for them on the reports' port number)."""
+    hostport = url.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 ACTIVITY = Activity()
@@ -148,7 +182,7 @@ class Sidecar(threading.Thread):
         import psutil
 
         now = time.time()
-        busy_since = ACTIVITY.busy_since
+        requests, busy_since = ACTIVITY.now
         msg: dict[str, Any] = {
             "token": self.token,
             "rank": self.rank,
@@ -157,7 +191,7 @@ class Sidecar(threading.Thread):
             "time": now,
             "state": "busy" if busy_since is not None else "idle",
             "busy_s": 0.0 if busy_since is None else max(0.0, now - busy_since),
-            "requests": ACTIVITY.requests,
+            "requests": requests,
             "rss_bytes": psutil.Process().memory_info().rss,
             "mlx_active_bytes": int(mx.get_active_memory()),
             "mlx_peak_bytes": int(mx.get_peak_memory()),

@@ -41,6 +41,7 @@ END = 0xFFFFFFFF
 STALL_S = 5.0
 PART_SUFFIX = ".mcmsync"
 
+
 class SyncFault(Exception):
     """A fault on this host (not the stream's): said as it is."""
 
