@@ -127,9 +127,9 @@ def _raw_and_ours(
 
 @pytest.mark.parametrize("sig", ["SIGINT", "2", "0"])
 def test_signal_on_interrupt_as_ipyparallel_does(ip, capsys, raw, sig: str) -> None:
-    cell = "import time\nprint('before')\ntime.sleep(4)\nprint('after')"
+    cell = "import time\nprint('before')\ntime.sleep(3)\nprint('after')"
     (_raw_out, raw_err, raw_raised), (_out, err, raised) = _raw_and_ours(
-        ip, capsys, raw, f"--no-stream --signal-on-interrupt {sig}", cell, interrupt_after=1.5
+        ip, capsys, raw, f"--no-stream --signal-on-interrupt {sig}", cell, interrupt_after=1.0
     )
     notice = f"Received Keyboard Interrupt. Sending signal {int(sig) if sig.isdigit() else sig}"
     assert notice in raw_err and notice in err

@@ -18,6 +18,10 @@ from typing import Any
 
 #: The modules whose versions must match the head's; ``mlx`` is read from ``mlx.core``.
 PACKAGES = ("mlx", "mpi4py", "ipyparallel", "mlx_cluster_magic")
+#: Read from the installed distribution's metadata, not imported: importing ipyparallel takes
+#: about 0.5 s, most of a host's probe (and of every multi-host start's pre-flight); the ranks'
+#: start-up imports it anyway and says so if it cannot.
+NOT_IMPORTED = ("ipyparallel",)
 #: MLX's backends asked about with ``mx.distributed.is_available``.
 BACKENDS = ("mpi", "ring", "jaccl")
 #: How long a host waits for each peer it must reach (all peers at once).
@@ -37,12 +41,29 @@ def versions() -> dict[str, dict[str, str | None]]:
     out: dict[str, dict[str, str | None]] = {}
     for name in PACKAGES:
         try:
+            if name in NOT_IMPORTED:
+                out[name] = {"version": _installed_version(name)}
+                continue
             mod = importlib.import_module("mlx.core" if name == "mlx" else name)
             v = getattr(mod, "__version__", None)
             out[name] = {"version": None if v is None else str(v)}
         except BaseException as e:  # an import may raise anything, even SystemExit
             out[name] = {"error": (type(e).__name__ + ": " + str(e)).strip()[:300]}
     return out
+
+
+def _installed_version(name: str) -> str | None:
+    """The version of the distribution that ``import name`` would load, without importing it."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ModuleNotFoundError(f"No module named '{name}'")
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # importable without metadata: ask it
+        v = getattr(importlib.import_module(name), "__version__", None)
+        return None if v is None else str(v)
 
 
 def is_loadable_library(path: str) -> bool:
