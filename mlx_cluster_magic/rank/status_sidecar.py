@@ -52,6 +52,7 @@ class Activity:
         self._sock: Any = None
         self._udp: socket.socket | None = None
         self._udp_to: tuple[str, int] = ("", 0)
+        self._prefix = b""  # a notice's constant part, encoded once
 
     def connect(self, url: str, token: str, rank: int) -> None:
         self._target = (url, token, rank)
@@ -59,6 +60,7 @@ class Activity:
         udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         udp.setblocking(False)
         self._udp, self._udp_to = udp, (host, port)
+        self._prefix = json.dumps({"token": token, "rank": rank, "busy_s": 0.0})[:-1].encode()
 
     @property
     def busy_since(self) -> float | None:
@@ -79,17 +81,20 @@ class Activity:
     def _send(self, state: str) -> None:
         if self._target is None:
             return
-        _url, token, rank = self._target
-        msg: dict[str, Any] = {"token": token, "rank": rank, "state": state, "busy_s": 0.0}
-        msg["requests"] = self.requests
         # A request's numbers leave with its end, so they are on the head when the cell is.
-        points = _drain(POINTS_PER_MESSAGE) if state == "idle" else []
-        if not points:
-            if self._udp is not None:
-                with contextlib.suppress(OSError):
-                    self._udp.sendto(json.dumps(msg).encode(), self._udp_to)
-            return
-        self._send_reliably(msg, points)
+        points = _drain(POINTS_PER_MESSAGE) if state == "idle" and _POINTS else []
+        if points:
+            _url, token, rank = self._target
+            msg = {"token": token, "rank": rank, "state": state, "busy_s": 0.0}
+            self._send_reliably({**msg, "requests": self.requests}, points)
+        elif self._udp is not None:
+            notice = b'%s, "state": "%s", "requests": %d}' % (
+                self._prefix,
+                state.encode(),
+                self.requests,
+            )
+            with contextlib.suppress(OSError):
+                self._udp.sendto(notice, self._udp_to)
 
     def _send_reliably(self, msg: dict[str, Any], points: list[Any]) -> None:
         import zmq
