@@ -143,10 +143,8 @@ class StatusReceiver:
         while True:
             try:
                 self._handle(self._udp.recv(65536))
-            except (BlockingIOError, InterruptedError):
+            except OSError:  # nothing queued (or an ICMP error): the next drain goes on
                 break
-            except OSError:  # (e.g. an ICMP error queued on the socket)
-                continue
 
     def _handle(self, raw: bytes) -> None:
         try:
