@@ -173,18 +173,18 @@ def _calibrate(shell: Any) -> int:
     return max(20, int(CELL_S / per_step))
 
 
-def _sidecar_ids(threads: dict[int, dict[int, str]]) -> list[str]:
+def _status_threads(threads: dict[int, dict[int, str]]) -> list[tuple[int, int]]:
+    """(pid, tid) of the status thread of each process in ``threads`` that has one."""
     return [
-        f"/proc/{pid}/task/{tid}/schedstat"
+        (pid, tid)
         for pid, names in threads.items()
         for tid, name in names.items()
         if name == THREAD_NAME
     ]
 
 
-def _schedstat_s(path: str) -> float:
-    with open(path) as f:
-        return int(f.read().split()[0]) / 1e9
+def _cpu_of(threads: list[tuple[int, int]]) -> list[float]:
+    return [_task_cpu_s(pid, tid) or 0.0 for pid, tid in threads]
 
 
 def bench_overhead(reps: int) -> list[dict[str, Any]]:
@@ -246,19 +246,17 @@ def bench_overhead(reps: int) -> list[dict[str, Any]]:
                     wall[live].append(times[live])
                 ratios.append(times[True] / times[False])
             time.sleep(1.0)  # let the status settle to idle
-            head = [
-                f"/proc/{os.getpid()}/task/{t.native_id}/schedstat"
-                for t in threading.enumerate()
-                if t.name == THREAD_NAME
-            ]
-            sidecars = _sidecar_ids(threads[True])
+            head = _status_threads(
+                {os.getpid(): {t.native_id or 0: t.name for t in threading.enumerate()}}
+            )
+            sidecars = _status_threads(threads[True])
             engines = {live: list(threads[live]) for live in (True, False)}
-            s0 = [_schedstat_s(p) for p in sidecars]
-            h0 = [_schedstat_s(p) for p in head]
+            s0 = _cpu_of(sidecars)
+            h0 = _cpu_of(head)
             e0 = {live: [_proc_cpu_s(p) or 0.0 for p in engines[live]] for live in engines}
             time.sleep(IDLE_S)
-            s1 = [_schedstat_s(p) for p in sidecars]
-            h1 = [_schedstat_s(p) for p in head]
+            s1 = _cpu_of(sidecars)
+            h1 = _cpu_of(head)
             e1 = {live: [_proc_cpu_s(p) or 0.0 for p in engines[live]] for live in engines}
             if len(sidecars) != 2:
                 raise RuntimeError(f"status sidecar thread not found on every engine: {threads}")
