@@ -32,6 +32,25 @@ def test_nodes_records_and_idle_state(shared) -> None:
     assert all("cpu" in n["device"] for n in nodes)
 
 
+def test_a_requests_numbers_are_on_the_head_as_it_returns(shared) -> None:
+    """report() numbers leave with the request's end; reading them drains what arrived, so a
+    script that reads right after the request finds them (the end notice follows the reply by
+    microseconds, the reply crosses the controller: 50 ms is a generous bound, the periodic
+    drain alone would take up to 100 ms)."""
+    cluster = shared
+
+    def steps(name: str) -> list[int]:
+        records = cluster.metrics().to_dict("records")
+        return sorted(r["step"] for r in records if r["name"] == name)
+
+    for k in range(3):
+        cluster.view.execute(f"for i in range(5): report(step=i, probe{k}=float(i))", block=True)
+        t = time.monotonic()
+        while len(steps(f"probe{k}")) < 10:
+            assert time.monotonic() - t < 0.05, steps(f"probe{k}")
+        assert steps(f"probe{k}") == sorted(list(range(5)) * 2)
+
+
 def test_busy_while_a_cell_runs_and_memory_moves(shared) -> None:
     cluster = shared
     view = cluster.status_view()

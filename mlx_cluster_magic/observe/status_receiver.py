@@ -85,6 +85,10 @@ class StatusReceiver:
         self._latest: dict[int, tuple[float, dict[str, Any], float]] = {}
         self._series: dict[int, dict[str, deque[tuple[float, float | None, float]]]] = {}
         self._lock = threading.Lock()
+        #: Held while the sockets are read or closed: readers drain too (ZMQ sockets may move
+        #: between threads only across a lock), so what arrived is in what they read.
+        self._io_lock = threading.Lock()
+        self._closed = False
         self._stop = threading.Event()
         self._listeners: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="mlx-cluster-status", daemon=True)
@@ -121,30 +125,33 @@ class StatusReceiver:
     def _run(self) -> None:
         last_tick = 0.0
         while not self._stop.wait(DRAIN_PERIOD_S):
-            with contextlib.suppress(zmq.ZMQError):
-                self._receive()
+            self._receive()
             now = time.monotonic()
             if now - last_tick >= 0.5:
                 last_tick = now
                 for callback in list(self._listeners):
                     with contextlib.suppress(Exception):
                         callback()
-        self._sock.close(0)
-        self._udp.close()
+        with self._io_lock:
+            self._closed = True
+            self._sock.close(0)
+            self._udp.close()
         self._ctx.term()
 
     def _receive(self) -> None:
-        """Take every queued report and notice."""
-        while True:
-            try:
-                self._handle(self._sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        while True:
-            try:
-                self._handle(self._udp.recv(65536))
-            except OSError:  # nothing queued (or an ICMP error): the next drain goes on
-                break
+        """Take every queued report and notice (from the receiver's thread, and from any
+        reader's before it reads)."""
+        with self._io_lock:
+            if self._closed:
+                return
+            with contextlib.suppress(zmq.ZMQError):
+                while True:
+                    self._handle(self._sock.recv(zmq.NOBLOCK))
+            while True:
+                try:
+                    self._handle(self._udp.recv(65536))
+                except OSError:  # nothing queued (or an ICMP error): the next drain goes on
+                    break
 
     def _handle(self, raw: bytes) -> None:
         try:
@@ -193,6 +200,7 @@ class StatusReceiver:
                 continue
 
     def nodes(self) -> list[NodeStatus]:
+        self._receive()
         now = time.monotonic()
         with self._lock:
             latest = dict(self._latest)
@@ -242,6 +250,7 @@ class StatusReceiver:
 
     def latest(self, rank: int, key: str) -> Any:
         """The newest value of ``key`` that ``rank`` reported (e.g. its flight recorder)."""
+        self._receive()
         with self._lock:
             entry = self._latest.get(rank)
         return None if entry is None else entry[1].get(key)
@@ -253,6 +262,7 @@ class StatusReceiver:
 
     def metrics(self, last: int | None = None) -> list[MetricPoint]:
         """Every number the ranks reported (the newest ``last`` per series when given)."""
+        self._receive()
         with self._lock:
             copied = {
                 rank: {name: list(line) for name, line in series.items()}
