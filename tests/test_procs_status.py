@@ -209,8 +209,8 @@ def test_request_notices_arrive_as_datagrams_on_the_reports_port(receiver) -> No
     port = int(url.rsplit(":", 1)[1])
     bound = [
         c.laddr
-        for c in psutil.Process().net_connections(kind="udp")
-        if c.laddr and c.laddr.port == port
+        for c in psutil.net_connections("udp")
+        if c.pid == os.getpid() and c.laddr and c.laddr.port == port
     ]
     assert [a.ip for a in bound] == ["127.0.0.1"], bound
     activity = Activity()
