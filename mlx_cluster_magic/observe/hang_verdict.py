@@ -58,18 +58,19 @@ class Collective:
     @property
     def signature(self) -> str:
         """``all_sum float32[4]``; ``send float32[4] to rank 1``."""
-        text = f"{self.op} {self.dtype}[{','.join(map(str, self.shape))}]"
-        if self.peer is not None:
-            text += f" {'to' if self.op == 'send' else 'from'} rank {self.peer}"
-        return text
+        return f"{self.op} {self.dtype}[{','.join(map(str, self.shape))}]{self._peer_text}"
 
     @property
     def name(self) -> str:
         """``all_sum #5``; ``send #1 to rank 1``."""
-        text = f"{self.op} #{self.seq}"
-        if self.peer is not None:
-            text += f" {'to' if self.op == 'send' else 'from'} rank {self.peer}"
-        return text
+        return f"{self.op} #{self.seq}{self._peer_text}"
+
+    @property
+    def _peer_text(self) -> str:
+        """`` to rank 1`` for a send, `` from rank 1`` for a receive, else nothing."""
+        if self.peer is None:
+            return ""
+        return f" {'to' if self.op == 'send' else 'from'} rank {self.peer}"
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.signature} ({self.where})"

@@ -142,6 +142,14 @@ def _record(op: str, shape: Any, dtype: Any, group: Any, peer: int | None) -> Re
     return rec
 
 
+def _wrapping(wrapper: Any, orig: Any) -> Any:
+    """``wrapper`` with ``orig``'s docstring, and ``orig`` as its ``__wrapped__`` (``help()``
+    and ``inspect`` show MLX's own function)."""
+    wrapper.__doc__ = orig.__doc__
+    wrapper.__wrapped__ = orig
+    return wrapper
+
+
 def _make_collective(op: str, orig: Any) -> Any:
     # The hot path, inlined: this costs well under a microsecond per call.
     ring_append, getframe, now, seqs, library = (
@@ -175,9 +183,7 @@ def _make_collective(op: str, orig: Any) -> Any:
         return orig(x, group=group, stream=stream)
 
     collective.__name__ = collective.__qualname__ = op
-    collective.__doc__ = orig.__doc__
-    collective.__wrapped__ = orig  # type: ignore[attr-defined]
-    return collective
+    return _wrapping(collective, orig)
 
 
 def _make_send(orig: Any) -> Any:
@@ -186,9 +192,7 @@ def _make_send(orig: Any) -> Any:
         _record("send", getattr(x, "shape", ()), getattr(x, "dtype", None), group, dst)
         return orig(x, dst, group=group, stream=stream)
 
-    send.__doc__ = orig.__doc__
-    send.__wrapped__ = orig  # type: ignore[attr-defined]
-    return send
+    return _wrapping(send, orig)
 
 
 def _make_recv(orig: Any) -> Any:
@@ -197,9 +201,7 @@ def _make_recv(orig: Any) -> Any:
         _record("recv", tuple(shape), dtype, group, src)
         return orig(shape, dtype, src, group=group, stream=stream)
 
-    recv.__doc__ = orig.__doc__
-    recv.__wrapped__ = orig  # type: ignore[attr-defined]
-    return recv
+    return _wrapping(recv, orig)
 
 
 def _make_recv_like(orig: Any) -> Any:
@@ -208,9 +210,7 @@ def _make_recv_like(orig: Any) -> Any:
         _record("recv_like", getattr(x, "shape", ()), getattr(x, "dtype", None), group, src)
         return orig(x, src, group=group, stream=stream)
 
-    recv_like.__doc__ = orig.__doc__
-    recv_like.__wrapped__ = orig  # type: ignore[attr-defined]
-    return recv_like
+    return _wrapping(recv_like, orig)
 
 
 def _make_eval(orig: Any) -> Any:
@@ -226,9 +226,7 @@ def _make_eval(orig: Any) -> Any:
                 _settled = start
 
     evaluate.__name__ = evaluate.__qualname__ = getattr(orig, "__name__", "eval")
-    evaluate.__doc__ = orig.__doc__
-    evaluate.__wrapped__ = orig  # type: ignore[attr-defined]
-    return evaluate
+    return _wrapping(evaluate, orig)
 
 
 def tracking_evaluation() -> bool:

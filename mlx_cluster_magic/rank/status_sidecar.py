@@ -86,7 +86,8 @@ class Activity:
         if points:
             _url, token, rank = self._target
             msg = {"token": token, "rank": rank, "state": state, "busy_s": 0.0}
-            self._send_reliably({**msg, "requests": self.requests}, points)
+            msg["requests"] = self.requests
+            self._send_reliably(msg, points)
         elif self._udp is not None:
             notice = b'%s, "state": "%s", "requests": %d}' % (
                 self._prefix,
