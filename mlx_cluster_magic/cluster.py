@@ -82,13 +82,14 @@ class MLXCluster(ClusterViews, ClusterTools):
         collective_timeout: float = opts.COLLECTIVE_TIMEOUT_S,
         verbose: bool = False,
         connections_per_ip: int = 1,
+        grace: float = opts.GRACE_S,
     ) -> None:
         self.spec = opts.resolve(
             n, hosts=hosts, hostfile=hostfile, backend=backend, mpiexec=mpiexec,
             mpi_lib=mpi_lib, python=python, workdir=workdir, controller_ip=controller_ip,
             ring_port=ring_port, ssh=ssh, timeout=timeout, live_status=live_status,
             check_collectives=check_collectives, collective_timeout=collective_timeout,
-            verbose=verbose, connections_per_ip=connections_per_ip,
+            verbose=verbose, connections_per_ip=connections_per_ip, grace=grace,
         )  # fmt: skip
         self._lock = threading.RLock()
         self._state = "stopped"
@@ -114,6 +115,10 @@ class MLXCluster(ClusterViews, ClusterTools):
     subnet = property(lambda self: self.spec.subnet)
     timeout = property(lambda self: self.spec.timeout)
     live_status = property(lambda self: self.spec.live_status)
+    grace = property(
+        lambda self: self.spec.grace,
+        doc="Seconds of silence from every host the cluster waits out before it is lost.",
+    )
 
     @property
     def n(self) -> int:
@@ -205,6 +210,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         bringup.start_controller(run)
         self._preflight()
         bringup.bring_up(run)
+        bringup.watch_liveness(run, self._lost)
         if run.status is not None:
             run.status.set_evidence(self._dead_evidence)
             run.status.on_update(self._refresh_widget)
@@ -239,6 +245,33 @@ class MLXCluster(ClusterViews, ClusterTools):
     # ------------------------------------------------------------------ faults
     def _dead_evidence(self) -> dict[int, str]:
         return bringup.dead_evidence(self._run)
+
+    def _lost(self, reason: str) -> None:
+        """The grace ran out with hosts still silent (from the liveness keeper's thread)."""
+        if self._state == "running":
+            self.abort(reason)
+
+    def lost_message(self) -> str | None:
+        """One line when a host no one can reach, or a cable pulled between two hosts, keeps the
+        running cell from finishing (it ends the cell), else None."""
+        run = self._run
+        if run is None:
+            return None
+        lost = run.liveness.lost_ranks() if run.liveness is not None else {}
+        if lost:
+            host = self.placement.ranks[min(lost)].ssh
+            return (
+                f"{lost[min(lost)]}; the cell ended and the cluster was stopped: "
+                f"%mlx_cluster restart --without {host} starts on the others "
+                "(restart alone, once it is back)"
+            )
+        cut = bringup.cut_cables(run)
+        if cut:
+            return (
+                f"{cut[0]}: the cell's collectives cannot finish; the cluster was stopped: "
+                "%mlx_cluster restart brings it back once the cable is back"
+            )
+        return None
 
     def dead_ranks(self) -> list[int]:
         """Ranks known to be gone (never from silent status reports alone)."""
@@ -305,10 +338,16 @@ class MLXCluster(ClusterViews, ClusterTools):
         """Who stopped the cluster, when it was not a call in the cell itself."""
         return self._reason if self._state == "stopped" else None
 
-    def restart(self, activate: bool = False, replay: bool = False) -> MLXCluster:
+    def restart(
+        self, activate: bool = False, replay: bool = False, without: Sequence[str] = ()
+    ) -> MLXCluster:
         """Stop (if running) and start a fresh cluster of the same shape; with ``replay``, run
-        the ``%%px`` cells that had completed (``history()``) again, in order."""
+        the ``%%px`` cells that had completed (``history()``) again, in order. ``without``
+        leaves those hosts out (a Mac that is gone): the ranks are renumbered on the others,
+        and a pipeline plan is made again for them."""
         history = list(self._history)
+        if without:
+            self.spec = opts.without_hosts(self.spec, without)
         # The views say `restarting` (every rank `starting`) from now, not once the old ranks
         # are gone.
         self._restarting = True
@@ -322,6 +361,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         finally:
             self._restarting = False
             self._refresh_widget()
+        if without and self.pipeline_plan is not None:
+            self._replan()
         if replay:
             self._replay(history)
         return self

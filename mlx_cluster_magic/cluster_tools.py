@@ -56,6 +56,8 @@ class ClusterTools:
     _history: list[HistoryEntry]
     _last_recorders: list[dict[str, Any] | None]
     _topology_svg: str | None
+    #: What the last ``plan_pipeline`` was asked (model, memory caps, headroom), to plan again.
+    _plan_asked: tuple[str, dict[Any, Any], float | int | str] | None = None
     spec: ClusterSpec
     placement: Placement
     backend: str
@@ -227,7 +229,24 @@ class ClusterTools:
         caps.update(memory or {})
         plan = pp.plan_pipeline(model_dir, hosts, reports, caps or None, headroom)
         self.pipeline_plan = plan
+        self._plan_asked = (model_dir, dict(memory or {}), headroom)
         return plan
+
+    def _replan(self) -> None:
+        """Plan the pipeline again for the ranks a restart left (``restart --without``); caps
+        given per rank are dropped (the ranks are numbered anew), per host kept."""
+        old = self.pipeline_plan
+        asked = self._plan_asked
+        if old is None or asked is None:
+            return
+        model_dir, memory, headroom = asked
+        hosts = {h.ssh for h in self.placement.hosts}
+        kept = {k: v for k, v in memory.items() if k in hosts}
+        plan = self.plan_pipeline(model_dir, kept or None, headroom)
+        self.pipeline_plan = dataclasses.replace(
+            plan,
+            note=f"planned again for the {len(plan.ranks)} ranks left, was {len(old.ranks)}",
+        )
 
     def _set_checks(self, run: Running, on: bool) -> None:
         run.view.execute(

@@ -22,7 +22,7 @@ from .cluster import MLXCluster
 from .errors import MLXClusterError
 from .fabric.placement import BACKENDS
 from .launch.mpi_job import DEFAULT_RING_PORT
-from .launch.spec import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S, data_plane
+from .launch.spec import COLLECTIVE_TIMEOUT_S, GRACE_S, START_TIMEOUT_S, data_plane
 
 HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
 START_HINT = "start one with %mlx_cluster start -n 2"
@@ -173,6 +173,14 @@ def _build_parsers() -> dict[str, _Parser]:
         metavar="S",
         help="seconds to wait for the ranks",
     )
+    p.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=GRACE_S,
+        metavar="S",
+        help="seconds of silence from every host (the notebook's own network down) the cluster "
+        "waits out before it counts itself lost (default %(default)g)",
+    )
     p.add_argument("--no-status", action="store_true", help="do not run the live status view")
     p.add_argument(
         "--check-collectives",
@@ -202,6 +210,13 @@ def _build_parsers() -> dict[str, _Parser]:
         action="store_true",
         help="then re-run the %%%%px cells that completed on every rank (%%mlx_cluster "
         "history), stopping at the first failure",
+    )
+    p.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="start on the other hosts only (a Mac that is gone); repeat for several",
     )
 
     p = sub("status", "Show the live status of every rank.")
@@ -485,6 +500,7 @@ class MLXClusterMagics(Magics):
             collective_timeout=args.collective_timeout,
             verbose=args.verbose,
             connections_per_ip=args.connections_per_ip,
+            grace=args.grace,
         )
         cluster.start(activate=True)
         self.cluster = cluster
@@ -500,12 +516,13 @@ class MLXClusterMagics(Magics):
 
     def _restart(self, args: argparse.Namespace) -> MLXCluster:
         cluster = self._any("to restart")
+        without = [h for item in args.without for h in item.split(",") if h]
         if args.replay:
-            cluster.restart(activate=True, replay=True)
+            cluster.restart(activate=True, replay=True, without=without)
             cells = len(cluster.history())
             state = f"replayed {cells} cell{'s' if cells != 1 else ''}"
         else:
-            cluster.restart(activate=True)
+            cluster.restart(activate=True, without=without)
             state = "fresh state (restart --replay re-runs the completed cells)"
         print(
             f"MLX cluster restarted: {_describe(cluster)}, backend {cluster.backend}, "

@@ -412,6 +412,8 @@ class PipelinePlan:
     problem: str | None  # one line when it does not fit: the shortfall and what would fit
     total_bytes: int
     tensors: int
+    #: Why this plan was made again (a restart on fewer hosts), for its table.
+    note: str | None = None
 
     @property
     def layers(self) -> list[tuple[int, int]]:
@@ -455,9 +457,11 @@ class PipelinePlan:
     def summary(self) -> str:
         name = Path(self.model_dir).name or self.model_dir
         state = "fits" if self.fits else "does NOT fit"
+        note = f" ({self.note})" if self.note else ""
         return (
             f"pipeline plan for {name}: {self.num_layers} layers, "
             f"{format_size(self.total_bytes)} of weights over {len(self.ranks)} ranks: {state}"
+            f"{note}"
         )
 
     def __repr__(self) -> str:

@@ -60,6 +60,12 @@ HOPELESS_S = 0.6
 POLL_S = 0.1
 #: Seconds a signal request may take (a rank that mpiexec already killed never answers).
 SIGNAL_TIMEOUT_S = 1.0
+#: A lost host or a cut cable must stay so this long while the cell runs before it ends the
+#: cell (a cable re-seated at once costs nothing).
+LOSS_CONFIRM_S = 1.0
+#: Seconds to wait, once every rank has answered, for the output the ranks sent before their
+#: answer (it travels on another channel and may arrive after it, most under CPU load).
+OUTPUT_WAIT_S = 10.0
 
 
 class PxCluster(Protocol):
@@ -72,6 +78,7 @@ class PxCluster(Protocol):
     def not_running_message(self) -> str: ...
     def stopped_by(self) -> str | None: ...
     def dead_ranks(self) -> list[int]: ...
+    def lost_message(self) -> str | None: ...
     def describe_ranks(self, ranks: Sequence[int]) -> str: ...
     def death_cause(self) -> str: ...
     def hang_verdict(self) -> str | None: ...
@@ -161,6 +168,8 @@ def progress_rows(
         state = node.get("state", "busy")
         if state == "unresponsive":
             detail = f"{elapsed:.0f} s, silent {node.get('silent_s') or 0:.0f} s, process alive"
+        elif state == "unreachable":
+            detail = f"since {node.get('silent_s') or 0:.0f} s (the network; waiting)"
         elif state == "dead":
             detail = node.get("why") or "gone"
         else:
@@ -169,7 +178,12 @@ def progress_rows(
     return rows
 
 
-_PROGRESS_COLOURS = {"done": "#2e7d32", "busy": "#1565c0", "unresponsive": "#ef6c00"}
+_PROGRESS_COLOURS = {
+    "done": "#2e7d32",
+    "busy": "#1565c0",
+    "unresponsive": "#ef6c00",
+    "unreachable": "#8e24aa",
+}
 
 
 class Progress:
@@ -319,7 +333,12 @@ class MLXParallelMagics(ParallelMagics):
         targets = self.view.targets
         if self.verbose:
             print(f"Parallel execution on engine(s): {_targets_text(targets)}")
-        result = self.view.execute(cell, silent=False, block=False)
+        try:
+            result = self.view.execute(cell, silent=False, block=False)
+        except error.NoEnginesRegistered:
+            raise UsageError(
+                "the cluster's engines are gone: %mlx_cluster restart brings them back"
+            ) from None
         ipp_adapter.name_result(result, "%px")
         self.last_result = result
         if save_name:
@@ -350,7 +369,7 @@ class MLXParallelMagics(ParallelMagics):
         finally:
             # (a cell left running by ``--signal-on-interrupt 0`` has no outputs to show yet)
             if not stream_output and result.done():
-                result.wait_for_output(1)
+                result.wait_for_output(OUTPUT_WAIT_S)
                 result.display_outputs(groupby)
         if stopped:
             lines = [f"rank {r}: {where}" for r, where in stopped]
@@ -368,9 +387,11 @@ class MLXParallelMagics(ParallelMagics):
         generation = cluster.generation
         progress = Progress()
         targets = ipp_adapter.result_targets(result)
+        loss_since: float | None = None
         try:
             # (``wait`` returns as soon as every reply is in; ``done()`` may lag it a moment)
             while not result.wait(POLL_S):
+                loss_since = self._check_loss(cluster, loss_since)
                 self._check_alive(cluster, generation)
                 elapsed = time.monotonic() - start
                 if deadline is not None and time.monotonic() > deadline:
@@ -396,7 +417,21 @@ class MLXParallelMagics(ParallelMagics):
                 rows = [(t, "done", "") for t in ipp_adapter.done_targets(result)]
                 rows += [(t, "busy", "") for t in ipp_adapter.pending_targets(result)]
                 progress.show(Progress.bundle(rows, elapsed, final=True), force=True)
-        result.wait_for_output(1)
+        result.wait_for_output(OUTPUT_WAIT_S)
+
+    def _check_loss(self, cluster: PxCluster, since: float | None) -> float | None:
+        """End the cell when a host no one reaches (already confirmed by its peers) or a cable
+        cut for ``LOSS_CONFIRM_S`` keeps it from finishing; returns when the loss was first
+        seen (None: none now)."""
+        message = cluster.lost_message()
+        if message is None:
+            return None
+        now = time.monotonic()
+        since = now if since is None else since
+        if now - since < LOSS_CONFIRM_S and not cluster.dead_ranks():
+            return since
+        cluster.abort(message.split(";")[0])
+        raise CellAborted(message)
 
     def _check_alive(self, cluster: PxCluster, generation: int) -> None:
         if cluster.generation != generation or not cluster.running:

@@ -49,7 +49,7 @@ def every_state() -> tuple[NodeStatus, ...]:
         node(
             i,
             st,
-            silent_s=12.5 if st == "unresponsive" else None,
+            silent_s={"unresponsive": 12.5, "unreachable": 7.0}.get(st),
             why="killed by signal 9" if st == "dead" else None,
         )
         for i, st in enumerate(NODE_STATES)
@@ -86,12 +86,14 @@ def test_header_and_table_text_for_every_state() -> None:
     assert lines[1].split() == [
         "rank", "host", "state", "busy", "heartbeat", "RSS", "MLX", "active", "MLX", "peak", "device",
     ]  # fmt: skip
-    rows = {ln.split()[0]: ln for ln in lines[2:8]}
+    rows = {ln.split()[0]: ln for ln in lines[2 : 2 + len(NODE_STATES)]}
     for rank, state in enumerate(NODE_STATES):
         assert f" {state} " in rows[str(rank)]
     assert "silent 12.5 s, process alive" in rows["3"]
+    unreachable = NODE_STATES.index("unreachable")
+    assert "since 7 s" in rows[str(unreachable)]
     assert "3.5 s" in rows["2"] and "200.0 MiB" in rows["1"] and "1.0 GiB" in rows["1"]
-    assert "rank 4: killed by signal 9" in text
+    assert f"rank {NODE_STATES.index('dead')}: killed by signal 9" in text
     one_host = snap(n=1, hosts=1, nodes=(node(0, "idle"),))
     assert (
         header_text(one_host)
@@ -121,7 +123,7 @@ def test_broken_header_says_why_and_how_to_recover() -> None:
 
 def test_html_rows_classes_and_colours() -> None:
     html = snapshot_html(snap())
-    assert html.count("class='mlx-node") == 6
+    assert html.count("class='mlx-node") == len(NODE_STATES)
     for rank, state in enumerate(NODE_STATES):
         assert f"<tr class='mlx-node mlx-{state}' data-rank='{rank}'" in html
         assert STATE_COLOURS[state] in html
@@ -334,7 +336,7 @@ def test_widget_display_bundle_has_text_and_html_fallbacks() -> None:
     assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == w.model_id
     assert data["text/plain"].startswith("MLX cluster (running): backend mpi, 6 ranks on 3 hosts")
     assert "state" in data["text/plain"].splitlines()[1]
-    assert data["text/html"].count("class='mlx-node") == 6
+    assert data["text/html"].count("class='mlx-node") == len(NODE_STATES)
     assert w.mimebundle() == data
 
 

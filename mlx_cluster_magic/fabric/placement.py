@@ -12,6 +12,7 @@ No IPython import: this module is unit-tested directly.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -319,6 +320,33 @@ def _placement(
             seen_ips[ip] = h.ssh
     per_host = tuple(h.slots or 1 for h in hosts)
     return Placement(tuple(hosts), per_host, backend=backend, envs=dict(envs or {}))
+
+
+def without_hosts(placement: Placement, names: Sequence[str]) -> Placement:
+    """The placement on the other hosts (``restart --without``): each host's ranks as before,
+    an RDMA matrix without the left-out hosts' rows and columns."""
+    known = [h.ssh for h in placement.hosts]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise MLXClusterError(
+            f"--without {unknown[0]!r}: no such host in this cluster; its hosts are "
+            f"{', '.join(known)}"
+        )
+    keep = [i for i, h in enumerate(placement.hosts) if h.ssh not in names]
+    if not keep:
+        raise MLXClusterError("--without leaves no host: keep at least one")
+    hosts = tuple(
+        dataclasses.replace(
+            placement.hosts[i],
+            rdma=tuple(placement.hosts[i].rdma[j] for j in keep)
+            if placement.hosts[i].rdma
+            else (),
+        )
+        for i in keep
+    )
+    return Placement(
+        hosts, tuple(placement.per_host[i] for i in keep), placement.backend, placement.envs
+    )
 
 
 def with_ranks_per_host(placement: Placement, n: int | None) -> Placement:

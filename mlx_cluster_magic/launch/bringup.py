@@ -10,11 +10,13 @@ is tracked at spawn, so teardown never looks one up by pid.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ import psutil
 
 from ..contract import CONNECTION_FILE_VAR, STATUS_VAR
 from ..errors import MLXClusterError
+from ..observe.liveness import LivenessKeeper
 from ..observe.snapshot import NodeStatus
 from ..observe.status_receiver import StatusReceiver
 from . import ipp_adapter, mpi_job, processes
@@ -31,13 +34,23 @@ from .spec import ClusterSpec
 if TYPE_CHECKING:
     from ..fabric.doctor import DoctorReport
 
-# The controller pings engines this often (ms) and unregisters one after this many misses:
-# ipyparallel's heart answers from a ZMQ device thread that needs no GIL, so a lost engine
-# means a gone process or a cut link, never a busy one. 50 ms x 40 misses: about 2 s. The
-# period also paces registration: the hub admits an engine at the beat after its first answer,
-# so a start waits up to two periods for every rank (at ipyparallel's 3 s default, 6 s).
+# The controller pings engines this often (ms). The period paces registration: the hub admits
+# an engine at the beat after its first answer, so a start waits up to two periods for every
+# rank (at ipyparallel's 3 s default, 6 s).
 HEARTBEAT_MS = 50
-HEARTBEAT_MISSES = 40
+# Both ends of ipyparallel's heartbeat give up for good (the hub unregisters the engine, the
+# engine exits) after a number of missed beats; silence is not death, so both wait out the
+# grace and this much more: the head's own liveness keeper decides first, on evidence.
+HEARTBEAT_SLACK_S = 10.0
+# An engine checks for the controller's pings every period + 500 ms (ipyparallel's
+# ``engine/app.py``: ``hb_check_period = hb_period + 500``).
+ENGINE_CHECK_MS = HEARTBEAT_MS + 500
+
+
+def heartbeat_misses(grace: float) -> tuple[int, int]:
+    """(the controller's, each engine's) missed beats that outlast ``grace`` seconds."""
+    patience_ms = (grace + HEARTBEAT_SLACK_S) * 1000
+    return math.ceil(patience_ms / HEARTBEAT_MS), math.ceil(patience_ms / ENGINE_CHECK_MS)
 
 ENGINE_NAMESPACE = (
     "import mlx.core as mx; from mlx_cluster_magic.rank.bootstrap import WORLD as world; "
@@ -60,6 +73,7 @@ class Running:
     ranks: list[dict[str, Any]] = field(default_factory=list)
     tracked: list[processes.Tracked] = field(default_factory=list)
     rank_procs: dict[int, processes.Tracked] = field(default_factory=dict)
+    liveness: LivenessKeeper | None = None
 
     @property
     def n(self) -> int:
@@ -78,13 +92,14 @@ def prepare(spec: ClusterSpec) -> Running:
     profile = tempfile.mkdtemp(prefix=processes.PRIVATE_PREFIX)
     for sub in ("security", "log", "startup", "pid"):
         os.makedirs(os.path.join(profile, sub), mode=0o700)
+    misses, _ = heartbeat_misses(spec.grace)
     cluster = ipp_adapter.new_cluster(
         n=spec.n,
         profile_dir=profile,
         controller_ip=spec.controller_ip,
         controller_args=[
             f"--HeartMonitor.period={HEARTBEAT_MS}",
-            f"--HeartMonitor.max_heartmonitor_misses={HEARTBEAT_MISSES}",
+            f"--HeartMonitor.max_heartmonitor_misses={misses}",
         ],
         timeout=spec.timeout,
         # Ranks on the head read the connection file and start with the controller; remote ones
@@ -160,6 +175,7 @@ def bring_up(run: Running) -> None:
             f"--IPEngine.startup_command={ENGINE_NAMESPACE}",
             # No sqlite history on the engines: a write per cell costs the %%px round trip.
             "--HistoryManager.enabled=False",
+            f"--IPEngine.max_heartbeat_misses={heartbeat_misses(spec.grace)[1]}",
         ],
         environment=env,
     )
@@ -213,14 +229,98 @@ def check_ranks(run: Running) -> None:
     run.watchdog.watch(run.track([r["pid"] for r in local]))
 
 
+def watch_liveness(run: Running, on_lost: Callable[[str], None]) -> None:
+    """The keeper that tells a silent network from a lost host (remote hosts, live status on)."""
+    if run.status is None or run.spec.placement.is_local:
+        return
+    run.liveness = LivenessKeeper(
+        run.spec.placement,
+        run.status.silence,
+        addresses=dict(run.spec.peers),
+        grace=run.spec.grace,
+        on_lost=on_lost,
+        ssh=run.spec.ssh,
+        python=run.spec.python,
+        ssh_port=ssh_port(run.spec),
+    )
+    keeper = run.liveness
+
+    def unreachable() -> dict[str, tuple[float, str]]:
+        now = time.monotonic()
+        return {
+            h: (now - v.silent_since, v.detail)
+            for h, v in keeper.verdicts().items()
+            if v.state == "unreachable"
+        }
+
+    run.status.set_reachability(unreachable)
+
+
+def ssh_port(spec: ClusterSpec) -> int:
+    """The port ssh reaches the first remote host at (``ssh -G``: the user's config); 22 if
+    unsure. What the keeper probes: it answers wherever the host is up."""
+    import shlex
+    import subprocess
+
+    host = next(h for h in spec.placement.hosts if not h.is_local)
+    try:
+        out = subprocess.run(
+            [*shlex.split(spec.ssh or "ssh"), "-G", host.ssh],
+            capture_output=True, text=True, timeout=5, check=False,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return 22
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "port" and value.strip().isdigit():
+            return int(value)
+    return 22
+
+
+def cut_cables(run: Running) -> list[str]:
+    """Each cable between two of the cluster's hosts whose link is down at either end, in
+    words: the ranks' own reports of their interfaces (``rank.link_state``)."""
+    if run.status is None:
+        return []
+    placement = run.spec.placement
+    found: dict[frozenset[str], str] = {}
+    for rank, host in enumerate(placement.ranks):
+        for item in run.status.latest(rank, "links_down") or []:
+            try:
+                iface, cidr = str(item[0]), ipaddress.ip_interface(str(item[1]))
+            except (ValueError, IndexError, TypeError):
+                continue
+            for peer in placement.hosts:
+                ends = [ip for ip in peer.ips if _in(ip, cidr.network)]
+                if peer.ssh == host.ssh or not ends or str(cidr.ip) not in host.ips:
+                    continue
+                key = frozenset((str(cidr.ip), ends[0]))
+                found.setdefault(
+                    key,
+                    f"the cable between {host.ssh} ({cidr.ip}) and {peer.ssh} ({ends[0]}) is "
+                    f"down (no link on {host.ssh}'s {iface})",
+                )
+    return list(found.values())
+
+
+def _in(ip: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(ip) in network
+    except ValueError:
+        return False
+
+
 def dead_evidence(run: Running | None) -> dict[int, str]:
     """Ranks whose process is known gone: mpiexec exited (Open MPI ends the whole job), a
-    local pid vanished, or the controller's heartbeat lost the engine."""
+    local pid vanished, the controller's heartbeat lost the engine (after the grace), or its
+    host can be reached by no one (the liveness keeper)."""
     if run is None:
         return {}
     if ipp_adapter.launcher_exited(ipp_adapter.engine_launcher(run.ipp)):
         return {r: "mpiexec exited" for r in range(run.n)}
     dead = {r: "process gone" for r, t in run.rank_procs.items() if not t.alive()}
+    if run.liveness is not None:
+        dead.update(run.liveness.lost_ranks())
     if run.client is not None and run.ranks:
         registered = set(run.client.ids)
         for r in range(run.n):
@@ -255,6 +355,8 @@ def remove_session_dir(mpiexec_pid: int, since: float) -> None:
 def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
     """Stop everything this run started, by the pids tracked at spawn, and remove its files."""
     remains = None
+    if run.liveness is not None:
+        run.liveness.close()
     if run.status is not None:
         remains = Remains(
             [

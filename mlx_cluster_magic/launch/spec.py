@@ -6,6 +6,7 @@ flags) into a frozen ``ClusterSpec`` that the life cycle reads. No IPython, no p
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -21,6 +22,9 @@ from . import mpi_job
 
 START_TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 30.0
+#: Seconds of silence from every host (the notebook's own link down: Wi-Fi roaming, a lid
+#: closed a moment) that the cluster waits out before it counts itself lost.
+GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ClusterSpec:
     collective_timeout: float = COLLECTIVE_TIMEOUT_S
     verbose: bool = False
     connections_per_ip: int = 1
+    grace: float = GRACE_S
     control: mpi_job.ControlPlane = field(default_factory=lambda: mpi_job.ControlPlane("127.0.0.1"))
     peers: tuple[tuple[str, str], ...] = ()  # (ssh name, address ssh reaches it at)
 
@@ -110,6 +115,7 @@ def resolve(
     collective_timeout: float = COLLECTIVE_TIMEOUT_S,
     verbose: bool = False,
     connections_per_ip: int = 1,
+    grace: float = GRACE_S,
 ) -> ClusterSpec:
     """Check every option; raise ``MLXClusterError`` (one line, with the fix) on the first bad
     one."""
@@ -124,6 +130,7 @@ def resolve(
         raise MLXClusterError(f"--ring-port must be a port from 1024 to 65535, got {ring_port}")
     timeout = _positive(timeout, "--timeout")
     collective_timeout = _positive(collective_timeout, "--collective-timeout")
+    grace = _positive(grace, "--grace")
     found_mpiexec = mpi_job.find_mpiexec(mpiexec)
     lib = mpi_job.find_libmpi(found_mpiexec, mpi_lib) if chosen in ("mpi", "any") else mpi_lib
     if chosen in hostmod.JACCL_BACKENDS:
@@ -167,6 +174,22 @@ def resolve(
         collective_timeout=collective_timeout,
         verbose=bool(verbose),
         connections_per_ip=connections_per_ip,
+        grace=grace,
+        control=control,
+        peers=tuple(sorted(peers.items())),
+    )
+
+
+def without_hosts(spec: ClusterSpec, names: Sequence[str]) -> ClusterSpec:
+    """The same cluster on the other hosts: the placement, the control plane and MPI's
+    networks worked out again for them."""
+    placement = hostmod.without_hosts(spec.placement, names)
+    control, peers, networks = data_plane(placement, spec.ssh)
+    return dataclasses.replace(
+        spec,
+        placement=placement,
+        controller_ip=control.address,
+        subnet=",".join(networks) or None,
         control=control,
         peers=tuple(sorted(peers.items())),
     )

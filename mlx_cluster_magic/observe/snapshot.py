@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Every state a rank can be in, in the order the views explain them.
-NODE_STATES = ("starting", "idle", "busy", "unresponsive", "dead", "stopped")
+NODE_STATES = ("starting", "idle", "busy", "unresponsive", "unreachable", "dead", "stopped")
 #: Every state of the cluster's life cycle.
 CLUSTER_STATES = ("stopped", "starting", "running", "broken")
 #: What a view's header can say: the life cycle, plus ``restarting`` from the moment a restart is
@@ -18,7 +18,7 @@ CLUSTER_STATES = ("stopped", "starting", "running", "broken")
 VIEW_STATES = (*CLUSTER_STATES, "restarting")
 #: Rank states whose figures (busy time, heartbeat, RSS, MLX memory) are live; a ``stopped`` or
 #: ``dead`` rank's last report is not, and the views show ``-`` for it.
-LIVE_NODE_STATES = ("idle", "busy", "unresponsive")
+LIVE_NODE_STATES = ("idle", "busy", "unresponsive", "unreachable")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class NodeStatus:
 
     ``state``: ``starting`` (no report yet), ``idle``, ``busy`` (a request runs: ``busy_s`` since
     it started), ``unresponsive`` (the process lives but its reports stopped ``silent_s`` ago,
-    e.g. a C call holding the GIL), ``dead`` (evidence the process is gone) or ``stopped``.
+    e.g. a C call holding the GIL), ``unreachable`` (neither the rank nor its host answers the
+    head since ``silent_s`` ago: the network, not the rank; waited out up to the grace),
+    ``dead`` (evidence the process is gone) or ``stopped``.
     """
 
     rank: int

@@ -9,7 +9,8 @@ and messages over ``MAX_MESSAGE_BYTES``, are dropped. No IPython import.
 
 Liveness comes from evidence, never from silence alone: a rank is ``dead`` only when the
 ``evidence`` callback says its process is gone (local pid, mpiexec, the controller's heart).
-A rank whose reports stopped while its process lives is ``unresponsive``.
+A rank whose reports stopped while its process lives is ``unresponsive``; one whose host the
+head cannot reach either (the ``reachability`` callback, from ``liveness``) is ``unreachable``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ POINTS_PER_SERIES = 5_000
 SERIES_PER_RANK = 64
 
 Evidence = Callable[[], Mapping[int, str]]
+#: Host -> (seconds since it went silent, what is known) for hosts the head cannot reach.
+Reachability = Callable[[], Mapping[str, tuple[float, str]]]
 
 #: What a record says of the rank's request state (the rest describes the rank).
 _STATE_KEYS = ("state", "busy_s", "requests")
@@ -71,6 +74,7 @@ class StatusReceiver:
         self.placement = placement
         self.token = secrets.token_hex(16)
         self._evidence: Evidence = evidence or (lambda: {})
+        self._reachability: Reachability = lambda: {}
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -117,6 +121,20 @@ class StatusReceiver:
     def set_evidence(self, evidence: Evidence) -> None:
         """Where proof of a rank's death comes from (set once the ranks' pids are known)."""
         self._evidence = evidence
+
+    def set_reachability(self, reachability: Reachability) -> None:
+        """Where the hosts the head cannot reach come from (``liveness.LivenessKeeper``)."""
+        self._reachability = reachability
+
+    def silence(self) -> dict[int, float | None]:
+        """Rank -> seconds since its last report (None before its first)."""
+        self._receive()
+        now = time.monotonic()
+        with self._lock:
+            return {
+                r: (now - self._latest[r][0] if r in self._latest else None)
+                for r in range(self.placement.size)
+            }
 
     def on_update(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (from the receiver thread) about twice a second while running."""
@@ -208,6 +226,10 @@ class StatusReceiver:
             dead = dict(self._evidence())
         except Exception:
             dead = {}
+        try:
+            unreachable = dict(self._reachability())
+        except Exception:
+            unreachable = {}
         result = []
         for rank, host in enumerate(self.placement.ranks):
             seen, msg, state_at = latest.get(rank, (None, {}, None))
@@ -219,6 +241,11 @@ class StatusReceiver:
                 state, why = "dead", dead[rank]
             elif seen is None:
                 state = "starting"
+            elif last_seen is not None and last_seen > UNRESPONSIVE_AFTER_S and (
+                host.ssh in unreachable
+            ):
+                state, silent = "unreachable", unreachable[host.ssh][0]
+                why = f"no word from {host.ssh}: {unreachable[host.ssh][1]}"
             elif last_seen is not None and last_seen > UNRESPONSIVE_AFTER_S:
                 state, silent = "unresponsive", last_seen
                 why = "process alive; status reports stopped (a long C call holding the GIL?)"
@@ -227,7 +254,7 @@ class StatusReceiver:
             was_busy = msg.get("state") == "busy"
             busy = (
                 float(msg.get("busy_s", 0.0)) + (state_age or 0.0)
-                if state == "busy" or (state == "unresponsive" and was_busy)
+                if state == "busy" or (state in ("unresponsive", "unreachable") and was_busy)
                 else 0.0
             )
             result.append(

@@ -125,13 +125,23 @@ def wait_for_connection_file(path: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+_LINKS: list[Any] = []  # the LinkWatch, made by the sidecar thread on its first record
+
+
 def _status_extra() -> dict[str, Any]:
     """What each status record carries beside the rank's state: the flight recorder's summary
-    (read by ``cluster.why()`` and the hang banner)."""
+    (read by ``cluster.why()`` and the hang banner) and the interfaces that lost their link
+    (a pulled cable, named by the head)."""
     from . import flight_recorder
+    from .link_state import LinkWatch
     from .status_sidecar import ACTIVITY
 
-    return {"recorder": flight_recorder.snapshot(busy=ACTIVITY.busy_since is not None)}
+    if not _LINKS:
+        _LINKS.append(LinkWatch())
+    return {
+        "recorder": flight_recorder.snapshot(busy=ACTIVITY.busy_since is not None),
+        "links_down": _LINKS[0].down(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

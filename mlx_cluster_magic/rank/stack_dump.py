@@ -25,7 +25,8 @@ _FILE: IO[str] | None = None
 
 
 def install(path: str | None = None) -> str:
-    """Dump every thread's stack to ``path`` (a new private file by default) on ``SIGUSR2``.
+    """Dump every thread's stack to ``path`` (a new private file in the job's own directory by
+    default) on ``SIGUSR2``.
 
     The file is opened for appending, so the head may truncate it before each capture.
     Returns the path; idempotent.
@@ -36,7 +37,14 @@ def install(path: str | None = None) -> str:
     if STACK_FILE is not None and path in (None, STACK_FILE):
         return STACK_FILE
     if path is None:
-        fd, path = tempfile.mkstemp(prefix="mlx-cluster-stack-", suffix=".txt")  # 0600
+        # Open MPI's private (0700) directory of this process, which it removes with the job
+        # even when the rank is killed and its atexit never runs; /tmp only outside mpiexec.
+        where = os.environ.get("OMPI_FILE_LOCATION")
+        fd, path = tempfile.mkstemp(
+            prefix="mlx-cluster-stack-",
+            suffix=".txt",
+            dir=where if where and os.path.isdir(where) else None,
+        )  # 0600
         os.close(fd)
     f = open(path, "a")  # noqa: SIM115 - faulthandler writes to this fd for the process's life
     faulthandler.register(SIGNAL, file=f, all_threads=True, chain=False)

@@ -13,7 +13,9 @@ const LOG_RATIO = 100;
 const DASH = 6; // one rank's dash where lines coincide, as views/charts.py
 const PENDING_TEXT = { stop: "stopping…", restart: "restarting…", replay: "restarting…", side: "opening…", clear: "clearing…" };
 // Rank states whose figures are live (as snapshot.LIVE_NODE_STATES).
-const LIVE_NODE_STATES = ["idle", "busy", "unresponsive"];
+const LIVE_NODE_STATES = ["idle", "busy", "unresponsive", "unreachable"];
+// States whose busy time still counts (as views/text.py BUSY_TIMED).
+const BUSY_TIMED = ["busy", "unresponsive", "unreachable"];
 const ENDED = "this cluster ended with its kernel";
 const PREVIOUS_RUN = "from the previous run";
 
@@ -59,6 +61,7 @@ function heartbeat(node) {
     const silent = node.silent_s ?? node.last_seen_s;
     return `silent ${humanSeconds(silent)}, process alive`;
   }
+  if (node.state === "unreachable") return `since ${Math.round(node.silent_s ?? 0)} s`;
   if (node.last_seen_s === null || node.last_seen_s === undefined || !LIVE_NODE_STATES.includes(node.state)) return "-";
   return `${node.last_seen_s.toFixed(1)} s ago`;
 }
@@ -70,7 +73,7 @@ function cells(node) {
     String(node.rank),
     node.host,
     node.state,
-    node.state === "busy" || node.state === "unresponsive" ? humanSeconds(node.busy_s) : "-",
+    BUSY_TIMED.includes(node.state) ? humanSeconds(node.busy_s) : "-",
     heartbeat(node),
     humanBytes(live ? node.rss_bytes : null),
     humanBytes(live ? node.mlx_active_bytes : null),

@@ -18,9 +18,12 @@ STATE_COLOURS = {
     "idle": "#2e7d32",
     "busy": "#1565c0",
     "unresponsive": "#ef6c00",
+    "unreachable": "#8e24aa",
     "dead": "#c62828",
     "stopped": "#616161",
 }
+#: States whose busy time still counts (the rank was busy when it went silent).
+BUSY_TIMED = ("busy", "unresponsive", "unreachable")
 CLUSTER_COLOURS = {
     "running": "#2e7d32",
     "starting": "#8a8a8a",
@@ -62,6 +65,8 @@ def heartbeat_cell(node: NodeStatus) -> str:
     if node.state == "unresponsive":
         silent = node.silent_s if node.silent_s is not None else node.last_seen_s
         return f"silent {human_seconds(silent)}, process alive"
+    if node.state == "unreachable":
+        return f"since {node.silent_s or 0.0:.0f} s"
     if node.last_seen_s is None or node.state not in LIVE_NODE_STATES:
         return "-"
     return f"{node.last_seen_s:.1f} s ago"
@@ -75,7 +80,7 @@ def node_cells(node: NodeStatus) -> list[str]:
         str(node.rank),
         node.host,
         node.state,
-        human_seconds(node.busy_s) if node.state in ("busy", "unresponsive") else "-",
+        human_seconds(node.busy_s) if node.state in BUSY_TIMED else "-",
         heartbeat_cell(node),
         human_bytes(node.rss_bytes if live else None),
         human_bytes(node.mlx_active_bytes if live else None),

@@ -1,0 +1,262 @@
+"""Which hosts the head cannot hear, and what that silence means: evidence, never silence alone.
+
+Silence has several causes, each with its own answer:
+
+- every remote host silent at once: the notebook's own link (Wi-Fi roaming, a lid closed a
+  moment). Nothing is lost by waiting, so the hosts read ``unreachable`` until the grace ends;
+  only then is the cluster ``lost``.
+- one host silent while the others report: that host or its only cable. The head asks the hosts
+  that still report (over ssh, which does not need the silent host) to reach it on its cluster
+  addresses; when none can, the host is ``lost``, named at once with what was tried.
+- a host silent whose ssh port still answers the head: the network is fine and its ranks'
+  status threads are starved (a C call holding the GIL): ``unresponsive``, not this module's.
+
+A reachability probe is a TCP connection: an answer, even a refusal, proves the path; only a
+timeout or an unreachable route counts against it. The keeper runs in its own thread; the
+cluster reads ``verdicts()`` and is told once when the grace ends (``on_lost``). No IPython.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..fabric.placement import Placement
+
+#: A host none of whose ranks reported for this long is checked (reports come every 0.5 s).
+SILENT_AFTER_S = 2.0
+#: How often the keeper looks.
+PERIOD_S = 0.5
+#: Seconds a probe from the head (or from a peer) waits for a path to answer.
+PROBE_TIMEOUT_S = 1.5
+#: How often a host's verdict is checked again while it stays silent.
+RECHECK_S = 3.0
+
+#: Run on a peer with the environment's python: which ``ip:port`` answer (a refusal answers).
+_PEER_PROBE = """
+import json, socket, sys, threading
+found = {}
+def probe(target):
+    ip, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((ip.strip("[]"), int(port)), timeout=float(sys.argv[1])).close()
+        found[target] = True
+    except ConnectionRefusedError:
+        found[target] = True
+    except OSError:
+        found[target] = False
+threads = [threading.Thread(target=probe, args=(t,)) for t in sys.argv[2:]]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps(found))
+"""
+
+
+@dataclass(frozen=True)
+class HostVerdict:
+    """What the head knows of a silent host: ``unreachable`` (waiting) or ``lost`` (evidence)."""
+
+    host: str
+    state: str
+    silent_since: float  # time.monotonic() of the host's last word
+    detail: str
+
+
+def answers(ip: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether ``ip:port`` answers a TCP connection from here (a refusal is an answer)."""
+    try:
+        socket.create_connection((ip, port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def ask_peer(
+    peer: str, targets: Sequence[str], *, ssh: str | None, python: str, timeout: float
+) -> dict[str, bool] | None:
+    """Ask ``peer`` (over ssh) which of ``targets`` (``ip:port``) it reaches; None when the
+    peer itself could not be asked."""
+    argv = [
+        *shlex.split(ssh or "ssh"),
+        "-o", "BatchMode=yes",
+        "-o", "ConnectTimeout=2",
+        peer,
+        " ".join(shlex.quote(a) for a in [python, "-c", _PEER_PROBE, f"{timeout:g}", *targets]),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return {str(k): bool(v) for k, v in found.items()} if isinstance(found, dict) else None
+
+
+class LivenessKeeper:
+    """Watches the silence of every remote host and turns it into verdicts with evidence.
+
+    ``silence()`` gives, per rank, the seconds since its last report (None before the first);
+    ``addresses`` the address ssh reaches each host at (the management network); ``ssh_port``
+    the port that answers there.
+    """
+
+    def __init__(
+        self,
+        placement: Placement,
+        silence: Callable[[], Mapping[int, float | None]],
+        *,
+        addresses: Mapping[str, str],
+        grace: float,
+        on_lost: Callable[[str], None],
+        ssh: str | None = None,
+        python: str = "python3",
+        ssh_port: int = 22,
+    ) -> None:
+        self.placement = placement
+        self.grace = grace
+        self._silence = silence
+        self._addresses = dict(addresses)
+        self._on_lost = on_lost
+        self._ssh, self._python, self._port = ssh, python, ssh_port
+        self._verdicts: dict[str, HostVerdict] = {}
+        self._checked_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._told = False
+        self._thread = threading.Thread(target=self._run, name="mlx-cluster-liveness", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ reading
+    def verdicts(self) -> dict[str, HostVerdict]:
+        """Host -> verdict, for the silent hosts only."""
+        with self._lock:
+            return dict(self._verdicts)
+
+    def lost_ranks(self) -> dict[int, str]:
+        """Ranks on hosts that no one can reach, with the evidence in words."""
+        lost = {h: v.detail for h, v in self.verdicts().items() if v.state == "lost"}
+        return {
+            r: lost[h.ssh] for r, h in enumerate(self.placement.ranks) if h.ssh in lost
+        }
+
+    def close(self) -> None:
+        """Stop watching; a probe under way ends within its own time bound."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=0.5)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while not self._stop.wait(PERIOD_S):
+            try:
+                self._look()
+            except Exception:  # a probe's surprise must not end the watch
+                continue
+
+    def host_silence(self) -> dict[str, float]:
+        """Remote host -> seconds since any of its ranks last reported (hosts that reported)."""
+        ages = self._silence()
+        out: dict[str, float] = {}
+        for r, host in enumerate(self.placement.ranks):
+            age = ages.get(r)
+            if host.is_local or age is None:
+                continue
+            out[host.ssh] = min(age, out.get(host.ssh, age))
+        return out
+
+    def _look(self) -> None:
+        now = time.monotonic()
+        silence = self.host_silence()
+        silent = {h: s for h, s in silence.items() if s > SILENT_AFTER_S}
+        with self._lock:
+            for host in list(self._verdicts):
+                if host not in silent:  # it spoke again: whatever it was, it is over
+                    del self._verdicts[host]
+                    self._checked_at.pop(host, None)
+        witnesses = [h for h in silence if h not in silent]
+        for host, age in silent.items():
+            old = self._verdicts.get(host)
+            if old is not None and old.state == "lost":
+                continue
+            if now - self._checked_at.get(host, 0.0) < RECHECK_S and old is not None:
+                continue
+            self._checked_at[host] = now
+            verdict = self._judge(host, now - age, witnesses)
+            with self._lock:
+                if verdict is None:
+                    self._verdicts.pop(host, None)
+                else:
+                    self._verdicts[host] = verdict
+        self._check_grace(now)
+
+    def _judge(self, host: str, since: float, witnesses: Sequence[str]) -> HostVerdict | None:
+        """None when the head still reaches the host (its ranks are only quiet)."""
+        address = self._addresses.get(host)
+        if address is not None and answers(address, self._port):
+            return None
+        if not witnesses:
+            return HostVerdict(
+                host, "unreachable", since,
+                "no host answers the notebook: its own network is down? waiting",
+            )  # fmt: skip
+        targets = self._addresses_of(host)
+        with ThreadPoolExecutor(max_workers=len(witnesses)) as pool:
+            replies = list(
+                pool.map(
+                    lambda w: ask_peer(
+                        w, targets, ssh=self._ssh, python=self._python, timeout=PROBE_TIMEOUT_S
+                    ),
+                    witnesses,
+                )
+            )
+        asked = [w for w, r in zip(witnesses, replies) if r is not None]
+        if any(any(r.values()) for r in replies if r is not None):
+            return HostVerdict(
+                host, "unreachable", since, "the other hosts still reach it; waiting"
+            )
+        if not asked:
+            return HostVerdict(host, "unreachable", since, "waiting")
+        tried = ", ".join(targets)
+        return HostVerdict(
+            host,
+            "lost",
+            since,
+            f"{host} cannot be reached: not from the notebook, nor from "
+            f"{', '.join(asked)} (tried {tried}): a pulled cable or a Mac that slept",
+        )
+
+    def _addresses_of(self, host: str) -> list[str]:
+        """Every address of ``host`` a peer could reach it at: its cluster addresses, then the
+        management one."""
+        found = next((h for h in self.placement.hosts if h.ssh == host), None)
+        ips = list(found.ips) if found is not None else []
+        address = self._addresses.get(host)
+        if address is not None and address not in ips:
+            ips.append(address)
+        return [f"[{ip}]:{self._port}" if ":" in ip else f"{ip}:{self._port}" for ip in ips]
+
+    def _check_grace(self, now: float) -> None:
+        """Tell the cluster once when a host has been out of reach for longer than the grace."""
+        if self._told:
+            return
+        waiting = [v for v in self.verdicts().values() if v.state == "unreachable"]
+        overdue = [v for v in waiting if now - v.silent_since > self.grace]
+        if not overdue:
+            return
+        self._told = True
+        hosts = ", ".join(sorted(v.host for v in overdue))
+        everyone = len(waiting) == len({h.ssh for h in self.placement.hosts if not h.is_local})
+        what = "the notebook's network" if everyone else "the network to them"
+        self._on_lost(
+            f"lost: no word from {hosts} for more than the {self.grace:g} s grace ({what} is "
+            "down?); %mlx_cluster restart brings it back once the network is back"
+            + ("" if everyone else f", or restart --without {overdue[0].host}")
+        )
