@@ -290,7 +290,12 @@ def test_cable_pulled_mid_cell_ends_the_cell_naming_the_host(ip, vhosts, tmp_pat
     timer.start()
     t = time.monotonic()
     try:
-        with pytest.raises(UsageError, match=r"rank 1 on mac2 died while the cell ran"):
+        with pytest.raises(
+            UsageError,
+            match=r"^mac2 cannot be reached: not from the notebook, nor from mac1, mac3 \(tried "
+            r"10\.213\.2\.12:22\): a pulled cable or a Mac that slept; the cell ended .*"
+            r"restart --without mac2 starts on the others",
+        ):
             ip.run_cell_magic("px", "", "import time\ntime.sleep(60)")
         assert time.monotonic() - t - 1.0 < 10
         assert not cluster.running

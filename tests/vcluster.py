@@ -686,6 +686,26 @@ class VirtualCluster:
         """Plug ``host``'s cable back in."""
         _run(f"ip link set {self.veth(host)} up")
 
+    def drop(self, *hosts: str, on: str = "eth0", undo: bool = False) -> None:
+        """Drop everything ``hosts`` send or receive on ``on`` (their management network by
+        default), both ways, with each host's own firewall (iptables): the link stays up, as a
+        Wi-Fi that roams or an access point that stalls. ``undo`` lets it through again."""
+        verb = "-D" if undo else "-I"
+        for host in hosts or tuple(self.hosts):
+            ns = self.namespace(host)
+            _run(f"ip netns exec {ns} iptables {verb} INPUT -i {on} -j DROP")
+            _run(f"ip netns exec {ns} iptables {verb} OUTPUT -o {on} -j DROP")
+
+    def undrop(self, *hosts: str, on: str = "eth0") -> None:
+        self.drop(*hosts, on=on, undo=True)
+
+    def pull_cable(self, k: int, plug: bool = False) -> None:
+        """Pull cable ``k`` between two hosts out at one end (both ends lose their link, as a
+        Thunderbolt cable's do); ``plug`` puts it back."""
+        i, _ = self.cables[k]
+        where = "" if i == -1 else f"ip netns exec {self.namespaces[i]} "
+        _run(f"{where}ip link set {self.cable_iface(k, 0)} {'up' if plug else 'down'}")
+
     def shape(self, rate: str | None = "16gbit", delay: str | None = None) -> None:
         """Limit every cable, both directions, to ``rate`` and add ``delay``.
 

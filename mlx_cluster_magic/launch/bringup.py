@@ -278,29 +278,37 @@ def ssh_port(spec: ClusterSpec) -> int:
 
 
 def cut_cables(run: Running) -> list[str]:
-    """Each cable between two of the cluster's hosts whose link is down at either end, in
-    words: the ranks' own reports of their interfaces (``rank.link_state``)."""
+    """Each cable of the cluster whose link is down, in words, from the ranks' own reports of
+    their interfaces (``rank.link_state``). A cable is an interface whose network holds one of
+    the hostfile's cluster addresses; its two ends are the hosts that report it down, or the
+    host whose cluster address is on it."""
     if run.status is None:
         return []
     placement = run.spec.placement
-    found: dict[frozenset[str], str] = {}
+    cluster_ips = {ip: h.ssh for h in placement.hosts for ip in h.ips}
+    ends: dict[Any, dict[str, tuple[str, str]]] = {}  # network -> host -> (address, iface)
     for rank, host in enumerate(placement.ranks):
         for item in run.status.latest(rank, "links_down") or []:
             try:
                 iface, cidr = str(item[0]), ipaddress.ip_interface(str(item[1]))
             except (ValueError, IndexError, TypeError):
                 continue
-            for peer in placement.hosts:
-                ends = [ip for ip in peer.ips if _in(ip, cidr.network)]
-                if peer.ssh == host.ssh or not ends or str(cidr.ip) not in host.ips:
-                    continue
-                key = frozenset((str(cidr.ip), ends[0]))
-                found.setdefault(
-                    key,
-                    f"the cable between {host.ssh} ({cidr.ip}) and {peer.ssh} ({ends[0]}) is "
-                    f"down (no link on {host.ssh}'s {iface})",
-                )
-    return list(found.values())
+            on_it = [ip for ip in cluster_ips if _in(ip, cidr.network)]
+            if on_it:
+                ends.setdefault(cidr.network, {})[host.ssh] = (str(cidr.ip), iface)
+                for ip in on_it:
+                    ends[cidr.network].setdefault(cluster_ips[ip], (ip, ""))
+    found = []
+    for hosts in ends.values():
+        (a, (ip_a, if_a)), *rest = hosts.items()
+        if not rest:
+            found.append(f"{a}'s cable at {ip_a} has no link ({if_a})")
+            continue
+        b, (ip_b, _) = rest[0]
+        found.append(
+            f"the cable between {a} ({ip_a}) and {b} ({ip_b}) is down (no link on {a}'s {if_a})"
+        )
+    return found
 
 
 def _in(ip: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from ..fabric.placement import Placement
 
 #: A host none of whose ranks reported for this long is checked (reports come every 0.5 s).
-SILENT_AFTER_S = 2.0
+SILENT_AFTER_S = 1.2
 #: How often the keeper looks.
 PERIOD_S = 0.5
 #: Seconds a probe from the head (or from a peer) waits for a path to answer.
-PROBE_TIMEOUT_S = 1.5
+PROBE_TIMEOUT_S = 0.7
 #: How often a host's verdict is checked again while it stays silent.
 RECHECK_S = 3.0
 
@@ -202,6 +202,11 @@ class LivenessKeeper:
         address = self._addresses.get(host)
         if address is not None and answers(address, self._port):
             return None
+        with self._lock:  # the views say so while the peers are asked
+            if host not in self._verdicts:
+                self._verdicts[host] = HostVerdict(
+                    host, "unreachable", since, "asking the other hosts"
+                )
         if not witnesses:
             return HostVerdict(
                 host, "unreachable", since,
