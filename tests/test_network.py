@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cabled_macs, no_leaks_on, virtual_macs
 from IPython.core.error import UsageError
+
+from conftest import cabled_macs, no_leaks_on, virtual_macs
 
 pytestmark = pytest.mark.multihost
 
