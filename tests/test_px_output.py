@@ -1,0 +1,57 @@
+"""Every rank's output, every time: a ``%%px`` cell's streamed output travels on another
+channel than the ranks' answers and may arrive after them, most when the notebook's machine is
+busy (JupyterLab and a browser on the same cores). The wait covers it; checked under load."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+#: Enough repetitions to see a loss that happens once in twelve cells (p of missing it < 1 %).
+CELLS = 60
+HOG = "import os\nos.nice(0)\nwhile True: pass"
+
+
+@pytest.fixture
+def busy_machine() -> Iterator[None]:
+    """Every core of this machine busy, ahead of the notebook's processes (root raises their
+    priority; elsewhere they compete as equals)."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", HOG], preexec_fn=_raise_priority)
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def _raise_priority() -> None:
+    if os.geteuid() == 0:
+        os.nice(-5)
+
+
+def test_every_ranks_output_shows_in_every_cell_under_load(
+    ip: Any, capsys: Any, busy_machine: None
+) -> None:
+    ip.run_line_magic("mlx_cluster", "start -n 2")
+    try:
+        missing = []
+        for i in range(CELLS):
+            capsys.readouterr()
+            ip.run_cell_magic("px", "", f"print('cell {i} from rank', world.rank())")
+            out = capsys.readouterr().out
+            for rank in (0, 1):
+                if not re.search(rf"\[stdout:{rank}\] ?\ncell {i} from rank {rank}\n", out):
+                    missing.append((i, rank, out))
+        assert not missing, f"{len(missing)} of {2 * CELLS} outputs missing: {missing[:3]}"
+    finally:
+        ip.run_line_magic("mlx_cluster", "stop")
