@@ -26,6 +26,7 @@ from broadcast import bench_broadcast
 from cabling import bench_cabling
 from links import bench_links
 from lm import bench_lm
+from network import bench_network
 from overhead import bench_overhead
 from pipeline import bench_pipeline
 from px_parity import bench_px_parity
@@ -155,6 +156,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "pipeline": bench_pipeline,
     "lm": bench_lm,
     "sync": bench_sync,
+    "network": bench_network,
 }
 
 
