@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..errors import MLXClusterError
-from ..fabric import placement as hostmod
+from ..fabric.placement import (
+    JACCL_BACKENDS,
+    Placement,
+    check_backend,
+    local,
+    mark_head,
+    parse_host_list,
+    read_hostfile,
+    with_ranks_per_host,
+)
 from . import mpi_job
 
 START_TIMEOUT_S = 60.0
@@ -27,7 +36,7 @@ COLLECTIVE_TIMEOUT_S = 30.0
 class ClusterSpec:
     """What a cluster is: where its ranks run and how they are started."""
 
-    placement: hostmod.Placement
+    placement: Placement
     backend: str
     mpiexec: str
     explicit_mpiexec: bool
@@ -63,18 +72,18 @@ def placement_from(
     *,
     hosts: str | Sequence[str] | None = None,
     hostfile: str | os.PathLike[str] | None = None,
-) -> hostmod.Placement:
+) -> Placement:
     """Where the ranks go: ``n`` local ranks, or ``n`` per host of ``hosts``/``hostfile``."""
     if hosts is not None and hostfile is not None:
         raise MLXClusterError("give --hosts or --hostfile, not both")
     if hostfile is not None:
-        placement = hostmod.with_ranks_per_host(hostmod.read_hostfile(hostfile), n)
+        placement = with_ranks_per_host(read_hostfile(hostfile), n)
     elif hosts is not None:
         spec = hosts if isinstance(hosts, str) else ",".join(hosts)
-        placement = hostmod.with_ranks_per_host(hostmod.parse_host_list(spec), n)
+        placement = with_ranks_per_host(parse_host_list(spec), n)
     else:
-        return hostmod.local(2 if n is None else n)
-    return hostmod.mark_head(placement, own_names())
+        return local(2 if n is None else n)
+    return mark_head(placement, own_names())
 
 
 def own_names() -> set[str]:
@@ -114,7 +123,7 @@ def resolve(
     """Check every option; raise ``MLXClusterError`` (one line, with the fix) on the first bad
     one."""
     placement = placement_from(n, hosts=hosts, hostfile=hostfile)
-    chosen = hostmod.check_backend(backend or placement.backend or "mpi")
+    chosen = check_backend(backend or placement.backend or "mpi")
     if not (isinstance(connections_per_ip, int) and 1 <= connections_per_ip <= 16):
         raise MLXClusterError(
             f"--connections-per-ip must be a whole number from 1 to 16, got {connections_per_ip}"
@@ -126,7 +135,7 @@ def resolve(
     collective_timeout = _positive(collective_timeout, "--collective-timeout")
     found_mpiexec = mpi_job.find_mpiexec(mpiexec)
     lib = mpi_job.find_libmpi(found_mpiexec, mpi_lib) if chosen in ("mpi", "any") else mpi_lib
-    if chosen in hostmod.JACCL_BACKENDS:
+    if chosen in JACCL_BACKENDS:
         if placement.is_local:
             raise MLXClusterError(
                 "the jaccl backend is RDMA over Thunderbolt 5 between Macs: give a "
@@ -173,7 +182,7 @@ def resolve(
 
 
 def data_plane(
-    placement: hostmod.Placement, ssh: str | None, controller_ip: str | None = None
+    placement: Placement, ssh: str | None, controller_ip: str | None = None
 ) -> tuple[mpi_job.ControlPlane, dict[str, str], list[str]]:
     """Where the head listens for the hosts (the cables, or the network ssh uses when every
     cable has its own subnet), the address ssh reaches each host at, and the networks MPI's
