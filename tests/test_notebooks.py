@@ -73,7 +73,7 @@ def test_kernel_spec_is_installed_and_preloads_the_extension(
     tmp_path: Path, no_leaks: None
 ) -> None:
     listing = subprocess.run(
-        [sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
+        [sys.executable, "-m", "jupyter_client.kernelspecapp", "list", "--json"],
         check=True,
         capture_output=True,
         text=True,
