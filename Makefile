@@ -47,7 +47,7 @@ bench: $(VENV)/.installed system-deps
 	$(PY) bench/run.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check mlx_cluster_magic tests bench notebooks
+	$(PY) -m ruff check mlx_cluster_magic tests bench notebooks docs
 	$(PY) -m mypy
 
 docs: $(VENV)/.installed
