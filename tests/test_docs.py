@@ -52,3 +52,14 @@ def test_the_magics_page_is_the_generated_reference() -> None:
     page = (ROOT / "docs" / "reference" / "magics.md").read_text()
     assert "```{mlx-cluster-magics}\n```" in page
     assert "magic_reference" in (ROOT / "docs" / "conf.py").read_text()
+
+
+def test_the_readme_fits_and_its_links_lead_somewhere() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert links, "the README links to the documentation"
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert missing == [], missing
