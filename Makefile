@@ -2,12 +2,14 @@
 # make test  - run the whole suite (installs what it needs: .venv from PyPI, Debian packages)
 # make check - lint, types and the tests that start no cluster (the edit loop, under 30 s)
 # make bench - measure against raw ipyparallel / bare mpirun / mlx.launch; writes bench/results.*
+# make docs  - the documentation site, offline, warnings as errors: docs/_build/html/index.html
+# make notebooks - execute every example notebook on 2 local ranks and store its outputs (the site shows them)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test check bench lint system-deps clean
+.PHONY: demo test check bench lint docs notebooks system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +17,17 @@ $(PY):
 
 # Dependencies (PyPI) once per pyproject change. The package itself is an editable install, so
 # engines and tests always run the checkout; the kernel spec (which a regular `pip install`
-# places through data-files) is installed into the venv explicitly.
+# places through data-files) is installed into the venv explicitly. Every tool runs as a module
+# of the venv's python (never `jupyter ...`, which finds its subcommands on PATH, where another
+# active environment's come first).
 $(VENV)/.deps: pyproject.toml | $(PY)
-	$(PY) -m pip install -q '.[test,lm]'
+	$(PY) -m pip install -q '.[test,lm,docs]'
 	rm -rf build
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(wildcard jupyter-config/kernels/mlx-cluster/*) $(VENV)/.deps
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m jupyter kernelspec install --sys-prefix --name mlx-cluster jupyter-config/kernels/mlx-cluster >/dev/null
+	$(PY) -m jupyter_client.kernelspecapp install --sys-prefix --name mlx-cluster jupyter-config/kernels/mlx-cluster >/dev/null
 	rm -rf build
 	touch $@
 
@@ -33,7 +37,7 @@ system-deps:
 demo: $(VENV)/.installed
 	$(PY) notebooks/run.py notebooks/01-quickstart.ipynb
 
-test: lint system-deps
+test: lint system-deps docs
 	$(PY) -m pytest -q -rs
 
 check: lint
@@ -43,8 +47,14 @@ bench: $(VENV)/.installed system-deps
 	$(PY) bench/run.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check mlx_cluster_magic tests bench notebooks
+	$(PY) -m ruff check mlx_cluster_magic tests bench notebooks docs
 	$(PY) -m mypy
 
+docs: $(VENV)/.installed
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+notebooks: $(VENV)/.installed
+	$(PY) notebooks/run.py --save notebooks/*.ipynb
+
 clean:
-	rm -rf $(VENV) build *.egg-info tests/artifacts
+	rm -rf $(VENV) build *.egg-info tests/artifacts docs/_build docs/examples

@@ -29,15 +29,14 @@ from .cluster_views import ClusterViews
 from .contract import EXIT_BAD_GROUP
 from .errors import MLXClusterError
 from .fabric.placement import Placement
-from .launch import bringup, ipp_adapter, mpi_job
-from .launch import spec as opts
+from .launch import bringup, ipp_adapter, mpi_job, spec
 from .observe.snapshot import NodeStatus
 
 if TYPE_CHECKING:
     from .pipeline_plan import PipelinePlan
     from .views.status_widget import StatusWidget
 
-START_TIMEOUT_S = opts.START_TIMEOUT_S
+START_TIMEOUT_S = spec.START_TIMEOUT_S
 
 
 class MLXCluster(ClusterViews, ClusterTools):
@@ -79,12 +78,12 @@ class MLXCluster(ClusterViews, ClusterTools):
         timeout: float = START_TIMEOUT_S,
         live_status: bool = True,
         check_collectives: bool = False,
-        collective_timeout: float = opts.COLLECTIVE_TIMEOUT_S,
+        collective_timeout: float = spec.COLLECTIVE_TIMEOUT_S,
         verbose: bool = False,
         connections_per_ip: int = 1,
-        grace: float = opts.GRACE_S,
+        grace: float = spec.GRACE_S,
     ) -> None:
-        self.spec = opts.resolve(
+        self.spec = spec.resolve(
             n, hosts=hosts, hostfile=hostfile, backend=backend, mpiexec=mpiexec,
             mpi_lib=mpi_lib, python=python, workdir=workdir, controller_ip=controller_ip,
             ring_port=ring_port, ssh=ssh, timeout=timeout, live_status=live_status,
@@ -106,7 +105,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         #: Counts starts, so a wait can tell its cluster was restarted under it.
         self.generation = 0
 
-    placement_from = staticmethod(opts.placement_from)
+    placement_from = staticmethod(spec.placement_from)
 
     # ----------------------------------------------------------------------- properties
     placement = property(lambda self: self.spec.placement, doc="Where the ranks run.")
@@ -347,7 +346,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         and a pipeline plan is made again for them."""
         history = list(self._history)
         if without:
-            self.spec = opts.without_hosts(self.spec, without)
+            self.spec = spec.without_hosts(self.spec, without)
         # The views say `restarting` (every rank `starting`) from now, not once the old ranks
         # are gone.
         self._restarting = True

@@ -215,7 +215,7 @@ class ClusterTools:
         (or the hostfile) must give every rank. Load it on the ranks with
         ``mlx_cluster_magic.rank.lm.pipeline_load(model_dir, plan)`` (push the plan first).
         """
-        from . import pipeline_plan as pp
+        from . import pipeline_plan
         from .rank.lm import rank_memory
 
         hosts = [h.ssh for h in self.placement.ranks]
@@ -227,7 +227,7 @@ class ClusterTools:
         # the hostfile's "memory" per host, unless memory= names that host (or a rank) again
         caps: dict[Any, Any] = {h.ssh: h.memory for h in self.placement.hosts if h.memory}
         caps.update(memory or {})
-        plan = pp.plan_pipeline(model_dir, hosts, reports, caps or None, headroom)
+        plan = pipeline_plan.plan_pipeline(model_dir, hosts, reports, caps or None, headroom)
         self.pipeline_plan = plan
         self._plan_asked = (model_dir, dict(memory or {}), headroom)
         return plan

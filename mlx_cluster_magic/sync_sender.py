@@ -324,8 +324,6 @@ def run_sync(
 ) -> SyncReport:
     """Copy ``path`` to every host of ``cluster`` at ``dest`` (default: the same absolute
     path); see the module docstring."""
-    from .launch import mpi_job
-
     t0 = time.monotonic()
     if shards is not None and shards not in SHARDS:
         raise MLXClusterError(f"sync: --shards is pipeline or tensor, got {shards!r}")
@@ -334,23 +332,54 @@ def run_sync(
         raise MLXClusterError(f"sync: {source} does not exist on this machine")
     target = os.path.abspath(os.path.expanduser(os.fspath(dest))) if dest else str(source)
     entries = manifest(source, verify)
-    total = sum(e[2] for e in entries)
-    placement, spec, client = cluster.placement, cluster.spec, cluster.client
-    rank_files = None
-    if shards == "pipeline":
-        if entries[0][0] != "dir":
-            raise MLXClusterError("sync --shards pipeline takes a model directory")
-        plan = getattr(cluster, "pipeline_plan", None)
-        planned = getattr(plan, "model_dir", None)
-        if planned is None or Path(os.path.abspath(os.path.expanduser(planned))) != source:
-            plan = None  # a plan for another model does not say which of these files go where
-        rank_files = pipeline_files(source, cluster.n, plan)
-        if rank_files is None:
-            raise MLXClusterError(
-                f"sync --shards pipeline: {source} has no model.safetensors.index.json; "
-                "without one every rank reads every file: use --shards tensor"
-            )
-    # one rank per host; a host on this machine only when the destination is elsewhere
+    report = SyncReport(str(source), target, sum(e[2] for e in entries))
+    rank_files = _pipeline_rank_files(cluster, source, entries) if shards == "pipeline" else None
+    host_ranks, local_of = _hosts(cluster.placement)
+    names = [h for h in host_ranks if not (local_of[h] and target == str(source))]
+    if not names:
+        report.note = "every rank runs on this machine, where it already is: nothing to send"
+        report.seconds = time.monotonic() - t0
+        return report
+    first = [host_ranks[h][0] for h in names]
+    wanted = [_wanted(entries, shards, rank_files, host_ranks[h]) for h in names]
+    found, needs = _survey(cluster.client, report, entries, names, first, wanted, verify)
+    if not any(needs):
+        report.seconds = time.monotonic() - t0
+        return report
+    route = _route(cluster, names, first, found, local_of)
+    report.route = route.describe()
+    job = _Job(cluster.client, source, target, entries, names, first, route, needs, verify, stall_s)
+    job.open_listeners()
+    job.start_receivers()
+    bar = job.stream(progress, lambda line: _show(cluster, line))
+    elapsed = max(time.monotonic() - bar.t0, 1e-6)
+    report.sent = sum(s.sent for s in job.streams)
+    bar.update(report.sent, {s.host: s.sent / elapsed for s in job.streams}, final=True)
+    _collect(report, names, route, job.receivers, job.failed, job.streams)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _pipeline_rank_files(cluster: Any, source: Path, entries: Sequence[Entry]) -> list[set[str]]:
+    """With ``--shards pipeline``: the weight files each rank loads, by the cluster's plan for
+    this model where there is one, else by mlx-lm's even split."""
+    if entries[0][0] != "dir":
+        raise MLXClusterError("sync --shards pipeline takes a model directory")
+    plan = getattr(cluster, "pipeline_plan", None)
+    planned = getattr(plan, "model_dir", None)
+    if planned is None or Path(os.path.abspath(os.path.expanduser(planned))) != source:
+        plan = None  # a plan for another model does not say which of these files go where
+    rank_files = pipeline_files(source, cluster.n, plan)
+    if rank_files is None:
+        raise MLXClusterError(
+            f"sync --shards pipeline: {source} has no model.safetensors.index.json; "
+            "without one every rank reads every file: use --shards tensor"
+        )
+    return rank_files
+
+
+def _hosts(placement: Any) -> tuple[dict[str, list[int]], dict[str, bool]]:
+    """The ranks of each host (``localhost`` for this machine's) and whether it is this one."""
     host_ranks: dict[str, list[int]] = {}
     local_of: dict[str, bool] = {}
     for r, host in enumerate(placement.ranks):
@@ -358,16 +387,23 @@ def run_sync(
         key = "localhost" if local else host.ssh
         host_ranks.setdefault(key, []).append(r)
         local_of[key] = local
-    names = [h for h in host_ranks if not (local_of[h] and target == str(source))]
-    report = SyncReport(str(source), target, total)
-    if not names:
-        report.note = "every rank runs on this machine, where it already is: nothing to send"
-        report.seconds = time.monotonic() - t0
-        return report
-    first = [host_ranks[h][0] for h in names]
-    wanted = [_wanted(entries, shards, rank_files, host_ranks[h]) for h in names]
+    return host_ranks, local_of
+
+
+def _survey(
+    client: Any,
+    report: SyncReport,
+    entries: Sequence[Entry],
+    names: Sequence[str],
+    first: Sequence[int],
+    wanted: Sequence[list[int] | None],
+    verify: bool,
+) -> tuple[list[dict[str, Any]], list[dict[int, int]]]:
+    """Ask one rank per host what it lacks (each file from its first missing byte); every
+    refusal (an unwritable destination, too little space) before a byte is sent. Adds a row per
+    host to ``report``."""
     surveys = [
-        client[r].apply_async(sync_receiver.survey, target, entries, verify, w)
+        client[r].apply_async(sync_receiver.survey, report.dest, entries, verify, w)
         for r, w in zip(first, wanted, strict=True)
     ]
     found = [ar.get(timeout=None if verify else 120) for ar in surveys]
@@ -382,7 +418,7 @@ def run_sync(
         lack = sum(entries[i][2] - o for i, o in need.items())
         if lack > s["free"]:
             short.append(
-                f"{h} needs {_size(lack)} at {target}, has {_size(s['free'])} free "
+                f"{h} needs {_size(lack)} at {report.dest}, has {_size(s['free'])} free "
                 f"({_size(lack - s['free'])} short)"
             )
         ids = range(len(entries)) if w is None else w
@@ -396,83 +432,144 @@ def run_sync(
         )
     if short:
         raise MLXClusterError("sync: too little space: " + "; ".join(short))
-    if not any(needs):
-        report.seconds = time.monotonic() - t0
-        return report
-    # the route, over the cables
+    return found, needs
+
+
+def _route(
+    cluster: Any,
+    names: Sequence[str],
+    first: Sequence[int],
+    found: Sequence[dict[str, Any]],
+    local_of: dict[str, bool],
+) -> sync_plan.SyncRoute:
+    """The way the bytes go, over the cables, from the addresses and interfaces the hosts
+    reported."""
+    from .launch import mpi_job
+
+    placement, spec = cluster.placement, cluster.spec
     head_ifs, bridges = _head_interfaces()
     nodes = [
-        sync_plan.Node(
-            h,
-            tuple(placement.ranks[r].ips),
-            tuple(s["ifaces"]),
-            local_of[h],
-        )
+        sync_plan.Node(h, tuple(placement.ranks[r].ips), tuple(s["ifaces"]), local_of[h])
         for h, r, s in zip(names, first, found, strict=True)
     ]
     entry_addr = [
         mpi_job.head_reach_address(placement, r, spec.control, dict(spec.peers)) for r in first
     ]
-    route = sync_plan.plan(nodes, head_ifs, bridges, entry_addr)
-    report.route = route.describe()
-    # what each host's subtree lacks, from its first missing byte
-    subtree_needs = []
-    for k in range(len(names)):
-        merged: dict[int, int] = {}
-        for j in [k, *route.subtree(k)]:
-            for i, o in needs[j].items():
-                merged[i] = min(o, merged.get(i, o))
-        subtree_needs.append(merged)
-    token = secrets.token_hex(16)
-    active = [k for k in range(len(names)) if subtree_needs[k]]
-    ports: dict[int, int] = {}
-    opening: dict[int, Any] = {}
-    try:
-        opening |= {
-            k: client[first[k]].apply_async(sync_receiver.open_listener, route.address[k], token)
-            for k in active
-        }
-        for k, ar in opening.items():
-            ports[k] = ar.get(timeout=30)
-    except Exception:
-        for k in opening:
+    return sync_plan.plan(nodes, head_ifs, bridges, entry_addr)
+
+
+class _Job:
+    """One transfer along a route: the hosts' listeners, their receivers (each forwarding to
+    its children as it receives) and the head's streams to the hosts it sends to."""
+
+    def __init__(
+        self,
+        client: Any,
+        source: Path,
+        target: str,
+        entries: Sequence[Entry],
+        names: Sequence[str],
+        first: Sequence[int],
+        route: sync_plan.SyncRoute,
+        needs: Sequence[dict[int, int]],
+        verify: bool,
+        stall_s: float,
+    ) -> None:
+        self.client, self.source, self.target, self.entries = client, source, target, entries
+        self.names, self.first, self.route, self.needs = names, first, route, needs
+        self.verify, self.stall_s = verify, stall_s
+        self.token = secrets.token_hex(16)
+        # what each host's subtree lacks, from its first missing byte
+        self.subtree_needs: list[dict[int, int]] = []
+        for k in range(len(names)):
+            merged: dict[int, int] = {}
+            for j in [k, *route.subtree(k)]:
+                for i, o in needs[j].items():
+                    merged[i] = min(o, merged.get(i, o))
+            self.subtree_needs.append(merged)
+        self.active = [k for k in range(len(names)) if self.subtree_needs[k]]
+        self.ports: dict[int, int] = {}
+        self.receivers: dict[int, Any] = {}
+        self.streams: list[_Stream] = []
+        self.failed: dict[int, str] = {}
+
+    def open_listeners(self) -> None:
+        """Each host that gets bytes listens on the address its upstream reaches it at; when
+        one cannot, the others close theirs."""
+        opening: dict[int, Any] = {}
+        try:
+            opening |= {
+                k: self.client[self.first[k]].apply_async(
+                    sync_receiver.open_listener, self.route.address[k], self.token
+                )
+                for k in self.active
+            }
+            for k, ar in opening.items():
+                self.ports[k] = ar.get(timeout=30)
+        except Exception:
+            for k in opening:
+                with contextlib.suppress(Exception):
+                    self.client[self.first[k]].apply_sync(sync_receiver.close_listener, self.token)
+            raise
+
+    def start_receivers(self) -> None:
+        for k in self.active:
+            kids = [c for c in self.route.children(k) if c in self.ports]
+            self.receivers[k] = self.client[self.first[k]].apply_async(
+                sync_receiver.receive,
+                self.token,
+                self.target,
+                self.entries,
+                self.needs[k],
+                [(self.names[c], self.route.address[c], self.ports[c]) for c in kids],
+                [self.subtree_needs[c] for c in kids],
+                self.verify,
+                self.stall_s,
+            )
+
+    def stream(self, show: bool, also: Callable[[str | None], None]) -> Progress:
+        """Send to the hosts the head sends to, showing progress, until every receiver is
+        done; an interrupt cuts every connection."""
+        heads = [k for k in self.route.children(sync_plan.HEAD) if k in self.ports]
+        try:
+            self._connect(heads)
+            to_send = sum(
+                self.entries[i][2] - o
+                for s in self.streams
+                for i, o in s.wants.items()
+                if self.entries[i][0] == "file"
+            )
+            bar = Progress(to_send, show, also)
+            self._send(bar)
+        except KeyboardInterrupt:
+            self._cut(heads)
+            raise KeyboardInterrupt(
+                "sync interrupted: partial files stay under temporary names; "
+                "the next sync resumes them"
+            ) from None
+        finally:
+            for s in self.streams:
+                s.sock.close()
             with contextlib.suppress(Exception):
-                client[first[k]].apply_sync(sync_receiver.close_listener, token)
-        raise
-    receivers = {}
-    for k in active:
-        kids = [c for c in route.children(k) if c in ports]
-        receivers[k] = client[first[k]].apply_async(
-            sync_receiver.receive,
-            token,
-            target,
-            entries,
-            needs[k],
-            [(names[c], route.address[c], ports[c]) for c in kids],
-            [subtree_needs[c] for c in kids],
-            verify,
-            stall_s,
-        )
-    streams: list[_Stream] = []
-    failed: dict[int, str] = {}
-    heads = [k for k in route.children(sync_plan.HEAD) if k in ports]
-    try:
+                also(None)
+        return bar
+
+    def _connect(self, heads: Sequence[int]) -> None:
         for k in heads:
+            address, port = self.route.address[k], self.ports[k]
             try:
-                sock = socket.create_connection((route.address[k], ports[k]), timeout=stall_s)
-                sock.settimeout(stall_s)
-                sock.sendall(token.encode())
+                sock = socket.create_connection((address, port), timeout=self.stall_s)
+                sock.settimeout(self.stall_s)
+                sock.sendall(self.token.encode())
             except OSError as e:
-                failed[k] = f"cannot connect to {route.address[k]}:{ports[k]}: {e.strerror or e}"
+                self.failed[k] = f"cannot connect to {address}:{port}: {e.strerror or e}"
                 continue
-            streams.append(_Stream(sock, source, entries, subtree_needs[k], names[k]))
-        to_send = sum(
-            entries[i][2] - o
-            for s in streams
-            for i, o in s.wants.items()
-            if entries[i][0] == "file"
-        )
-        bar = Progress(to_send, progress, lambda line: _show(cluster, line))
+            self.streams.append(
+                _Stream(sock, self.source, self.entries, self.subtree_needs[k], self.names[k])
+            )
+
+    def _send(self, bar: Progress) -> None:
+        streams, receivers = self.streams, self.receivers
         for s in streams:
             s.start()
         while any(s.is_alive() for s in streams) or not all(r.ready() for r in receivers.values()):
@@ -481,37 +578,24 @@ def run_sync(
             elapsed = max(time.monotonic() - bar.t0, 1e-6)
             bar.update(sum(s.sent for s in streams), {s.host: s.sent / elapsed for s in streams})
             if not any(s.is_alive() for s in streams):
-                _wait(receivers.values(), stall_s * (1 + len(names)))
+                _wait(receivers.values(), self.stall_s * (1 + len(self.names)))
                 break
-    except KeyboardInterrupt:
-        # cut every stream; a host the head had not reached yet gets a connection closed at
-        # once, so it stops too (its own downstream hosts see their stream end)
-        for s in streams:
+
+    def _cut(self, heads: Sequence[int]) -> None:
+        """Cut every stream; a host the head had not reached yet gets a connection closed at
+        once, so it stops too (its own downstream hosts see their stream end)."""
+        for s in self.streams:
             with contextlib.suppress(OSError):
                 s.sock.shutdown(socket.SHUT_RDWR)
-        reached = {s.host for s in streams}
+        reached = {s.host for s in self.streams}
         for k in heads:
-            if names[k] not in reached and k not in failed:
+            if self.names[k] not in reached and k not in self.failed:
                 with (
                     contextlib.suppress(OSError),
-                    socket.create_connection((route.address[k], ports[k]), 1.0) as late,
+                    socket.create_connection((self.route.address[k], self.ports[k]), 1.0) as late,
                 ):
-                    late.sendall(token.encode())  # then closed: an empty stream
-        _wait(receivers.values(), 2.0)
-        raise KeyboardInterrupt(
-            "sync interrupted: partial files stay under temporary names; the next sync resumes them"
-        ) from None
-    finally:
-        for s in streams:
-            s.sock.close()
-        with contextlib.suppress(Exception):
-            _show(cluster, None)
-    elapsed = max(time.monotonic() - bar.t0, 1e-6)
-    report.sent = sum(s.sent for s in streams)
-    bar.update(report.sent, {s.host: s.sent / elapsed for s in streams}, final=True)
-    _collect(report, names, route, receivers, failed, streams)
-    report.seconds = time.monotonic() - t0
-    return report
+                    late.sendall(self.token.encode())  # then closed: an empty stream
+        _wait(self.receivers.values(), 2.0)
 
 
 def _show(cluster: Any, line: str | None) -> None:

@@ -211,8 +211,7 @@ class Lab:
             [
                 sys.executable,
                 "-m",
-                "jupyter",
-                "lab",
+                "jupyterlab",
                 "--no-browser",
                 "--ServerApp.ip=127.0.0.1",
                 f"--ServerApp.port={self.port}",

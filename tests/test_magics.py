@@ -312,7 +312,7 @@ def test_loading_twice_keeps_the_cluster(ip) -> None:
 # --------------------------------------------------------------------------- kernel spec
 def installed_spec() -> dict:
     listing = subprocess.run(
-        [sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
+        [sys.executable, "-m", "jupyter_client.kernelspecapp", "list", "--json"],
         check=True,
         capture_output=True,
         text=True,

@@ -188,14 +188,15 @@ def test_progress_appears_in_the_cell_after_progress_after(ip, capsys) -> None:
     assert "ranks done after" not in capsys.readouterr().out
 
 
-def test_readme_states_the_interrupt_waits_the_code_uses() -> None:
+def test_the_troubleshooting_page_states_the_interrupt_waits_the_code_uses() -> None:
     from pathlib import Path
 
     from mlx_cluster_magic.px import HOPELESS_S, INTERRUPT_GRACE_S
 
-    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
-    assert f"after {INTERRUPT_GRACE_S:g} s (`px.INTERRUPT_GRACE_S`)" in readme
-    assert f"or {HOPELESS_S:g} s (`px.HOPELESS_S`)" in readme
+    page = Path(__file__).parents[1] / "docs" / "troubleshooting.md"
+    text = " ".join(page.read_text().split())
+    assert f"after {INTERRUPT_GRACE_S:g} s (`px.INTERRUPT_GRACE_S`)" in text
+    assert f"or {HOPELESS_S:g} s (`px.HOPELESS_S`)" in text
 
 
 def _history_settles(cluster, n: int) -> list:

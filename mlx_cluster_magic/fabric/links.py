@@ -425,8 +425,7 @@ def measure(
     """
     started = time.monotonic()
     backend = backend or str((ranks[0] if ranks else {}).get("backend") or "mpi")
-    n = placement.size
-    if n < 1:
+    if placement.size < 1:
         raise MLXClusterError("links: the cluster has no ranks")
     facts = view.apply_sync(rank_facts, macos_commands())
     for f in facts:
@@ -435,46 +434,83 @@ def measure(
     host_index: dict[str, int] = {}
     host_of_rank = [host_index.setdefault(name, len(host_index)) for name in names]
     hosts = list(host_index)
-    cluster_ips = {ip for h in placement.hosts for ip in h.ips}
-    steps: list[dict[str, Any]] = []
-    meta: list[dict[str, Any]] = []
-    note = None
-    if len(hosts) == 1:
-        note = "one host: there are no links between hosts"
-        if n >= 2:
-            note += "; measured rank 0 to rank 1 on this host instead"
-            ok = not _ring_like(backend) or n >= 2
-            steps.append(_step(0, 1, ok, "127.0.0.1"))
-            meta.append(
-                {"src": f"{hosts[0]}:0", "dst": f"{hosts[0]}:1", "iface": "lo", "kind": "loopback"}
-            )
-    else:
-        for ha, hb, ra, rb, mlx_ok in plan_pairs(host_of_rank, backend):
-            picked = pick_address(facts[rb]["addrs"], facts[ra]["addrs"], cluster_ips)
-            addr, src_if = (picked[0], picked[1]) if picked else (None, None)
-            if addr is None:
-                dst_host = placement.ranks[rb]
-                addr = dst_host.ips[0] if dst_host.ips else None
-            kind = "unknown"
-            if src_if:
-                kind = (kinds or {}).get((hosts[ha], src_if)) or facts[ra]["kinds"].get(
-                    src_if, "unknown"
-                )
-            steps.append(_step(ra, rb, mlx_ok, addr))
-            meta.append(
-                {
-                    "src": hosts[ha],
-                    "dst": hosts[hb],
-                    "iface": src_if,
-                    "kind": kind,
-                    "note": None if mlx_ok else f"MLX {backend} sends only between ring neighbours",
-                }
-            )
+    steps, meta, note = _plan_steps(placement, facts, hosts, host_of_rank, backend, kinds)
     budget = max(timeout - (time.monotonic() - started) - 1.0, 1.0)
     per_pair = budget / max(len(steps), 1)
     cap = 0.2 if len(hosts) == 1 else 0.4  # one host: a quick look only
     stream_s = seconds if seconds is not None else max(min(per_pair / 8, cap), 0.05)
-    plan = {"steps": steps, "seconds": stream_s, "max_bytes": max_bytes}
+    by_pair = _run_steps(view, steps, stream_s, max_bytes, placement.size)
+    records = _link_records(steps, meta, by_pair)
+    report = LinkReport(
+        hosts=hosts,
+        records=judge(records) if len(hosts) > 1 else records,
+        backend=backend,
+        note=note,
+        elapsed_s=time.monotonic() - started,
+        meta={"seconds": stream_s},
+    )
+    report.hub = star_hub(placement, facts)
+    if len(hosts) > 1:
+        from .topology import topology_svg
+
+        report.picture = topology_svg(placement, report.records, hub=report.hub)
+    if advise is not None:
+        report.advice = advise(report)
+    return report
+
+
+def _plan_steps(
+    placement: Placement,
+    facts: Sequence[Mapping[str, Any]],
+    hosts: Sequence[str],
+    host_of_rank: Sequence[int],
+    backend: str,
+    kinds: Mapping[tuple[str, str], str] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """What to measure: one step per pair of hosts (the ranks that send, the address the
+    receiver is reached at) and, beside each, what the record will say of the link (its ends,
+    the interface it leaves by, its kind); on one host, rank 0 to rank 1 over loopback."""
+    steps: list[dict[str, Any]] = []
+    meta: list[dict[str, Any]] = []
+    if len(hosts) == 1:
+        note = "one host: there are no links between hosts"
+        if placement.size >= 2:
+            note += "; measured rank 0 to rank 1 on this host instead"
+            steps.append(_step(0, 1, True, "127.0.0.1"))
+            meta.append(
+                {"src": f"{hosts[0]}:0", "dst": f"{hosts[0]}:1", "iface": "lo", "kind": "loopback"}
+            )
+        return steps, meta, note
+    cluster_ips = {ip for h in placement.hosts for ip in h.ips}
+    for ha, hb, ra, rb, mlx_ok in plan_pairs(host_of_rank, backend):
+        picked = pick_address(facts[rb]["addrs"], facts[ra]["addrs"], cluster_ips)
+        addr, src_if = (picked[0], picked[1]) if picked else (None, None)
+        if addr is None:
+            dst_host = placement.ranks[rb]
+            addr = dst_host.ips[0] if dst_host.ips else None
+        kind = "unknown"
+        if src_if:
+            kind = (kinds or {}).get((hosts[ha], src_if)) or facts[ra]["kinds"].get(
+                src_if, "unknown"
+            )
+        steps.append(_step(ra, rb, mlx_ok, addr))
+        meta.append(
+            {
+                "src": hosts[ha],
+                "dst": hosts[hb],
+                "iface": src_if,
+                "kind": kind,
+                "note": None if mlx_ok else f"MLX {backend} sends only between ring neighbours",
+            }
+        )
+    return steps, meta, None
+
+
+def _run_steps(
+    view: Any, steps: Sequence[dict[str, Any]], stream_s: float, max_bytes: int, n: int
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """Run the steps one pair at a time; each pair's measurements by (rank a, rank b)."""
+    plan = {"steps": list(steps), "seconds": stream_s, "max_bytes": max_bytes}
     results: list[list[dict[str, Any]]] = []
     targets = list(getattr(view, "targets", None) or range(n))
     for step in steps:
@@ -491,7 +527,15 @@ def measure(
                     "a transfer may be stuck on a broken link: %mlx_cluster restart"
                 ) from None
             raise
-    by_pair = {(d["a"], d["b"]): d for per_rank in results for d in per_rank}
+    return {(d["a"], d["b"]): d for per_rank in results for d in per_rank}
+
+
+def _link_records(
+    steps: Sequence[Mapping[str, Any]],
+    meta: Sequence[Mapping[str, Any]],
+    by_pair: Mapping[tuple[int, int], Mapping[str, Any]],
+) -> list[LinkRecord]:
+    """One record per step: what was measured beside what the plan knew of the link."""
     records = []
     for step, m in zip(steps, meta):
         got = by_pair.get((step["a"], step["b"]), {})
@@ -511,22 +555,7 @@ def measure(
                 note="; ".join([*errors, *([m["note"]] if m.get("note") else [])]) or None,
             )
         )
-    report = LinkReport(
-        hosts=hosts,
-        records=judge(records) if len(hosts) > 1 else records,
-        backend=backend,
-        note=note,
-        elapsed_s=time.monotonic() - started,
-        meta={"seconds": stream_s},
-    )
-    report.hub = star_hub(placement, facts)
-    if len(hosts) > 1:
-        from .topology import topology_svg
-
-        report.picture = topology_svg(placement, report.records, hub=report.hub)
-    if advise is not None:
-        report.advice = advise(report)
-    return report
+    return records
 
 
 def _step(a: int, b: int, mlx_ok: bool, ip: str | None) -> dict[str, Any]:

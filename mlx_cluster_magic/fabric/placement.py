@@ -322,7 +322,7 @@ def _placement(
     return Placement(tuple(hosts), per_host, backend=backend, envs=dict(envs or {}))
 
 
-def without_hosts(placement: Placement, names: Sequence[str]) -> Placement:
+def leave_out_hosts(placement: Placement, names: Sequence[str]) -> Placement:
     """The placement on the other hosts (``restart --without``): each host's ranks as before,
     an RDMA matrix without the left-out hosts' rows and columns."""
     known = [h.ssh for h in placement.hosts]

@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..errors import MLXClusterError
-from ..fabric import placement as hostmod
+from ..fabric.placement import (
+    JACCL_BACKENDS,
+    Placement,
+    check_backend,
+    leave_out_hosts,
+    local,
+    mark_head,
+    parse_host_list,
+    read_hostfile,
+    with_ranks_per_host,
+)
 from . import mpi_job
 
 START_TIMEOUT_S = 60.0
@@ -31,7 +41,7 @@ GRACE_S = 60.0
 class ClusterSpec:
     """What a cluster is: where its ranks run and how they are started."""
 
-    placement: hostmod.Placement
+    placement: Placement
     backend: str
     mpiexec: str
     explicit_mpiexec: bool
@@ -68,18 +78,18 @@ def placement_from(
     *,
     hosts: str | Sequence[str] | None = None,
     hostfile: str | os.PathLike[str] | None = None,
-) -> hostmod.Placement:
+) -> Placement:
     """Where the ranks go: ``n`` local ranks, or ``n`` per host of ``hosts``/``hostfile``."""
     if hosts is not None and hostfile is not None:
         raise MLXClusterError("give --hosts or --hostfile, not both")
     if hostfile is not None:
-        placement = hostmod.with_ranks_per_host(hostmod.read_hostfile(hostfile), n)
+        placement = with_ranks_per_host(read_hostfile(hostfile), n)
     elif hosts is not None:
         spec = hosts if isinstance(hosts, str) else ",".join(hosts)
-        placement = hostmod.with_ranks_per_host(hostmod.parse_host_list(spec), n)
+        placement = with_ranks_per_host(parse_host_list(spec), n)
     else:
-        return hostmod.local(2 if n is None else n)
-    return hostmod.mark_head(placement, own_names())
+        return local(2 if n is None else n)
+    return mark_head(placement, own_names())
 
 
 def own_names() -> set[str]:
@@ -94,6 +104,19 @@ def _positive(value: object, flag: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise MLXClusterError(f"{flag} must be a positive number of seconds, got {value}")
     return float(value)
+
+
+def _check_rdma(placement: Placement, backend: str) -> None:
+    """The jaccl backends need Macs with RDMA rows in the hostfile: checked before launching."""
+    if backend not in JACCL_BACKENDS:
+        return
+    if placement.is_local:
+        raise MLXClusterError(
+            "the jaccl backend is RDMA over Thunderbolt 5 between Macs: give a "
+            "--hostfile with rdma rows (mlx.distributed_config --backend jaccl); "
+            "locally use mpi or ring"
+        )
+    mpi_job.ibv_devices(placement, ring=backend == "jaccl-ring")
 
 
 def resolve(
@@ -120,7 +143,7 @@ def resolve(
     """Check every option; raise ``MLXClusterError`` (one line, with the fix) on the first bad
     one."""
     placement = placement_from(n, hosts=hosts, hostfile=hostfile)
-    chosen = hostmod.check_backend(backend or placement.backend or "mpi")
+    chosen = check_backend(backend or placement.backend or "mpi")
     if not (isinstance(connections_per_ip, int) and 1 <= connections_per_ip <= 16):
         raise MLXClusterError(
             f"--connections-per-ip must be a whole number from 1 to 16, got {connections_per_ip}"
@@ -133,15 +156,7 @@ def resolve(
     grace = _positive(grace, "--grace")
     found_mpiexec = mpi_job.find_mpiexec(mpiexec)
     lib = mpi_job.find_libmpi(found_mpiexec, mpi_lib) if chosen in ("mpi", "any") else mpi_lib
-    if chosen in hostmod.JACCL_BACKENDS:
-        if placement.is_local:
-            raise MLXClusterError(
-                "the jaccl backend is RDMA over Thunderbolt 5 between Macs: give a "
-                "--hostfile with rdma rows (mlx.distributed_config --backend jaccl); "
-                "locally use mpi or ring"
-            )
-        # validate the rdma rows before launching
-        mpi_job.ibv_devices(placement, ring=chosen == "jaccl-ring")
+    _check_rdma(placement, chosen)
     if placement.is_local and python and not os.access(python, os.X_OK):
         raise MLXClusterError(f"--python {python!r} is not an executable here")
     if workdir is not None and placement.is_local and not os.path.isdir(workdir):
@@ -183,7 +198,7 @@ def resolve(
 def without_hosts(spec: ClusterSpec, names: Sequence[str]) -> ClusterSpec:
     """The same cluster on the other hosts: the placement, the control plane and MPI's
     networks worked out again for them."""
-    placement = hostmod.without_hosts(spec.placement, names)
+    placement = leave_out_hosts(spec.placement, names)
     control, peers, networks = data_plane(placement, spec.ssh)
     return dataclasses.replace(
         spec,
@@ -196,7 +211,7 @@ def without_hosts(spec: ClusterSpec, names: Sequence[str]) -> ClusterSpec:
 
 
 def data_plane(
-    placement: hostmod.Placement, ssh: str | None, controller_ip: str | None = None
+    placement: Placement, ssh: str | None, controller_ip: str | None = None
 ) -> tuple[mpi_job.ControlPlane, dict[str, str], list[str]]:
     """Where the head listens for the hosts (the cables, or the network ssh uses when every
     cable has its own subnet), the address ssh reaches each host at, and the networks MPI's

@@ -26,7 +26,7 @@ from ..data_paths import data_paths, in_networks, missing_paths_fix
 from ..macos import HostFacts, host_facts
 from ..netif import RouteFinding, interface_for, local_interfaces, route_checks
 from ..placement import Host, Placement
-from . import probe as _probe
+from . import probe
 from .advice import Advice, advise_backend
 from .collect import HostProbe, Reach, probe_host, ssh_argv, tcp_reach
 from .host_checks import (
@@ -62,7 +62,7 @@ __all__ = [
 
 def head_versions() -> dict[str, str | None]:
     """This process's versions, read exactly as the remote probe reads them."""
-    return {k: v.get("version") for k, v in _probe.versions().items()}
+    return {k: v.get("version") for k, v in probe.versions().items()}
 
 
 def _facts(host: Host, found: HostProbe) -> HostFacts | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ...errors import MLXClusterError
 from ..placement import Host
-from . import probe as _probe_module
+from . import probe
 from .probe import MARK
 
 # Runs under ``sh -s -- PYTHON FACTS REACH PEER_IP...`` (only the arguments pass through the
@@ -105,7 +105,7 @@ exit 0
 
 def probe_script() -> str:
     """The whole script sent to a host: the shell part with :mod:`.probe`'s source inside."""
-    source = Path(_probe_module.__file__).read_text(encoding="utf-8")
+    source = Path(probe.__file__).read_text(encoding="utf-8")
     return _SH_HEAD + source + _SH_TAIL
 
 

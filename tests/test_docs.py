@@ -1,0 +1,65 @@
+"""The documentation site's generated reference: every option of every ``%mlx_cluster``
+subcommand appears on the page, read from the parsers the magic itself uses. (``make docs``
+builds the whole site with warnings as errors; ``make test`` runs it.)"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _extension() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "magic_reference", ROOT / "docs" / "_ext" / "magic_reference.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reference_lists_every_option_of_every_subcommand() -> None:
+    from mlx_cluster_magic.magics import PARSERS
+
+    sections = _extension().render(PARSERS)
+    titles = [s.next_node().astext() for s in sections]
+    assert titles == [f"%mlx_cluster {name}" for name in PARSERS]
+    for section, (name, parser) in zip(sections, PARSERS.items(), strict=True):
+        text = section.astext()
+        assert parser.description and parser.description in text, name
+        shown_by_h = parser._get_formatter()  # the words and defaults ``-h`` prints
+        for action in parser._actions:
+            for typed in [*action.option_strings, shown_by_h._format_action_invocation(action)]:
+                assert typed in text, f"{name}: {typed} is missing from the reference"
+            if action.help:
+                assert shown_by_h._expand_help(action) in text, f"{name}: help of {action.dest}"
+
+
+def test_a_missing_option_would_show() -> None:
+    """The check above can fail: an option added to a parser shows on the page at once."""
+    from mlx_cluster_magic.magics import _build_parsers
+
+    parsers = _build_parsers()
+    parsers["stop"].add_argument("--brand-new-option", help="something new")
+    stop = _extension().render({"stop": parsers["stop"]})[0].astext()
+    assert "--brand-new-option" in stop and "something new" in stop
+
+
+def test_the_magics_page_is_the_generated_reference() -> None:
+    page = (ROOT / "docs" / "reference" / "magics.md").read_text()
+    assert "```{mlx-cluster-magics}\n```" in page
+    assert "magic_reference" in (ROOT / "docs" / "conf.py").read_text()
+
+
+def test_the_readme_fits_and_its_links_lead_somewhere() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert links, "the README links to the documentation"
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert missing == [], missing
