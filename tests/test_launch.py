@@ -251,3 +251,14 @@ def test_ssh_addresses_reads_the_ssh_config(tmp_path) -> None:
         "mac1": "10.9.8.7",
         "10.9.8.6": "10.9.8.6",
     }
+
+
+def test_a_grace_past_prrtes_keepalive_delays_its_first_probe() -> None:
+    # PRRTE probes an idle daemon connection after 300 s (oob/tcp's default) and gives up 180 s
+    # later: a grace near that needs a later first probe, a shorter one changes nothing.
+    short = launch.mpiexec_args(RING4, launch.MPIOptions(grace=60))
+    assert "oob_tcp_keepalive_time" not in short
+    long = launch.mpiexec_args(RING4, launch.MPIOptions(grace=600))
+    at = long.index("oob_tcp_keepalive_time")
+    assert long[at - 1] == "--prtemca" and long[at + 1] == "660"
+    assert "oob_tcp_keepalive_time" not in launch.mpiexec_args(local(2), launch.MPIOptions(grace=600))

@@ -165,6 +165,7 @@ def bring_up(run: Running) -> None:
         workdir=spec.workdir,
         as_root=os.geteuid() == 0,
         cpu_count=os.cpu_count() or 1,
+        grace=spec.grace,
     )
     run.ipp.start_engines_sync(
         n=spec.n,

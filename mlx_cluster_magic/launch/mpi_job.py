@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import shutil
 import sys
@@ -207,6 +208,11 @@ def mpi_session_dir(mpiexec_pid: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"ompi.{mpiexec_pid}")
 
 
+#: PRRTE's ``oob_tcp_keepalive_time`` default (``oob_tcp_component.c``).
+PRRTE_KEEPALIVE_TIME_S = 300
+PRRTE_KEEPALIVE_MARGIN_S = 60
+
+
 @dataclass(frozen=True)
 class MPIOptions:
     """What decides mpiexec's arguments, beyond the placement."""
@@ -220,6 +226,8 @@ class MPIOptions:
     workdir: str | None = None
     as_root: bool = False
     cpu_count: int = 1
+    #: Seconds of silence the daemons' connections must outlast (the cluster's grace).
+    grace: float = 60.0
 
 
 def mpiexec_args(placement: Placement, opts: MPIOptions) -> list[str]:
@@ -249,6 +257,12 @@ def mpiexec_args(placement: Placement, opts: MPIOptions) -> list[str]:
         if opts.prted:
             # Remote login shells need not have the venv on PATH.
             args += ["--prtemca", "prte_launch_agent", opts.prted]
+        if opts.grace + PRRTE_KEEPALIVE_MARGIN_S > PRRTE_KEEPALIVE_TIME_S:
+            # PRRTE's daemons probe an idle connection after 300 s and drop it after 9 more
+            # unanswered probes 20 s apart (oob/tcp's component defaults): a longer grace needs
+            # a later first probe, or a drop would end the job before the grace does.
+            idle = math.ceil(opts.grace + PRRTE_KEEPALIVE_MARGIN_S)
+            args += ["--prtemca", "oob_tcp_keepalive_time", str(idle)]
         nets = ",".join(opts.subnets) if opts.subnets else opts.subnet
         if nets:
             args += ["--mca", "btl_tcp_if_include", nets]
