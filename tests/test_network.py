@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from IPython.core.error import UsageError
+from test_pipeline_plan import fake_model
 
 from conftest import cabled_macs, no_leaks_on, virtual_macs
 
@@ -138,6 +139,9 @@ def test_one_host_dropped_is_named_and_restart_without_it_replays(
     cluster = start(ip, bridge, bridge.hostfile(tmp_path / "hosts.json"))
     try:
         ip.run_cell_magic("px", "", "a = world.rank() + 1")
+        model = fake_model(tmp_path / "model", 12, 2**20)
+        caps = {"mac1": "1GB", "mac2": "1GB", "mac3": "1GB"}
+        assert len(cluster.plan_pipeline(str(model), memory=caps).ranks) == 3
         timer = threading.Timer(1.0, bridge.drop, args=("mac3",))
         timer.start()
         t0 = time.monotonic()
@@ -159,6 +163,9 @@ def test_one_host_dropped_is_named_and_restart_without_it_replays(
         ip.run_line_magic("mlx_cluster", "restart --without mac3 --replay")
         assert [r["host"] for r in cluster.ranks] == ["mac1", "mac2"]
         assert cluster.view["a"] == [1, 2]  # the cell replayed on the ranks left
+        plan = cluster.pipeline_plan
+        assert [r.host for r in plan.ranks] == ["mac1", "mac2"] and plan.fits
+        assert "(planned again for the 2 ranks left, was 3)" in repr(plan).splitlines()[0]
         ip.run_cell_magic("px", "", ALL_SUM)
         assert cluster.view["s"] == [2.0, 2.0]
         print(f"mac3 named {named:.1f} s after its network dropped")
