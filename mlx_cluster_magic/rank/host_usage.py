@@ -1,0 +1,188 @@
+"""How hard each Mac works, sampled on the host by the status sidecar (one sampler per host).
+
+Every rank measures its own process's CPU use (the difference of its CPU times between two
+reports: one ``getrusage``-like read, no thread of its own). The host's first rank (Open MPI's
+local rank 0; every rank where that is not set) also samples the host: CPU use of all cores,
+memory in use and, on Apple silicon, GPU use, CPU and GPU power and temperatures from
+``macmon pipe`` (no sudo), read without blocking from the JSON lines it prints. Where macmon is
+missing on a Mac the record says so (``usage_hint``), so the view can say what adds them; on
+Linux those fields are absent, never zero.
+
+Records carry plain numbers under the names in ``HOST_FIELDS`` and ``RANK_FIELDS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+#: Open MPI's rank number of this process among the ranks on its host.
+LOCAL_RANK_VAR = "OMPI_COMM_WORLD_LOCAL_RANK"
+#: Fields the host's sampler adds to its rank's record: percentages, watts, degrees Celsius.
+HOST_FIELDS = (
+    "host_cpu_percent",
+    "mem_percent",
+    "gpu_percent",
+    "cpu_w",
+    "gpu_w",
+    "cpu_temp_c",
+    "gpu_temp_c",
+)
+#: Fields every rank adds: its own process's CPU use (100 is one core busy).
+RANK_FIELDS = ("cpu_percent",)
+#: Where Homebrew puts macmon, for a login PATH (ssh's) that lacks it.
+MACMON_PLACES = ("/opt/homebrew/bin/macmon", "/usr/local/bin/macmon")
+MACMON_HINT = "brew install macmon adds GPU use, power and temperature"
+#: A partial line longer than this is not macmon's: drop it.
+MAX_LINE = 1 << 16
+
+
+def parse_macmon_line(line: str | bytes) -> dict[str, float]:
+    """The figures we show from one ``macmon pipe`` JSON line: GPU use (``gpu_usage`` is
+    ``[MHz, ratio 0-1]``), CPU and GPU power (W), CPU and GPU temperature (average, Celsius).
+    A field macmon left out or reported as not a number is left out; not JSON gives ``{}``."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    out: dict[str, float] = {}
+
+    def put(name: str, value: Any, scale: float = 1.0) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value) * scale
+
+    usage = doc.get("gpu_usage")
+    if isinstance(usage, list) and len(usage) == 2:
+        put("gpu_percent", usage[1], 100.0)
+    put("cpu_w", doc.get("cpu_power"))
+    put("gpu_w", doc.get("gpu_power"))
+    temp = doc.get("temp")
+    if isinstance(temp, dict):
+        put("cpu_temp_c", temp.get("cpu_temp_avg"))
+        put("gpu_temp_c", temp.get("gpu_temp_avg"))
+    return out
+
+
+def first_on_host(environ: dict[str, str] | None = None) -> bool:
+    """Whether this rank samples its host: Open MPI's local rank 0 (every rank when unknown)."""
+    value = (os.environ if environ is None else environ).get(LOCAL_RANK_VAR)
+    return value is None or value.strip() == "0"
+
+
+def find_macmon() -> str | None:
+    """macmon's path on this Mac, or None (not a Mac, or not installed)."""
+    if sys.platform != "darwin":
+        return None
+    found = shutil.which("macmon")
+    if found:
+        return found
+    return next((p for p in MACMON_PLACES if os.access(p, os.X_OK)), None)
+
+
+class MacmonReader:
+    """``macmon pipe`` running beside the rank; ``latest()`` is the newest line's figures.
+
+    Its stdout is read without blocking from the sidecar's thread at every report. macmon
+    ends with the rank: ``close()`` stops it, and a rank killed outright closes the pipe, on
+    which macmon's next write fails and it exits.
+    """
+
+    def __init__(self, path: str, interval_ms: int) -> None:
+        self._proc = subprocess.Popen(
+            [path, "pipe", "-i", str(max(100, interval_ms))],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self._proc.stdout is not None
+        self._fd = self._proc.stdout.fileno()
+        os.set_blocking(self._fd, False)
+        self._partial = b""
+        self._latest: dict[str, float] = {}
+
+    def latest(self) -> dict[str, float]:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                return {}
+            if not chunk:  # macmon exited
+                break
+            self._partial += chunk
+        *lines, self._partial = self._partial.split(b"\n")
+        if len(self._partial) > MAX_LINE:
+            self._partial = b""
+        for line in reversed(lines):
+            parsed = parse_macmon_line(line) if line.strip() else {}
+            if parsed:
+                self._latest = parsed
+                break
+        return self._latest
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._proc.terminate()
+        with contextlib.suppress(Exception):
+            self._proc.wait(1)
+
+
+class UsageSampler:
+    """What one report says of the work on this host (see the module's docstring)."""
+
+    def __init__(self, samples_host: bool, interval_s: float) -> None:
+        import psutil
+
+        self.samples_host = samples_host
+        self._psutil = psutil
+        self._proc = psutil.Process()
+        self._last: tuple[float, float] | None = None  # (wall clock, CPU seconds) at last read
+        self._macmon: MacmonReader | None = None
+        self.hint: str | None = None
+        if samples_host:
+            psutil.cpu_percent(None)  # the first call starts psutil's interval
+            path = find_macmon()
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    self._macmon = MacmonReader(path, int(interval_s * 1000))
+            elif sys.platform == "darwin":
+                self.hint = MACMON_HINT
+
+    def _process_cpu(self) -> float | None:
+        times = self._proc.cpu_times()
+        now, used = time.monotonic(), float(times.user + times.system)
+        last, self._last = self._last, (now, used)
+        if last is None or now <= last[0]:
+            return None
+        return max(0.0, 100.0 * (used - last[1]) / (now - last[0]))
+
+    def sample(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            cpu = self._process_cpu()
+            if cpu is not None:
+                out["cpu_percent"] = round(cpu, 1)
+        if not self.samples_host:
+            return out
+        out["samples_host"] = True
+        with contextlib.suppress(Exception):
+            out["host_cpu_percent"] = round(float(self._psutil.cpu_percent(None)), 1)
+            out["mem_percent"] = round(float(self._psutil.virtual_memory().percent), 1)
+        if self._macmon is not None:
+            out.update({k: round(v, 2) for k, v in self._macmon.latest().items()})
+        if self.hint:
+            out["usage_hint"] = self.hint
+        return out
+
+    def close(self) -> None:
+        if self._macmon is not None:
+            self._macmon.close()
