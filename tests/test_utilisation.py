@@ -191,7 +191,7 @@ def test_cpu_per_rank_rises_in_a_busy_cell_and_falls_after(no_leaks) -> None:
     for b, d, a in zip(before, during, after, strict=True):
         assert b is not None and d is not None and a is not None
         assert b < 15 and a < 15, (before, after)
-        assert d > 25 and d > 2 * max(b, a) + 10, (before, during, after)
+        assert d > 3 * max(b, a) + 10, (before, during, after)
     # one host, sampled once: host figures on both rows, GPU absent (not zero) here
     assert nodes[0]["host"] == nodes[1]["host"]
     assert all(n["host_cpu_percent"] is not None and n["mem_percent"] is not None for n in nodes)
@@ -201,6 +201,9 @@ def test_cpu_per_rank_rises_in_a_busy_cell_and_falls_after(no_leaks) -> None:
     assert set(rank_cpu["rank"]) == {0, 1}
     host_cpu = series[series["field"] == "host_cpu_percent"]
     assert len(host_cpu) > 5 and host_cpu["rank"].isna().all()
+    # one sampler for the host: a host figure per report of one rank, not of both
+    per_rank = rank_cpu.groupby("rank").size()
+    assert len(host_cpu) <= max(per_rank) + 2, (len(host_cpu), per_rank.to_dict())
     assert list(series.columns) == ["host", "time", "field", "value", "rank"]
 
 

@@ -295,6 +295,37 @@ function pruneViews() {
   }
 }
 
+// The side bar tab of a side panel (its title and close icon).
+function panelTab(panel) {
+  return panel && panel.id ? document.querySelector(`.lm-TabBar-tab[data-id="${panel.id}"]`) : null;
+}
+
+// Press an element as a pointer would (Lumino's tab bar acts on pointer events, not clicks).
+function press(target) {
+  const r = target.getBoundingClientRect();
+  const at = { bubbles: true, cancelable: true, button: 0, clientX: r.left + r.width / 2, clientY: r.top + r.height / 2, pointerId: 1, isPrimary: true, pointerType: "mouse" };
+  target.dispatchEvent(new PointerEvent("pointerdown", { ...at, buttons: 1 }));
+  target.dispatchEvent(new PointerEvent("pointerup", { ...at, buttons: 0 }));
+}
+
+// One side panel per notebook, across kernel restarts too: a new panel closes the panels of
+// the same title whose every view has outlived its kernel (the "(ended)" cluster's).
+function closeEndedTwins(panel) {
+  const tab = panelTab(panel);
+  const label = tab && tab.querySelector(".lm-TabBar-tabLabel");
+  if (!label) return;
+  for (const other of document.querySelectorAll(".jupyterlab-sidecar")) {
+    if (other === panel) continue;
+    const otherTab = panelTab(other);
+    const otherLabel = otherTab && otherTab.querySelector(".lm-TabBar-tabLabel");
+    if (!otherLabel || otherLabel.textContent !== label.textContent) continue;
+    const views = [...other.querySelectorAll(".mlx-cluster-status")];
+    if (!views.length || !views.every((v) => v.dataset.state === "ended")) continue;
+    const close = otherTab.querySelector(".lm-TabBar-tabCloseIcon");
+    if (close) press(close);
+  }
+}
+
 // The kernel behind the view, where the front end says (JupyterLab's widget manager).
 function kernelOf(model) {
   try {
@@ -370,6 +401,7 @@ function render({ model, el }) {
     if (me.side) {
       tell(true);
       peers().forEach((v) => v.redraw());
+      closeEndedTwins(el.closest(".jupyterlab-sidecar"));
     }
     draw();
   }
