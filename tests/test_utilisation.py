@@ -22,15 +22,21 @@ from mlx_cluster_magic.observe.utilisation import (
 from mlx_cluster_magic.rank.host_usage import (
     HOST_FIELDS,
     MACMON_HINT,
+    PipeReader,
     UsageSampler,
     first_on_host,
     parse_macmon_line,
+    parse_powermetrics_line,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "macos"
 VIEWS = Path(__file__).parents[1] / "mlx_cluster_magic" / "views"
 #: One line of ``macmon pipe``, as henrygd/beszel captured it (source in fixtures/macos/README.md).
-MACMON_LINE = (FIXTURES / "macmon-pipe_beszel-gpu-darwin-test.jsonl").read_text()
+MACMON_FILE = FIXTURES / "macmon-pipe_beszel-gpu-darwin-test.jsonl"
+MACMON_LINE = MACMON_FILE.read_text()
+#: ``sudo powermetrics --samplers gpu_power -i 500 -n 1`` on a Mac14,10, as published in
+#: henrygd/beszel issue 1746 (fixtures/macos/README.md).
+POWERMETRICS_FILE = FIXTURES / "powermetrics-samplers-gpu_power_mac14-10_beszel-issue-1746.txt"
 
 
 def test_macmon_line_gives_gpu_power_and_temperatures() -> None:
@@ -61,6 +67,52 @@ def test_macmon_line_cut_short_or_not_json_gives_nothing() -> None:
     doc = json.loads(line)
     del doc["temp"]
     assert "gpu_temp_c" not in parse_macmon_line(json.dumps(doc))
+
+
+def test_powermetrics_gpu_lines_give_gpu_use_and_power() -> None:
+    found: dict[str, float] = {}
+    for line in POWERMETRICS_FILE.read_bytes().splitlines():
+        found.update(parse_powermetrics_line(line))
+    assert found == pytest.approx({"gpu_percent": 0.97, "gpu_w": 0.004})
+    # the per-frequency residencies and the idle line are not GPU use
+    assert parse_powermetrics_line("GPU idle residency:  99.03%") == {}
+    assert parse_powermetrics_line("GPU HW active frequency: 444 MHz") == {}
+
+
+def _read_until_done(reader: PipeReader) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        latest = dict(reader.latest())
+        if reader._proc.poll() is not None and (latest or reader.failed):
+            return dict(reader.latest())
+        time.sleep(0.05)
+    raise AssertionError("the tool's output was not read")
+
+
+def test_pipe_reader_reads_a_tools_lines_without_blocking() -> None:
+    # a real process printing the captured lines, read as the sampler reads macmon's pipe
+    reader = PipeReader(["cat", str(MACMON_FILE)], parse_macmon_line)
+    try:
+        t = time.monotonic()
+        reader.latest()  # nothing may be there yet: it does not wait
+        assert time.monotonic() - t < 0.5
+        assert _read_until_done(reader) == parse_macmon_line(MACMON_LINE)
+        assert not reader.failed
+    finally:
+        reader.close()
+    reader = PipeReader(["cat", str(POWERMETRICS_FILE)], parse_powermetrics_line)
+    try:
+        assert _read_until_done(reader) == pytest.approx({"gpu_percent": 0.97, "gpu_w": 0.004})
+    finally:
+        reader.close()
+    # a tool that ends without a figure (sudo -n asking for a password) is failed
+    reader = PipeReader(
+        ["sh", "-c", "echo 'sudo: a password is required' >&2; exit 1"], parse_macmon_line
+    )
+    try:
+        assert _read_until_done(reader) == {} and reader.failed
+    finally:
+        reader.close()
 
 
 def test_first_on_host_is_open_mpi_local_rank_zero() -> None:

@@ -4,9 +4,11 @@ Every rank measures its own process's CPU use (the difference of its CPU times b
 reports: one ``getrusage``-like read, no thread of its own). The host's first rank (Open MPI's
 local rank 0; every rank where that is not set) also samples the host: CPU use of all cores,
 memory in use and, on Apple silicon, GPU use, CPU and GPU power and temperatures from
-``macmon pipe`` (no sudo), read without blocking from the JSON lines it prints. Where macmon is
-missing on a Mac the record says so (``usage_hint``), so the view can say what adds them; on
-Linux those fields are absent, never zero.
+``macmon pipe`` (no sudo), read without blocking from the JSON lines it prints. Without macmon,
+GPU use and power come from ``powermetrics --samplers gpu_power`` where it runs without a
+password (root, or a sudoers rule: ``sudo -n``). Where neither runs on a Mac the record says so
+(``usage_hint``), so the view can say what adds them; on Linux those fields are absent, never
+zero.
 
 Records carry plain numbers under the names in ``HOST_FIELDS`` and ``RANK_FIELDS``.
 """
@@ -20,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: Open MPI's rank number of this process among the ranks on its host.
@@ -36,6 +39,7 @@ HOST_FIELDS = (
 )
 #: Fields every rank adds: its own process's CPU use (100 is one core busy).
 RANK_FIELDS = ("cpu_percent",)
+POWERMETRICS = "/usr/bin/powermetrics"
 #: Where Homebrew puts macmon, for a login PATH (ssh's) that lacks it.
 MACMON_PLACES = ("/opt/homebrew/bin/macmon", "/usr/local/bin/macmon")
 MACMON_HINT = "brew install macmon adds GPU use, power and temperature"
@@ -71,6 +75,25 @@ def parse_macmon_line(line: str | bytes) -> dict[str, float]:
     return out
 
 
+def parse_powermetrics_line(line: str | bytes) -> dict[str, float]:
+    """What one line of ``powermetrics --samplers gpu_power`` (text) says: ``GPU HW active
+    residency:   0.97% (...)`` is GPU use (%), ``GPU Power: 4 mW`` its power (W); ``{}``
+    for every other line."""
+    text = line.decode(errors="replace") if isinstance(line, bytes) else line
+    name, sep, rest = text.strip().partition(":")
+    if not sep:
+        return {}
+    try:
+        if name == "GPU HW active residency":
+            return {"gpu_percent": float(rest.split("%", 1)[0])}
+        if name == "GPU Power":
+            value, unit = rest.split()[:2]
+            return {"gpu_w": float(value) / 1000.0} if unit == "mW" else {}
+    except ValueError:
+        return {}
+    return {}
+
+
 def first_on_host(environ: dict[str, str] | None = None) -> bool:
     """Whether this rank samples its host: Open MPI's local rank 0 (every rank when unknown)."""
     value = (os.environ if environ is None else environ).get(LOCAL_RANK_VAR)
@@ -87,17 +110,29 @@ def find_macmon() -> str | None:
     return next((p for p in MACMON_PLACES if os.access(p, os.X_OK)), None)
 
 
-class MacmonReader:
-    """``macmon pipe`` running beside the rank; ``latest()`` is the newest line's figures.
+def powermetrics_command(interval_ms: int) -> list[str] | None:
+    """``powermetrics`` sampling the GPU every ``interval_ms``, as root or through ``sudo -n``
+    (never asks for a password); None where it is not a Mac's."""
+    if sys.platform != "darwin" or not os.access(POWERMETRICS, os.X_OK):
+        return None
+    cmd = [POWERMETRICS, "--samplers", "gpu_power", "-i", str(max(100, interval_ms))]
+    return cmd if os.geteuid() == 0 else ["sudo", "-n", *cmd]
 
-    Its stdout is read without blocking from the sidecar's thread at every report. macmon
+
+class PipeReader:
+    """A sampling tool running beside the rank (``macmon pipe``, ``powermetrics``);
+    ``latest()`` is what its newest lines say, each parsed by ``parse``.
+
+    Its stdout is read without blocking from the sidecar's thread at every report. The tool
     ends with the rank: ``close()`` stops it, and a rank killed outright closes the pipe, on
-    which macmon's next write fails and it exits.
+    which the tool's next write fails and it exits. ``failed`` once it has exited without a
+    figure (``sudo -n`` wanting a password, say).
     """
 
-    def __init__(self, path: str, interval_ms: int) -> None:
+    def __init__(self, cmd: list[str], parse: Callable[[bytes], dict[str, float]]) -> None:
+        self._parse = parse
         self._proc = subprocess.Popen(
-            [path, "pipe", "-i", str(max(100, interval_ms))],
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -107,6 +142,7 @@ class MacmonReader:
         os.set_blocking(self._fd, False)
         self._partial = b""
         self._latest: dict[str, float] = {}
+        self.failed = False
 
     def latest(self) -> dict[str, float]:
         while True:
@@ -116,17 +152,16 @@ class MacmonReader:
                 break
             except OSError:
                 return {}
-            if not chunk:  # macmon exited
+            if not chunk:  # the tool exited
+                self.failed = not self._latest
                 break
             self._partial += chunk
         *lines, self._partial = self._partial.split(b"\n")
         if len(self._partial) > MAX_LINE:
             self._partial = b""
-        for line in reversed(lines):
-            parsed = parse_macmon_line(line) if line.strip() else {}
-            if parsed:
-                self._latest = parsed
-                break
+        for line in lines:
+            if line.strip():
+                self._latest.update(self._parse(line))
         return self._latest
 
     def close(self) -> None:
@@ -146,15 +181,12 @@ class UsageSampler:
         self._psutil = psutil
         self._proc = psutil.Process()
         self._last: tuple[float, float] | None = None  # (wall clock, CPU seconds) at last read
-        self._macmon: MacmonReader | None = None
+        self._apple: PipeReader | None = None
         self.hint: str | None = None
         if samples_host:
             psutil.cpu_percent(None)  # the first call starts psutil's interval
-            path = find_macmon()
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    self._macmon = MacmonReader(path, int(interval_s * 1000))
-            elif sys.platform == "darwin":
+            self._apple = _apple_reader(int(interval_s * 1000))
+            if self._apple is None and sys.platform == "darwin":
                 self.hint = MACMON_HINT
 
     def _process_cpu(self) -> float | None:
@@ -177,12 +209,30 @@ class UsageSampler:
         with contextlib.suppress(Exception):
             out["host_cpu_percent"] = round(float(self._psutil.cpu_percent(None)), 1)
             out["mem_percent"] = round(float(self._psutil.virtual_memory().percent), 1)
-        if self._macmon is not None:
-            out.update({k: round(v, 2) for k, v in self._macmon.latest().items()})
+        if self._apple is not None:
+            out.update({k: round(v, 3) for k, v in self._apple.latest().items()})
+            if self._apple.failed:  # powermetrics wanted a password after all
+                self._apple.close()
+                self._apple, self.hint = None, MACMON_HINT
         if self.hint:
             out["usage_hint"] = self.hint
         return out
 
     def close(self) -> None:
-        if self._macmon is not None:
-            self._macmon.close()
+        if self._apple is not None:
+            self._apple.close()
+
+
+def _apple_reader(interval_ms: int) -> PipeReader | None:
+    """macmon where installed, else powermetrics where it runs without a password."""
+    path = find_macmon()
+    cmd = [path, "pipe", "-i", str(max(100, interval_ms))] if path else None
+    parse: Callable[[bytes], dict[str, float]] = parse_macmon_line
+    if cmd is None:
+        cmd, parse = powermetrics_command(interval_ms), parse_powermetrics_line
+    if cmd is None:
+        return None
+    try:
+        return PipeReader(cmd, parse)
+    except OSError:
+        return None
