@@ -335,3 +335,17 @@ def test_widget_syncs_sparklines_with_the_snapshot() -> None:
     w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=s)
     assert w.snapshot["sparklines"] == [spark]
     assert w.snapshot["nodes"][0]["gpu_percent"] == 3.4
+
+
+def test_progress_line_says_which_host_waits_on_the_network() -> None:
+    from mlx_cluster_magic.px import Progress, progress_rows
+
+    nodes = [
+        {"rank": 0, "state": "busy"},
+        {"rank": 1, "state": "busy", "waiting": "mac2 waits on the network (GPU 3 %)"},
+    ]
+    rows = progress_rows(nodes, done=[], targets=[0, 1], elapsed=9.2)
+    assert rows == [(0, "busy", "9 s"), (1, "busy", "9 s, mac2 waits on the network (GPU 3 %)")]
+    assert Progress.bundle(rows, 9.2).plain.endswith(
+        "rank 1 busy 9 s, mac2 waits on the network (GPU 3 %)"
+    )
