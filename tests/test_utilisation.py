@@ -83,8 +83,8 @@ def _read_until_done(reader: PipeReader) -> dict[str, float]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         latest = dict(reader.latest())
-        if reader._proc.poll() is not None and (latest or reader.failed):
-            return dict(reader.latest())
+        if reader.exited:
+            return latest
         time.sleep(0.05)
     raise AssertionError("the tool's output was not read")
 
@@ -97,7 +97,7 @@ def test_pipe_reader_reads_a_tools_lines_without_blocking() -> None:
         reader.latest()  # nothing may be there yet: it does not wait
         assert time.monotonic() - t < 0.5
         assert _read_until_done(reader) == parse_macmon_line(MACMON_LINE)
-        assert not reader.failed
+        assert reader.exited and not reader.failed  # all read, then the end seen
     finally:
         reader.close()
     reader = PipeReader(["cat", str(POWERMETRICS_FILE)], parse_powermetrics_line)

@@ -125,8 +125,9 @@ class PipeReader:
 
     Its stdout is read without blocking from the sidecar's thread at every report. The tool
     ends with the rank: ``close()`` stops it, and a rank killed outright closes the pipe, on
-    which the tool's next write fails and it exits. ``failed`` once it has exited without a
-    figure (``sudo -n`` wanting a password, say).
+    which the tool's next write fails and it exits. ``exited`` once it has ended (its last
+    figures are then not current); ``failed`` when it ended without one (``sudo -n`` wanting a
+    password, say).
     """
 
     def __init__(self, cmd: list[str], parse: Callable[[bytes], dict[str, float]]) -> None:
@@ -142,7 +143,11 @@ class PipeReader:
         os.set_blocking(self._fd, False)
         self._partial = b""
         self._latest: dict[str, float] = {}
-        self.failed = False
+        self.exited = False
+
+    @property
+    def failed(self) -> bool:
+        return self.exited and not self._latest
 
     def latest(self) -> dict[str, float]:
         while True:
@@ -153,7 +158,7 @@ class PipeReader:
             except OSError:
                 return {}
             if not chunk:  # the tool exited
-                self.failed = not self._latest
+                self.exited = True
                 break
             self._partial += chunk
         *lines, self._partial = self._partial.split(b"\n")
@@ -169,6 +174,9 @@ class PipeReader:
             self._proc.terminate()
         with contextlib.suppress(Exception):
             self._proc.wait(1)
+        with contextlib.suppress(Exception):
+            assert self._proc.stdout is not None
+            self._proc.stdout.close()
 
 
 class UsageSampler:
@@ -210,10 +218,14 @@ class UsageSampler:
             out["host_cpu_percent"] = round(float(self._psutil.cpu_percent(None)), 1)
             out["mem_percent"] = round(float(self._psutil.virtual_memory().percent), 1)
         if self._apple is not None:
-            out.update({k: round(v, 3) for k, v in self._apple.latest().items()})
-            if self._apple.failed:  # powermetrics wanted a password after all
+            figures = self._apple.latest()
+            if self._apple.exited:  # its last figures are not current: show none
+                failed = self._apple.failed  # (powermetrics wanted a password after all)
                 self._apple.close()
-                self._apple, self.hint = None, MACMON_HINT
+                self._apple = None
+                self.hint = MACMON_HINT if failed else None
+            else:
+                out.update({k: round(v, 3) for k, v in figures.items()})
         if self.hint:
             out["usage_hint"] = self.hint
         return out
