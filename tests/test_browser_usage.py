@@ -60,6 +60,10 @@ snap = ClusterSnapshot("running", "ring", 3, 3, 42.0, tuple(node(r) for r in ran
     topology_svg=topology_svg(Placement(hosts=hosts, per_host=(1, 1, 1))), sparklines=sparks)
 w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=snap)
 w""",
+    # the cell ends: every rank idle
+    """import dataclasses
+w.update(dataclasses.replace(
+    snap, nodes=tuple(dataclasses.replace(n, state="idle") for n in snap.nodes)))""",
 ]
 
 
@@ -179,6 +183,19 @@ def test_usage_columns_and_sparkline_in_jupyterlab(
         assert [u[:2] for u in uses] == [["mac1", "96"], ["mac2", "3"], ["mac3", "88"]], uses
         assert uses[0][2] != uses[1][2]  # busy and idle hosts differ in colour
         page.locator(view).screenshot(path=str(macs_shot))
+        _run_cell(page, 6)  # no cell runs any more: the picture as drawn
+        _wait_executed(page, 6, timeout=30)
+        _wait(
+            "the topology's colours to go",
+            lambda: page.locator(f"{view} .mlx-topology g.host[data-use]").count() == 0,
+            5,
+        )
+        fills = page.evaluate(
+            """(view) => Array.from(document.querySelectorAll(view + ' .mlx-topology g.host rect'))
+                .map(r => r.getAttribute('fill'))""",
+            view,
+        )
+        assert fills == ["#f4f4f8"] * 3, fills
         # narrow: the usage columns follow the table's rules (dropped least needed first)
         page.evaluate("(view) => { document.querySelector(view).style.width = '420px'; }", view)
         _wait(

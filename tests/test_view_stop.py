@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 
-def test_stop_from_the_view_ends_the_cell_with_a_plain_line(ip, capsys) -> None:
+def test_stop_in_the_view_ends_the_cell_with_a_plain_line(ip, capsys) -> None:
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
     view = cluster.status_view()
     capsys.readouterr()
@@ -15,9 +15,9 @@ def test_stop_from_the_view_ends_the_cell_with_a_plain_line(ip, capsys) -> None:
     try:
         result = ip.run_cell("%%px --progress-after -1\nimport time\ntime.sleep(30)")
     finally:
-        clicker.join(30)
-    said = capsys.readouterr()
-    text = said.out + said.err
+        clicker.join(60)
+    out = capsys.readouterr()
+    text = out.out + out.err
     assert type(result.error_in_exec).__name__ == "CellStopped"
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert lines == ["the cell ended: the cluster was stopped from the status view"], text

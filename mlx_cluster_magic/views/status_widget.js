@@ -655,9 +655,12 @@ function render({ model, el }) {
       if (!rect || !label) continue;
       const use = running ? hostUse(nodes, label.textContent) : null;
       if (!rect.dataset.fill) rect.dataset.fill = rect.getAttribute("fill") || "";
-      if (use === null) {
+      const title = g.querySelector("title.mlx-use");
+      if (use === null) {  // no cell runs: the picture as drawn
         rect.setAttribute("fill", rect.dataset.fill);
+        label.removeAttribute("fill");
         g.removeAttribute("data-use");
+        if (title) title.remove();
         continue;
       }
       const f = Math.max(0, Math.min(100, use)) / 100;
@@ -665,9 +668,10 @@ function render({ model, el }) {
       rect.setAttribute("fill", `rgb(${mix(244, 21)}, ${mix(244, 101)}, ${mix(248, 192)})`);
       label.setAttribute("fill", f > 0.5 ? "#fff" : "#222");
       g.dataset.use = String(Math.round(use));
-      let title = g.querySelector("title");
-      if (!title) { title = document.createElementNS("http://www.w3.org/2000/svg", "title"); g.prepend(title); }
-      title.textContent = `${label.textContent}: ${Math.round(use)} % in use`;
+      const tip = title || document.createElementNS("http://www.w3.org/2000/svg", "title");
+      tip.setAttribute("class", "mlx-use");
+      tip.textContent = `${label.textContent}: ${Math.round(use)} % in use`;
+      if (!title) g.prepend(tip);
     }
   }
 
