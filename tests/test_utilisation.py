@@ -349,3 +349,44 @@ def test_progress_line_says_which_host_waits_on_the_network() -> None:
     assert Progress.bundle(rows, 9.2).plain.endswith(
         "rank 1 busy 9 s, mac2 waits on the network (GPU 3 %)"
     )
+
+
+# --------------------------------------------------------------------------- several hosts
+@pytest.fixture(scope="module")
+def two_macs():
+    from conftest import virtual_macs
+
+    with virtual_macs(2, "10.243.1.0/24", "utl") as vc:
+        yield vc
+
+
+@pytest.mark.multihost
+def test_one_sampler_per_host_on_two_virtual_macs(two_macs, tmp_path: Path) -> None:
+    from mlx_cluster_magic import MLXCluster
+
+    hostfile = two_macs.hostfile(tmp_path / "hosts.json")
+    with MLXCluster(2, hostfile=hostfile, ssh=two_macs.rsh_agent, timeout=60) as cluster:
+        assert [r["host"] for r in cluster.ranks] == ["mac1", "mac1", "mac2", "mac2"]
+        _wait_for(
+            "every row's figures",
+            lambda: all(
+                n["cpu_percent"] is not None and n["host_cpu_percent"] is not None
+                for n in cluster.nodes()
+            ),
+            20,
+        )
+        time.sleep(3)
+        series = cluster.utilisation()
+        nodes = cluster.nodes()
+    assert [n["host"] for n in nodes] == ["mac1", "mac1", "mac2", "mac2"]
+    host_cpu = series[series["field"] == "host_cpu_percent"]
+    assert set(host_cpu["host"]) == {"mac1", "mac2"}
+    rank_cpu = series[series["field"] == "cpu_percent"]
+    assert set(rank_cpu["rank"]) == {0, 1, 2, 3}
+    per_rank = rank_cpu.groupby("rank").size()
+    for host in ("mac1", "mac2"):  # one sampler on each host, not one per rank
+        assert (host_cpu["host"] == host).sum() <= max(per_rank) + 2, host_cpu.groupby(
+            "host"
+        ).size()
+    if sys.platform != "darwin":
+        assert all(n["gpu_percent"] is None for n in nodes)
