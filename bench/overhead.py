@@ -1,6 +1,7 @@
 """What the live status view costs: a compute-bound ``%%px`` cell with live status on vs off,
 alternated pair by pair, with where every CPU second of the cell went (each process and thread
-taking part), and the sidecar thread's CPU on every engine while idle.
+taking part), the sidecar thread's CPU on every engine while idle, and what the per-host usage
+sampler costs at the view's rate.
 
     python bench/overhead.py [reps]
 """
@@ -187,6 +188,32 @@ def _cpu_of(threads: list[tuple[int, int]]) -> list[float]:
     return [_task_cpu_s(pid, tid) or 0.0 for pid, tid in threads]
 
 
+SAMPLER_CALLS = 2000  # host sampler reads timed in this process
+
+
+def _sampler_cost() -> tuple[list[float], list[float]]:
+    """CPU of one report's usage reading, as % of a core at the status view's rate: the host's
+    sampler (its rank's process CPU, the host's CPU and memory; macmon, on a Mac, is its own
+    process and not in this figure) and a second rank's (its own process CPU only). Five runs
+    of ``SAMPLER_CALLS`` reads each."""
+    from mlx_cluster_magic.rank.host_usage import UsageSampler
+    from mlx_cluster_magic.rank.status_sidecar import PERIOD_S
+
+    out: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(5):
+        for host in (True, False):
+            sampler = UsageSampler(samples_host=host, interval_s=PERIOD_S)
+            try:
+                t = time.thread_time()
+                for _ in range(SAMPLER_CALLS):
+                    sampler.sample()
+                per_call = (time.thread_time() - t) / SAMPLER_CALLS
+            finally:
+                sampler.close()
+            out[host].append(100.0 * per_call / PERIOD_S)
+    return out[True], out[False]
+
+
 def bench_overhead(reps: int) -> list[dict[str, Any]]:
     """A compute-bound %%px cell (2 local ranks) with live status on vs off, PAIRS_PER_REP
     pairs per repetition in ABBA order (on off off on ...), both clusters started afresh each
@@ -270,6 +297,13 @@ def bench_overhead(reps: int) -> list[dict[str, Any]]:
             for c in clusters.values():
                 if c.running:
                     c.stop()
+    sampler_host, sampler_rank = _sampler_cost()
+    print(
+        f"overhead: usage sampler, % of a core at the view's rate: host's "
+        f"{json.dumps([round(x, 4) for x in sampler_host])}, another rank's "
+        f"{json.dumps([round(x, 4) for x in sampler_rank])}",
+        flush=True,
+    )
     lo, hi = median_interval(ratios)
     print(
         f"overhead: cell = {steps} steps of 512x512 matmul+tanh; {len(ratios)} on/off pairs; "
@@ -343,6 +377,15 @@ def bench_overhead(reps: int) -> list[dict[str, Any]]:
             "% of a core",
             "< 1% of a core (absolute)",
             "whole idle engine process, status off (for scale)",
+        ),
+        compare(
+            "usage sampler of a host (its rank's process CPU, the host's CPU and memory; "
+            "macmon's own process on a Mac not included), CPU at the view's rate (2 reads/s)",
+            sampler_host,
+            sampler_rank,
+            "% of a core",
+            "< 0.5% of a core (absolute)",
+            "another rank's reading on the same host (its own process CPU only)",
         ),
         compare(
             f"idle engine process CPU over {IDLE_S:g} s, live status on",

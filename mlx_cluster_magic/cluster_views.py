@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .errors import MLXClusterError
@@ -60,7 +61,11 @@ class ClusterViews:
 
     def nodes(self) -> list[dict[str, Any]]:
         """Per rank: rank, host, state (starting/idle/busy/unresponsive/dead/stopped), busy_s,
-        last_seen_s, silent_s, rss_bytes, mlx_active_bytes, mlx_peak_bytes, device, pid, why."""
+        last_seen_s, silent_s, rss_bytes, mlx_active_bytes, mlx_peak_bytes, device, pid, why;
+        how hard it works: cpu_percent (its process; 100 is one core), and of its host
+        host_cpu_percent, mem_percent, and on a Mac with macmon gpu_percent, cpu_w, gpu_w,
+        cpu_temp_c, gpu_temp_c (None where unknown), usage_hint (what adds those), waiting
+        (``mac2 waits on the network (GPU 3 %)``)."""
         return [n.as_dict() for n in self._node_records()]
 
     def _node_records(self) -> list[NodeStatus]:
@@ -89,6 +94,23 @@ class ClusterViews:
             frame["step"] = frame["step"].astype("Int64")  # integers, with <NA> where not given
         return frame
 
+    def utilisation(self) -> Any:
+        """How hard every host worked, as series: records (host, time, field, value, rank), a
+        pandas DataFrame when pandas is installed. Fields: ``cpu_percent`` (a rank's process,
+        ``rank`` says which), ``host_cpu_percent``, ``mem_percent``, and on a Mac with macmon
+        ``gpu_percent``, ``cpu_w``, ``gpu_w``, ``cpu_temp_c``, ``gpu_temp_c``. ``time`` is a
+        (local) ``datetime`` of the notebook's clock; each series keeps its newest 5000 points."""
+        run = self._require()
+        points = [] if run.status is None else run.status.usage.points()
+        records = [{**asdict(p), "time": datetime.datetime.fromtimestamp(p.time)} for p in points]
+        try:
+            import pandas as pd
+        except ImportError:
+            return records
+        frame = pd.DataFrame(records, columns=["host", "time", "field", "value", "rank"])
+        frame["rank"] = frame["rank"].astype("Int64")  # <NA> for a host's own figures
+        return frame
+
     def snapshot(self) -> ClusterSnapshot:
         """The plain data every view renders.
 
@@ -108,6 +130,9 @@ class ClusterViews:
         if live:
             self._previous_metrics = ()  # the new run reports: the previous run's give way
         points = tuple(live) if live else self._previous_metrics
+        sparklines: tuple[dict[str, Any], ...] = ()
+        if run is not None and run.status is not None and not restarting:
+            sparklines = tuple(run.status.usage.sparklines([n.host for n in nodes]))
         return ClusterSnapshot(
             state="restarting" if restarting else self._state,
             backend=self.backend,
@@ -120,6 +145,7 @@ class ClusterViews:
             metrics=points,
             topology_svg=self._topology_svg,
             metrics_previous=not live and bool(points),
+            sparklines=sparklines,
         )
 
     def _starting_row(self, rank: int) -> NodeStatus:

@@ -92,6 +92,14 @@ class CellAborted(MLXClusterError):
     """A cell could not finish: a rank died, hung past its timeout, or ignored an interrupt."""
 
 
+class CellStopped(CellAborted):
+    """A person stopped the cluster (the view's Stop button, ``stop`` from elsewhere) while
+    the cell ran: their own click, so the cell says what happened as a plain line."""
+
+    def _render_traceback_(self) -> list[str]:  # how IPython shows it: the line, no "Error:"
+        return [str(self)]
+
+
 _OUR_OPTIONS = re.compile(r"(?:^|\s)(?:--timeout(?:=|\s+)\S+|--no-replay)(?=\s|$)")
 
 
@@ -174,6 +182,8 @@ def progress_rows(
             detail = node.get("why") or "gone"
         else:
             state, detail = "busy", f"{elapsed:.0f} s"
+            if node.get("waiting"):  # its host's GPU idles while it waits in a collective
+                detail += f", {node['waiting']}"
         rows.append((t, state, detail))
     return rows
 
@@ -364,6 +374,8 @@ class MLXParallelMagics(ParallelMagics):
                         if stream_output and ipp_adapter.output_ready(result):
                             raise error.AlreadyDisplayedError(e) from None
                         raise
+        except CellStopped:
+            raise
         except CellAborted as e:
             raise UsageError(str(e)) from None
         finally:
@@ -439,7 +451,7 @@ class MLXParallelMagics(ParallelMagics):
             what = f"the cluster was {by}" if by else cluster.not_running_message()
             if cluster.running:
                 what = "the cluster was restarted"
-            raise CellAborted(f"the cell ended: {what}")
+            raise (CellStopped if by else CellAborted)(f"the cell ended: {what}")
         dead = cluster.dead_ranks()
         if dead:
             what = cluster.describe_ranks(dead)

@@ -27,6 +27,16 @@ FIELDS = {
     "pid",
     "silent_s",
     "why",
+    "cpu_percent",
+    "host_cpu_percent",
+    "mem_percent",
+    "gpu_percent",
+    "cpu_w",
+    "gpu_w",
+    "cpu_temp_c",
+    "gpu_temp_c",
+    "usage_hint",
+    "waiting",
 }
 
 

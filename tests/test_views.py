@@ -229,6 +229,7 @@ def test_widget_traits_are_the_snapshot_data() -> None:
     assert w.snapshot == {
         **{k: v for k, v in expected.items() if k not in ("metrics", "topology_svg")},
         "nodes": list(expected["nodes"]),
+        "sparklines": list(expected["sparklines"]),
     }
     assert w.topology_svg == "<svg></svg>"
     # metrics: one entry per (name, rank), the records as columns

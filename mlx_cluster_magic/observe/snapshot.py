@@ -30,6 +30,7 @@ class NodeStatus:
     e.g. a C call holding the GIL), ``unreachable`` (neither the rank nor its host answers the
     head since ``silent_s`` ago: the network, not the rank; waited out up to the grace),
     ``dead`` (evidence the process is gone) or ``stopped``.
+    The usage fields (``cpu_percent`` ...) are the newest the host's sampler sent.
     """
 
     rank: int
@@ -44,6 +45,22 @@ class NodeStatus:
     pid: int | None
     silent_s: float | None = None
     why: str | None = None
+    #: How hard the rank and its host work (``rank.host_usage``): the rank's process CPU (100
+    #: is one core), the host's CPU and memory in use (%), and on a Mac with macmon GPU use
+    #: (%), CPU and GPU power (W) and temperatures (C). None where not known (GPU on Linux).
+    cpu_percent: float | None = None
+    host_cpu_percent: float | None = None
+    mem_percent: float | None = None
+    gpu_percent: float | None = None
+    cpu_w: float | None = None
+    gpu_w: float | None = None
+    cpu_temp_c: float | None = None
+    gpu_temp_c: float | None = None
+    #: What would add the figures this host lacks (a Mac without macmon), else None.
+    usage_hint: str | None = None
+    #: ``mac2 waits on the network (GPU 3 %)``: the rank has waited in a collective, and its
+    #: host's GPU idled, for more than 2 s (only where GPU use is known).
+    waiting: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +98,9 @@ class ClusterSnapshot:
     #: ``metrics`` are the last ones of a run that has ended (kept through stop and restart
     #: until the new run reports or the user clears them), not this run's.
     metrics_previous: bool = False
+    #: Per host, its GPU (else CPU) use over the last minute:
+    #: ``{"host", "field", "values"}`` (``observe.utilisation.UsageStore.sparklines``).
+    sparklines: tuple[dict[str, Any], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

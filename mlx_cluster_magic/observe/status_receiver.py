@@ -31,6 +31,7 @@ import zmq
 
 from ..fabric.placement import Placement
 from .snapshot import MetricPoint, NodeStatus
+from .utilisation import UsageStore, network_wait
 
 #: A rank whose reports stopped this long ago (its process alive) is ``unresponsive``.
 UNRESPONSIVE_AFTER_S = 2.0
@@ -89,6 +90,8 @@ class StatusReceiver:
         self._latest: dict[int, tuple[float, dict[str, Any], float]] = {}
         self._series: dict[int, dict[str, deque[tuple[float, float | None, float]]]] = {}
         self._lock = threading.Lock()
+        #: How hard each host works (CPU, GPU, power, temperature), kept bounded.
+        self.usage = UsageStore()
         #: Held while the sockets are read or closed: readers drain too (ZMQ sockets may move
         #: between threads only across a lock), so what arrived is in what they read.
         self._io_lock = threading.Lock()
@@ -185,6 +188,7 @@ class StatusReceiver:
         if not (isinstance(rank, int) and 0 <= rank < self.placement.size):
             return
         points = msg.pop("metrics", None)
+        self.usage.add(rank, msg)
         now = time.monotonic()
         with self._lock:
             old = self._latest.get(rank)
@@ -271,6 +275,9 @@ class StatusReceiver:
                     pid=msg.get("pid"),
                     silent_s=silent,
                     why=why,
+                    cpu_percent=msg.get("cpu_percent"),
+                    **self.usage.host_fields(str(msg.get("host", host.ssh))),
+                    waiting=network_wait(self.usage, str(msg.get("host", host.ssh)), msg, state),
                 )
             )
         return result

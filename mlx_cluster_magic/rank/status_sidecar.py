@@ -5,7 +5,7 @@ daemon thread here pushes a small JSON record to the head over ZMQ twice a secon
 thread sends a one-line notice (a UDP datagram) when a request starts or ends: busy or idle
 (from the engine's own request handling: the moment an execute/apply request starts and ends),
 how long the current request has run, RSS, MLX's memory, the numbers user code passed to
-``report()``, and the flight recorder's summary.
+``report()``, the flight recorder's summary, and how hard the host works (``host_usage``).
 
 A C call that holds the GIL silences this thread; the head then shows the rank
 ``unresponsive``, never ``dead`` (see observe.status_receiver).
@@ -23,6 +23,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
+
+from .host_usage import UsageSampler, first_on_host
 
 PERIOD_S = 0.5
 #: Numbers ``report()`` keeps until the next send; the oldest go first when full.
@@ -182,6 +184,7 @@ class Sidecar(threading.Thread):
         self.device = "unknown"
         self._host = socket.gethostname()
         self._pid = os.getpid()
+        self.usage: UsageSampler | None = None
 
     def sample(self) -> dict[str, Any]:
         import mlx.core as mx
@@ -206,6 +209,9 @@ class Sidecar(threading.Thread):
         points = _drain(POINTS_PER_MESSAGE)
         if points:
             msg["metrics"] = points
+        if self.usage is not None:
+            with contextlib.suppress(Exception):
+                msg.update(self.usage.sample())
         if self.extra is not None:
             try:
                 msg.update(self.extra())
@@ -223,6 +229,8 @@ class Sidecar(threading.Thread):
         sock.setsockopt(zmq.SNDHWM, 16)
         sock.connect(self.url)
         self.device = _device()
+        with contextlib.suppress(Exception):  # CPU (and macmon's) figures; one host rank samples
+            self.usage = UsageSampler(first_on_host(), PERIOD_S)
         try:
             while not self.stopped.is_set():
                 try:
@@ -233,6 +241,8 @@ class Sidecar(threading.Thread):
                 # this thread for them too would compete for the GIL with every short request)
                 self.stopped.wait(PERIOD_S)
         finally:
+            if self.usage is not None:
+                self.usage.close()
             sock.close(0)
             ctx.term()
 

@@ -6,8 +6,11 @@
 // A view can outlive its kernel (restart, shut down): it then says so and its buttons go off.
 
 const COLUMNS = ["rank", "host", "state", "busy", "heartbeat", "RSS", "MLX active", "MLX peak", "device"];
+// How hard each rank and host works (as views/text.py USAGE_COLUMNS): shown where some rank
+// reports the figure (GPU, power and temperature only on a Mac with macmon: absent elsewhere).
+const USAGE_COLUMNS = ["CPU", "host CPU", "GPU", "power", "temp", "last minute"];
 // Dropped in this order, one at a time, until the table fits its box (a narrow side panel).
-const DROP_ORDER = ["device", "MLX peak", "MLX active", "RSS", "host", "busy"];
+const DROP_ORDER = ["device", "MLX peak", "temp", "power", "MLX active", "host CPU", "RSS", "last minute", "host", "GPU", "busy"];
 const RANK_COLOURS = ["#1565c0", "#c62828", "#2e7d32", "#ef6c00", "#6a1b9a", "#00838f", "#5d4037"];
 const LOG_RATIO = 100;
 const DASH = 6; // one rank's dash where lines coincide, as views/charts.py
@@ -80,6 +83,66 @@ function cells(node) {
     humanBytes(live ? node.mlx_peak_bytes : null),
     node.device || "-",
   ];
+}
+
+function percent(v) {
+  return v === null || v === undefined ? "-" : `${Math.round(v)} %`;
+}
+
+function pair(a, b, unit, digits) {
+  if ((a === null || a === undefined) && (b === null || b === undefined)) return "-";
+  const f = (v) => (v === null || v === undefined ? "-" : v.toFixed(digits));
+  return `${f(a)} / ${f(b)} ${unit}`;
+}
+
+// As views/text.py usage_cells: the usage columns' text by name (a stopped rank shows none).
+function usageCells(node) {
+  const live = LIVE_NODE_STATES.includes(node.state);
+  const n = live ? node : {};
+  return {
+    "CPU": percent(n.cpu_percent),
+    "host CPU": percent(n.host_cpu_percent),
+    "GPU": percent(n.gpu_percent),
+    "power": pair(n.cpu_w, n.gpu_w, "W", 1),
+    "temp": pair(n.cpu_temp_c, n.gpu_temp_c, "°C", 0),
+  };
+}
+
+// The usage columns some rank has figures for (a column nobody can fill is not shown).
+function usageColumns(nodes, sparklines) {
+  const has = (f) => nodes.some((n) => n[f] !== null && n[f] !== undefined);
+  const shown = {
+    "CPU": has("cpu_percent"),
+    "host CPU": has("host_cpu_percent"),
+    "GPU": has("gpu_percent"),
+    "power": has("cpu_w") || has("gpu_w"),
+    "temp": has("cpu_temp_c") || has("gpu_temp_c"),
+    "last minute": (sparklines || []).length > 0,
+  };
+  return USAGE_COLUMNS.filter((c) => shown[c]);
+}
+
+// values 0-100 -> a small SVG line (the host's GPU, else CPU, use over the last minute)
+function sparkline(spark, width = 64, height = 16) {
+  const v = spark.values;
+  const what = spark.field === "gpu_percent" ? "GPU" : "CPU";
+  const step = v.length > 1 ? width / (v.length - 1) : 0;
+  const y = (x) => (height - 1 - ((height - 2) * Math.max(0, Math.min(100, x))) / 100).toFixed(1);
+  const pts = v.map((x, i) => `${(i * step).toFixed(1)},${y(x)}`).join(" ");
+  const last = v.length ? Math.round(v[v.length - 1]) : 0;
+  return `<svg xmlns="http://www.w3.org/2000/svg" class="mlx-spark" data-host="${esc(spark.host)}" data-field="${esc(spark.field)}" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}"><title>${esc(spark.host)}: ${what} use over the last minute (now ${last} %)</title><rect x="0" y="0" width="${width}" height="${height}" class="mlx-spark-box"/><polyline fill="none" stroke="#1565c0" stroke-width="1.2" points="${pts}"/></svg>`;
+}
+
+// A host's use, 0-100: GPU where known, else its CPU.
+function hostUse(nodes, host) {
+  const n = nodes.find((x) => x.host === host && (x.gpu_percent ?? x.host_cpu_percent) != null);
+  return n ? (n.gpu_percent ?? n.host_cpu_percent) : null;
+}
+
+// Text whose `quoted` parts are commands: shown as code, not with literal backticks.
+function withCode(el, text) {
+  const parts = String(text || "").split("`");
+  el.replaceChildren(...parts.map((p, i) => (i % 2 ? h("code", { text: p }) : document.createTextNode(p))));
 }
 
 function h(tag, attrs = {}, ...children) {
@@ -235,6 +298,37 @@ function pruneViews() {
   }
 }
 
+// The side bar tab of a side panel (its title and close icon).
+function panelTab(panel) {
+  return panel && panel.id ? document.querySelector(`.lm-TabBar-tab[data-id="${panel.id}"]`) : null;
+}
+
+// Press an element as a pointer would (Lumino's tab bar acts on pointer events, not clicks).
+function press(target) {
+  const r = target.getBoundingClientRect();
+  const at = { bubbles: true, cancelable: true, button: 0, clientX: r.left + r.width / 2, clientY: r.top + r.height / 2, pointerId: 1, isPrimary: true, pointerType: "mouse" };
+  target.dispatchEvent(new PointerEvent("pointerdown", { ...at, buttons: 1 }));
+  target.dispatchEvent(new PointerEvent("pointerup", { ...at, buttons: 0 }));
+}
+
+// One side panel per notebook, across kernel restarts too: a new panel closes the panels of
+// the same title whose every view has outlived its kernel (the "(ended)" cluster's).
+function closeEndedTwins(panel) {
+  const tab = panelTab(panel);
+  const label = tab && tab.querySelector(".lm-TabBar-tabLabel");
+  if (!label) return;
+  for (const other of document.querySelectorAll(".jupyterlab-sidecar")) {
+    if (other === panel) continue;
+    const otherTab = panelTab(other);
+    const otherLabel = otherTab && otherTab.querySelector(".lm-TabBar-tabLabel");
+    if (!otherLabel || otherLabel.textContent !== label.textContent) continue;
+    const views = [...other.querySelectorAll(".mlx-cluster-status")];
+    if (!views.length || !views.every((v) => v.dataset.state === "ended")) continue;
+    const close = otherTab.querySelector(".lm-TabBar-tabCloseIcon");
+    if (close) press(close);
+  }
+}
+
 // The kernel behind the view, where the front end says (JupyterLab's widget manager).
 function kernelOf(model) {
   try {
@@ -278,13 +372,15 @@ function render({ model, el }) {
   const banner = h("div", { class: "mlx-banner", role: "alert", hidden: "" });
   const tbody = h("tbody");
   const colClass = (c) => `mlx-col-${c.toLowerCase().replace(/\s+/g, "-")}`;
-  const thead = h("thead", {}, h("tr", {}, ...COLUMNS.map((c) => h("th", { class: colClass(c), text: c }))));
+  const thead = h("thead");
+  let shownColumns = "";
   const table = h("table", { class: "mlx-cluster-nodes" }, thead, tbody);
+  const usageHint = h("div", { class: "mlx-usage-hint", hidden: "" });
   const hiddenCols = h("div", { class: "mlx-hidden-cols", hidden: "" });
   const tabs = h("div", { class: "mlx-tabs", hidden: "" });
   const panes = h("div", { class: "mlx-panes" });
   const tableBox = h("div", { class: "mlx-table-box" }, table);
-  el.replaceChildren(h("div", { class: "mlx-head" }, title, buttons), notice, sideNote, broken, banner, tableBox, hiddenCols, tabs, panes);
+  el.replaceChildren(h("div", { class: "mlx-head" }, title, buttons), notice, sideNote, broken, banner, tableBox, usageHint, hiddenCols, tabs, panes);
 
   let pending = null; // {action, timer, received}
   let activeTab = null; // "metrics" | "topology" | null (hidden)
@@ -308,6 +404,7 @@ function render({ model, el }) {
     if (me.side) {
       tell(true);
       peers().forEach((v) => v.redraw());
+      closeEndedTwins(el.closest(".jupyterlab-sidecar"));
     }
     draw();
   }
@@ -467,7 +564,8 @@ function render({ model, el }) {
     table.classList.remove("mlx-wrap");
     for (const c of DROP_ORDER) table.classList.remove(`mlx-hide-${colClass(c).slice(8)}`);
     const hidden = [];
-    for (const c of DROP_ORDER) {
+    const present = shownColumns.split("|");
+    for (const c of DROP_ORDER.filter((x) => present.includes(x))) {
       if (table.offsetWidth <= width) break;
       table.classList.add(`mlx-hide-${colClass(c).slice(8)}`);
       hidden.push(c);
@@ -487,27 +585,54 @@ function render({ model, el }) {
     dot.className = `mlx-dot mlx-cluster-${state}`;
     header.textContent = headerText({ ...s, state });
     const b = ended ? endedText(ended) : brokenText(s);
-    broken.textContent = b || "";
+    withCode(broken, b);
     broken.hidden = !b;
     broken.classList.toggle("mlx-stopped-by", !ended && s.state === "stopped");
     broken.classList.toggle("mlx-ended", !!ended);
     banner.textContent = ended ? "" : s.banner || "";
     banner.hidden = ended || !s.banner;
-    const rows = (s.nodes || []).map((given) => {
+    const nodes = s.nodes || [];
+    const sparks = ended ? [] : s.sparklines || [];
+    const usage = usageColumns(ended ? [] : nodes, sparks);
+    const columns = [...COLUMNS, ...usage];
+    if (columns.join("|") !== shownColumns) {
+      shownColumns = columns.join("|");
+      thead.replaceChildren(h("tr", {}, ...columns.map((c) => h("th", { class: colClass(c), text: c }))));
+    }
+    const sparkShown = new Set();
+    const rows = nodes.map((given) => {
       // The kernel took the cluster with it: every rank is stopped.
       const node = ended ? { ...given, state: "stopped" } : given;
       const c = cells(node);
+      const u = usageCells(node);
       const tr = h("tr", { class: `mlx-node mlx-${node.state}`, "data-rank": String(node.rank) });
-      if (node.why) tr.title = node.why;
+      const why = [node.why, node.waiting].filter(Boolean).join("; ");
+      if (why) tr.title = why;
       c.forEach((text, i) => {
         const td = h("td", { class: colClass(COLUMNS[i]) });
         if (i === 2) td.append(h("span", { class: `mlx-state mlx-state-${node.state}`, text: `● ${text}` }));
         else td.textContent = text;
         tr.append(td);
       });
+      for (const col of usage) {
+        const td = h("td", { class: colClass(col) });
+        if (col === "last minute") {
+          // one sparkline per host, in its first row
+          const spark = sparks.find((x) => x.host === node.host);
+          if (spark && !sparkShown.has(node.host) && LIVE_NODE_STATES.includes(node.state)) {
+            sparkShown.add(node.host);
+            td.innerHTML = sparkline(spark);
+          }
+        } else td.textContent = u[col];
+        tr.append(td);
+      }
       return tr;
     });
     tbody.replaceChildren(...rows);
+    const hint = ended ? null : (nodes.find((n) => n.usage_hint) || {}).usage_hint;
+    usageHint.textContent = hint ? `GPU, power and temperature: ${hint}` : "";
+    usageHint.hidden = !hint;
+    colourTopology();
     const busy = pending !== null;
     stop.disabled = !!ended || busy || s.state === "stopped";
     restart.disabled = !!ended || busy;
@@ -519,6 +644,38 @@ function render({ model, el }) {
     restart.textContent = pending && (pending.action === "restart" || pending.action === "replay") ? PENDING_TEXT[pending.action] : "Restart";
     drawSideNote();
     fit();
+  }
+
+  // While a cell runs, each host of the topology picture is coloured by its use (GPU where
+  // known, else CPU): white idle, deep blue at 100 %.
+  function colourTopology() {
+    const s = model.get("snapshot") || {};
+    const nodes = s.nodes || [];
+    const running = !ended && nodes.some((n) => n.state === "busy");
+    for (const g of panes.querySelectorAll(".mlx-topology g.host")) {
+      const rect = g.querySelector("rect");
+      const label = g.querySelector("text");
+      if (!rect || !label) continue;
+      const use = running ? hostUse(nodes, label.textContent) : null;
+      if (!rect.dataset.fill) rect.dataset.fill = rect.getAttribute("fill") || "";
+      const title = g.querySelector("title.mlx-use");
+      if (use === null) {  // no cell runs: the picture as drawn
+        rect.setAttribute("fill", rect.dataset.fill);
+        label.removeAttribute("fill");
+        g.removeAttribute("data-use");
+        if (title) title.remove();
+        continue;
+      }
+      const f = Math.max(0, Math.min(100, use)) / 100;
+      const mix = (a, b) => Math.round(a + (b - a) * f);
+      rect.setAttribute("fill", `rgb(${mix(244, 21)}, ${mix(244, 101)}, ${mix(248, 192)})`);
+      label.setAttribute("fill", f > 0.5 ? "#fff" : "#222");
+      g.dataset.use = String(Math.round(use));
+      const tip = title || document.createElementNS("http://www.w3.org/2000/svg", "title");
+      tip.setAttribute("class", "mlx-use");
+      tip.textContent = `${label.textContent}: ${Math.round(use)} % in use`;
+      if (!title) g.prepend(tip);
+    }
   }
 
   let drawnPrevious = null;
@@ -563,6 +720,7 @@ function render({ model, el }) {
       const pane = h("div", { class: "mlx-pane mlx-topology" });
       pane.innerHTML = topo;
       panes.replaceChildren(pane);
+      colourTopology();
     } else {
       panes.replaceChildren();
     }
@@ -616,5 +774,5 @@ function render({ model, el }) {
   };
 }
 
-export { headerText, brokenText, endedText, cells, lineChart, chartsByName, niceTicks };
+export { headerText, brokenText, endedText, cells, usageCells, usageColumns, sparkline, lineChart, chartsByName, niceTicks };
 export default { render };

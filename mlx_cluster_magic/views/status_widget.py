@@ -83,6 +83,7 @@ def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
         "reason": s.reason,
         "banner": s.banner,
         "metrics_previous": s.metrics_previous,
+        "sparklines": list(s.sparklines),
     }
 
 

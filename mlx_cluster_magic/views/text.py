@@ -7,6 +7,7 @@ without its kernel) and what ``repr`` shows; they word everything as the widget 
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ CLUSTER_COLOURS = {
     "broken": "#c62828",
 }
 COLUMNS = ("rank", "host", "state", "busy", "heartbeat", "RSS", "MLX active", "MLX peak", "device")
+#: How hard each rank and host works, shown where some rank has the figure (GPU, power and
+#: temperature only on a Mac with macmon); the widget adds "last minute" (a sparkline).
+USAGE_COLUMNS = ("CPU", "host CPU", "GPU", "power", "temp")
 RESTART_HINT = "`%mlx_cluster restart` brings it back"
 #: Above metrics kept from a run that has ended.
 PREVIOUS_RUN = "from the previous run"
@@ -89,6 +93,51 @@ def node_cells(node: NodeStatus) -> list[str]:
     ]
 
 
+def _percent(v: float | None) -> str:
+    return "-" if v is None else f"{math.floor(v + 0.5)} %"  # halves up, as the widget's JS
+
+
+def _pair(a: float | None, b: float | None, unit: str, digits: int) -> str:
+    if a is None and b is None:
+        return "-"
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    return f"{f(a)} / {f(b)} {unit}"
+
+
+def usage_cells(node: NodeStatus) -> dict[str, str]:
+    """The usage columns' text by name: the rank's process CPU (100 % is one core), its host's
+    CPU and GPU use, CPU / GPU power and temperature; ``-`` for a rank that is not live."""
+    n = node if node.state in LIVE_NODE_STATES else None
+
+    def get(name: str) -> float | None:
+        return None if n is None else getattr(n, name)
+
+    return {
+        "CPU": _percent(get("cpu_percent")),
+        "host CPU": _percent(get("host_cpu_percent")),
+        "GPU": _percent(get("gpu_percent")),
+        "power": _pair(get("cpu_w"), get("gpu_w"), "W", 1),
+        "temp": _pair(get("cpu_temp_c"), get("gpu_temp_c"), "°C", 0),
+    }
+
+
+def usage_columns(nodes: Sequence[NodeStatus]) -> list[str]:
+    """The usage columns some rank has a figure for; a column nobody can fill is absent."""
+    fields = {
+        "CPU": ("cpu_percent",),
+        "host CPU": ("host_cpu_percent",),
+        "GPU": ("gpu_percent",),
+        "power": ("cpu_w", "gpu_w"),
+        "temp": ("cpu_temp_c", "gpu_temp_c"),
+    }
+    return [
+        c for c in USAGE_COLUMNS if any(getattr(n, f) is not None for n in nodes for f in fields[c])
+    ]
+
+
 def header_text(s: ClusterSnapshot) -> str:
     """``MLX cluster (running): backend mpi, 2 ranks on 1 host, uptime 3.2 s``."""
     uptime = human_seconds(s.uptime_s) if s.state == "running" else "-"
@@ -109,19 +158,33 @@ def broken_text(s: ClusterSnapshot) -> str | None:
     return f"broken: {reason}; {RESTART_HINT}."
 
 
+def _rows(nodes: Sequence[NodeStatus]) -> tuple[list[str], list[list[str]]]:
+    usage = usage_columns(nodes)
+    rows = []
+    for n in nodes:
+        cells = usage_cells(n)
+        rows.append([*node_cells(n), *(cells[c] for c in usage)])
+    return [*COLUMNS, *usage], rows
+
+
 def nodes_text(nodes: Sequence[NodeStatus]) -> str:
-    table = [list(COLUMNS), *(node_cells(n) for n in nodes)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    columns, rows = _rows(nodes)
+    table = [columns, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines += [f"rank {n.rank}: {n.why}" for n in nodes if n.why]
+    hint = next((n.usage_hint for n in nodes if n.usage_hint), None)
+    if hint:
+        lines.append(f"GPU, power and temperature: {hint}")
     return "\n".join(lines)
 
 
 def nodes_html(nodes: Sequence[NodeStatus]) -> str:
-    head = "".join(f"<th style='text-align:left;padding:2px 8px'>{c}</th>" for c in COLUMNS)
+    columns, texts = _rows(nodes)
+    head = "".join(f"<th style='text-align:left;padding:2px 8px'>{c}</th>" for c in columns)
     rows = []
-    for node in nodes:
-        cells = [html.escape(c) for c in node_cells(node)]
+    for node, text in zip(nodes, texts):
+        cells = [html.escape(c) for c in text]
         colour = STATE_COLOURS.get(node.state, "#000")
         cells[2] = f"<span style='color:{colour};font-weight:bold'>&#9679; {cells[2]}</span>"
         tds = "".join(f"<td style='padding:2px 8px'>{c}</td>" for c in cells)
