@@ -353,9 +353,11 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._refresh_widget()
         try:
             with self._lock:
+                # Stopped first, as in stop(): a %%px cell waiting in another thread then says
+                # the cluster was restarted, not the errors of the ranks the teardown kills.
+                self._state, self._reason = "stopped", "restarted"
                 if self._run is not None:
                     self._teardown()
-                self._state = "stopped"
             self.start(activate=activate)
         finally:
             self._restarting = False

@@ -451,7 +451,8 @@ class MLXParallelMagics(ParallelMagics):
             what = f"the cluster was {by}" if by else cluster.not_running_message()
             if cluster.running:
                 what = "the cluster was restarted"
-            raise (CellStopped if by else CellAborted)(f"the cell ended: {what}")
+            # a person's own stop or restart (the view, another thread): a plain line
+            raise (CellStopped if by or cluster.running else CellAborted)(f"the cell ended: {what}")
         dead = cluster.dead_ranks()
         if dead:
             what = cluster.describe_ranks(dead)
