@@ -66,7 +66,7 @@ def bench_pipeline(reps: int) -> list[dict[str, Any]]:
         stack.callback(vc.stop)
         hostfile = vc.hostfile(Path(work) / "hosts.json")
         cluster = shell.run_line_magic(
-            "mlx_cluster", f"start --hostfile {hostfile} --ssh '{vc.rsh_agent}' --no-status"
+            "mlx_cluster", f"start --hostfile {hostfile} --ssh '{vc.rsh_agent}' --no-live-status"
         )
         stack.callback(lambda: cluster.running and cluster.stop())
 

@@ -31,7 +31,7 @@ def bench_px_parity(reps: int) -> list[dict[str, Any]]:
     from IPython.core.interactiveshell import InteractiveShell
 
     from mlx_cluster_magic import MLXCluster
-    from mlx_cluster_magic.px import MLXParallelMagics
+    from mlx_cluster_magic.cluster.px import MLXParallelMagics
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "mlx_cluster_magic")

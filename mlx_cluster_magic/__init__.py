@@ -31,21 +31,21 @@ def __getattr__(name: str) -> Any:
 
 
 def load_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]
-    from .magics import MLXClusterMagics
+    from .cluster.magics import MLXClusterMagics
 
     if "MLXClusterMagics" in ipython.magics_manager.registry:
         return  # loaded already (by the kernel spec, or before): keep its cluster
 
     ipython.register_magics(MLXClusterMagics)
     if "px" not in ipython.magics_manager.magics["cell"]:
-        from .px import MLXParallelMagics
+        from .cluster.px import MLXParallelMagics
 
         # %%px before any start says, in one line, what to type.
         ipython.register_magics(MLXParallelMagics(ipython, None, None))
 
 
 def unload_ipython_extension(ipython) -> None:  # type: ignore[no-untyped-def]
-    from .magics import MLXClusterMagics
+    from .cluster.magics import MLXClusterMagics
 
     magics = ipython.magics_manager.registry.get(MLXClusterMagics.__name__)
     if magics is not None and magics.cluster is not None and magics.cluster.running:

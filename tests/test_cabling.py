@@ -94,7 +94,7 @@ def test_bridged_star_runs(
 ) -> None:
     hostfile = bridged_star.cabled_hostfile(tmp_path / "star.json", backend)
     try:
-        with start(ip, bridged_star, hostfile, "--no-status") as cluster:
+        with start(ip, bridged_star, hostfile, "--no-live-status") as cluster:
             assert cluster.backend == backend
             sums_right(cluster, bridged_star.hosts)
             if backend == "ring":  # MLX's ring runs over the cables, workers through mac1
@@ -171,7 +171,7 @@ def test_split_star_mpi_runs_over_the_management_network(
     on no cable), so the workers reach each other there: the star starts, and says where."""
     hostfile = split_star.cabled_hostfile(tmp_path / "star.json", "mpi")
     try:
-        with start(ip, split_star, hostfile, "--no-status") as cluster:
+        with start(ip, split_star, hostfile, "--no-live-status") as cluster:
             assert cluster.subnet == split_star.subnet
             sums_right(cluster, split_star.hosts)
     finally:
@@ -184,7 +184,7 @@ def test_ring_with_the_notebook_on_one_mac(
 ) -> None:
     hostfile = ring_with_head.cabled_hostfile(tmp_path / "ring.json", backend)
     try:
-        with start(ip, ring_with_head, hostfile, "--no-status") as cluster:
+        with start(ip, ring_with_head, hostfile, "--no-live-status") as cluster:
             assert cluster.placement.hosts[0].is_local
             sums_right(cluster, [socket.gethostname(), *ring_with_head.hosts])
             if backend == "ring":
@@ -198,7 +198,7 @@ def test_ring_with_the_notebook_on_one_mac(
 def test_star_with_the_notebook_on_the_master(ip: Any, star_with_head: Any, tmp_path: Path) -> None:
     hostfile = star_with_head.cabled_hostfile(tmp_path / "star.json", "mpi")
     try:
-        with start(ip, star_with_head, hostfile, "--no-status") as cluster:
+        with start(ip, star_with_head, hostfile, "--no-live-status") as cluster:
             # The head bridges every cable: control and MPI stay on the cables.
             assert cluster.controller_ip == star_with_head.cable_ips(0)[0]
             assert cluster.subnet == "10.77.73.0/24"

@@ -22,7 +22,7 @@ def _extension() -> ModuleType:
 
 
 def test_the_reference_lists_every_option_of_every_subcommand() -> None:
-    from mlx_cluster_magic.magics import PARSERS
+    from mlx_cluster_magic.cluster.magics import PARSERS
 
     sections = _extension().render(PARSERS)
     titles = [s.next_node().astext() for s in sections]
@@ -40,7 +40,7 @@ def test_the_reference_lists_every_option_of_every_subcommand() -> None:
 
 def test_a_missing_option_would_show() -> None:
     """The check above can fail: an option added to a parser shows on the page at once."""
-    from mlx_cluster_magic.magics import _build_parsers
+    from mlx_cluster_magic.cluster.magics import _build_parsers
 
     parsers = _build_parsers()
     parsers["stop"].add_argument("--brand-new-option", help="something new")

@@ -80,7 +80,7 @@ def test_links_flag_exactly_the_slow_cable(
     slow = mesh3.cable("mac2", "mac3")
     mesh3.shape_cable(slow, "300mbit")
     try:
-        with start(ip, mesh3, hostfile, "--no-status") as cluster:
+        with start(ip, mesh3, hostfile, "--no-live-status") as cluster:
             t0 = time.monotonic()
             report = links.measure(cluster.view, cluster.placement, cluster.ranks, timeout=10)
             took = time.monotonic() - t0
@@ -147,7 +147,7 @@ def test_ring_of_four_with_control_on_the_management_network(
 def test_hostfile_forms_mlx_writes_start(ip: Any, mesh3: Any, tmp_path: Path, form: str) -> None:
     hostfile = mesh3.hostfile(tmp_path / f"{form}.json", form)
     try:
-        with start(ip, mesh3, hostfile, "--no-status") as cluster:
+        with start(ip, mesh3, hostfile, "--no-live-status") as cluster:
             assert cluster.backend == ("mpi" if form == "ethernet" else "ring")
             cluster.view.execute("t = mx.distributed.all_sum(mx.array(1.0)).item()")
             assert cluster.view["t"] == [3.0] * 3
@@ -168,7 +168,7 @@ def test_ring_form_with_two_cables_per_neighbour_starts(ip: Any, tmp_path: Path)
         hostfile = vc.hostfile(tmp_path / "ring.json", "ring")
         assert [len(h.ips) for h in read_hostfile(hostfile).hosts] == [2, 2, 2]
         try:
-            with start(ip, vc, hostfile, "--no-status") as cluster:
+            with start(ip, vc, hostfile, "--no-live-status") as cluster:
                 cluster.view.execute(RING_PEERS.format(port=RING_PORT))
                 cluster.view.execute("t = mx.distributed.all_sum(mx.ones(1 << 16)).sum().item()")
                 assert cluster.view["t"] == [3.0 * (1 << 16)] * 3
@@ -182,7 +182,7 @@ def test_ring_form_with_two_cables_per_neighbour_starts(ip: Any, tmp_path: Path)
 def test_ring_connections_per_ip_and_verbose(ip: Any, mesh3: Any, tmp_path: Path) -> None:
     hostfile = mesh3.hostfile(tmp_path / "ring.json", "ring")
     try:
-        with start(ip, mesh3, hostfile, "--no-status --connections-per-ip 2 --verbose") as c:
+        with start(ip, mesh3, hostfile, "--no-live-status --connections-per-ip 2 --verbose") as c:
             c.view.execute(
                 "import json, os\n"
                 "v = os.environ.get('MLX_RING_VERBOSE')\n"

@@ -100,7 +100,7 @@ def test_interrupt_of_a_rank_stuck_in_a_collective_aborts_the_cluster(ip) -> Non
     assert "native MLX/MPI collective" in str(e.value)
     # the wait it names is the one the code applied: rank 1 has left the cell, so rank 0's
     # collective can never complete and the shorter wait ends it
-    from mlx_cluster_magic.px import HOPELESS_S, INTERRUPT_GRACE_S
+    from mlx_cluster_magic.cluster.px import HOPELESS_S, INTERRUPT_GRACE_S
 
     assert f"waited {HOPELESS_S:g} s in a collective that the other ranks had left" in str(
         e.value

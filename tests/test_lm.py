@@ -207,7 +207,7 @@ def test_a_plan_by_memory_loads_and_generates_the_tokens_of_the_even_split_and_o
     expected = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=n)]
     del model
 
-    cluster = ip.run_line_magic("mlx_cluster", "start -n 2 --no-status")
+    cluster = ip.run_line_magic("mlx_cluster", "start -n 2 --no-live-status")
     # what the ranks report: this machine's memory (or cgroup) shared by the 2 ranks
     measured = cluster.plan_pipeline(str(m3))
     assert measured.fits and measured.layers == [(3, 6), (0, 3)]  # even memory: mlx-lm's split

@@ -18,7 +18,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from mlx_cluster_magic import MLXCluster
-from mlx_cluster_magic.magics import SUBCOMMANDS, GatherResults
+from mlx_cluster_magic.cluster.magics import SUBCOMMANDS, GatherResults
 from mlx_cluster_magic.rank.gather_summary import summarize
 from mlx_cluster_magic.views.gather_view import GatherResult
 
@@ -47,7 +47,7 @@ OPTIONS: dict[str, dict[str, str | None]] = {
         "--connections-per-ip": "default: 1",
         "--timeout": "default: 60",
         "--grace": "default 60",
-        "--no-status": None,
+        "--no-live-status": None,
         "--check-collectives": None,
         "--collective-timeout": "default: 30",
         "--verbose": None,
@@ -302,7 +302,7 @@ def test_metrics_say_how_to_report_then_show_datetimes_and_integer_steps(ip, cap
 
 
 def test_loading_twice_keeps_the_cluster(ip) -> None:
-    from mlx_cluster_magic import magics
+    from mlx_cluster_magic.cluster import magics
 
     first = ip.magics_manager.registry["MLXClusterMagics"]
     magics.load_ipython_extension(ip)

@@ -60,7 +60,7 @@ def test_the_plan_loads_what_the_even_split_cannot(
     expected = [r.token for r in stream_generate(one, tok, PROMPT, max_tokens=N)]
     del one
     hostfile = capped.hostfile(tmp_path / "hosts.json")
-    start = f"start --hostfile {hostfile} --ssh '{capped.rsh_agent}' --no-status --timeout 60"
+    start = f"start --hostfile {hostfile} --ssh '{capped.rsh_agent}' --no-live-status --timeout 60"
     try:
         cluster = ip.run_line_magic("mlx_cluster", start)
         # mlx-lm's even split: 18 layers on each rank; the 288 MiB host cannot hold its half.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_cluster_magic import pipeline_plan as pp
+from mlx_cluster_magic.cluster import pipeline_plan as pp
 from mlx_cluster_magic.errors import MLXClusterError
 from mlx_cluster_magic.rank import lm
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from IPython.core.error import UsageError
 
-from mlx_cluster_magic.px import Progress, progress_rows
+from mlx_cluster_magic.cluster.px import Progress, progress_rows
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_progress_appears_in_the_cell_after_progress_after(ip, capsys) -> None:
 def test_the_troubleshooting_page_states_the_interrupt_waits_the_code_uses() -> None:
     from pathlib import Path
 
-    from mlx_cluster_magic.px import HOPELESS_S, INTERRUPT_GRACE_S
+    from mlx_cluster_magic.cluster.px import HOPELESS_S, INTERRUPT_GRACE_S
 
     page = Path(__file__).parents[1] / "docs" / "troubleshooting.md"
     text = " ".join(page.read_text().split())
@@ -309,7 +309,7 @@ def test_replay_stops_at_the_first_failure_with_its_error(ip, tmp_path) -> None:
 def _stock_and_ours(shell):  # type: ignore[no-untyped-def]
     from ipyparallel.client.magics import ParallelMagics
 
-    from mlx_cluster_magic.px import MLXParallelMagics
+    from mlx_cluster_magic.cluster.px import MLXParallelMagics
 
     return ParallelMagics(shell, None), MLXParallelMagics(shell, None, None)
 

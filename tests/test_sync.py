@@ -89,7 +89,7 @@ def cluster(ring: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "mlx_cluster_magic")
     c = shell.run_line_magic(
-        "mlx_cluster", ring.start_line(hostfile, "--no-status", ring_port=RING_PORT)
+        "mlx_cluster", ring.start_line(hostfile, "--no-live-status", ring_port=RING_PORT)
     )
     assert isinstance(c, MLXCluster) and c.running
     c.view.execute(LISTING, block=True)
@@ -197,7 +197,7 @@ def test_a_head_on_the_cables_sends_over_them(tmp_path: Path, cables: str, route
         hostfile = vc.cabled_hostfile(tmp_path / "hosts.json", "mpi" if star else "ring")
         shell.run_line_magic("load_ext", "mlx_cluster_magic")
         with shell.run_line_magic(
-            "mlx_cluster", vc.start_line(hostfile, "--no-status", ring_port=RING_PORT + 10)
+            "mlx_cluster", vc.start_line(hostfile, "--no-live-status", ring_port=RING_PORT + 10)
         ) as c:
             c.view.execute(LISTING, block=True)
             src.mkdir(parents=True)

@@ -338,7 +338,7 @@ def test_widget_syncs_sparklines_with_the_snapshot() -> None:
 
 
 def test_progress_line_says_which_host_waits_on_the_network() -> None:
-    from mlx_cluster_magic.px import Progress, progress_rows
+    from mlx_cluster_magic.cluster.px import Progress, progress_rows
 
     nodes = [
         {"rank": 0, "state": "busy"},

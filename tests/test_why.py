@@ -216,7 +216,7 @@ def test_where_a_ranks_traceback_left_the_cell() -> None:
     top = RANK_TRACEBACK.split("\n\n")[0]
     assert stacks.traceback_where(top) == ("cell line 7", "f")
     assert stacks.traceback_where("KeyboardInterrupt: ") is None
-    from mlx_cluster_magic.px import stopped_where
+    from mlx_cluster_magic.cluster.px import stopped_where
 
     class Err:
         ename, traceback = "KeyboardInterrupt", top

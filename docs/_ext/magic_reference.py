@@ -1,6 +1,6 @@
 """The ``mlx-cluster-magics`` directive: every subcommand of ``%mlx_cluster`` with every option,
-read from the parsers the magic itself parses with (``mlx_cluster_magic.magics.PARSERS``), in
-the words and with the defaults ``-h`` shows. The page cannot drift from the code."""
+read from the parsers the magic itself parses with (``mlx_cluster_magic.cluster.magics.PARSERS``),
+in the words and with the defaults ``-h`` shows. The page cannot drift from the code."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class MagicsReference(SphinxDirective):
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        from mlx_cluster_magic.magics import PARSERS
+        from mlx_cluster_magic.cluster.magics import PARSERS
 
         return list(render(PARSERS))
 

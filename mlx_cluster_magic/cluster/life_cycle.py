@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
 
-from .cluster_tools import ClusterTools, HistoryEntry
-from .cluster_views import ClusterViews
-from .contract import EXIT_BAD_GROUP
-from .errors import MLXClusterError
-from .fabric.placement import Placement
-from .launch import bringup, ipp_adapter, mpi_job, spec
-from .observe.snapshot import NodeStatus
+from ..contract import EXIT_BAD_GROUP
+from ..errors import MLXClusterError
+from ..fabric.placement import Placement
+from ..launch import bringup, ipp_adapter, mpi_job, spec
+from ..observe.snapshot import NodeStatus
+from .displays import ClusterViews
+from .tools import ClusterTools, HistoryEntry
 
 if TYPE_CHECKING:
+    from ..views.status_widget import StatusWidget
     from .pipeline_plan import PipelinePlan
-    from .views.status_widget import StatusWidget
 
 START_TIMEOUT_S = spec.START_TIMEOUT_S
 

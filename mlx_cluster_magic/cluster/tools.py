@@ -13,17 +13,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import MLXClusterError
-from .launch import mpi_job
-from .rank.gather_summary import DEFAULT_LIMIT_BYTES, summarize_name
-from .views.gather_view import GatherResult
+from ..errors import MLXClusterError
+from ..launch import mpi_job
+from ..rank.gather_summary import DEFAULT_LIMIT_BYTES, summarize_name
+from ..views.gather_view import GatherResult
 
 if TYPE_CHECKING:
-    from .fabric.doctor import DoctorReport
-    from .fabric.placement import Placement
-    from .launch.bringup import Running
-    from .launch.spec import ClusterSpec
-    from .observe.hang_verdict import WhyReport
+    from ..fabric.doctor import DoctorReport
+    from ..fabric.placement import Placement
+    from ..launch.bringup import Running
+    from ..launch.spec import ClusterSpec
+    from ..observe.hang_verdict import WhyReport
     from .pipeline_plan import PipelinePlan
 
 
@@ -75,7 +75,7 @@ class ClusterTools:
         """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
         IP, MTU, routes) and advise a backend, as data (``advice=False`` skips the Mac
         discovery the advice needs)."""
-        from .fabric.doctor import run_doctor
+        from ..fabric.doctor import run_doctor
 
         return run_doctor(
             self.placement,
@@ -91,14 +91,14 @@ class ClusterTools:
     def hang_verdict(self, threshold_s: float = 0.0) -> str | None:
         """One line naming the rank that is behind or the collective that differs, when the
         flight recorders disagree (ranks blocked for at least ``threshold_s``); else None."""
-        from .observe import hang_verdict
+        from ..observe import hang_verdict
 
         return hang_verdict.stuck(self._recorders(), threshold_s)
 
     def waits_on_ended(self, pending: Sequence[int]) -> bool:
         """Whether the ranks in ``pending`` all wait inside a collective for ranks done with
         the cell (``why.waits_on_ended`` on the latest status records)."""
-        from .observe import hang_verdict
+        from ..observe import hang_verdict
 
         return hang_verdict.waits_on_ended(self._recorders(), pending)
 
@@ -113,7 +113,7 @@ class ClusterTools:
         """For every rank: blocked in which collective (sequence number, op, shape, line), the
         last collectives it issued, and its Python stack; a one-line verdict when they
         disagree. Works while a cell runs (nothing queues behind it) and after an abort."""
-        from .observe import hang_verdict, stack_capture
+        from ..observe import hang_verdict, stack_capture
 
         snaps, run = self._recorders(), self._run
         dumps = None
@@ -179,7 +179,7 @@ class ClusterTools:
         group, raw TCP on the same addresses, each beside its expected rate and flagged when far
         below; with the backend the hosts support (``LinkReport``, shown as a matrix, a heatmap
         and the topology picture, also in the status view's Topology tab)."""
-        from .fabric import links
+        from ..fabric import links
 
         self._require()
         advice = None
@@ -215,8 +215,8 @@ class ClusterTools:
         (or the hostfile) must give every rank. Load it on the ranks with
         ``mlx_cluster_magic.rank.lm.pipeline_load(model_dir, plan)`` (push the plan first).
         """
+        from ..rank.lm import rank_memory
         from . import pipeline_plan
-        from .rank.lm import rank_memory
 
         hosts = [h.ssh for h in self.placement.ranks]
         reports = None

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MLXClusterError
-from .fabric.placement import parse_size
+from ..errors import MLXClusterError
+from ..fabric.placement import parse_size
 
 #: Default headroom: this fraction of each rank's memory stays free for KV cache and activations.
 DEFAULT_HEADROOM = 0.1

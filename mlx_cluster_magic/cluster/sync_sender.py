@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MLXClusterError
-from .fabric import sync_plan
-from .rank import sync_receiver
-from .rank.sync_receiver import HEADER, Entry
+from ..errors import MLXClusterError
+from ..fabric import sync_plan
+from ..rank import sync_receiver
+from ..rank.sync_receiver import HEADER, Entry
 
 SHARDS = ("pipeline", "tensor")
 #: Files up to this size go out with their header in one send (many small files).
@@ -301,7 +301,7 @@ class _Stream(threading.Thread):
 
 
 def _head_interfaces() -> tuple[dict[str, list[str]], list[str]]:
-    from .launch import mpi_job
+    from ..launch import mpi_job
 
     interfaces = mpi_job.local_interfaces()
     bridges = [
@@ -444,7 +444,7 @@ def _route(
 ) -> sync_plan.SyncRoute:
     """The way the bytes go, over the cables, from the addresses and interfaces the hosts
     reported."""
-    from .launch import mpi_job
+    from ..launch import mpi_job
 
     placement, spec = cluster.placement, cluster.spec
     head_ifs, bridges = _head_interfaces()

@@ -12,8 +12,8 @@ import secrets
 import socket
 from typing import Any
 
-from .errors import MLXClusterError
-from .rank.broadcast_receiver import (
+from ..errors import MLXClusterError
+from ..rank.broadcast_receiver import (
     CONNECT_TIMEOUT_S,
     close_listener,
     open_listener,

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .errors import MLXClusterError
-from .observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
+from ..errors import MLXClusterError
+from ..observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
 
 if TYPE_CHECKING:
-    from .fabric.placement import Placement
-    from .launch.bringup import Running
-    from .launch.spec import ClusterSpec
-    from .views.status_widget import StatusWidget
+    from ..fabric.placement import Placement
+    from ..launch.bringup import Running
+    from ..launch.spec import ClusterSpec
+    from ..views.status_widget import StatusWidget
 
 #: A cell blocked this long in collectives that other ranks have not reached shows a banner.
 HANG_BANNER_S = 10.0
@@ -73,7 +73,9 @@ class ClusterViews:
         if run is None or run.status is None:
             if run is None:
                 return self.last_nodes
-            raise MLXClusterError("live status is off for this cluster (started with --no-status)")
+            raise MLXClusterError(
+                "live status is off for this cluster (started with --no-live-status)"
+            )
         self.last_nodes = run.status.nodes()
         return self.last_nodes
 
@@ -171,7 +173,7 @@ class ClusterViews:
     def status_view(self) -> StatusWidget:
         """The live status widget; cached, so every display shows the same live object."""
         if self._widget is None:
-            from .views.status_widget import StatusWidget
+            from ..views.status_widget import StatusWidget
 
             self._widget = StatusWidget(
                 on_stop=lambda: self._stop_from_view(),
@@ -188,7 +190,7 @@ class ClusterViews:
 
     def open_side_panel(self) -> str:
         """Show the live status in a JupyterLab side panel (inline elsewhere)."""
-        from .views.side_panel import open_side_panel
+        from ..views.side_panel import open_side_panel
 
         return open_side_panel(self.status_view())
 
@@ -203,7 +205,7 @@ class ClusterViews:
                 self._widget.update(self.snapshot())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        from .views.text import snapshot_html, snapshot_text
+        from ..views.text import snapshot_html, snapshot_text
 
         snap = self.snapshot()
         bundle = {"text/plain": snapshot_text(snap), "text/html": snapshot_html(snap)}

@@ -44,9 +44,9 @@ from ipyparallel.client.magics import ParallelMagics
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, construct_parser, parse_argstring
 
-from .errors import MLXClusterError
-from .launch import ipp_adapter
-from .observe import stack_capture
+from ..errors import MLXClusterError
+from ..launch import ipp_adapter
+from ..observe import stack_capture
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0

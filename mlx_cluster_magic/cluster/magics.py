@@ -18,11 +18,11 @@ from typing import Any, NoReturn
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from .cluster import MLXCluster
-from .errors import MLXClusterError
-from .fabric.placement import BACKENDS
-from .launch.mpi_job import DEFAULT_RING_PORT
-from .launch.spec import COLLECTIVE_TIMEOUT_S, GRACE_S, START_TIMEOUT_S, data_plane
+from ..errors import MLXClusterError
+from ..fabric.placement import BACKENDS
+from ..launch.mpi_job import DEFAULT_RING_PORT
+from ..launch.spec import COLLECTIVE_TIMEOUT_S, GRACE_S, START_TIMEOUT_S, data_plane
+from .life_cycle import MLXCluster
 
 HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
 START_HINT = "start one with %mlx_cluster start -n 2"
@@ -125,6 +125,10 @@ def _add_hosts_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: Adds a subcommand's parser (name, description) and returns it.
+_Sub = Callable[[str, str], _Parser]
+
+
 def _build_parsers() -> dict[str, _Parser]:
     """One parser per subcommand, in the order the help lists them."""
     parsers: dict[str, _Parser] = {}
@@ -133,10 +137,13 @@ def _build_parsers() -> dict[str, _Parser]:
         parsers[name] = _Parser(name, description)
         return parsers[name]
 
-    p = sub(
-        "start",
-        "Start a cluster and point %%px at all its ranks; returns the MLXCluster.",
-    )
+    for add in (_life_cycle_parsers, _data_parsers, _diagnosis_parsers, _preparation_parsers):
+        add(sub)
+    return parsers
+
+
+def _add_start_options(p: _Parser) -> None:
+    """Every option of ``start`` (``MLXCluster(...)``'s, by the same names)."""
     _add_hosts_options(p)
     p.add_argument(
         "--backend",
@@ -181,7 +188,12 @@ def _build_parsers() -> dict[str, _Parser]:
         help="seconds of silence from every host (the notebook's own network down) the cluster "
         "waits out before it counts itself lost (default %(default)g)",
     )
-    p.add_argument("--no-status", action="store_true", help="do not run the live status view")
+    p.add_argument(
+        "--no-live-status",
+        dest="live_status",
+        action="store_false",
+        help="no live status: no sidecar on the ranks, no status view",
+    )
     p.add_argument(
         "--check-collectives",
         action="store_true",
@@ -198,6 +210,15 @@ def _build_parsers() -> dict[str, _Parser]:
     p.add_argument(
         "--verbose", action="store_true", help="MLX's own verbose logging of the backend"
     )
+
+
+def _life_cycle_parsers(sub: _Sub) -> None:
+    """start, stop, restart, status, nodes."""
+    p = sub(
+        "start",
+        "Start a cluster and point %%px at all its ranks; returns the MLXCluster.",
+    )
+    _add_start_options(p)
 
     p = sub("stop", "Stop the cluster: no engine, controller or mpiexec is left running.")
 
@@ -226,6 +247,9 @@ def _build_parsers() -> dict[str, _Parser]:
 
     sub("nodes", "Per-rank status records, as data.")
 
+
+def _data_parsers(sub: _Sub) -> None:
+    """gather, sync."""
     p = sub("gather", "Fetch variables from every rank and show whether the ranks agree.")
     p.add_argument("names", nargs="+", help="variable names to fetch")
 
@@ -247,6 +271,9 @@ def _build_parsers() -> dict[str, _Parser]:
         help="compare checksums computed on each host, not only size and modification time",
     )
 
+
+def _diagnosis_parsers(sub: _Sub) -> None:
+    """why, checks, history, links, metrics."""
     p = sub(
         "why",
         "Why a cell hangs: where every rank is (collective, line, stack) and a one-line verdict.",
@@ -286,6 +313,9 @@ def _build_parsers() -> dict[str, _Parser]:
 
     sub("metrics", "The values ranks recorded with report(...), as records or a DataFrame.")
 
+
+def _preparation_parsers(sub: _Sub) -> None:
+    """plan, doctor, hosts, help."""
     p = sub(
         "plan",
         "Plan a model's pipeline split: each rank's layers in proportion to its memory.",
@@ -328,7 +358,6 @@ def _build_parsers() -> dict[str, _Parser]:
 
     p = sub("help", "This overview; help SUBCOMMAND: its options; help all: every option.")
     p.add_argument("subcommand", nargs="?", default=None, help="the subcommand to describe, or all")
-    return parsers
 
 
 PARSERS = _build_parsers()
@@ -495,7 +524,7 @@ class MLXClusterMagics(Magics):
             ring_port=args.ring_port,
             ssh=args.ssh,
             timeout=args.timeout,
-            live_status=not args.no_status,
+            live_status=args.live_status,
             check_collectives=args.check_collectives,
             collective_timeout=args.collective_timeout,
             verbose=args.verbose,
@@ -587,7 +616,7 @@ class MLXClusterMagics(Magics):
         if len(records):
             return records
         if not cluster.live_status:
-            print("no metrics: live status is off for this cluster (started with --no-status)")
+            print("no metrics: live status is off for this cluster (started with --no-live-status)")
         else:
             print(
                 "no metrics reported yet: in a %%px cell, report(step=i, loss=loss) records "
@@ -605,7 +634,7 @@ class MLXClusterMagics(Magics):
         return cluster.plan_pipeline(args.model_dir, memory=memory, headroom=args.headroom)
 
     def _doctor(self, args: argparse.Namespace) -> Any:
-        from .fabric.doctor import run_doctor
+        from ..fabric.doctor import run_doctor
 
         if args.hosts is None and args.hostfile is None and self.cluster is not None:
             cluster = self.cluster
@@ -638,7 +667,7 @@ class MLXClusterMagics(Magics):
         )
 
     def _hosts(self, args: argparse.Namespace) -> Any:
-        from .fabric import macos
+        from ..fabric import macos
 
         if not args.discover and not args.write:
             raise MLXClusterError("%mlx_cluster hosts: give --discover or --write FILE")
@@ -653,6 +682,6 @@ def load_ipython_extension(ipython: Any) -> None:
     the package's extension, once. Listed under this module's name, it leaves a notebook's own
     ``%load_ext mlx_cluster_magic`` silent instead of "already loaded"."""
     if "MLXClusterMagics" not in ipython.magics_manager.registry:
-        from . import load_ipython_extension as load_package
+        from .. import load_ipython_extension as load_package
 
         load_package(ipython)
