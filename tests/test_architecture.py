@@ -333,7 +333,6 @@ MAX_FUNCTION_LINES = 80
 #: changes are in, and the list is emptied. Nothing is added to it.
 TEMPORARILY_LONG = {
     f"{PKG}.fabric.doctor.run_doctor",
-    f"{PKG}.views.charts.line_chart_svg",
 }
 
 

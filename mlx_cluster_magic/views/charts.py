@@ -99,6 +99,120 @@ def dashes(k: int, m: int) -> str:
     return f" stroke-dasharray='{DASH} {DASH * (m - 1)}' stroke-dashoffset='{-DASH * k}'"
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """Where a chart's plot area sits and how data maps into it."""
+
+    left: float
+    top: float
+    pw: float  # plot width
+    ph: float  # plot height
+    x_lo: float
+    x_hi: float
+    y_lo: float
+    y_hi: float
+    log: bool
+
+    def tx(self, x: float) -> float:
+        return self.left + self.pw * (x - self.x_lo) / (self.x_hi - self.x_lo)
+
+    def ty(self, y: float) -> float:
+        if self.log:
+            lo, hi = math.log10(self.y_lo), math.log10(self.y_hi)
+            frac = (math.log10(y) - lo) / (hi - lo)
+        else:
+            frac = (y - self.y_lo) / (self.y_hi - self.y_lo)
+        return self.top + self.ph * (1 - frac)
+
+
+def _frame(lines: Sequence[Line], width: int, height: int, legend_w: int) -> _Frame | None:
+    """The plot area and data ranges (log y when the values span decades); None when there
+    is nothing finite to draw."""
+    xs = [x for ln in lines for x in ln.xs if math.isfinite(x)]
+    ys = [y for ln in lines for y in ln.ys if math.isfinite(y)]
+    if not xs or not ys:
+        return None
+    log = wants_log(ys)
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = min(ys), max(ys)
+    if y_lo == y_hi:
+        y_lo, y_hi = (y_lo * 0.9, y_hi * 1.1) if log else (y_lo - 1, y_hi + 1)
+    if x_lo == x_hi:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    left, right, top, bottom = 52, 12, 22, 34
+    pw, ph = width - left - right - legend_w, height - top - bottom
+    return _Frame(left, top, pw, ph, x_lo, x_hi, y_lo, y_hi, log)
+
+
+def _axes(f: _Frame, height: int, x_label: str, y_label: str) -> list[str]:
+    """Tick lines and labels on both axes, and the axes' names."""
+    parts = []
+    for t in log_ticks(f.y_lo, f.y_hi) if f.log else nice_ticks(f.y_lo, f.y_hi):
+        y = f.ty(t)
+        parts.append(
+            f"<line x1='{f.left - 3}' x2='{f.left + f.pw}' y1='{y:.1f}' y2='{y:.1f}' "
+            f"stroke='#eee'/><text x='{f.left - 5}' y='{y + 3:.1f}' text-anchor='end'>"
+            f"{fmt(t)}</text>"
+        )
+    bottom = f.top + f.ph
+    for t in nice_ticks(f.x_lo, f.x_hi):
+        x = f.tx(t)
+        parts.append(
+            f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{bottom}' y2='{bottom + 3}' stroke='#888'/>"
+            f"<text x='{x:.1f}' y='{bottom + 13}' text-anchor='middle'>{fmt(t)}</text>"
+        )
+    y_axis = html.escape(y_label + (" (log)" if f.log else ""))
+    mid = f.top + f.ph / 2
+    parts.append(
+        f"<text x='{f.left + f.pw / 2:.1f}' y='{height - 4}' text-anchor='middle' "
+        f"class='mlx-x-label'>{html.escape(x_label)}</text>"
+        f"<text x='10' y='{mid:.1f}' text-anchor='middle' class='mlx-y-label' "
+        f"transform='rotate(-90 10 {mid:.1f})'>{y_axis}</text>"
+    )
+    return parts
+
+
+def _polylines(f: _Frame, lines: Sequence[Line], line_class: str) -> list[str]:
+    """One polyline per rank; ranks whose lines coincide are dashed in turn, and a chart where
+    all coincide says so."""
+    drawn = [
+        [
+            (f.tx(x), f.ty(y))
+            for x, y in zip(ln.xs, ln.ys)
+            if math.isfinite(x) and math.isfinite(y) and (y > 0 or not f.log)
+        ]
+        for ln in lines
+    ]
+    overlaps = overlapping(drawn)
+    parts = []
+    if len(lines) > 1 and all(m == len(lines) for _, m in overlaps):
+        parts.append(
+            f"<text x='{f.left + f.pw}' y='13' text-anchor='end' class='mlx-identical' "
+            f"fill='#555'>all ranks identical</text>"
+        )
+    for ln, pts, (k, m) in zip(lines, drawn, overlaps):
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+        parts.append(
+            f"<polyline class='{line_class}' data-rank='{ln.rank}' fill='none' "
+            f"stroke='{rank_colour(ln.rank)}' stroke-width='1.5'{dashes(k, m)} "
+            f"points='{points}'><title>rank {ln.rank}</title></polyline>"
+        )
+    return parts
+
+
+def _legend(lines: Sequence[Line], x: float, top: float) -> list[str]:
+    parts = []
+    for i, ln in enumerate(sorted(lines, key=lambda ln: ln.rank)):
+        y = top + 8 + 14 * i
+        colour = rank_colour(ln.rank)
+        parts.append(
+            f"<g class='mlx-legend'><line x1='{x}' x2='{x + 14}' y1='{y - 3}' y2='{y - 3}' "
+            f"stroke='{colour}' stroke-width='2'/><text x='{x + 18}' y='{y}' "
+            f"fill='{colour}'>rank {ln.rank}</text></g>"
+        )
+    return parts
+
+
 def line_chart_svg(
     lines: Sequence[Line],
     *,
@@ -113,87 +227,19 @@ def line_chart_svg(
     """One polyline per rank with axes (ticks on x and y, log y when it spans decades) and one
     legend on the right. Empty string when there is nothing to draw."""
     lines = [ln for ln in lines if len(ln.xs) and len(ln.xs) == len(ln.ys)]
-    xs = [x for ln in lines for x in ln.xs if math.isfinite(x)]
-    ys = [y for ln in lines for y in ln.ys if math.isfinite(y)]
-    if not xs or not ys:
-        return ""
-    log = wants_log(ys)
-    x_lo, x_hi = min(xs), max(xs)
-    y_lo, y_hi = min(ys), max(ys)
-    if y_lo == y_hi:
-        y_lo, y_hi = (y_lo * 0.9, y_hi * 1.1) if log else (y_lo - 1, y_hi + 1)
-    if x_lo == x_hi:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    left, right, top, bottom = 52, 12, 22, 34
     legend_w = 70 if legend else 0
-    pw, ph = width - left - right - legend_w, height - top - bottom
-
-    def tx(x: float) -> float:
-        return left + pw * (x - x_lo) / (x_hi - x_lo)
-
-    def ty(y: float) -> float:
-        if log:
-            frac = (math.log10(y) - math.log10(y_lo)) / (math.log10(y_hi) - math.log10(y_lo))
-        else:
-            frac = (y - y_lo) / (y_hi - y_lo)
-        return top + ph * (1 - frac)
-
+    f = _frame(lines, width, height, legend_w)
+    if f is None:
+        return ""
     parts = [
         f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
         f"class='mlx-chart' font-family='sans-serif' font-size='10'>",
-        f"<text x='{left}' y='13' font-size='12' font-weight='bold'>{html.escape(title)}</text>",
-        f"<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#bbb'/>",
+        f"<text x='{f.left}' y='13' font-size='12' font-weight='bold'>{html.escape(title)}</text>",
+        f"<rect x='{f.left}' y='{f.top}' width='{f.pw}' height='{f.ph}' fill='none' "
+        "stroke='#bbb'/>",
+        *_axes(f, height, x_label, y_label),
+        *_polylines(f, lines, line_class),
+        *(_legend(lines, width - legend_w + 6, f.top) if legend else []),
+        "</svg>",
     ]
-    for t in log_ticks(y_lo, y_hi) if log else nice_ticks(y_lo, y_hi):
-        y = ty(t)
-        parts.append(
-            f"<line x1='{left - 3}' x2='{left + pw}' y1='{y:.1f}' y2='{y:.1f}' stroke='#eee'/>"
-            f"<text x='{left - 5}' y='{y + 3:.1f}' text-anchor='end'>{fmt(t)}</text>"
-        )
-    for t in nice_ticks(x_lo, x_hi):
-        x = tx(t)
-        parts.append(
-            f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{top + ph}' y2='{top + ph + 3}' stroke='#888'/>"
-            f"<text x='{x:.1f}' y='{top + ph + 13}' text-anchor='middle'>{fmt(t)}</text>"
-        )
-    y_axis = html.escape(y_label + (" (log)" if log else ""))
-    parts.append(
-        f"<text x='{left + pw / 2:.1f}' y='{height - 4}' text-anchor='middle' "
-        f"class='mlx-x-label'>{html.escape(x_label)}</text>"
-        f"<text x='10' y='{top + ph / 2:.1f}' text-anchor='middle' class='mlx-y-label' "
-        f"transform='rotate(-90 10 {top + ph / 2:.1f})'>{y_axis}</text>"
-    )
-    drawn = [
-        [
-            (tx(x), ty(y))
-            for x, y in zip(ln.xs, ln.ys)
-            if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log)
-        ]
-        for ln in lines
-    ]
-    overlaps = overlapping(drawn)
-    if len(lines) > 1 and all(m == len(lines) for _, m in overlaps):
-        parts.append(
-            f"<text x='{left + pw}' y='13' text-anchor='end' class='mlx-identical' "
-            f"fill='#555'>all ranks identical</text>"
-        )
-    for ln, pts, (k, m) in zip(lines, drawn, overlaps):
-        colour = rank_colour(ln.rank)
-        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-        parts.append(
-            f"<polyline class='{line_class}' data-rank='{ln.rank}' fill='none' "
-            f"stroke='{colour}' stroke-width='1.5'{dashes(k, m)} points='{points}'>"
-            f"<title>rank {ln.rank}</title></polyline>"
-        )
-    if legend:
-        lx = width - legend_w + 6
-        for i, ln in enumerate(sorted(lines, key=lambda ln: ln.rank)):
-            y = top + 8 + 14 * i
-            colour = rank_colour(ln.rank)
-            parts.append(
-                f"<g class='mlx-legend'><line x1='{lx}' x2='{lx + 14}' y1='{y - 3}' y2='{y - 3}' "
-                f"stroke='{colour}' stroke-width='2'/><text x='{lx + 18}' y='{y}' "
-                f"fill='{colour}'>rank {ln.rank}</text></g>"
-            )
-    parts.append("</svg>")
     return "".join(parts)
