@@ -420,3 +420,12 @@ def test_start_and_mlxcluster_name_every_option_alike() -> None:
 
     params = set(inspect.signature(MLXCluster.__init__).parameters) - {"self"}
     assert _start_option_names() == params
+
+
+def test_every_package_folder_is_in_the_distribution() -> None:
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    found = {_module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert found == listed
