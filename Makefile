@@ -6,6 +6,10 @@
 # make notebooks - execute every example notebook on 2 local ranks and store its outputs (the site shows them)
 SHELL := /bin/bash
 PYTHON ?= python3
+# Compiled modules (and pytest's rewritten tests) are cached in __pycache__: a shell that forbids
+# writing bytecode would have every run compile the package and the suite again (half of make
+# check's start-up).
+unexport PYTHONDONTWRITEBYTECODE
 VENV := .venv
 PY := $(VENV)/bin/python
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import socket
@@ -147,7 +148,8 @@ def test_local_version_skew_names_both_versions(
 
 def test_hanging_python_is_cut_off_at_the_timeout_and_killed(tmp_path: Path) -> None:
     hang = tmp_path / "python-hangs"
-    hang.write_text("#!/bin/sh\nexec sleep 67.125\n")
+    mark = f"67.{os.getpid()}"  # this run's own sleep, never another run's
+    hang.write_text(f"#!/bin/sh\nexec sleep {mark}\n")
     hang.chmod(0o755)
     t0 = time.monotonic()
     report = run_doctor(local(1), python=str(hang), timeout=2)
@@ -158,7 +160,7 @@ def test_hanging_python_is_cut_off_at_the_timeout_and_killed(tmp_path: Path) -> 
     left = [
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and p.info["cmdline"][-1] == "67.125"
+        if p.info["cmdline"] and p.info["cmdline"][-1] == mark
     ]
     assert not left, "the hanging python was left running"
 
