@@ -8,6 +8,8 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,3 +65,38 @@ def test_the_readme_fits_and_its_links_lead_somewhere() -> None:
     assert links, "the README links to the documentation"
     missing = [link for link in links if not (ROOT / link).exists()]
     assert missing == [], missing
+
+
+SITE = Path(__file__).resolve().parent.parent / "docs" / "_build" / "html"
+
+
+@pytest.mark.browser
+def test_the_site_renders_a_notebook_with_its_outputs(artifacts: Path) -> None:
+    """The built site (``make docs``; ``make test`` builds it first) shows notebook 02 with its
+    stored outputs, in a real Chromium: the cells' code and the ranks' printed results."""
+    import os
+
+    page_path = SITE / "examples" / "02-data-parallel-mlp.html"
+    if not page_path.exists():
+        pytest.skip("the site is not built: make docs")
+    chromium = "/usr/bin/chromium"
+    if not os.access(chromium, os.X_OK):
+        pytest.skip(f"no Chromium at {chromium}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            headless=True,
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1600})
+            page.goto(page_path.as_uri())
+            page.wait_for_selector(".cell_output")
+            text = page.inner_text("main")
+            assert "%%px" in text and "[stdout:0]" in text and "[stdout:1]" in text
+            assert page.locator(".cell_output").count() >= 3
+            page.screenshot(path=str(artifacts / "docs-notebook-02.png"), full_page=False)
+        finally:
+            browser.close()
