@@ -305,6 +305,32 @@ def _build_parsers() -> dict[str, _Parser]:
         "--timeout", type=_positive_float, default=10.0, metavar="S", help="seconds per check"
     )
 
+    p = sub(
+        "setup",
+        "Make every host's Python environment this kernel's, at the same path: only what "
+        "differs is sent.",
+    )
+    p.add_argument("--hosts", default=None, help="comma-separated ssh host names, e.g. mac1,mac2")
+    p.add_argument(
+        "--hostfile",
+        default=None,
+        help="mlx.launch / mlx.distributed_config JSON hostfile, or an Open MPI hostfile",
+    )
+    p.add_argument(
+        "--ssh", default=None, help="ssh command to reach the hosts, e.g. 'ssh -F ~/.ssh/tb'"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only show each host's python and which distributions match; change nothing",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also compare every file's sha256 (the distributions' RECORD), not only size "
+        "and mtime",
+    )
+
     p = sub("hosts", "Thunderbolt discovery on macOS: interfaces, IPs, and a hostfile entry.")
     p.add_argument("--discover", action="store_true", help="list this Mac's Thunderbolt interfaces")
     p.add_argument(
@@ -619,6 +645,20 @@ class MLXClusterMagics(Magics):
             networks=networks,
             addresses=addresses,
         )
+
+    def _setup(self, args: argparse.Namespace) -> Any:
+        from .environment import setup
+
+        if args.hosts is None and args.hostfile is None and self.cluster is not None:
+            if args.ssh is None:
+                return self.cluster.setup(check=args.check, verify=args.verify)
+            return setup(
+                on=self.cluster.placement.hosts,
+                ssh=args.ssh,
+                check=args.check,
+                verify=args.verify,
+            )
+        return setup(args.hosts, args.hostfile, ssh=args.ssh, check=args.check, verify=args.verify)
 
     def _hosts(self, args: argparse.Namespace) -> Any:
         from .fabric import macos

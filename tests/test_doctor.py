@@ -575,7 +575,10 @@ def test_python_without_mlx_fails_the_mlx_check(vc: VirtualCluster, placement: P
         assert row["python"].ok in (True, None)  # it runs (maybe another minor version)
         assert row["mlx"].ok is False
         assert "No module named 'mlx'" in row["mlx"].detail and host in row["mlx"].detail
-        assert row["mlx"].fix == f"on {host}: {python} -m pip install 'mlx[cpu]=={want}'"
+        assert row["mlx"].fix == (
+            f"%mlx_cluster setup makes {host}'s environment this kernel's "
+            f"(or on {host}: {python} -m pip install 'mlx[cpu]=={want}')"
+        )
 
 
 @pytest.mark.multihost

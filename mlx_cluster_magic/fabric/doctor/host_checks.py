@@ -187,8 +187,8 @@ def _python(ctx: HostContext) -> Check | None:
         detail = "timed out" if res.timed_out else (err or f"exit {res.rc}")
         return Check("python", False, f"could not run the checks here: {detail}", "")
     venv_fix = (
-        f"create the same environment at {python} {on} (python3 -m venv ... && pip install "
-        "mlx_cluster_magic), or pass --python with the python to use there"
+        f"%mlx_cluster setup copies this kernel's environment to {ctx.name} (its python at "
+        f"{python}); or pass --python with the python to use there"
     )
     if "python-missing" in probe.flags:
         return Check("python", False, f"{python} not found {on}", venv_fix)
@@ -211,7 +211,8 @@ def _python(ctx: HostContext) -> Check | None:
             "python",
             None,
             f"Python {remote_v} {on}, head runs {head_v}",
-            "use the same Python minor version everywhere (view.apply pickles functions)",
+            "%mlx_cluster setup copies this kernel's Python there (view.apply pickles "
+            "functions: the minor version must match)",
         )
     return Check("python", True, f"Python {remote_v}")
 
@@ -227,7 +228,10 @@ def _package(pkg: str, ctx: HostContext) -> Check | None:
         return None
     got = (info.get("packages") or {}).get(pkg) or {"error": "not reported"}
     want = ctx.head.get(pkg)
-    fix = f"{ctx.on}: {ctx.pip_python} -m pip install {_pip_spec(pkg, want, ctx.probe.os)}"
+    fix = (
+        f"%mlx_cluster setup makes {ctx.name}'s environment this kernel's (or {ctx.on}: "
+        f"{ctx.pip_python} -m pip install {_pip_spec(pkg, want, ctx.probe.os)})"
+    )
     if "error" in got:
         return Check(pkg, False, f"not importable {ctx.on}: {got['error']}", fix)
     if want is None:
