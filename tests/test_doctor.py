@@ -107,7 +107,7 @@ def test_report_renders_as_html_text_and_records() -> None:
     html = report._repr_html_()
     assert html.count("<tr>") == 2  # header + one host
     for name in CHECKS:
-        assert f">{name}</th>" in html
+        assert f">{name.replace('_', '_<wbr>')}</th>" in html
     assert "&#10004;" in html and "&#10008;" not in html
     text = repr(report)
     assert "all ready" in text

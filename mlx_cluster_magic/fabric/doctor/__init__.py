@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...errors import MLXClusterError
-from ..data_paths import data_paths, in_networks, missing_paths_fix
+from ..data_paths import DataPath, data_paths, in_networks, missing_paths_fix
 from ..macos import HostFacts, host_facts
 from ..netif import RouteFinding, interface_for, local_interfaces, route_checks
 from ..placement import Host, Placement
@@ -82,6 +83,25 @@ def _facts(host: Host, found: HostProbe) -> HostFacts | None:
     )
 
 
+#: The ports a doctor run's probe listeners pick one from.
+PROBE_PORTS = (42100, 42899)
+
+
+def _refusals(
+    hosts: list[Host], paths: Sequence[DataPath], found: list[HostProbe]
+) -> dict[int, list[tuple[str, str]]]:
+    """For each host, the (peer, address) whose connection to its python was refused."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for path in paths:
+        info = found[path.src].info if found[path.src].started else None
+        tested = (info or {}).get("reach") or {}
+        for ip in path.ips:
+            res = tested.get(ip)
+            if isinstance(res, dict) and res.get("refused"):
+                out.setdefault(path.dst, []).append((hosts[path.src].ssh, ip))
+    return out
+
+
 def _head_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """The networks of this machine's own interfaces."""
     nets = []
@@ -135,14 +155,30 @@ def run_doctor(
     ]
     head_nets = _head_networks() if any(not h.is_local for h in hosts) else []
     on_network = [h.is_local or not h.ips or in_networks(h.ips[0], head_nets) for h in hosts]
+    # Each host's python listens on its addresses the peers send to, on one port for this run;
+    # the peers connect there, so a firewall that turns that python away is seen.
+    port = random.randint(*PROBE_PORTS)
+    window = max(1.0, min(_probe.LISTEN_S, timeout - 1.0))  # within the probe's own limit
+    listens = [[ip for q in paths if q.dst == i for ip in q.ips] for i in range(len(hosts))]
     with ThreadPoolExecutor(max_workers=max(1, 2 * len(hosts))) as pool:
         probes: list[Future[HostProbe]] = []
         reaches: list[Future[Reach] | None] = []
-        for h, p, on in zip(hosts, peers, on_network):
+        for h, p, on, lst in zip(hosts, peers, on_network, listens):
             ips = list(dict.fromkeys(ip for _, ip in p))
+            listen = (
+                f"{port}:{len(lst)}:{window:g}:{','.join(dict.fromkeys(lst))}" if lst else "-"
+            )
             probes.append(
                 pool.submit(
-                    probe_host, h, argv, python, timeout, ips, advice, [f"{ip}:22" for ip in ips]
+                    probe_host,
+                    h,
+                    argv,
+                    python,
+                    timeout,
+                    ips,
+                    advice,
+                    [f"{ip}:{port}" for ip in ips],
+                    listen,
                 )
             )
             reaches.append(
@@ -156,6 +192,7 @@ def run_doctor(
         results: list[PathResult] = []
         found_all = [pf.result() for pf in probes]
         silent = frozenset(h.ssh for h, f in zip(hosts, found_all) if not f.started)
+        refused = _refusals(hosts, paths, found_all)
         for i, (h, p, found, rf) in enumerate(zip(hosts, peers, found_all, reaches)):
             ctx = HostContext(
                 host=h,
@@ -167,6 +204,8 @@ def run_doctor(
                 peers=p,
                 head_on_cluster_network=on_network[i],
                 silent=silent,
+                refused_by=tuple(refused.get(i, ())),
+                probe_port=port,
             )
             facts[h.ssh] = _facts(h, found)
             routes += route_findings(ctx) or []

@@ -26,16 +26,18 @@ from ..placement import Host
 from . import probe as _probe_module
 from .probe import MARK
 
-# Runs under ``sh -s -- PYTHON FACTS REACH PEER_IP...`` (only the arguments pass through the
-# remote login shell's quoting); FACTS=1 also reads a Mac's Thunderbolt ports, cables and RDMA
-# devices; REACH (``ip:port,...`` or ``-``) are the peers the python tests it reaches.
+# Runs under ``sh -s -- PYTHON FACTS REACH LISTEN PEER_IP...`` (only the arguments pass through
+# the remote login shell's quoting); FACTS=1 also reads a Mac's Thunderbolt ports, cables and
+# RDMA devices; REACH (``ip:port,...`` or ``-``) are the peers the python tests it reaches;
+# LISTEN (``port:expect:seconds:ip,...`` or ``-``) the listener it opens for the peers' tests.
 # Sections are ``MARK name-begin`` .. ``MARK name-end``; one value per ``MARK key value`` line;
 # a bare ``MARK key`` is a flag.
 _SH_HEAD = r"""
 PY=$1
 FACTS=$2
 REACH=$3
-shift 3
+LISTEN=$4
+shift 4
 M=@@mcmd
 echo "$M begin"
 OS=$(uname -s 2>/dev/null)
@@ -92,7 +94,7 @@ if [ "$OS" = Darwin ] && [ "$FACTS" = 1 ]; then
   fi
 fi
 if [ -n "$PYPATH" ]; then
-  "$PYPATH" - "$MPIEXEC" "$REACH" <<'MCMD_PY_EOF' 2>&1
+  "$PYPATH" - "$MPIEXEC" "$REACH" "$LISTEN" <<'MCMD_PY_EOF' 2>&1
 """
 _SH_TAIL = r"""
 MCMD_PY_EOF
@@ -247,12 +249,13 @@ def probe_host(
     peer_ips: Sequence[str] = (),
     facts: bool = True,
     reach: Sequence[str] = (),
+    listen: str = "-",
 ) -> HostProbe:
     """Run the script on ``host`` (or here, for a local host): one ssh round trip. ``facts``
     also reads a Mac's Thunderbolt ports, cables and RDMA devices (for the backend advice);
     the host tests that it reaches each ``ip:port`` of ``reach``, and shows its route to each
     of ``peer_ips``."""
-    args = [python, "1" if facts else "0", ",".join(reach) or "-", *peer_ips]
+    args = [python, "1" if facts else "0", ",".join(reach) or "-", listen, *peer_ips]
     if host.is_local:
         argv = ["sh", "-s", "--", *args]
         limit = timeout

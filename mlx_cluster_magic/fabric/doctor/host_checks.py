@@ -67,6 +67,10 @@ class HostContext:
     head_on_cluster_network: bool = True
     #: Hosts that did not answer the head: a path to one is not this host's problem
     silent: frozenset[str] = frozenset()
+    #: (peer, address of this host) whose connection to this host's python was refused
+    refused_by: tuple[tuple[str, str], ...] = ()
+    #: The port this host's python listened on for the peers' connections
+    probe_port: int = 0
 
     @property
     def name(self) -> str:
@@ -444,6 +448,58 @@ def _peers(ctx: HostContext) -> Check | None:
     return Check("peers", True, "reaches " + ", ".join(good) + unasked)
 
 
+# macOS's application firewall turns away incoming connections to an app it was not told to
+# allow. socketfilterfw's own usage (`socketfilterfw -h`, as published at
+# question-defense.com/2012/03/22/osx-lion-firewall-process-name and krypted.com's "Command
+# Line ALF on Mac OS X") lists `--add <path>` and `--unblockapp <path>`; Apple's Mac User Guide
+# ("Change Firewall settings on Mac") turns the firewall off in System Settings > Network.
+SOCKETFILTERFW = "/usr/libexec/ApplicationFirewall/socketfilterfw"
+
+
+def firewall_fix(name: str, os_name: str, python: str) -> str:
+    """What to type on ``name`` so its firewall lets ``python`` accept connections."""
+    if os_name == "Darwin":
+        return (
+            f"on {name}: sudo {SOCKETFILTERFW} --add {python} --unblockapp {python} (or turn "
+            "the firewall off: System Settings > Network > Firewall)"
+        )
+    return (
+        f"on {name}: let the firewall (iptables/nftables/ufw) accept TCP connections to "
+        f"{python} from the other hosts, or turn it off"
+    )
+
+
+def _firewall(ctx: HostContext) -> Check | None:
+    """Do the peers' connections reach this host's python, or does a firewall refuse them?"""
+    info = ctx.probe.info if ctx.probe.started else None
+    listen = (info or {}).get("listen")
+    if info is None:
+        return None  # the python did not run: its own check says why
+    if not isinstance(listen, dict):
+        return Check("inbound", True, "no peer sends here")
+    bound = listen.get("bound") or {}
+    unbound = {ip: err for ip, err in bound.items() if err != "ok"}
+    if unbound:
+        ip, err = next(iter(unbound.items()))
+        return Check(
+            "inbound",
+            None,
+            f"{ctx.name} could not listen on {ip}:{ctx.probe_port} to test it: {err}",
+            "",
+        )
+    if ctx.refused_by:
+        python = str((info or {}).get("realexe") or ctx.pip_python)
+        where = ", ".join(f"{ip}:{ctx.probe_port} from {peer}" for peer, ip in ctx.refused_by)
+        return Check(
+            "inbound",
+            False,
+            f"{ctx.name} refuses connections to its python ({where}): a firewall on {ctx.name} "
+            "blocks them, so MLX's and MPI's traffic cannot reach its ranks",
+            firewall_fix(ctx.name, ctx.probe.os, python),
+        )
+    return Check("inbound", True, f"accepts the peers' connections ({listen.get('accepted')})")
+
+
 #: Every check, in the order of the report's columns.
 DEFINITIONS: tuple[CheckDef, ...] = (
     CheckDef("ssh", _ssh),
@@ -456,6 +512,7 @@ DEFINITIONS: tuple[CheckDef, ...] = (
     CheckDef("mtu", _mtu),
     CheckDef("route", _route),
     CheckDef("peers", _peers),
+    CheckDef("inbound", _firewall),
 )
 CHECKS: tuple[str, ...] = tuple(d.name for d in DEFINITIONS)
 
