@@ -30,6 +30,8 @@ REACH_TIMEOUT_S = 1.5
 REFUSED_RETRY_S = 3.0
 #: How long a host's listener waits for its peers' connections at most.
 LISTEN_S = 5.0
+#: How long it waits once the probe's own tests are done.
+LISTEN_GRACE_S = 1.0
 #: Prefixes every line this probe prints, so a login shell's noise is never mistaken for it.
 MARK = "@@mcmd"
 
@@ -173,6 +175,7 @@ class Listener:
         self.expect = int(expect or 0)
         self.window = min(float(window or LISTEN_S), LISTEN_S)
         self.accepted = 0
+        self.until: float | None = None
         self.bound: dict[str, str] = {}
         self.socks: list[Any] = []
         for ip in [i for i in ips.split(",") if i]:
@@ -194,6 +197,8 @@ class Listener:
 
         deadline = time.monotonic() + self.window
         while self.socks and self.accepted < self.expect and time.monotonic() < deadline:
+            if self.until is not None:
+                deadline = min(deadline, self.until)
             for s in self.socks:
                 try:
                     conn, _ = s.accept()
@@ -203,7 +208,12 @@ class Listener:
                 self.accepted += 1
 
     def close(self) -> dict[str, Any]:
-        """Wait for the peers (bounded), close, and say what was bound and accepted."""
+        """Wait for the peers a little longer (``LISTEN_GRACE_S``: a peer that will come is
+        running by the time this probe's own tests are done), close, and say what was bound
+        and accepted."""
+        import time
+
+        self.until = time.monotonic() + LISTEN_GRACE_S
         self.thread.join(self.window + 1)
         for s in self.socks:
             s.close()
