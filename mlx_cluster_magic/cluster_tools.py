@@ -84,6 +84,7 @@ class ClusterTools:
             advice=advice,
             networks=self.spec.subnet.split(",") if self.spec.subnet else None,
             addresses=dict(self.spec.peers),
+            head_address=self.spec.controller_ip,
         )
 
     def setup(self, check: bool = False, verify: bool = False, progress: bool = True) -> Any:

@@ -628,14 +628,17 @@ class MLXClusterMagics(Magics):
                 backend=args.backend or cluster.backend,
                 networks=cluster.spec.subnet.split(",") if cluster.spec.subnet else None,
                 addresses=dict(cluster.spec.peers),
+                head_address=cluster.spec.controller_ip,
             )
         placement = MLXCluster.placement_from(args.n, hosts=args.hosts, hostfile=args.hostfile)
         networks: list[str] | None = None
         addresses: dict[str, str] = {}
+        head: str | None = None
         if not placement.is_local:
             # The networks a start would pin MPI to, so the doctor tests what a start needs.
             with contextlib.suppress(MLXClusterError):
-                _, addresses, networks = data_plane(placement, args.ssh)
+                control, addresses, networks = data_plane(placement, args.ssh)
+                head = control.address
         return run_doctor(
             placement,
             python=args.python,
@@ -644,6 +647,7 @@ class MLXClusterMagics(Magics):
             backend=args.backend or placement.backend,
             networks=networks,
             addresses=addresses,
+            head_address=head,
         )
 
     def _setup(self, args: argparse.Namespace) -> Any:

@@ -90,3 +90,50 @@ def test_the_doctor_shows_the_firewall_and_the_open_host_stays_green(
     assert report["mac2"]["inbound"].ok is False
     assert report["mac1"]["inbound"].ok is True
     assert report["mac1"]["peers"].ok is True  # the address answers: a path exists
+
+
+# The head's own firewall: iptables on the head, but only for what arrives on this fixture's own
+# bridge (stpfbr0) at the doctor's probe ports, so nothing else on the machine is touched.
+def _head_rule(action: str, proto: str, target: str) -> list[str]:
+    from mlx_cluster_magic.fabric.doctor import PROBE_PORTS
+
+    ports = f"{PROBE_PORTS[0]}:{PROBE_PORTS[1] + 1}"
+    rule = ["INPUT", "-i", "stpfbr0", "-p", proto, "--dport", ports, "-j", *target.split()]
+    return ["iptables", action, *rule]
+
+
+@pytest.mark.parametrize(
+    ("proto", "target"), [("tcp", "REJECT --reject-with tcp-reset"), ("udp", "DROP")]
+)
+def test_a_firewall_on_the_head_is_named_with_the_fix(
+    walled: Any, shell: Any, tmp_path: Path, proto: str, target: str
+) -> None:
+    import subprocess
+
+    for rule in RULES:  # mac2 open again: only the head is walled here
+        walled.netns_exec("mac2", "iptables", "-D", *rule.split()[1:])
+    add = subprocess.run(_head_rule("-I", proto, target), capture_output=True, text=True)
+    if add.returncode != 0:
+        pytest.skip(f"iptables on the head: {add.stderr.strip()}")
+    try:
+        hostfile = walled.hostfile(tmp_path / "hosts.json")
+        report = shell.run_line_magic(
+            "mlx_cluster", f"doctor --hostfile {hostfile} --ssh '{walled.rsh_agent}'"
+        )
+        for host in walled.hosts:
+            ip = report[host]["ip"]
+            if proto == "tcp":
+                assert ip.ok is False and "(refused): a firewall on this machine" in ip.detail
+                assert f"{walled.head_ip}:" in ip.detail
+                assert "socketfilterfw" in ip.fix or "iptables" in ip.fix
+            else:
+                assert ip.ok is None and "UDP datagrams do not arrive" in ip.detail, ip
+        if proto == "tcp":
+            line = walled.start_line(hostfile, "--no-status", ring_port=RING_PORT)
+            with pytest.raises(UsageError, match=r"^mac1: ip: mac1 cannot connect to this"):
+                shell.run_line_magic("mlx_cluster", line)
+            no_leaks_on(walled)
+    finally:
+        subprocess.run(_head_rule("-D", proto, target), capture_output=True, check=True)
+        for rule in RULES:
+            walled.netns_exec("mac2", "iptables", *rule.split())

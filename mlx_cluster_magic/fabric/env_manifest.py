@@ -202,10 +202,14 @@ def walk(path: str, pruned: tuple[str, ...] = ()) -> dict[str, Entry]:
 
 
 def build_manifest(
-    prefix: str | None = None, base_prefix: str | None = None, python: str | None = None
+    prefix: str | None = None,
+    base_prefix: str | None = None,
+    python: str | None = None,
+    files: bool = True,
 ) -> Manifest:
-    """This kernel's environment (or the one given), every file listed; raises SetupRefused
-    with one line per reason it cannot be copied."""
+    """This kernel's environment (or the one given), every file listed (``files=False``: the
+    directories only, to be listed by :func:`list_files` while the hosts list theirs); raises
+    SetupRefused with one line per reason it cannot be copied."""
     prefix = os.path.abspath(prefix or sys.prefix)
     base = os.path.abspath(base_prefix or sys.base_prefix)
     version = ".".join(str(v) for v in sys.version_info[:3])
@@ -218,17 +222,17 @@ def build_manifest(
     refusals += editable
     if refusals:
         raise SetupRefused("\n".join(refusals))
-    roots = [Root(prefix, "venv", walk(prefix))]
+    roots = [Root(prefix, "venv")]
     if os.path.realpath(base) != os.path.realpath(prefix):
         # The venv does not see the base's own site-packages: not part of the environment.
         v = sys.version_info
         pruned = (f"lib/python{v.major}.{v.minor}/site-packages",)
-        roots.append(Root(base, "interpreter", walk(base, pruned), pruned))
+        roots.append(Root(base, "interpreter", pruned=pruned))
     notes = []
     for src in carried:
-        roots.append(Root(src, "source", walk(src)))
+        roots.append(Root(src, "source"))
         notes.append(f"mlx_cluster_magic is an editable install: its source {src} is carried too")
-    return Manifest(
+    manifest = Manifest(
         roots=roots,
         python=python or sys.executable,
         version=version,
@@ -238,6 +242,14 @@ def build_manifest(
         dists=installed_dists([_site_packages(prefix), *carried]),
         notes=notes,
     )
+    return list_files(manifest) if files else manifest
+
+
+def list_files(manifest: Manifest) -> Manifest:
+    """Fill in every directory's files (about 1.5 s for a 1 GB venv of 27,000 files)."""
+    for root in manifest.roots:
+        root.entries = walk(root.path, root.pruned)
+    return manifest
 
 
 def record_hashes(root: Root) -> dict[str, str]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MLXClusterError
 from .doctor.collect import ssh_argv
-from .env_manifest import Manifest, SetupRefused, build_manifest
+from .env_manifest import Manifest, SetupRefused, build_manifest, list_files
 from .env_setup import (
     Cancelled,
     HostListing,
@@ -209,14 +210,20 @@ def run_setup(
     """Make every remote host's environment this kernel's (``check``: only say how they
     differ). Raises SetupRefused, one line per refusal, before anything is written."""
     t0 = time.monotonic()
-    manifest = manifest or build_manifest()
+    manifest = manifest or build_manifest(files=False)
     argv = ssh_argv(ssh)
     remote = [h for h in dict.fromkeys(hosts) if not h.is_local]
     if not remote:
         raise MLXClusterError("setup: no remote host given: pass --hosts or --hostfile")
-    listings: list[HostListing] = parallel(
-        list_host, remote, argv, manifest, verify, LIST_TIMEOUT_S
-    )
+    # The hosts list their directories and report their versions while this machine lists
+    # its own: the versions stand for a host that is sent nothing.
+    with ThreadPoolExecutor(max_workers=2 * len(remote) + 1) as pool:
+        listed = [pool.submit(list_host, h, argv, manifest, verify, LIST_TIMEOUT_S) for h in remote]
+        asked = [pool.submit(host_versions, h, argv, manifest.python, 30.0) for h in remote]
+        if not any(root.entries for root in manifest.roots):
+            list_files(manifest)
+        listings: list[HostListing] = [f.result() for f in listed]
+        versions: list[dict[str, Any]] = [f.result() for f in asked]
     hashes = verify_hashes(manifest) if verify else {}
     plans = [
         [
@@ -241,7 +248,11 @@ def run_setup(
         if lines:
             raise SetupRefused("\n".join(lines))
         _Sender(remote, plans, argv).run(show)
-    for row, got in zip(rows, parallel(host_versions, remote, argv, manifest.python, 30.0)):
+        changed = [i for i, ps in enumerate(plans) if not all(p.idle for p in ps)]
+        again = parallel(host_versions, [remote[i] for i in changed], argv, manifest.python, 30.0)
+        for i, got in zip(changed, again):
+            versions[i] = got
+    for row, got in zip(rows, versions):
         _compare(row, got, manifest)
     return SetupReport(
         rows,

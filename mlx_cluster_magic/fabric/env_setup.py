@@ -15,17 +15,17 @@ No IPython import.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
 import subprocess
-import tarfile
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from .doctor.collect import Result, run
 from .env_manifest import STAGING, Entry, Manifest, Root, file_hash, record_hashes
@@ -415,29 +415,6 @@ class Cancelled(Exception):
     """The setup was interrupted: every stream stops at its next write."""
 
 
-class _Counter:
-    """A pipe that counts what passes and stops when told to."""
-
-    def __init__(self, pipe: IO[bytes], tick: Callable[[int], None], stop: threading.Event):
-        self.pipe, self.tick, self.stop = pipe, tick, stop
-        self.buffer = bytearray()
-
-    def write(self, data: bytes) -> int:
-        if self.stop.is_set():
-            raise Cancelled()
-        self.buffer += data
-        if len(self.buffer) >= 1 << 20:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        """Hand what is buffered to the pipe (tar writes in 10 KiB blocks: one write a MiB)."""
-        if self.buffer:
-            self.pipe.write(self.buffer)
-            self.tick(len(self.buffer))
-            self.buffer = bytearray()
-
-
 def send_root(
     host: Host,
     ssh: list[str],
@@ -447,37 +424,11 @@ def send_root(
 ) -> str | None:
     """Stream the plan's files as a tar into the host's staging directory, then move them into
     place; None on success, else the error in one line."""
-    q = shlex.quote
     root = plan.root.path
     if plan.send:
-        stage = f"{root}/{STAGING}"
-        command = f"mkdir -p {q(stage)} && tar -x -p -o -f - -C {q(stage)}"
-        with tempfile.TemporaryFile() as errors:
-            proc = subprocess.Popen(
-                _ssh(ssh, host, command),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-                start_new_session=True,
-            )
-            assert proc.stdin is not None
-            try:
-                sink = _Counter(proc.stdin, tick, stop)
-                _write_tar(plan, sink)
-                sink.flush()
-                proc.stdin.close()
-            except Cancelled:
-                proc.kill()
-                proc.wait()
-                raise
-            except OSError:  # the far end went away: its error says why
-                proc.stdin.close()
-            proc.wait()
-            errors.seek(0)
-            text = errors.read().decode(errors="replace").strip().splitlines()
-        if proc.returncode != 0:
-            why = text[-1] if text else f"exit {proc.returncode}"
-            return f"{host.ssh}: writing under {root} failed: {why}"
+        err = _stream(host, ssh, plan, tick, stop)
+        if err:
+            return err
     res = run(_ssh(ssh, host, "sh -s"), timeout=600, stdin=apply_script(plan))
     if res.rc != 0:
         text = (res.err or res.out).strip().splitlines()
@@ -486,19 +437,61 @@ def send_root(
     return None
 
 
-def _write_tar(plan: RootPlan, sink: _Counter) -> None:
-    """The plan's entries as one tar stream, names relative to the environment directory."""
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        for rel in plan.send:
-            full = os.path.join(plan.root.path, rel)
-            info = tar.gettarinfo(full, arcname=rel)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if info.isreg():
-                with open(full, "rb") as f:
-                    tar.addfile(info, f)
-            else:
-                tar.addfile(info)
+def _stream(
+    host: Host,
+    ssh: list[str],
+    plan: RootPlan,
+    tick: Callable[[int], None],
+    stop: threading.Event,
+) -> str | None:
+    """This machine's ``tar`` packs the plan's paths (names relative to the environment
+    directory); what it writes goes to the host's ``tar`` through ssh, counted on the way and
+    cut at once when ``stop`` is set."""
+    q = shlex.quote
+    stage = f"{plan.root.path}/{STAGING}"
+    command = f"mkdir -p {q(stage)} && tar -x -p -o -f - -C {q(stage)}"
+    with tempfile.NamedTemporaryFile("wb") as names, tempfile.TemporaryFile() as errors:
+        names.write(b"".join(b"./" + os.fsencode(rel) + b"\0" for rel in plan.send))
+        names.flush()
+        pack = subprocess.Popen(
+            ["tar", "-C", plan.root.path, "--no-recursion", "--null", "-T", names.name, "-cf", "-"],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            start_new_session=True,
+        )
+        proc = subprocess.Popen(
+            _ssh(ssh, host, command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+        )
+        assert pack.stdout is not None and proc.stdin is not None
+        try:
+            while chunk := os.read(pack.stdout.fileno(), 1 << 20):
+                if stop.is_set():
+                    raise Cancelled()
+                proc.stdin.write(chunk)
+                tick(len(chunk))
+            proc.stdin.close()
+        except Cancelled:
+            for p in (pack, proc):
+                p.kill()
+                p.wait()
+            raise
+        except OSError:  # the far end went away: its error says why
+            pack.kill()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        pack.wait()
+        proc.wait()
+        pack.stdout.close()
+        errors.seek(0)
+        text = errors.read().decode(errors="replace").strip().splitlines()
+    if pack.returncode or proc.returncode:
+        why = text[-1] if text else f"exit {proc.returncode or pack.returncode}"
+        return f"{host.ssh}: writing under {plan.root.path} failed: {why}"
+    return None
 
 
 def verify_hashes(manifest: Manifest) -> dict[str, dict[str, str]]:

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from ...errors import MLXClusterError
 from ..data_paths import DataPath, data_paths, in_networks, missing_paths_fix
@@ -29,7 +30,7 @@ from ..netif import RouteFinding, interface_for, local_interfaces, route_checks
 from ..placement import Host, Placement
 from . import probe as _probe
 from .advice import Advice, advise_backend
-from .collect import HostProbe, Reach, probe_host, ssh_argv, tcp_reach
+from .collect import HeadListener, HostProbe, Reach, probe_host, ssh_argv, tcp_reach
 from .host_checks import (
     CHECKS,
     WANT_MTU,
@@ -87,6 +88,31 @@ def _facts(host: Host, found: HostProbe) -> HostFacts | None:
 PROBE_PORTS = (42100, 42899)
 
 
+def _head_listener(address: str | None, hosts: list[Host], port: int) -> HeadListener | None:
+    """The head's test listener on the control address, when remote hosts will connect there."""
+    if not address or address.startswith("127.") or all(h.is_local for h in hosts):
+        return None
+    return HeadListener(address, port + 1)
+
+
+def _head_link(
+    listener: HeadListener | None, host: Host, found: HostProbe
+) -> dict[str, Any] | None:
+    """What the host found connecting to the head's listener, and whether its UDP arrived."""
+    if listener is None or host.is_local:
+        return None
+    if listener.error is not None:
+        return {"address": listener.address, "listen_error": listener.error}
+    got = (found.info or {}).get("head") if found.started else None
+    if not isinstance(got, dict):
+        return None  # the python did not run: its own check says why
+    return {
+        "address": listener.address,
+        "tcp": got.get("tcp"),
+        "udp": host.ssh in listener.udp_from,
+    }
+
+
 def _refusals(
     hosts: list[Host], paths: Sequence[DataPath], found: list[HostProbe]
 ) -> dict[int, list[tuple[str, str]]]:
@@ -124,6 +150,7 @@ def run_doctor(
     advice: bool = True,
     networks: Sequence[str] | None = None,
     addresses: Mapping[str, str] | None = None,
+    head_address: str | None = None,
 ) -> DoctorReport:
     """Check every host of ``placement`` at once; return the report (never raises for a host).
 
@@ -135,7 +162,10 @@ def run_doctor(
     from where it stands, that it reaches every peer the backend sends data to
     (:mod:`..data_paths`; ``networks`` are the CIDRs MPI is pinned to and ``addresses`` each
     host's control address, as the start computes them); the head itself needs to reach a
-    host's cluster IP only when it is on that network (else ssh is its path).
+    host's cluster IP only when it is on that network (else ssh is its path). With
+    ``head_address`` (where the controller and the status channel listen) the head listens
+    there too, TCP and UDP, and every host connects and sends to it, so a firewall on the
+    head that turns the hosts' connections away is named before anything starts.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise MLXClusterError(f"--timeout must be a positive number of seconds, got {timeout!r}")
@@ -160,14 +190,13 @@ def run_doctor(
     port = random.randint(*PROBE_PORTS)
     window = max(1.0, min(_probe.LISTEN_S, timeout - 1.0))  # within the probe's own limit
     listens = [[ip for q in paths if q.dst == i for ip in q.ips] for i in range(len(hosts))]
+    head_listener = _head_listener(head_address, hosts, port)
     with ThreadPoolExecutor(max_workers=max(1, 2 * len(hosts))) as pool:
         probes: list[Future[HostProbe]] = []
         reaches: list[Future[Reach] | None] = []
         for h, p, on, lst in zip(hosts, peers, on_network, listens):
             ips = list(dict.fromkeys(ip for _, ip in p))
-            listen = (
-                f"{port}:{len(lst)}:{window:g}:{','.join(dict.fromkeys(lst))}" if lst else "-"
-            )
+            listen = f"{port}:{len(lst)}:{window:g}:{','.join(dict.fromkeys(lst))}" if lst else "-"
             probes.append(
                 pool.submit(
                     probe_host,
@@ -179,6 +208,7 @@ def run_doctor(
                     advice,
                     [f"{ip}:{port}" for ip in ips],
                     listen,
+                    f"{head_listener.address}|{h.ssh}" if head_listener and not h.is_local else "-",
                 )
             )
             reaches.append(
@@ -191,6 +221,8 @@ def run_doctor(
         routes: list[RouteFinding] = []
         results: list[PathResult] = []
         found_all = [pf.result() for pf in probes]
+        if head_listener is not None:
+            head_listener.close()
         silent = frozenset(h.ssh for h, f in zip(hosts, found_all) if not f.started)
         refused = _refusals(hosts, paths, found_all)
         for i, (h, p, found, rf) in enumerate(zip(hosts, peers, found_all, reaches)):
@@ -206,6 +238,7 @@ def run_doctor(
                 silent=silent,
                 refused_by=tuple(refused.get(i, ())),
                 probe_port=port,
+                head_link=_head_link(head_listener, h, found),
             )
             facts[h.ssh] = _facts(h, found)
             routes += route_findings(ctx) or []

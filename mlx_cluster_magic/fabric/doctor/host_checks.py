@@ -7,10 +7,13 @@ Every failure says what to type to fix it, and on which host. Order here is colu
 from __future__ import annotations
 
 import ipaddress
+import os
+import platform
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
+from typing import Any
 
 from ..netif import (
     Interface,
@@ -71,6 +74,9 @@ class HostContext:
     refused_by: tuple[tuple[str, str], ...] = ()
     #: The port this host's python listened on for the peers' connections
     probe_port: int = 0
+    #: What the host found connecting to the head's own listener (TCP, and whether its UDP
+    #: arrived), when the start gave the control address
+    head_link: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -297,10 +303,55 @@ def _tool(tool: str, ctx: HostContext) -> Check | None:
     )
 
 
+def _head_link(ctx: HostContext) -> Check | None:
+    """A failing ip check when the host cannot connect to the head's listener, or its UDP
+    datagrams do not arrive: the controller and the status channel would not hear its ranks."""
+    link, name = ctx.head_link, ctx.name
+    if not link:
+        return None
+    where = link["address"]
+    python = os.path.realpath(sys.executable)
+    fix = firewall_fix("this Mac", platform.system(), python).replace(
+        "on this Mac: ", "on this machine (the notebook's): "
+    )
+    if link.get("listen_error"):
+        return Check("ip", None, f"the head could not listen on {where} to test: "
+                     f"{link['listen_error']}", "")  # fmt: skip
+    tcp = link.get("tcp")
+    if tcp == "refused":
+        return Check(
+            "ip",
+            False,
+            f"{name} cannot connect to this kernel's python at {where} (refused): a firewall "
+            "on this machine turns the hosts away, so the controller and the status channel "
+            "would not hear the ranks",
+            fix,
+        )
+    if tcp != "ok":
+        return Check(
+            "ip",
+            False,
+            f"{name} cannot reach this kernel at {where}: {tcp}",
+            "pass --controller-ip with the address the hosts reach this machine by",
+        )
+    if not link.get("udp"):
+        return Check(
+            "ip",
+            None,
+            f"{name} connects to this kernel at {where} over TCP, but its UDP datagrams do not "
+            "arrive: a firewall drops them, and busy/idle shows late",
+            fix,
+        )
+    return None
+
+
 def _ip(ctx: HostContext) -> Check:
     name, ip, reach = ctx.name, ctx.ip, ctx.reach
     if ctx.host.is_local:
         return Check("ip", True, "local host: loopback")
+    head = _head_link(ctx)
+    if head is not None:
+        return head
     if ip is None:
         return Check(
             "ip",

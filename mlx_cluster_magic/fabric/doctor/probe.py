@@ -162,6 +162,43 @@ def reach(
     return out
 
 
+def reach_head(spec: str, retry: float = REFUSED_RETRY_S) -> dict[str, Any]:
+    """``ip:port|name``: connect to the head's test listener as the ranks' engines and status
+    reports will (TCP, a refusal tried again for ``retry`` s), say who we are, and send the
+    same name three times over UDP, as the busy/idle notices go."""
+    import socket
+    import time
+
+    target, _, name = spec.partition("|")
+    ip, _, port = target.rpartition(":")
+    addr = (ip.strip("[]"), int(port))
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    t0 = time.monotonic()
+    res: dict[str, Any] = {}
+    while True:
+        try:
+            with socket.create_connection(addr, timeout=REACH_TIMEOUT_S) as conn:
+                conn.sendall(name.encode() + b"\n")
+            res["tcp"] = "ok"
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() - t0 > retry:
+                res["tcp"] = "refused"
+                break
+            time.sleep(0.05)
+        except (OSError, ValueError) as e:
+            res["tcp"] = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            break
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            for _ in range(3):
+                udp.sendto(name.encode(), addr)
+                time.sleep(0.05)
+    except OSError as e:
+        res["udp_error"] = e.strerror or str(e)
+    return res
+
+
 class Listener:
     """TCP listeners on this host's cluster addresses, opened by the python the ranks run, for
     the peers' probes to connect to; open until ``expect`` connections came or the window
@@ -221,14 +258,18 @@ class Listener:
 
 
 def report(
-    mpiexec: str | None = None, targets: list[str] | None = None, listen: str | None = None
+    mpiexec: str | None = None,
+    targets: list[str] | None = None,
+    listen: str | None = None,
+    head: str | None = None,
 ) -> dict[str, Any]:
     """Everything this probe says about the host, as JSON-ready data."""
     listener = Listener(listen) if listen else None
-    retry = listener.window if listener else REFUSED_RETRY_S
-    found = reach(targets, retry=min(retry, REFUSED_RETRY_S)) if targets else {}
+    retry = min(listener.window if listener else REFUSED_RETRY_S, REFUSED_RETRY_S)
+    found = reach(targets, retry=retry) if targets else {}
     return {
         "reach": found,
+        "head": reach_head(head, retry) if head else None,
         "listen": listener.close() if listener else None,
         "executable": sys.executable,
         "realexe": os.path.realpath(sys.executable),
@@ -241,12 +282,13 @@ def report(
 
 
 def main(argv: list[str]) -> None:
-    """``python - [MPIEXEC [IP:PORT,... [PORT:EXPECT:SECONDS:IP,...]]]``: print the report as one
-    marked JSON line."""
+    """``python - [MPIEXEC [IP:PORT,... [PORT:EXPECT:SECONDS:IP,... [IP:PORT|NAME]]]]``: print
+    the report as one marked JSON line."""
     mpiexec = argv[1] if len(argv) > 1 and argv[1] else None
     targets = [t for t in argv[2].split(",") if t and t != "-"] if len(argv) > 2 else []
     listen = argv[3] if len(argv) > 3 and argv[3] != "-" else None
-    found = report(mpiexec, targets, listen)
+    head = argv[4] if len(argv) > 4 and argv[4] != "-" else None
+    found = report(mpiexec, targets, listen, head)
     sys.stdout.write("\n" + MARK + " probe " + json.dumps(found) + "\n")
     sys.stdout.flush()
 
