@@ -310,7 +310,11 @@ def _build_parsers() -> dict[str, _Parser]:
         "Make every host's Python environment this kernel's, at the same path: only what "
         "differs is sent.",
     )
-    p.add_argument("--hosts", default=None, help="comma-separated ssh host names, e.g. mac1,mac2")
+    p.add_argument(
+        "--hosts",
+        default=None,
+        help="comma-separated ssh host names, e.g. mac1,mac2 (default: the cluster's hosts)",
+    )
     p.add_argument(
         "--hostfile",
         default=None,

@@ -29,6 +29,20 @@ def test_a_host_name_that_does_not_resolve_is_named_with_the_fix() -> None:
     assert "~/.ssh/config" in msg and "/etc/hosts" in msg and "nosuchhost.local" in msg
 
 
+def test_setup_without_hosts_or_cluster_says_what_to_give() -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "mlx_cluster_magic")
+    try:
+        if ip.magics_manager.registry["MLXClusterMagics"].cluster is not None:
+            pytest.skip("a cluster of an earlier test is current")
+        with pytest.raises(UsageError, match=r"^setup: give --hosts or --hostfile"):
+            ip.run_line_magic("mlx_cluster", "setup")
+    finally:
+        ip.run_line_magic("unload_ext", "mlx_cluster_magic")
+
+
 @pytest.fixture(scope="module")
 def split_star() -> Iterator[Any]:
     """mac1 cabled to two workers, the bridge off: one /30 per cable."""

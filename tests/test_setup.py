@@ -130,6 +130,9 @@ def test_setup_from_nothing_then_start_and_all_sum(
             block=True,
         )
         assert cluster.view["s"] == [[0.0, 3.0, 6.0, 9.0]] * 2
+        # The cluster's own setup, on its hosts, and the magic on the running cluster's.
+        assert cluster.setup(check=True, progress=False).ok
+        assert shell.run_line_magic("mlx_cluster", "setup --check").ok
     finally:
         shell.run_line_magic("mlx_cluster", "stop")
 
@@ -199,11 +202,11 @@ def test_interrupted_setup_leaves_no_half_file_and_resumes(
     with pytest.raises(UsageError, match="interrupted.*run setup again to resume"):
         shell.run_line_magic("mlx_cluster", setup_line(macs, hostfile))
     watcher.join()
-    # Nothing of ours still runs (ssh, tar), on the head or the host.
+    # Nothing of ours still runs (ssh, the head's tar), on the head or the host.
     mine = subprocess.run(
         ["pgrep", "-a", "-P", str(os.getpid())], capture_output=True, text=True
     ).stdout.splitlines()
-    assert [p for p in mine if " ssh " in f" {p} "] == []
+    assert [p for p in mine if " ssh " in f" {p} " or " tar " in f" {p} "] == []
     # (the brackets keep pgrep from finding the shell that runs it)
     assert on(macs, "mac1", f"sleep 1; pgrep -f '[t]ar -x -p -o -f - -C {VENV}' || true") == ""
     # What arrived is staged; no final name holds a partial file.
@@ -233,11 +236,14 @@ def test_interrupted_setup_leaves_no_half_file_and_resumes(
     assert on(macs, "mac1", f"ls -a {VENV} | grep -c partial || true").strip() == "0"
 
 
-def test_setup_api_and_plain_function(macs: Any) -> None:
+def test_setup_api_and_plain_function(macs: Any, shell: Any) -> None:
     from mlx_cluster_magic.environment import setup
 
     report = setup(["mac1", "mac2"], ssh=macs.rsh_agent, check=True, progress=False)
     assert report.ok and len(report.rows) == 2
+    line = f"setup --hosts mac1,mac2 --ssh '{macs.rsh_agent}' --check"
+    report = shell.run_line_magic("mlx_cluster", line)
+    assert report.ok and [r.host for r in report.rows] == ["mac1", "mac2"]
 
 
 def test_a_different_architecture_is_refused_before_anything_moves(macs: Any) -> None:
