@@ -101,7 +101,8 @@ def test_start_on_bare_hosts_says_setup_fixes_it(macs: Any, shell: Any, hostfile
     with pytest.raises(UsageError) as e:
         shell.run_line_magic("mlx_cluster", macs.start_line(hostfile, ring_port=RING_PORT))
     msg = str(e.value)
-    assert "mac1" in msg and "%mlx_cluster setup" in msg
+    assert "\n" not in msg and msg.startswith("mac1: python: "), msg
+    assert "the same on mac2" in msg and "%mlx_cluster setup" in msg
 
 
 def test_setup_from_nothing_then_start_and_all_sum(
