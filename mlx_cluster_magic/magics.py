@@ -307,8 +307,7 @@ def _build_parsers() -> dict[str, _Parser]:
 
     p = sub(
         "setup",
-        "Make every host's Python environment this kernel's, at the same path: only what "
-        "differs is sent.",
+        "Copy this kernel's Python environment to every host, same path: only what differs.",
     )
     p.add_argument(
         "--hosts",
