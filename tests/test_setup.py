@@ -88,10 +88,11 @@ def test_check_on_bare_hosts_shows_them_missing_and_changes_nothing(
 ) -> None:
     report = shell.run_line_magic("mlx_cluster", setup_line(macs, hostfile, "--check"))
     assert isinstance(report, SetupReport) and report.checked_only and not report.ok
-    files = build_manifest().files
+    m = build_manifest()
+    files = sum(1 for r in m.roots for e in r.entries.values() if e.kind != "d")  # and links
     for row in report.rows:
         assert row.python is None and row.error and "no python" in row.error
-        assert row.to_send >= files
+        assert row.to_send == files and row.bytes == m.size
     text = repr(report)
     assert "mac1" in text and "missing" in text and "%mlx_cluster setup" in text
     assert file_count(macs, "mac1") == 0 and file_count(macs, "mac2") == 0

@@ -236,7 +236,7 @@ def run_setup(
     rows = [
         HostRow(
             h.ssh,
-            to_send=sum(len(p.send) + len(p.staged) for p in ps),
+            to_send=sum(p.files for p in ps),
             bytes=sum(p.bytes for p in ps),
             removed=sum(len(p.remove) for p in ps),
             refused=r,

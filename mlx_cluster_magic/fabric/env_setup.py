@@ -206,6 +206,12 @@ class RootPlan:
     bytes: int = 0
 
     @property
+    def files(self) -> int:
+        """Files and links to send or move into place (folders not counted)."""
+        sent = sum(1 for rel in self.send if self.root.entries[rel].kind != "d")
+        return sent + len(self.staged)
+
+    @property
     def wire_bytes(self) -> int:
         """What the tar stream carries: the files, a header per entry, 512-byte padding."""
         return self.bytes + 1536 * len(self.send)
