@@ -34,6 +34,7 @@ from rank_import import bench_rank_import
 from recorder import bench_recorder
 from recovery import bench_recovery, bench_report
 from scaling import bench_scaling
+from setup_env import bench_setup
 from sync import bench_sync
 
 import benchlib
@@ -157,6 +158,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "lm": bench_lm,
     "sync": bench_sync,
     "network": bench_network,
+    "setup": bench_setup,
 }
 
 

@@ -108,7 +108,7 @@ def test_report_renders_as_html_text_and_records() -> None:
     html = report._repr_html_()
     assert html.count("<tr>") == 2  # header + one host
     for name in CHECKS:
-        assert f">{name}</th>" in html
+        assert f">{name.replace('_', '_<wbr>')}</th>" in html
     assert "&#10004;" in html and "&#10008;" not in html
     text = repr(report)
     assert "all ready" in text
@@ -577,7 +577,10 @@ def test_python_without_mlx_fails_the_mlx_check(vc: VirtualCluster, placement: P
         assert row["python"].ok in (True, None)  # it runs (maybe another minor version)
         assert row["mlx"].ok is False
         assert "No module named 'mlx'" in row["mlx"].detail and host in row["mlx"].detail
-        assert row["mlx"].fix == f"on {host}: {python} -m pip install 'mlx[cpu]=={want}'"
+        assert row["mlx"].fix == (
+            f"%mlx_cluster setup makes {host}'s environment this kernel's "
+            f"(or on {host}: {python} -m pip install 'mlx[cpu]=={want}')"
+        )
 
 
 @pytest.mark.multihost

@@ -240,7 +240,8 @@ def test_control_on_the_management_network_with_one_subnet_per_cable() -> None:
 def test_control_address_is_never_a_wildcard_and_says_how_to_fix() -> None:
     ifaces = {"lo": ["127.0.0.1/8"], "any": ["0.0.0.0/0"], "en0": ["172.16.0.2/24"]}
     with pytest.raises(MLXClusterError, match="pass --controller-ip"):
-        launch.control_address(RING4, ifaces, {"mac1": "10.0.0.11"})
+        peers = {h.ssh: f"10.0.0.{11 + i}" for i, h in enumerate(RING4.hosts)}
+        launch.control_address(RING4, ifaces, peers)
 
 
 def test_ssh_addresses_reads_the_ssh_config(tmp_path) -> None:

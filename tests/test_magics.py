@@ -65,6 +65,13 @@ OPTIONS: dict[str, dict[str, str | None]] = {
     "metrics": {},
     "plan": {"model_dir": None, "--memory": None, "--headroom": "default: 10%"},
     "doctor": {**HOSTS_OPTIONS, "--backend": None, "--timeout": "default: 10"},
+    "setup": {
+        "--hosts": None,
+        "--hostfile": None,
+        "--ssh": None,
+        "--check": "change nothing",
+        "--verify": "sha256",
+    },
     "hosts": {"--discover": None, "--write": None},
     "help": {"subcommand": None},
 }

@@ -223,6 +223,11 @@ class MLXCluster(ClusterViews, ClusterTools):
             bringup.refuse_failed_hosts(
                 self.doctor(timeout=10.0, backend=self.backend, advice=False)
             )
+            warning = mpi_job.management_network_warning(
+                self.placement, self.backend, self.spec.control
+            )
+            if warning:
+                print(warning)
 
     def activate(self) -> None:
         """Point ``%%px``, ``%px``, ``%autopx`` and ``%pxresult`` at every rank of this cluster.

@@ -350,6 +350,35 @@ def _preparation_parsers(sub: _Sub) -> None:
         "--timeout", type=_positive_float, default=10.0, metavar="S", help="seconds per check"
     )
 
+    p = sub(
+        "setup",
+        "Copy this kernel's Python environment to every host, same path: only what differs.",
+    )
+    p.add_argument(
+        "--hosts",
+        default=None,
+        help="comma-separated ssh host names, e.g. mac1,mac2 (default: the cluster's hosts)",
+    )
+    p.add_argument(
+        "--hostfile",
+        default=None,
+        help="mlx.launch / mlx.distributed_config JSON hostfile, or an Open MPI hostfile",
+    )
+    p.add_argument(
+        "--ssh", default=None, help="ssh command to reach the hosts, e.g. 'ssh -F ~/.ssh/tb'"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only show each host's python and which distributions match; change nothing",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also compare every file's sha256 (the distributions' RECORD), not only size "
+        "and mtime",
+    )
+
     p = sub("hosts", "Thunderbolt discovery on macOS: interfaces, IPs, and a hostfile entry.")
     p.add_argument("--discover", action="store_true", help="list this Mac's Thunderbolt interfaces")
     p.add_argument(
@@ -648,14 +677,17 @@ class MLXClusterMagics(Magics):
                 backend=args.backend or cluster.backend,
                 networks=cluster.spec.subnet.split(",") if cluster.spec.subnet else None,
                 addresses=dict(cluster.spec.peers),
+                head_address=cluster.spec.controller_ip,
             )
         placement = MLXCluster.placement_from(args.n, hosts=args.hosts, hostfile=args.hostfile)
         networks: list[str] | None = None
         addresses: dict[str, str] = {}
+        head: str | None = None
         if not placement.is_local:
             # The networks a start would pin MPI to, so the doctor tests what a start needs.
             with contextlib.suppress(MLXClusterError):
-                _, addresses, networks = data_plane(placement, args.ssh)
+                control, addresses, networks = data_plane(placement, args.ssh)
+                head = control.address
         return run_doctor(
             placement,
             python=args.python,
@@ -664,7 +696,22 @@ class MLXClusterMagics(Magics):
             backend=args.backend or placement.backend,
             networks=networks,
             addresses=addresses,
+            head_address=head,
         )
+
+    def _setup(self, args: argparse.Namespace) -> Any:
+        from .environment import setup
+
+        if args.hosts is None and args.hostfile is None and self.cluster is not None:
+            if args.ssh is None:
+                return self.cluster.setup(check=args.check, verify=args.verify)
+            return setup(
+                on=self.cluster.placement.hosts,
+                ssh=args.ssh,
+                check=args.check,
+                verify=args.verify,
+            )
+        return setup(args.hosts, args.hostfile, ssh=args.ssh, check=args.check, verify=args.verify)
 
     def _hosts(self, args: argparse.Namespace) -> Any:
         from ..fabric import macos

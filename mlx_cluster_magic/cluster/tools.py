@@ -86,6 +86,20 @@ class ClusterTools:
             advice=advice,
             networks=self.spec.subnet.split(",") if self.spec.subnet else None,
             addresses=dict(self.spec.peers),
+            head_address=self.spec.controller_ip,
+        )
+
+    def setup(self, check: bool = False, verify: bool = False, progress: bool = True) -> Any:
+        """Make every host's Python environment this kernel's (``%mlx_cluster setup``): what
+        differs is copied, extra files removed, then a table of what each host runs."""
+        from .environment import setup
+
+        return setup(
+            on=self.placement.hosts,
+            ssh=self.spec.ssh,
+            check=check,
+            verify=verify,
+            progress=progress,
         )
 
     def hang_verdict(self, threshold_s: float = 0.0) -> str | None:

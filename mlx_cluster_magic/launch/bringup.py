@@ -123,13 +123,13 @@ def refuse_failed_hosts(report: DoctorReport) -> None:
         fix = f"; fix: {failures[0][1].fix}" if failures[0][1].fix else ""
         raise MLXClusterError(f"no path between hosts: {pairs}{fix}")
     host, check = others[0]
+    # The same check failing elsewhere (python missing on every new Mac) is named at once.
+    alike = [h for h, c in others[1:] if c.name == check.name and h != host]
+    same = f"; the same on {', '.join(alike)}" if alike else ""
     fix = f"; fix: {check.fix}" if check.fix else ""
-    more = (
-        f" (and {len(failures) - 1} more problem(s): %mlx_cluster doctor)"
-        if len(failures) > 1
-        else ""
-    )
-    raise MLXClusterError(f"{host}: {check.name}: {check.detail}{fix}{more}")
+    left = len(failures) - 1 - len(alike)
+    more = f" (and {left} more problem(s): %mlx_cluster doctor)" if left > 0 else ""
+    raise MLXClusterError(f"{host}: {check.name}: {check.detail}{same}{fix}{more}")
 
 
 def start_controller(run: Running) -> None:

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..contract import (
@@ -374,10 +374,26 @@ def control_plane(
     ip = head_address(subnet, bare) if subnet else None
     if ip is not None and ip not in LOCAL_NAMES:
         return ControlPlane(ip, subnet, True)
+    unresolved = [h.ssh for h in remote if peers is not None and h.ssh not in peers]
+    if unresolved:
+        raise MLXClusterError(unresolved_message(unresolved))
     raise MLXClusterError(
         f"this machine has no address on a network every host reaches (cluster IPs "
         f"{subnet or 'none'}, ssh addresses {', '.join(sorted(set(peer_ips.values())))}): pass "
         "--controller-ip with the address the hosts reach this machine by"
+    )
+
+
+def unresolved_message(names: Sequence[str]) -> str:
+    """One line for host names that lead nowhere: neither ssh's config nor the resolver knows
+    them."""
+    listed = ", ".join(names)
+    first = names[0].split("@")[-1]
+    return (
+        f"{listed}: the name does not resolve (not in ~/.ssh/config, /etc/hosts or DNS): add "
+        f"`Host {first}` with its `HostName` to ~/.ssh/config or a line to /etc/hosts, use the "
+        f"Mac's Bonjour name (`{first}.local`; System Settings > General > Sharing shows it), or "
+        "name it by its address (--hosts 10.0.1.2)"
     )
 
 
@@ -405,6 +421,25 @@ def mpi_subnets(placement: Placement, control: ControlPlane | None = None) -> li
         return [control.network]
     subnet = cluster_subnet(placement)
     return [subnet] if subnet else []
+
+
+def management_network_warning(
+    placement: Placement, backend: str, control: ControlPlane
+) -> str | None:
+    """The line a start prints when MPI's own traffic must cross the management network: every
+    cable has its own subnet (the Thunderbolt Bridge off), so MPI is pinned to the one network
+    all hosts share (see :func:`mpi_subnets`), and the mpi backend's collectives go there."""
+    remote = [h for h in placement.hosts if not h.is_local]
+    if backend != "mpi" or not remote or control.on_cables or not control.network:
+        return None
+    if not any(h.ips for h in remote):
+        return None  # no cables named: the management network is the only one
+    return (
+        f"warning: MPI's traffic (the mpi backend's collectives) crosses the management network "
+        f"{control.network}, not the Thunderbolt cables: each cable has its own subnet, which "
+        "Open MPI cannot route across; turn on the Thunderbolt Bridge on every Mac (one subnet "
+        "over all cables) to put it on the cables"
+    )
 
 
 def head_reach_address(

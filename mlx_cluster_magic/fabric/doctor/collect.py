@@ -26,16 +26,20 @@ from ..placement import Host
 from . import probe
 from .probe import MARK
 
-# Runs under ``sh -s -- PYTHON FACTS REACH PEER_IP...`` (only the arguments pass through the
-# remote login shell's quoting); FACTS=1 also reads a Mac's Thunderbolt ports, cables and RDMA
-# devices; REACH (``ip:port,...`` or ``-``) are the peers the python tests it reaches.
+# Runs under ``sh -s -- PYTHON FACTS REACH LISTEN HEAD PEER_IP...`` (only the arguments pass through
+# the remote login shell's quoting); FACTS=1 also reads a Mac's Thunderbolt ports, cables and
+# RDMA devices; REACH (``ip:port,...`` or ``-``) are the peers the python tests it reaches;
+# LISTEN (``port:expect:seconds:ip,...`` or ``-``) the listener it opens for the peers' tests;
+# HEAD (``ip:port|name`` or ``-``) the head's test listener it connects and sends to.
 # Sections are ``MARK name-begin`` .. ``MARK name-end``; one value per ``MARK key value`` line;
 # a bare ``MARK key`` is a flag.
 _SH_HEAD = r"""
 PY=$1
 FACTS=$2
 REACH=$3
-shift 3
+LISTEN=$4
+HEAD=$5
+shift 5
 M=@@mcmd
 echo "$M begin"
 OS=$(uname -s 2>/dev/null)
@@ -92,7 +96,7 @@ if [ "$OS" = Darwin ] && [ "$FACTS" = 1 ]; then
   fi
 fi
 if [ -n "$PYPATH" ]; then
-  "$PYPATH" - "$MPIEXEC" "$REACH" <<'MCMD_PY_EOF' 2>&1
+  "$PYPATH" - "$MPIEXEC" "$REACH" "$LISTEN" "$HEAD" <<'MCMD_PY_EOF' 2>&1
 """
 _SH_TAIL = r"""
 MCMD_PY_EOF
@@ -247,12 +251,14 @@ def probe_host(
     peer_ips: Sequence[str] = (),
     facts: bool = True,
     reach: Sequence[str] = (),
+    listen: str = "-",
+    head: str = "-",
 ) -> HostProbe:
     """Run the script on ``host`` (or here, for a local host): one ssh round trip. ``facts``
     also reads a Mac's Thunderbolt ports, cables and RDMA devices (for the backend advice);
     the host tests that it reaches each ``ip:port`` of ``reach``, and shows its route to each
     of ``peer_ips``."""
-    args = [python, "1" if facts else "0", ",".join(reach) or "-", *peer_ips]
+    args = [python, "1" if facts else "0", ",".join(reach) or "-", listen, head, *peer_ips]
     if host.is_local:
         argv = ["sh", "-s", "--", *args]
         limit = timeout
@@ -282,6 +288,66 @@ def _ssh_port(host: Host, ssh: list[str], timeout: float) -> int:
         if key.lower() == "port" and value.strip().isdigit():
             return int(value)
     return 22
+
+
+class HeadListener:
+    """The head's own test listener, TCP and UDP on the address the controller and the status
+    channel listen on: each host's probe connects and sends its name, as its ranks will."""
+
+    def __init__(self, address: str, port: int) -> None:
+        import threading
+
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.address = f"{address}:{port}"
+        self.tcp_from: set[str] = set()
+        self.udp_from: set[str] = set()
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        try:
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind((address, port))
+            tcp.listen(64)
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            udp.bind((address, port))
+            self._socks = [tcp, udp]
+        except OSError as e:
+            self.error = e.strerror or str(e)
+            for s in self._socks:
+                s.close()
+            self._socks = []
+            return
+        for s in self._socks:
+            s.settimeout(0.05)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        tcp, udp = self._socks
+        while not self._stop.is_set():
+            try:
+                conn, _ = tcp.accept()
+                with conn:
+                    conn.settimeout(1.0)
+                    self.tcp_from.add(conn.recv(256).decode(errors="replace").strip())
+            except OSError:
+                pass
+            try:
+                data, _ = udp.recvfrom(256)
+                self.udp_from.add(data.decode(errors="replace").strip())
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Let the last datagrams land, then stop and close."""
+        if not self._socks:
+            return
+        time.sleep(0.2)
+        self._stop.set()
+        self._thread.join(2)
+        for s in self._socks:
+            s.close()
 
 
 @dataclass

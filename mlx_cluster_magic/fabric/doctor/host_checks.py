@@ -7,10 +7,13 @@ Every failure says what to type to fix it, and on which host. Order here is colu
 from __future__ import annotations
 
 import ipaddress
+import os
+import platform
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
+from typing import Any
 
 from ..netif import (
     Interface,
@@ -67,6 +70,13 @@ class HostContext:
     head_on_cluster_network: bool = True
     #: Hosts that did not answer the head: a path to one is not this host's problem
     silent: frozenset[str] = frozenset()
+    #: (peer, address of this host) whose connection to this host's python was refused
+    refused_by: tuple[tuple[str, str], ...] = ()
+    #: The port this host's python listened on for the peers' connections
+    probe_port: int = 0
+    #: What the host found connecting to the head's own listener (TCP, and whether its UDP
+    #: arrived), when the start gave the control address
+    head_link: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -187,8 +197,8 @@ def _python(ctx: HostContext) -> Check | None:
         detail = "timed out" if res.timed_out else (err or f"exit {res.rc}")
         return Check("python", False, f"could not run the checks here: {detail}", "")
     venv_fix = (
-        f"create the same environment at {python} {on} (python3 -m venv ... && pip install "
-        "mlx_cluster_magic), or pass --python with the python to use there"
+        f"%mlx_cluster setup copies this kernel's environment to {ctx.name} (its python at "
+        f"{python}); or pass --python with the python to use there"
     )
     if "python-missing" in probe.flags:
         return Check("python", False, f"{python} not found {on}", venv_fix)
@@ -211,7 +221,8 @@ def _python(ctx: HostContext) -> Check | None:
             "python",
             None,
             f"Python {remote_v} {on}, head runs {head_v}",
-            "use the same Python minor version everywhere (view.apply pickles functions)",
+            "%mlx_cluster setup copies this kernel's Python there (view.apply pickles "
+            "functions: the minor version must match)",
         )
     return Check("python", True, f"Python {remote_v}")
 
@@ -227,7 +238,10 @@ def _package(pkg: str, ctx: HostContext) -> Check | None:
         return None
     got = (info.get("packages") or {}).get(pkg) or {"error": "not reported"}
     want = ctx.head.get(pkg)
-    fix = f"{ctx.on}: {ctx.pip_python} -m pip install {_pip_spec(pkg, want, ctx.probe.os)}"
+    fix = (
+        f"%mlx_cluster setup makes {ctx.name}'s environment this kernel's (or {ctx.on}: "
+        f"{ctx.pip_python} -m pip install {_pip_spec(pkg, want, ctx.probe.os)})"
+    )
     if "error" in got:
         return Check(pkg, False, f"not importable {ctx.on}: {got['error']}", fix)
     if want is None:
@@ -289,10 +303,55 @@ def _tool(tool: str, ctx: HostContext) -> Check | None:
     )
 
 
+def _head_link(ctx: HostContext) -> Check | None:
+    """A failing ip check when the host cannot connect to the head's listener, or its UDP
+    datagrams do not arrive: the controller and the status channel would not hear its ranks."""
+    link, name = ctx.head_link, ctx.name
+    if not link:
+        return None
+    where = link["address"]
+    python = os.path.realpath(sys.executable)
+    fix = firewall_fix("this Mac", platform.system(), python).replace(
+        "on this Mac: ", "on this machine (the notebook's): "
+    )
+    if link.get("listen_error"):
+        return Check("ip", None, f"the head could not listen on {where} to test: "
+                     f"{link['listen_error']}", "")  # fmt: skip
+    tcp = link.get("tcp")
+    if tcp == "refused":
+        return Check(
+            "ip",
+            False,
+            f"{name} cannot connect to this kernel's python at {where} (refused): a firewall "
+            "on this machine turns the hosts away, so the controller and the status channel "
+            "would not hear the ranks",
+            fix,
+        )
+    if tcp != "ok":
+        return Check(
+            "ip",
+            False,
+            f"{name} cannot reach this kernel at {where}: {tcp}",
+            "pass --controller-ip with the address the hosts reach this machine by",
+        )
+    if not link.get("udp"):
+        return Check(
+            "ip",
+            None,
+            f"{name} connects to this kernel at {where} over TCP, but its UDP datagrams do not "
+            "arrive: a firewall drops them, and busy/idle shows late",
+            fix,
+        )
+    return None
+
+
 def _ip(ctx: HostContext) -> Check:
     name, ip, reach = ctx.name, ctx.ip, ctx.reach
     if ctx.host.is_local:
         return Check("ip", True, "local host: loopback")
+    head = _head_link(ctx)
+    if head is not None:
+        return head
     if ip is None:
         return Check(
             "ip",
@@ -440,6 +499,58 @@ def _peers(ctx: HostContext) -> Check | None:
     return Check("peers", True, "reaches " + ", ".join(good) + unasked)
 
 
+# macOS's application firewall turns away incoming connections to an app it was not told to
+# allow. socketfilterfw's own usage (`socketfilterfw -h`, as published at
+# question-defense.com/2012/03/22/osx-lion-firewall-process-name and krypted.com's "Command
+# Line ALF on Mac OS X") lists `--add <path>` and `--unblockapp <path>`; Apple's Mac User Guide
+# ("Change Firewall settings on Mac") turns the firewall off in System Settings > Network.
+SOCKETFILTERFW = "/usr/libexec/ApplicationFirewall/socketfilterfw"
+
+
+def firewall_fix(name: str, os_name: str, python: str) -> str:
+    """What to type on ``name`` so its firewall lets ``python`` accept connections."""
+    if os_name == "Darwin":
+        return (
+            f"on {name}: sudo {SOCKETFILTERFW} --add {python} --unblockapp {python} (or turn "
+            "the firewall off: System Settings > Network > Firewall)"
+        )
+    return (
+        f"on {name}: let the firewall (iptables/nftables/ufw) accept TCP connections to "
+        f"{python} from the other hosts, or turn it off"
+    )
+
+
+def _firewall(ctx: HostContext) -> Check | None:
+    """Do the peers' connections reach this host's python, or does a firewall refuse them?"""
+    info = ctx.probe.info if ctx.probe.started else None
+    listen = (info or {}).get("listen")
+    if info is None:
+        return None  # the python did not run: its own check says why
+    if not isinstance(listen, dict):
+        return Check("inbound", True, "no peer sends here")
+    bound = listen.get("bound") or {}
+    unbound = {ip: err for ip, err in bound.items() if err != "ok"}
+    if unbound:
+        ip, err = next(iter(unbound.items()))
+        return Check(
+            "inbound",
+            None,
+            f"{ctx.name} could not listen on {ip}:{ctx.probe_port} to test it: {err}",
+            "",
+        )
+    if ctx.refused_by:
+        python = str((info or {}).get("realexe") or ctx.pip_python)
+        where = ", ".join(f"{ip}:{ctx.probe_port} from {peer}" for peer, ip in ctx.refused_by)
+        return Check(
+            "inbound",
+            False,
+            f"{ctx.name} refuses connections to its python ({where}): a firewall on {ctx.name} "
+            "blocks them, so MLX's and MPI's traffic cannot reach its ranks",
+            firewall_fix(ctx.name, ctx.probe.os, python),
+        )
+    return Check("inbound", True, f"accepts the peers' connections ({listen.get('accepted')})")
+
+
 #: Every check, in the order of the report's columns.
 DEFINITIONS: tuple[CheckDef, ...] = (
     CheckDef("ssh", _ssh),
@@ -452,6 +563,7 @@ DEFINITIONS: tuple[CheckDef, ...] = (
     CheckDef("mtu", _mtu),
     CheckDef("route", _route),
     CheckDef("peers", _peers),
+    CheckDef("inbound", _firewall),
 )
 CHECKS: tuple[str, ...] = tuple(d.name for d in DEFINITIONS)
 

@@ -26,6 +26,12 @@ NOT_IMPORTED = ("ipyparallel",)
 BACKENDS = ("mpi", "ring", "jaccl")
 #: How long a host waits for each peer it must reach (all peers at once).
 REACH_TIMEOUT_S = 1.5
+#: How long a refused connection to a peer's listener is tried again (its probe may be late).
+REFUSED_RETRY_S = 3.0
+#: How long a host's listener waits for its peers' connections at most.
+LISTEN_S = 5.0
+#: How long it waits once the probe's own tests are done.
+LISTEN_GRACE_S = 1.0
 #: Prefixes every line this probe prints, so a login shell's noise is never mistaken for it.
 MARK = "@@mcmd"
 
@@ -110,10 +116,15 @@ def backends(mpiexec: str | None = None) -> dict[str, bool | None]:
     return out
 
 
-def reach(targets: list[str], timeout: float = REACH_TIMEOUT_S) -> dict[str, dict[str, Any]]:
+def reach(
+    targets: list[str], timeout: float = REACH_TIMEOUT_S, retry: float = REFUSED_RETRY_S
+) -> dict[str, dict[str, Any]]:
     """For each ``ip:port``, whether this host reaches it: a TCP connection from here, all at
-    once, each bounded by ``timeout``. An answer of any kind (accepted, or refused with a reset)
-    means the address is reached; no route, unreachable or silence means it is not."""
+    once, each bounded by ``timeout``. The port is the listener each peer's probe opens with the
+    python the ranks will run, so a refusal is tried again for ``retry`` s (the peer's probe
+    may start a moment later) and then reported as ``refused``: the address answered, but
+    something there (a firewall) turns the python's connections away. No route, unreachable or
+    silence means the address is not reached."""
     import socket
     import threading
     import time
@@ -125,10 +136,17 @@ def reach(targets: list[str], timeout: float = REACH_TIMEOUT_S) -> dict[str, dic
         ip = ip.strip("[]")
         t0 = time.monotonic()
         try:
-            socket.create_connection((ip, int(port)), timeout=timeout).close()
+            while True:
+                try:
+                    socket.create_connection((ip, int(port)), timeout=timeout).close()
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() - t0 > retry:
+                        raise
+                    time.sleep(0.05)
             res: dict[str, Any] = {"ok": True}
         except ConnectionRefusedError:
-            res = {"ok": True, "refused": True}
+            res = {"ok": True, "refused": True, "port": int(port)}
         except TimeoutError:
             res = {"ok": False, "error": f"no answer within {timeout:g} s"}
         except (OSError, ValueError) as e:
@@ -140,15 +158,121 @@ def reach(targets: list[str], timeout: float = REACH_TIMEOUT_S) -> dict[str, dic
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout + 1)
+        t.join(timeout + retry + 1)
     return out
 
 
-def report(mpiexec: str | None = None, targets: list[str] | None = None) -> dict[str, Any]:
+def reach_head(spec: str, retry: float = REFUSED_RETRY_S) -> dict[str, Any]:
+    """``ip:port|name``: connect to the head's test listener as the ranks' engines and status
+    reports will (TCP, a refusal tried again for ``retry`` s), say who we are, and send the
+    same name three times over UDP, as the busy/idle notices go."""
+    import socket
+    import time
+
+    target, _, name = spec.partition("|")
+    ip, _, port = target.rpartition(":")
+    addr = (ip.strip("[]"), int(port))
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    t0 = time.monotonic()
+    res: dict[str, Any] = {}
+    while True:
+        try:
+            with socket.create_connection(addr, timeout=REACH_TIMEOUT_S) as conn:
+                conn.sendall(name.encode() + b"\n")
+            res["tcp"] = "ok"
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() - t0 > retry:
+                res["tcp"] = "refused"
+                break
+            time.sleep(0.05)
+        except (OSError, ValueError) as e:
+            res["tcp"] = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            break
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            for _ in range(3):
+                udp.sendto(name.encode(), addr)
+                time.sleep(0.05)
+    except OSError as e:
+        res["udp_error"] = e.strerror or str(e)
+    return res
+
+
+class Listener:
+    """TCP listeners on this host's cluster addresses, opened by the python the ranks run, for
+    the peers' probes to connect to; open until ``expect`` connections came or the window
+    (``port:expect:seconds:ip,...``) closed."""
+
+    def __init__(self, spec: str) -> None:
+        import socket
+        import threading
+
+        port, expect, window, ips = [*spec.split(":", 3), "", "", ""][:4]
+        self.expect = int(expect or 0)
+        self.window = min(float(window or LISTEN_S), LISTEN_S)
+        self.accepted = 0
+        self.until: float | None = None
+        self.bound: dict[str, str] = {}
+        self.socks: list[Any] = []
+        for ip in [i for i in ips.split(",") if i]:
+            try:
+                s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((ip, int(port)))
+                s.listen(64)
+                s.settimeout(0.05)
+                self.socks.append(s)
+                self.bound[ip] = "ok"
+            except OSError as e:
+                self.bound[ip] = e.strerror or str(e)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        import time
+
+        deadline = time.monotonic() + self.window
+        while self.socks and self.accepted < self.expect and time.monotonic() < deadline:
+            if self.until is not None:
+                deadline = min(deadline, self.until)
+            for s in self.socks:
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                conn.close()
+                self.accepted += 1
+
+    def close(self) -> dict[str, Any]:
+        """Wait for the peers a little longer (``LISTEN_GRACE_S``: a peer that will come is
+        running by the time this probe's own tests are done), close, and say what was bound
+        and accepted."""
+        import time
+
+        self.until = time.monotonic() + LISTEN_GRACE_S
+        self.thread.join(self.window + 1)
+        for s in self.socks:
+            s.close()
+        return {"bound": self.bound, "accepted": self.accepted}
+
+
+def report(
+    mpiexec: str | None = None,
+    targets: list[str] | None = None,
+    listen: str | None = None,
+    head: str | None = None,
+) -> dict[str, Any]:
     """Everything this probe says about the host, as JSON-ready data."""
+    listener = Listener(listen) if listen else None
+    retry = min(listener.window if listener else REFUSED_RETRY_S, REFUSED_RETRY_S)
+    found = reach(targets, retry=retry) if targets else {}
     return {
-        "reach": reach(targets) if targets else {},
+        "reach": found,
+        "head": reach_head(head, retry) if head else None,
+        "listen": listener.close() if listener else None,
         "executable": sys.executable,
+        "realexe": os.path.realpath(sys.executable),
         "python": ".".join(str(v) for v in sys.version_info[:3]),
         "packages": versions(),
         "backends": backends(mpiexec),
@@ -158,10 +282,14 @@ def report(mpiexec: str | None = None, targets: list[str] | None = None) -> dict
 
 
 def main(argv: list[str]) -> None:
-    """``python - [MPIEXEC [IP:PORT,...]]``: print the report as one marked JSON line."""
+    """``python - [MPIEXEC [IP:PORT,... [PORT:EXPECT:SECONDS:IP,... [IP:PORT|NAME]]]]``: print
+    the report as one marked JSON line."""
     mpiexec = argv[1] if len(argv) > 1 and argv[1] else None
     targets = [t for t in argv[2].split(",") if t and t != "-"] if len(argv) > 2 else []
-    sys.stdout.write("\n" + MARK + " probe " + json.dumps(report(mpiexec, targets)) + "\n")
+    listen = argv[3] if len(argv) > 3 and argv[3] != "-" else None
+    head = argv[4] if len(argv) > 4 and argv[4] != "-" else None
+    found = report(mpiexec, targets, listen, head)
+    sys.stdout.write("\n" + MARK + " probe " + json.dumps(found) + "\n")
     sys.stdout.flush()
 
 

@@ -229,8 +229,9 @@ class DoctorReport:
         e = html.escape
         cols = self._columns()
         cell = "padding:2px 4px;text-align:center"
+        # A long package name may wrap after its underscores, so every column fits 1000 px.
         head = "".join(
-            f"<th style='{cell};font-weight:600;white-space:nowrap'>{e(n)}</th>" for n in cols
+            f"<th style='{cell};font-weight:600'>{e(n).replace('_', '_<wbr>')}</th>" for n in cols
         )
         body = []
         for r in self.rows:
