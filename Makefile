@@ -41,8 +41,17 @@ system-deps:
 demo: $(VENV)/.installed
 	$(PY) notebooks/run.py notebooks/01-quickstart.ipynb
 
+# Two sessions side by side: the tests that build virtual hosts (fixed names, so one at a time)
+# and every other test. Much of either waits on processes and networks rather than the CPU.
 test: lint system-deps docs
-	$(PY) -m pytest -q -rs
+	@rm -f $(VENV)/vhosts-tests.log; \
+	$(PY) -m pytest -q -rs -m vhosts -p no:cacheprovider --basetemp=$(VENV)/vhosts-tmp \
+		> $(VENV)/vhosts-tests.log 2>&1 & hosts=$$!; \
+	$(PY) -m pytest -q -rs -m "not vhosts"; rest=$$?; \
+	wait $$hosts; vhosts=$$?; \
+	echo "== the tests on virtual hosts (their own session, run alongside) =="; \
+	cat $(VENV)/vhosts-tests.log; \
+	exit $$(( rest || vhosts ))
 
 check: lint
 	$(PY) -m pytest -q -m "not cluster and not kernel"

@@ -100,22 +100,19 @@ os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-#: Names that build virtual hosts: a file that uses one runs on one worker with every other
-#: such file (their namespaces, bridges and subnets are fixed names, made and removed per run).
+#: Names that build virtual hosts: every test of a file that uses one is marked ``vhosts``. Their
+#: namespaces, bridges and subnets are fixed names, so they run in one session, one at a time;
+#: ``make test`` runs that session beside the one of every other test (``-m "not vhosts"``).
 VHOST_WORDS = re.compile(r"\b(virtual_macs|cabled_macs|vhosts|VirtualCluster)\b")
 
 
-def _xdist_group(path: Path, cache: dict[Path, str]) -> str:
-    """``pytest -n 2 --dist loadgroup`` (make test): each file's tests on one worker (its module
-    fixtures made once), and every file with virtual hosts on the same worker."""
-    if path not in cache:
-        cache[path] = "vhosts" if VHOST_WORDS.search(path.read_text()) else path.stem
-    return cache[path]
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    groups: dict[Path, str] = {}
+    builds_hosts: dict[Path, bool] = {}
     for item in items:
+        if item.path not in builds_hosts:
+            builds_hosts[item.path] = bool(VHOST_WORDS.search(item.path.read_text()))
+        if builds_hosts[item.path]:
+            item.add_marker(pytest.mark.vhosts)
         fixtures = set(getattr(item, "fixturenames", ()))
         if (
             fixtures & CLUSTER_FIXTURES
@@ -124,7 +121,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             or item.get_closest_marker("browser")
         ):
             item.add_marker(pytest.mark.cluster)
-        item.add_marker(pytest.mark.xdist_group(_xdist_group(item.path, groups)))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -92,6 +92,36 @@ def test_the_doctor_shows_the_firewall_and_the_open_host_stays_green(
     assert report["mac1"]["peers"].ok is True  # the address answers: a path exists
 
 
+def test_a_firewall_turned_on_after_start_is_named_when_the_ranks_die(
+    walled: Any, shell: Any, tmp_path: Path
+) -> None:
+    """The doctor passed at start; then mac2's firewall comes on (a prompt answered "Deny").
+    MPI's first connection to mac2 is refused and the ranks die: the cell names mac2 and the
+    fix, not the rank that noticed."""
+    for rule in RULES:  # open at start
+        walled.netns_exec("mac2", "iptables", "-D", *rule.split()[1:])
+    hostfile = walled.hostfile(tmp_path / "hosts.json")
+    line = walled.start_line(hostfile, "--no-live-status", "--backend", "mpi", ring_port=RING_PORT)
+    cluster = shell.run_line_magic("mlx_cluster", line)
+    try:
+        for rule in RULES:
+            walled.netns_exec("mac2", "iptables", *rule.split())
+        with pytest.raises(UsageError) as e:
+            shell.run_cell_magic("px", "", "s = mx.distributed.all_sum(mx.ones(4096)).sum().item()")
+        msg = str(e.value)
+        assert msg.startswith("mac2 refuses connections to its python"), msg
+        assert "the ranks died at their first connection to it" in msg and "fix: on mac2:" in msg
+        assert cluster.state == "broken"
+    finally:
+        shell.run_line_magic("mlx_cluster", "stop")
+        for rule in RULES:  # as the fixture left it, once only
+            while walled.netns_exec("mac2", "iptables", "-D", *rule.split()[1:]).returncode == 0:
+                pass
+        for rule in RULES:
+            walled.netns_exec("mac2", "iptables", *rule.split())
+        no_leaks_on(walled, timeout=30)
+
+
 # The head's own firewall: iptables on the head, but only for what arrives on this fixture's own
 # bridge (stpfbr0) at the doctor's probe ports, so nothing else on the machine is touched.
 def _head_rule(action: str, proto: str, target: str) -> list[str]:

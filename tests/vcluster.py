@@ -369,6 +369,10 @@ class VirtualCluster:
                     "PrintMotd no",
                     # Open MPI may open many sessions at once.
                     "MaxStartups 100:30:200",
+                    # The hosts share the head's home: a login shell that runs `pyenv init` would
+                    # rehash the head's shared shims, and a session killed mid-rehash leaves its
+                    # lock, on which every later login then waits 60 s. Try once, never wait.
+                    "SetEnv PYENV_REHASH_TIMEOUT=0",
                     "LogLevel INFO",
                     "",
                 ]

@@ -104,6 +104,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         self.last_nodes: list[NodeStatus] = []
         #: Counts starts, so a wait can tell its cluster was restarted under it.
         self.generation = 0
+        #: (generation, what the doctor found) once a death with no cause was looked into.
+        self._refusal: tuple[int, str | None] | None = None
 
     placement_from = staticmethod(spec.placement_from)
 
@@ -275,7 +277,32 @@ class MLXCluster(ClusterViews, ClusterTools):
                 f"{cut[0]}: the cell's collectives cannot finish; the cluster was stopped: "
                 "%mlx_cluster restart brings it back once the cable is back"
             )
-        return None
+        return self._refused_after_death()
+
+    def _refused_after_death(self) -> str | None:
+        """Ranks that died with no word from mpiexec on a cluster of several hosts: a host
+        whose firewall turns Python away (turned on after start) kills the first connection
+        to it. The doctor's inbound check names that host, not the rank that noticed; asked
+        once per run, and only after a death."""
+        if self.placement.is_local or not self._dead_evidence() or self.death_cause():
+            return None
+        if self._refusal is None or self._refusal[0] != self.generation:
+            found = None
+            with contextlib.suppress(MLXClusterError):
+                report = self.doctor(timeout=3.0, advice=False)
+                found = next(
+                    (c for _, c in report.problems() if c.name == "inbound" and c.ok is False),
+                    None,
+                )
+            self._refusal = (self.generation, None)
+            if found is not None:
+                fix = f"; fix: {found.fix}" if found.fix else ""
+                self._refusal = (
+                    self.generation,
+                    f"{found.detail}; the ranks died at their first connection to it; the "
+                    f"cluster was stopped: %mlx_cluster restart once it is allowed{fix}",
+                )
+        return self._refusal[1]
 
     def dead_ranks(self) -> list[int]:
         """Ranks known to be gone (never from silent status reports alone)."""
