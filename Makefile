@@ -43,14 +43,14 @@ demo: $(VENV)/.installed
 
 # Two sessions side by side: the tests that build virtual hosts (fixed names, so one at a time)
 # and every other test. Much of either waits on processes and networks rather than the CPU.
+# Nothing of theirs goes into .venv: setup's tests copy it to the virtual hosts.
 test: lint system-deps docs
-	@rm -f $(VENV)/vhosts-tests.log; \
-	$(PY) -m pytest -q -rs -m vhosts -p no:cacheprovider --basetemp=$(VENV)/vhosts-tmp \
-		> $(VENV)/vhosts-tests.log 2>&1 & hosts=$$!; \
+	@log=$$(mktemp); \
+	$(PY) -m pytest -q -rs -m vhosts -p no:cacheprovider > $$log 2>&1 & hosts=$$!; \
 	$(PY) -m pytest -q -rs -m "not vhosts"; rest=$$?; \
 	wait $$hosts; vhosts=$$?; \
 	echo "== the tests on virtual hosts (their own session, run alongside) =="; \
-	cat $(VENV)/vhosts-tests.log; \
+	cat $$log; rm -f $$log; \
 	exit $$(( rest || vhosts ))
 
 check: lint

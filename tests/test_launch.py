@@ -263,3 +263,15 @@ def test_a_grace_past_prrtes_keepalive_delays_its_first_probe() -> None:
     at = long.index("oob_tcp_keepalive_time")
     assert long[at - 1] == "--prtemca" and long[at + 1] == "660"
     assert "oob_tcp_keepalive_time" not in launch.mpiexec_args(local(2), launch.MPIOptions(grace=600))
+
+
+def test_mpiexecs_wrapped_notice_names_the_rank_that_died() -> None:
+    from mlx_cluster_magic.launch import ipp_adapter
+
+    # as prterun (Open MPI 5.0.11) printed it here when mac1's memory cap killed rank 0
+    output = [
+        "prterun noticed that process rank 0 with PID 7523 on node mac1 exited on",
+        "signal 9 (Killed).",
+    ]
+    assert ipp_adapter.reported_ranks(output) == [0]
+    assert ipp_adapter.death_cause(output) == " (mpiexec: rank 0 on mac1 exited on signal Killed)"

@@ -127,7 +127,8 @@ def _raw_and_ours(
 
 @pytest.mark.parametrize("sig", ["SIGINT", "2", "0"])
 def test_signal_on_interrupt_as_ipyparallel_does(ip, capsys, raw, sig: str) -> None:
-    cell = "import time\nprint('before')\ntime.sleep(3)\nprint('after')"
+    # (long enough that the interrupt, late on a loaded machine, still finds the cell running)
+    cell = "import time\nprint('before')\ntime.sleep(6)\nprint('after')"
     (_raw_out, raw_err, raw_raised), (_out, err, raised) = _raw_and_ours(
         ip, capsys, raw, f"--no-stream --signal-on-interrupt {sig}", cell, interrupt_after=1.0
     )

@@ -305,8 +305,18 @@ class MLXCluster(ClusterViews, ClusterTools):
         return self._refusal[1]
 
     def dead_ranks(self) -> list[int]:
-        """Ranks known to be gone (never from silent status reports alone)."""
-        return sorted(self._dead_evidence())
+        """Ranks known to be gone (never from silent status reports alone). When mpiexec ended
+        the job because some ranks exited, those ranks (the cause), not every rank it took
+        down with them."""
+        dead = self._dead_evidence()
+        run = self._run
+        launcher = ipp_adapter.engine_launcher(run.ipp if run else None)
+        first = [
+            r
+            for r in ipp_adapter.reported_ranks(ipp_adapter.launcher_output(launcher))
+            if r in dead
+        ]
+        return first or sorted(dead)
 
     def death_cause(self) -> str:
         """What mpiexec reported about the rank that died first, if anything."""

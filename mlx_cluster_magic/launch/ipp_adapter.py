@@ -173,23 +173,28 @@ def launch_failure(output: list[str], what: str) -> str:
 
 
 _RANK_EXIT = re.compile(
-    r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+) \(([^)]*)\)"
+    r"process rank (\d+) with PID (\d+) on node (\S+) exited on\s+signal (\d+) \(([^)]*)\)"
 )
 
 
 def death_cause(output: list[str]) -> str:
     """What Open MPI said about the first rank that died, e.g. ' (mpiexec: rank 1 on vm exited
     on signal Killed)'."""
-    for line in output:
-        m = _RANK_EXIT.search(line)
-        if m:
-            return f" (mpiexec: rank {m.group(1)} on {m.group(3)} exited on signal {m.group(5)})"
+    m = _RANK_EXIT.search(_joined(output))
+    if m:
+        return f" (mpiexec: rank {m.group(1)} on {m.group(3)} exited on signal {m.group(5)})"
     return ""
 
 
 def reported_ranks(output: list[str]) -> list[int]:
     """Ranks that mpiexec reported as exited."""
-    return sorted({int(m.group(1)) for ln in output if (m := _RANK_EXIT.search(ln))})
+    return sorted({int(m.group(1)) for m in _RANK_EXIT.finditer(_joined(output))})
+
+
+def _joined(output: list[str]) -> str:
+    """mpiexec's lines as one text: it wraps its notices (``... exited on`` / ``signal 9
+    (Killed).``)."""
+    return " ".join(ln.strip() for ln in output)
 
 
 # ------------------------------------------------------------------------ results of %%px
