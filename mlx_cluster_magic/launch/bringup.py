@@ -346,12 +346,21 @@ class Remains:
     recorders: list[dict[str, Any] | None]
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (an exited child nobody has waited for yet, as mpiexec
+    is while a cell blocks ipyparallel's event loop) does not."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def remove_session_dir(mpiexec_pid: int, since: float) -> None:
     """mpiexec keeps its session directory when it is killed before it cleans up (an abort),
     and a later mpiexec given the same pid cannot start its PMIx server ("The PMIx server's
     listener thread failed to start"): remove ours, once that pid is free."""
     path = mpi_job.mpi_session_dir(mpiexec_pid)
-    if psutil.pid_exists(mpiexec_pid):
+    if _running(mpiexec_pid):
         return  # still running, or the pid already belongs to another process
     try:
         st = os.stat(path)

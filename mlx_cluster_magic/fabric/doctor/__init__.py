@@ -116,14 +116,22 @@ def _head_link(
 def _refusals(
     hosts: list[Host], paths: Sequence[DataPath], found: list[HostProbe]
 ) -> dict[int, list[tuple[str, str]]]:
-    """For each host, the (peer, address) whose connection to its python was refused."""
+    """For each host, the (peer, address) whose connection to its python was refused while
+    that python listened there: a refusal before the host's own probe opened its listener (a
+    probe that started late on a busy host) is no firewall."""
     out: dict[int, list[tuple[str, str]]] = {}
     for path in paths:
         info = found[path.src].info if found[path.src].started else None
         tested = (info or {}).get("reach") or {}
+        dst = found[path.dst].info if found[path.dst].started else None
+        listen = (dst or {}).get("listen") or {}
         for ip in path.ips:
             res = tested.get(ip)
-            if isinstance(res, dict) and res.get("refused"):
+            if not (isinstance(res, dict) and res.get("refused")):
+                continue
+            since, last = listen.get("since"), res.get("last_try")
+            listening = (listen.get("bound") or {}).get(ip) == "ok"
+            if listening and (since is None or last is None or since < last):
                 out.setdefault(path.dst, []).append((hosts[path.src].ssh, ip))
     return out
 

@@ -146,7 +146,9 @@ def reach(
                     time.sleep(0.05)
             res: dict[str, Any] = {"ok": True}
         except ConnectionRefusedError:
-            res = {"ok": True, "refused": True, "port": int(port)}
+            # when: the head compares it with when the peer's listener opened (a late probe
+            # refuses too, without any firewall)
+            res = {"ok": True, "refused": True, "port": int(port), "last_try": time.time()}
         except TimeoutError:
             res = {"ok": False, "error": f"no answer within {timeout:g} s"}
         except (OSError, ValueError) as e:
@@ -207,6 +209,7 @@ class Listener:
     def __init__(self, spec: str) -> None:
         import socket
         import threading
+        import time
 
         port, expect, window, ips = [*spec.split(":", 3), "", "", ""][:4]
         self.expect = int(expect or 0)
@@ -226,6 +229,7 @@ class Listener:
                 self.bound[ip] = "ok"
             except OSError as e:
                 self.bound[ip] = e.strerror or str(e)
+        self.since = time.time()  # listening from (wall clock, as the peers')
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -254,7 +258,7 @@ class Listener:
         self.thread.join(self.window + 1)
         for s in self.socks:
             s.close()
-        return {"bound": self.bound, "accepted": self.accepted}
+        return {"bound": self.bound, "accepted": self.accepted, "since": self.since}
 
 
 def report(
