@@ -350,7 +350,7 @@ def _running(pid: int) -> bool:
     """Whether ``pid`` runs: a zombie (an exited child nobody has waited for yet, as mpiexec
     is while a cell blocks ipyparallel's event loop) does not."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
