@@ -346,6 +346,10 @@ class Remains:
     recorders: list[dict[str, Any] | None]
 
 
+#: Seconds a teardown waits for a killed mpiexec to be gone before it removes its session files.
+SESSION_EXIT_WAIT_S = 2.0
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs: a zombie (an exited child nobody has waited for yet, as mpiexec
     is while a cell blocks ipyparallel's event loop) does not."""
@@ -360,8 +364,11 @@ def remove_session_dir(mpiexec_pid: int, since: float) -> None:
     and a later mpiexec given the same pid cannot start its PMIx server ("The PMIx server's
     listener thread failed to start"): remove ours, once that pid is free."""
     path = mpi_job.mpi_session_dir(mpiexec_pid)
-    if _running(mpiexec_pid):
-        return  # still running, or the pid already belongs to another process
+    deadline = time.monotonic() + SESSION_EXIT_WAIT_S  # a killed mpiexec takes a moment to go
+    while _running(mpiexec_pid):
+        if time.monotonic() > deadline:
+            return  # still running, or the pid already belongs to another process
+        time.sleep(0.02)
     try:
         st = os.stat(path)
     except OSError:
