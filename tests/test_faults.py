@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import re
 import signal
 import threading
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 from IPython.core.error import UsageError
 
-from conftest import wait_no_processes
+from conftest import our_processes, wait_no_processes
 
 STUCK = (
     "if world.rank() == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(3)))  # rank 1 never joins\n"
@@ -72,25 +73,25 @@ def test_interrupt_reaches_every_rank(ip, capsys, stream: str) -> None:
     _healthy(ip, cluster)
 
 
-def _session_dirs_since(t: float) -> list[str]:
-    """Open MPI session directories (``$TMPDIR/ompi.<pid of mpiexec>``) made since ``t``."""
-    import glob
+def _session_dirs(mpiexec_pids: list[int]) -> list[str]:
+    """The Open MPI session directories (``$TMPDIR/ompi.<pid of mpiexec>``) of these mpiexecs
+    that still exist."""
     import os
     import tempfile
 
-    found = []
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), "ompi.*")):
-        try:
-            if os.stat(path).st_mtime >= t:
-                found.append(path)
-        except OSError:
-            continue
-    return found
+    paths = [os.path.join(tempfile.gettempdir(), f"ompi.{pid}") for pid in mpiexec_pids]
+    return [p for p in paths if os.path.exists(p)]
+
+
+def _our_mpiexecs() -> list[int]:
+    """This test session's own mpiexec (prterun) processes."""
+    return [pid for pid, cmd in our_processes() if re.search(r"(^|/)(mpiexec|prterun)\s", cmd)]
 
 
 def test_interrupt_of_a_rank_stuck_in_a_collective_aborts_the_cluster(ip) -> None:
-    since = time.time() - 0.01
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
+    mpiexecs = _our_mpiexecs()
+    assert mpiexecs
     _later(1.0, _thread.interrupt_main)
     t = time.monotonic()
     with pytest.raises(UsageError, match=r"rank 0 on .* did not respond to the interrupt") as e:
@@ -110,7 +111,7 @@ def test_interrupt_of_a_rank_stuck_in_a_collective_aborts_the_cluster(ip) -> Non
     assert wait_no_processes() == []
     # mpiexec killed by the abort leaves its session directory; a later mpiexec given the same
     # pid could not start ("The PMIx server's listener thread failed to start")
-    assert _session_dirs_since(since) == []
+    assert _session_dirs(mpiexecs) == []
     ip.run_line_magic("mlx_cluster", "restart")
     _healthy(ip, cluster)
 

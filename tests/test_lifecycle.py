@@ -82,17 +82,14 @@ def test_kernel_restart_leaves_nothing(no_leaks) -> None:
         km.shutdown_kernel(now=True)
 
 
-def _profile_dirs() -> set[str]:
-    import glob
-    import tempfile
-
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "mlx-cluster-*")))
-
-
 def test_kernel_killed_with_sigkill_leaves_nothing(no_leaks) -> None:
-    dirs_before = _profile_dirs()
     km, kc, _pids = _kernel_with_cluster()
     try:
+        # this cluster's own private directory (others may come and go meanwhile)
+        collect = _Collector()
+        kc.execute_interactive("print('PROFILE', c._run.profile_dir)", output_hook=collect)
+        profile = re.search(r"PROFILE (\S+)", collect.text).group(1)
+        assert os.path.isdir(profile)
         kernel_pid = km.provisioner.process.pid
         ours_before = our_processes()
         assert len(ours_before) >= 4  # mpiexec, 2 engines, controller (+ watchdog)
@@ -101,9 +98,9 @@ def test_kernel_killed_with_sigkill_leaves_nothing(no_leaks) -> None:
         left = wait_no_processes(15)
         assert left == [], f"orphans after SIGKILL of the kernel: {left}"
         deadline = time.monotonic() + 5
-        while _profile_dirs() - dirs_before and time.monotonic() < deadline:
+        while os.path.exists(profile) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _profile_dirs() - dirs_before == set(), "connection files left behind"
+        assert not os.path.exists(profile), "connection files left behind"
         assert time.monotonic() - t < 15
     finally:
         kc.stop_channels()
