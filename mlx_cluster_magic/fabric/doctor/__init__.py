@@ -117,8 +117,8 @@ def _refusals(
     hosts: list[Host], paths: Sequence[DataPath], found: list[HostProbe]
 ) -> dict[int, list[tuple[str, str]]]:
     """For each host, the (peer, address) whose connection to its python was refused while
-    that python listened there: a refusal before the host's own probe opened its listener (a
-    probe that started late on a busy host) is no firewall."""
+    that python listened there: a refusal before the host's own probe opened its listener, or
+    after it closed it (one probe early, the other late, on a busy host) is no firewall."""
     out: dict[int, list[tuple[str, str]]] = {}
     for path in paths:
         info = found[path.src].info if found[path.src].started else None
@@ -129,9 +129,16 @@ def _refusals(
             res = tested.get(ip)
             if not (isinstance(res, dict) and res.get("refused")):
                 continue
-            since, last = listen.get("since"), res.get("last_try")
+            since, until = listen.get("since"), listen.get("until")
+            first, last = res.get("first_try"), res.get("last_try")
             listening = (listen.get("bound") or {}).get(ip) == "ok"
-            if listening and (since is None or last is None or since < last):
+            # refused while it listened: the tries (continuous from first to last) overlap the
+            # time the listener was open
+            if since is not None and last is not None:
+                listening = listening and last > since
+            if until is not None and first is not None:
+                listening = listening and first < until
+            if listening:
                 out.setdefault(path.dst, []).append((hosts[path.src].ssh, ip))
     return out
 

@@ -135,12 +135,14 @@ def reach(
         ip, _, port = target.rpartition(":")
         ip = ip.strip("[]")
         t0 = time.monotonic()
+        first = None  # when the first refusal came (wall clock, as the peer's listener's)
         try:
             while True:
                 try:
                     socket.create_connection((ip, int(port)), timeout=timeout).close()
                     break
                 except ConnectionRefusedError:
+                    first = first or time.time()
                     if time.monotonic() - t0 > retry:
                         raise
                     time.sleep(0.05)
@@ -148,7 +150,8 @@ def reach(
         except ConnectionRefusedError:
             # when: the head compares it with when the peer's listener opened (a late probe
             # refuses too, without any firewall)
-            res = {"ok": True, "refused": True, "port": int(port), "last_try": time.time()}
+            res = {"ok": True, "refused": True, "port": int(port)}
+            res.update(first_try=first, last_try=time.time())
         except TimeoutError:
             res = {"ok": False, "error": f"no answer within {timeout:g} s"}
         except (OSError, ValueError) as e:
@@ -258,7 +261,8 @@ class Listener:
         self.thread.join(self.window + 1)
         for s in self.socks:
             s.close()
-        return {"bound": self.bound, "accepted": self.accepted, "since": self.since}
+        until = time.time()  # refusals after this are the closed port's, not a firewall's
+        return {"bound": self.bound, "accepted": self.accepted, "since": self.since, "until": until}
 
 
 def report(
