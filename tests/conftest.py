@@ -153,6 +153,15 @@ def ip(no_leaks: None) -> Iterator[object]:
     shell.run_line_magic("unload_ext", "mlx_cluster_magic")
 
 
+def release_shell(shell: Any) -> None:
+    """Stop the shell's current cluster (running or broken) and unload the extension."""
+    magics = shell.magics_manager.registry.get("MLXClusterMagics")
+    if magics is not None and magics.cluster is not None:
+        magics.cluster.stop()
+        magics.cluster = None
+    shell.run_line_magic("unload_ext", "mlx_cluster_magic")
+
+
 @contextlib.contextmanager
 def shared_cluster(start_line: str) -> Iterator[tuple[Any, Any]]:
     """A shell with the extension and one started cluster, for a module of read-mostly tests

@@ -13,7 +13,7 @@ from IPython.core.error import UsageError
 
 from mlx_cluster_magic import MLXCluster, MLXClusterError
 
-from conftest import cabled_macs, no_leaks_on
+from conftest import cabled_macs, no_leaks_on, release_shell
 
 RING_PORT = 32496
 
@@ -73,9 +73,5 @@ def test_mpi_over_a_split_star_warns_that_it_crosses_the_management_network(
             ip.run_line_magic("mlx_cluster", line.replace("--backend mpi", "--backend ring"))
         assert "warning: MPI" not in capsys.readouterr().out
     finally:
-        magics = ip.magics_manager.registry["MLXClusterMagics"]
-        if magics.cluster is not None:
-            magics.cluster.stop()
-            magics.cluster = None
-        ip.run_line_magic("unload_ext", "mlx_cluster_magic")
+        release_shell(ip)
         no_leaks_on(split_star)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from IPython.core.error import UsageError
 
-from conftest import no_leaks_on, virtual_macs
+from conftest import no_leaks_on, release_shell, virtual_macs
 
 pytestmark = pytest.mark.multihost
 
@@ -51,11 +51,7 @@ def shell(walled: Any) -> Iterator[Any]:
     try:
         yield ip
     finally:
-        magics = ip.magics_manager.registry["MLXClusterMagics"]
-        if magics.cluster is not None:
-            magics.cluster.stop()
-            magics.cluster = None
-        ip.run_line_magic("unload_ext", "mlx_cluster_magic")
+        release_shell(ip)
         no_leaks_on(walled)
 
 

@@ -28,7 +28,7 @@ from mlx_cluster_magic.fabric.env_manifest import STAGING, build_manifest
 from mlx_cluster_magic.fabric.env_rollout import SetupReport, run_setup
 from mlx_cluster_magic.fabric.placement import Host
 
-from conftest import no_leaks_on, virtual_macs
+from conftest import no_leaks_on, release_shell, virtual_macs
 
 pytestmark = pytest.mark.multihost
 
@@ -56,11 +56,7 @@ def shell(macs: Any) -> Iterator[Any]:
     try:
         yield ip
     finally:
-        magics = ip.magics_manager.registry["MLXClusterMagics"]
-        if magics.cluster is not None:
-            magics.cluster.stop()
-            magics.cluster = None
-        ip.run_line_magic("unload_ext", "mlx_cluster_magic")
+        release_shell(ip)
         no_leaks_on(macs)
 
 
