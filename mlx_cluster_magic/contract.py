@@ -45,3 +45,16 @@ def location(filename: str, line: int | None) -> str:
     if line is None:
         return where
     return f"cell line {line}" if where == "cell" else f"{where}:{line}"
+
+#: ZMQ options (name -> milliseconds) of the connections that carry only the latest word
+#: (ipyparallel's heartbeat, the ranks' status records), on both of their ends: ZMTP
+#: heartbeats close such a connection once its peer is silent for 3 s, and it is made again as
+#: soon as the network answers, instead of waiting for TCP's next retransmit (rank.reconnect).
+LATEST_WORD_OPTIONS: dict[str, int] = {
+    "HEARTBEAT_IVL": 1000,
+    "HEARTBEAT_TIMEOUT": 3000,
+    "CONNECT_TIMEOUT": 1000,
+    "RECONNECT_IVL": 200,
+    "RECONNECT_IVL_MAX": 0,
+}
+

@@ -234,10 +234,15 @@ def test_px_knows_the_cluster_only_by_protocol() -> None:
 def test_private_ipyparallel_names_live_in_the_adapter_and_still_exist() -> None:
     from ipyparallel.client.asyncresult import AsyncResult
     from ipyparallel.client.magics import ParallelMagics
+    from ipyparallel.controller import heartmonitor
 
     from mlx_cluster_magic.launch.ipp_adapter import PRIVATE_NAMES
 
-    kinds = {"AsyncResult": AsyncResult, "ParallelMagics": ParallelMagics}
+    kinds = {
+        "AsyncResult": AsyncResult,
+        "ParallelMagics": ParallelMagics,
+        "heartmonitor": heartmonitor,
+    }
     for kind, attr in PRIVATE_NAMES:
         cls = kinds[kind]
         # instance attributes are set in __init__: look in its source as well

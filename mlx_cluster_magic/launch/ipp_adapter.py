@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ipyparallel as ipp
 import psutil
-from ipyparallel.cluster.launcher import MPIEngineSetLauncher
+from ipyparallel.cluster.launcher import LocalControllerLauncher, MPIEngineSetLauncher
+from traitlets import default
+
+from ..contract import LATEST_WORD_OPTIONS
 
 #: (object kind, attribute): the private names of ipyparallel used below.
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    ("heartmonitor", "_setup_heartmonitor"),
     ("AsyncResult", "_targets"),
     ("AsyncResult", "_children"),
     ("AsyncResult", "_output_ready"),
@@ -52,6 +58,46 @@ class MLXEngineSetLauncher(MPIEngineSetLauncher):
         return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-x"]
 
 
+class MLXControllerLauncher(LocalControllerLauncher):
+    """ipyparallel's controller, run by :func:`run_controller` (its heartbeat reconnects)."""
+
+    @default("controller_cmd")
+    def _our_controller_cmd(self) -> list[str]:
+        return [sys.executable, "-m", "mlx_cluster_magic.launch.controller"]
+
+
+def run_controller() -> None:
+    """ipyparallel's controller, whose heart monitor (a process of its own) re-makes its
+    connections after a network drop: see ``rank.reconnect`` for why."""
+    import ipyparallel.controller.app as controller_app
+
+    controller_app.start_heartmonitor = start_reconnecting_heartmonitor
+    controller_app.main()
+
+
+def start_reconnecting_heartmonitor(**kwargs: Any) -> None:
+    """ipyparallel's ``start_heartmonitor``, its sockets with ZMTP heartbeats (a connection
+    silent for 3 s is closed, and the engine's new one comes in) and its pong socket handing an
+    engine's identity over to that new connection. Module level: ``multiprocessing`` starts it
+    by name (macOS spawns)."""
+    import asyncio
+
+    import zmq
+    from ipyparallel.controller import heartmonitor
+
+    ctx = zmq.Context()
+    for name, value in LATEST_WORD_OPTIONS.items():
+        ctx.setsockopt(getattr(zmq, name), value)
+    ctx.setsockopt(zmq.ROUTER_HANDOVER, 1)  # inapplicable to the PUB: pyzmq skips it there
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(heartmonitor._setup_heartmonitor(ctx=ctx, **kwargs))
+        loop.run_forever()
+    finally:
+        loop.close()
+        ctx.destroy()
+
+
 def new_cluster(
     *,
     n: int,
@@ -75,6 +121,7 @@ def new_cluster(
         controller_ip=controller_ip,
         controller_args=list(controller_args),
         engine_launcher_class=MLXEngineSetLauncher,
+        controller_launcher_class=MLXControllerLauncher,
         delay=0,
         engine_timeout=int(timeout),
         log_level=40,

@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         start_sidecar(os.environ[STATUS_VAR], rank, extra=_status_extra)
     from ipyparallel.engine.app import main as ipengine_main
 
+    from .reconnect import heartbeat_reconnects_promptly
+
+    heartbeat_reconnects_promptly()
+
     # (ipengine is imported above while the controller may still be starting: the two overlap)
     if os.environ.get(CONNECTION_FILE_VAR):
         wait_for_connection_file(os.environ[CONNECTION_FILE_VAR])

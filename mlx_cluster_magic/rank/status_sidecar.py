@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .host_usage import UsageSampler, first_on_host
+from .reconnect import reconnect_promptly
 
 PERIOD_S = 0.5
 #: Numbers ``report()`` keeps until the next send; the oldest go first when full.
@@ -227,6 +228,9 @@ class Sidecar(threading.Thread):
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 16)
+        # each record replaces the last: after a drop, a new connection at once beats the
+        # records queued in the old one, which TCP would deliver only at its next retransmit
+        reconnect_promptly(sock.setsockopt)
         sock.connect(self.url)
         self.device = _device()
         with contextlib.suppress(Exception):  # CPU (and macmon's) figures; one host rank samples
