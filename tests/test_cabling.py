@@ -164,6 +164,25 @@ def test_split_star_doctor_shows_who_reaches_whom(ip: Any, split_star: Any, tmp_
     assert "who reaches whom" in repr(report)
 
 
+def test_split_star_doctor_never_advises_a_route_to_the_management_network(
+    ip: Any, split_star: Any, tmp_path: Path
+) -> None:
+    """MPI on one subnet per cable: a worker reaches another worker's cable address only by the
+    management network. Changing that route would cut the ssh the notebook drives it by: the
+    advice is the bridge or the ring backend, as the start's warning says."""
+    hostfile = split_star.cabled_hostfile(tmp_path / "star.json", "mpi")
+    report = ip.run_line_magic(
+        "mlx_cluster", f"doctor --hostfile {hostfile} --ssh '{split_star.rsh_agent}' --timeout 5"
+    )
+    routes = [(h, c) for h, c in report.problems() if c.name == "route"]
+    assert {h for h, _ in routes} >= {"mac2", "mac3", "mac4"}, repr(report)
+    for _, check in routes:
+        assert "route del" not in check.fix and "remove" not in check.fix, check.fix
+        assert "Thunderbolt Bridge" in check.fix and "--backend ring" in check.fix, check.fix
+        assert "leave its routes as they are" in check.fix
+    assert "route del" not in repr(report) and "route del" not in report._repr_html_()
+
+
 def test_split_star_mpi_runs_over_the_management_network(
     ip: Any, split_star: Any, tmp_path: Path
 ) -> None:

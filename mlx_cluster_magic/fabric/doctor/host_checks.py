@@ -6,6 +6,7 @@ Every failure says what to type to fix it, and on which host. Order here is colu
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import platform
@@ -437,7 +438,17 @@ def _route(ctx: HostContext) -> Check | None:
     if not bad:
         return Check("route", True, "; ".join(f.detail for f in findings))
     first = bad[0]
-    if probe.os == "Darwin":
+    if not _on_expected_subnet(ctx, first):
+        # one subnet per cable: no cable of this host leads to that address, so the kernel
+        # sends it by the network ssh uses; changing that route would cut the host off
+        fix = (
+            f"on {ctx.name}: no cable of it shares a subnet with {first.peer} "
+            f"({first.peer_ip}), so that traffic crosses {first.interface}, the network ssh "
+            "uses (leave its routes as they are): put the cables on one Thunderbolt Bridge "
+            "(one subnet for all), or start with --backend ring, which needs only the cables "
+            "each pair of neighbours shares"
+        )
+    elif probe.os == "Darwin":
         fix = (
             f"on {ctx.name}: `route -n get {first.peer_ip}` shows the way out; give the "
             "Thunderbolt Bridge a subnet of its own (not shared with Wi-Fi or Ethernet) or move "
@@ -445,11 +456,30 @@ def _route(ctx: HostContext) -> Check | None:
         )
     else:
         fix = (
-            f"on {ctx.name}: `ip route show to match {first.peer_ip}` lists the routes; delete "
-            f"the one by {first.interface} (sudo ip route del ...) so the route on "
-            f"{first.expected or 'the cluster interface'} applies"
+            f"on {ctx.name}: `ip route show to match {first.peer_ip}` lists the routes; the "
+            f"more specific one by {first.interface} takes {first.peer_ip} from "
+            f"{first.expected or 'the cluster interface'}: remove that one route (never the "
+            "default route or the one ssh uses), or give the cable a subnet of its own"
         )
     return Check("route", None, "; ".join(f.detail for f in bad), fix)
+
+
+def _on_expected_subnet(ctx: HostContext, finding: RouteFinding) -> bool:
+    """Whether the interface the traffic should leave by holds a subnet with the peer's
+    address (else it was expected only as the host's one cluster interface)."""
+    iface = (ctx.interfaces or {}).get(finding.expected or "")
+    if iface is None:
+        return False
+    try:
+        peer = ipaddress.ip_address(finding.peer_ip)
+    except ValueError:
+        return False
+    for cidr in (*iface.inet, *iface.inet6):
+        with contextlib.suppress(ValueError):
+            net = ipaddress.ip_interface(cidr).network
+            if net.version == peer.version and peer in net and net.prefixlen < net.max_prefixlen:
+                return True
+    return False
 
 
 def peer_reach(ctx: HostContext) -> dict[str, tuple[bool, str, str | None]]:
