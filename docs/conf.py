@@ -36,6 +36,8 @@ nb_execution_mode = "off"
 nb_mime_priority_overrides = [
     ("html", "application/vnd.jupyter.widget-view+json", None),
 ]
+# ... and no page loads require.js or the widgets' bundle from a CDN (myst-nb's default)
+nb_ipywidgets_js: dict[str, dict[str, str]] = {}
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 # option names keep their two hyphens ("--hosts", not an en dash)

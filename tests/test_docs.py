@@ -5,6 +5,7 @@ builds the whole site with warnings as errors; ``make test`` runs it.)"""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -68,6 +69,17 @@ def test_the_readme_fits_and_its_links_lead_somewhere() -> None:
 
 
 SITE = Path(__file__).resolve().parent.parent / "docs" / "_build" / "html"
+
+
+def test_the_site_loads_nothing_from_the_network() -> None:
+    """The site works offline: no page of it loads a script or style from another host (the
+    rendered notebooks once asked a CDN for require.js)."""
+    pages = sorted(SITE.rglob("*.html"))
+    if not pages:
+        pytest.skip("the site is not built: make docs")
+    remote = re.compile(r"<(?:script|link)[^>]+(?:src|href)=[\"'](?:https?:)?//", re.I)
+    found = [(p.relative_to(SITE), m[0]) for p in pages for m in remote.finditer(p.read_text())]
+    assert found == [], found[:5]
 
 
 @pytest.mark.browser

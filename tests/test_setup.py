@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,11 @@ def test_setup_from_nothing_then_start_and_all_sum(
     assert all(r.python == ".".join(map(str, sys.version_info[:3])) for r in report.rows)
     assert "editable install" in repr(report)
     assert f"{report.rows[0].to_send} files" in repr(report)
+    # one transfer, one size: the progress's "of", the last line's "sent" and the table agree
+    size = re.search(r"mac1 (\d+\.\d [KMG]B) of (\d+\.\d [KMG]B)", out)
+    sent = re.search(r"setup: sent mac1 (\d+\.\d [KMG]B)", out)
+    assert size and sent and size[2] == sent[1], out
+    assert f"files, {sent[1]}" in repr(report), repr(report)
     print(f"setup from nothing to 2 hosts: {took:.1f} s")
     cluster = shell.run_line_magic(
         "mlx_cluster", macs.start_line(hostfile, "--no-live-status", ring_port=RING_PORT)

@@ -135,6 +135,9 @@ class _Sender:
         self.hosts, self.plans, self.ssh = hosts, plans, ssh
         self.done = {h.ssh: 0 for h in hosts}
         self.total = {h.ssh: sum(p.wire_bytes for p in ps) for h, ps in zip(hosts, plans)}
+        # Progress is counted on the wire (tar's headers and padding included) but said in the
+        # files' own bytes, the size the table shows: one transfer, one size.
+        self.content = {h.ssh: sum(p.bytes for p in ps) for h, ps in zip(hosts, plans)}
         self.errors: list[str] = []
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -160,8 +163,8 @@ class _Sender:
         with self.lock:
             done, total = sum(self.done.values()), sum(self.total.values())
             per = " · ".join(
-                f"{h} {size_text(self.done[h])}"
-                + ("" if final else f" of {size_text(max(self.total[h], self.done[h]))}")
+                f"{h} {size_text(self._content_done(h, final))}"
+                + ("" if final else f" of {size_text(self.content[h])}")
                 for h in self.done
             )
         took = time.monotonic() - t0
@@ -169,6 +172,13 @@ class _Sender:
             return f"setup: sent {per} in {took:.1f} s"
         left = eta(done, total, took)
         return f"setup: {per}" + (f" · {left}" if left else "")
+
+    def _content_done(self, host: str, final: bool) -> float:
+        """How much of ``host``'s files has been sent, in the files' own bytes."""
+        wire, content = self.total[host], self.content[host]
+        if final and not self.errors:
+            return content
+        return min(content, self.done[host] * content / wire) if wire > 0 else 0
 
     def run(self, show: Show | None) -> None:
         threads = [
