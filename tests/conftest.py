@@ -18,10 +18,13 @@ import pytest
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
-# The kinds of process this project starts. Matched on the command line.
+# The kinds of process this project starts. Matched on the command line: ranks
+# (``-m mlx_cluster_magic.rank.bootstrap``), the watchdog (``launch/processes.py``), the
+# controller, mpiexec and its daemons, and the ssh sessions mpiexec opens to start them.
 OURS = re.compile(
-    r"mlx_cluster_magic[./](engine|procs)|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
-    r"|(^|/)(prterun|prted|mpiexec|mpirun)(\s|$)"
+    r"mlx_cluster_magic[./](rank[./]bootstrap|launch[./]processes)"
+    r"|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
+    r"|(^|/)(prterun|prted|mpiexec|mpirun)(\s|$)|(^|/)ssh\s.*\bprted\b"
 )
 
 

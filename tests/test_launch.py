@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -73,7 +74,7 @@ def test_multihost_args() -> None:
     assert args[0] == "--allow-run-as-root"
     assert "--host mac1:2,mac2:2" in joined
     assert "--mca btl self,sm,tcp" in joined
-    assert "--prtemca plm_ssh_agent ssh -F cfg" in joined
+    assert "--prtemca plm_ssh_agent ssh -F cfg -o ServerAliveInterval=10" in joined
     assert "--prtemca prte_launch_agent /v/bin/prted" in joined
     assert "--mca btl_tcp_if_include 10.213.0.0/24" in joined
     assert "--mca oob_tcp_if_include 10.213.0.0/24" in joined
@@ -254,14 +255,21 @@ def test_ssh_addresses_reads_the_ssh_config(tmp_path) -> None:
     }
 
 
-def test_a_grace_past_prrtes_keepalive_delays_its_first_probe() -> None:
-    # PRRTE probes an idle daemon connection after 300 s (oob/tcp's default) and gives up 180 s
-    # later: a grace near that needs a later first probe, a shorter one changes nothing.
-    short = launch.mpiexec_args(RING4, launch.MPIOptions(grace=60))
-    assert "oob_tcp_keepalive_time" not in short
-    long = launch.mpiexec_args(RING4, launch.MPIOptions(grace=600))
-    at = long.index("oob_tcp_keepalive_time")
-    assert long[at - 1] == "--prtemca" and long[at + 1] == "660"
+def test_the_daemons_connections_outlast_the_grace_and_no_longer() -> None:
+    # PRRTE's daemons and the ssh sessions that start them: probed every 10 s after 20 s idle,
+    # given up only past the grace (so a drop under it never ends the job), and a daemon left
+    # on a host that comes back learns within a probe that its mpiexec is gone.
+    for grace in (10, 60, 600):
+        args = launch.mpiexec_args(RING4, launch.MPIOptions(grace=grace))
+        value = {args[i + 1]: args[i + 2] for i, a in enumerate(args) if a == "--prtemca"}
+        assert value["oob_tcp_keepalive_time"] == "20"
+        assert value["oob_tcp_keepalive_intvl"] == "10"
+        silence = 20 + 10 * int(value["oob_tcp_keepalive_probes"])
+        assert grace + 10 <= silence <= grace + 35, (grace, silence)
+        ssh = value["plm_ssh_agent"]
+        alive = re.search(r"ServerAliveInterval=(\d+) -o ServerAliveCountMax=(\d+)", ssh)
+        assert alive and ssh.startswith("ssh -o ")
+        assert 2 * grace + 10 <= int(alive[1]) * int(alive[2]) <= 2 * grace + 35
     assert "oob_tcp_keepalive_time" not in launch.mpiexec_args(local(2), launch.MPIOptions(grace=600))
 
 

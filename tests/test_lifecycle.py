@@ -39,6 +39,22 @@ def test_ten_start_stop_cycles_leave_nothing(no_leaks) -> None:
     assert held[0] <= after_first[0] and held[1] <= after_first[1], (after_first, held)
 
 
+def test_the_leak_check_sees_every_kind_of_process_we_start(no_leaks) -> None:
+    """What the suite's "nothing left" checks count: a rank, the watchdog, the controller and
+    mpiexec, each found while it runs (so each would be found were it left behind)."""
+    cluster = MLXCluster(n=2).start()
+    try:
+        found = dict(our_processes())
+        ranks = [r["pid"] for r in cluster.ranks]
+        assert set(ranks) <= set(found), (ranks, found)
+        assert all("mlx_cluster_magic.rank.bootstrap" in found[p] for p in ranks)
+        kinds = " ".join(found.values())
+        assert "launch/processes.py" in kinds, found  # the watchdog
+        assert "ipyparallel.controller" in kinds and re.search(r"(prterun|mpiexec)", kinds)
+    finally:
+        cluster.stop()
+
+
 def _kernel_with_cluster() -> tuple[KernelManager, object, list[int]]:
     km = KernelManager(kernel_name="python3")
     km.start_kernel()

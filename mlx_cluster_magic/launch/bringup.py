@@ -228,9 +228,25 @@ def check_ranks(run: Running) -> None:
             run.rank_procs[r["rank"]] = tracked
     assert run.watchdog is not None
     run.watchdog.watch(run.track([r["pid"] for r in local]))
+    # mpiexec's ssh sessions to the hosts, there once every daemon is up: stopped by pid with
+    # the rest (once mpiexec is killed they are orphans, and to a Mac that is gone an ssh
+    # session does not end by itself for as long as its keep-alives wait)
+    run.watchdog.watch(run.track(mpiexec_children(run)))
 
 
-def watch_liveness(run: Running, on_lost: Callable[[str], None]) -> None:
+def mpiexec_children(run: Running) -> list[int]:
+    """The processes mpiexec started on the head (its ssh sessions, local ranks)."""
+    launcher = ipp_adapter.engine_launcher(run.ipp)
+    process = getattr(launcher, "process", None)
+    if not isinstance(process, psutil.Process):
+        return []
+    try:
+        return [child.pid for child in process.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def watch_liveness(run: Running, on_lost: Callable[[Breakage], None]) -> None:
     """The keeper that tells a silent network from a lost host (remote hosts, live status on)."""
     if run.status is None or run.spec.placement.is_local:
         return

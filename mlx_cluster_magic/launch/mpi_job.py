@@ -208,9 +208,32 @@ def mpi_session_dir(mpiexec_pid: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"ompi.{mpiexec_pid}")
 
 
-#: PRRTE's ``oob_tcp_keepalive_time`` default (``oob_tcp_component.c``).
-PRRTE_KEEPALIVE_TIME_S = 300
-PRRTE_KEEPALIVE_MARGIN_S = 60
+#: The daemons' connections are probed after this much idle time, then every
+#: ``KEEPALIVE_PROBE_S``; they are given up only after the grace plus ``KEEPALIVE_MARGIN_S`` of
+#: silence. Frequent probes are how a daemon left on a host that comes back learns, within
+#: about ``KEEPALIVE_PROBE_S``, that its ``mpiexec`` is gone (the head answers a reset) and
+#: ends with its ranks; PRRTE's defaults (300 s, then 9 x 20 s) kept it for minutes.
+KEEPALIVE_IDLE_S = 20
+KEEPALIVE_PROBE_S = 10
+KEEPALIVE_MARGIN_S = 15
+
+
+def keepalive_probes(grace: float) -> int:
+    """Unanswered probes before a connection is given up: past the grace and the margin."""
+    return max(1, math.ceil((grace + KEEPALIVE_MARGIN_S - KEEPALIVE_IDLE_S) / KEEPALIVE_PROBE_S))
+
+
+def daemon_ssh(agent: str | None, grace: float) -> str:
+    """The ssh that starts the daemons, with keep-alives: without them an ``ssh HOST prted``
+    to a Mac that is gone never ends (an orphan once ``mpiexec`` is killed, should the kernel
+    die before it could stop it); they give up only well past the grace."""
+    # (an ssh session's keep-alive is data: after a drop, TCP delivers it only at its next
+    # retransmit, up to about the drop's length later, hence twice the grace)
+    probes = math.ceil((2 * grace + KEEPALIVE_MARGIN_S) / KEEPALIVE_PROBE_S)
+    return (
+        f"{agent or 'ssh'} -o ServerAliveInterval={KEEPALIVE_PROBE_S} "
+        f"-o ServerAliveCountMax={probes}"
+    )
 
 
 @dataclass(frozen=True)
@@ -251,18 +274,14 @@ def mpiexec_args(placement: Placement, opts: MPIOptions) -> list[str]:
         # between ranks on one host. Named, so builds that also carry the OFI (libfabric) BTL do
         # not spend about a second probing its providers in every rank's MPI_Init.
         args += ["--mca", "btl", "self,sm,tcp"]
-        if opts.ssh_agent:
-            # Open MPI 5 (PRRTE) reads plm_ssh_agent; "--prtemca plm_rsh_agent" is ignored.
-            args += ["--prtemca", "plm_ssh_agent", opts.ssh_agent]
+        # Open MPI 5 (PRRTE) reads plm_ssh_agent; "--prtemca plm_rsh_agent" is ignored.
+        args += ["--prtemca", "plm_ssh_agent", daemon_ssh(opts.ssh_agent, opts.grace)]
         if opts.prted:
             # Remote login shells need not have the venv on PATH.
             args += ["--prtemca", "prte_launch_agent", opts.prted]
-        if opts.grace + PRRTE_KEEPALIVE_MARGIN_S > PRRTE_KEEPALIVE_TIME_S:
-            # PRRTE's daemons probe an idle connection after 300 s and drop it after 9 more
-            # unanswered probes 20 s apart (oob/tcp's component defaults): a longer grace needs
-            # a later first probe, or a drop would end the job before the grace does.
-            idle = math.ceil(opts.grace + PRRTE_KEEPALIVE_MARGIN_S)
-            args += ["--prtemca", "oob_tcp_keepalive_time", str(idle)]
+        args += ["--prtemca", "oob_tcp_keepalive_time", str(KEEPALIVE_IDLE_S)]
+        args += ["--prtemca", "oob_tcp_keepalive_intvl", str(KEEPALIVE_PROBE_S)]
+        args += ["--prtemca", "oob_tcp_keepalive_probes", str(keepalive_probes(opts.grace))]
         nets = ",".join(opts.subnets) if opts.subnets else opts.subnet
         if nets:
             args += ["--mca", "btl_tcp_if_include", nets]
