@@ -91,6 +91,7 @@ def option_line(text: str, option: str) -> str:
 def check_help(text: str, sub: str) -> None:
     assert f"usage: %mlx_cluster {sub} [-h]" in text
     assert "-h, --help" in text
+    assert "(default: [])" not in text and "(default: None)" not in text, text
     for option, default in OPTIONS[sub].items():
         entry = option_line(text, option)
         if default is not None:

@@ -57,3 +57,56 @@ def test_every_ranks_output_shows_in_every_cell_under_load(
         assert not missing, f"{len(missing)} of {2 * CELLS} outputs missing: {missing[:3]}"
     finally:
         ip.run_line_magic("mlx_cluster", "stop")
+
+
+def _outputs_of_each_cell(kc: Any, cells: int) -> list[tuple[int, dict[str, str]]]:
+    """Run ``cells`` %%px cells in the kernel; per cell, the text of each display it received
+    (streamed output comes as display_data, then update_display_data of the same display id)."""
+    seen = []
+    for i in range(cells):
+        shown: dict[str, str] = {}
+
+        def hook(msg: dict[str, Any], shown: dict[str, str] = shown) -> None:
+            kind = msg["header"]["msg_type"]
+            if kind in ("display_data", "update_display_data"):
+                display_id = msg["content"].get("transient", {}).get("display_id", "")
+                shown[display_id] = msg["content"]["data"].get("text/plain", "")
+            elif kind == "stream":
+                shown[f"stream-{len(shown)}"] = msg["content"]["text"]
+
+        code = f"%%px\nprint(f'cell {i} from rank {{world.rank()}}')"
+        reply = kc.execute_interactive(code, timeout=120, output_hook=hook)
+        assert reply["content"]["status"] == "ok", (i, shown)
+        seen.append((i, shown))
+    return seen
+
+
+@pytest.mark.kernel
+def test_every_ranks_output_shows_in_its_cell_of_a_real_kernel_under_load(
+    no_leaks: None, busy_machine: None
+) -> None:
+    """Through a real ipykernel (jupyter_client, as a notebook runs it), where output published
+    from another thread goes to whichever cell is current when it is sent."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        reply = kc.execute_interactive(
+            "%load_ext mlx_cluster_magic\n%mlx_cluster start -n 2", timeout=120
+        )
+        assert reply["content"]["status"] == "ok"
+        missing = []
+        for i, shown in _outputs_of_each_cell(kc, CELLS):
+            text = "\n".join(shown.values())
+            for rank in (0, 1):
+                if f"[stdout:{rank}] cell {i} from rank {rank}\n" not in text:
+                    missing.append((i, rank, shown))
+        assert not missing, f"{len(missing)} of {2 * CELLS} outputs missing: {missing[:3]}"
+        kc.execute_interactive("%mlx_cluster stop", timeout=60)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)

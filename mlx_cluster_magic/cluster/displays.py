@@ -34,6 +34,7 @@ class ClusterViews:
     _widget: StatusWidget | None
     _state: str
     _reason: str | None
+    health: Any
     _topology_svg: str | None
     banner: str | None
     #: a line about work in progress on the hosts (a sync's progress), shown like the banner
@@ -142,13 +143,18 @@ class ClusterViews:
             hosts=len({h.ssh for h in self.placement.hosts}),
             uptime_s=None if run is None or restarting else time.time() - run.started_at,
             nodes=tuple(nodes),
-            reason=None if restarting else self._reason,
+            reason=None if restarting else self._view_reason(),
+            advice=None if restarting or self.health is None else self.health.advice,
             banner=None if restarting else (self.banner or self.activity),
             metrics=points,
             topology_svg=self._topology_svg,
             metrics_previous=not live and bool(points),
             sparklines=sparklines,
         )
+
+    def _view_reason(self) -> str | None:
+        """What the header says beside the state: why it broke, or who stopped it."""
+        return self.health.what if self.health is not None else self._reason
 
     def _starting_row(self, rank: int) -> NodeStatus:
         """A rank of a cluster being (re)started: no report yet, nothing live to show."""

@@ -28,6 +28,8 @@ from ..contract import EXIT_BAD_GROUP
 from ..errors import MLXClusterError
 from ..fabric.placement import Placement
 from ..launch import bringup, ipp_adapter, mpi_job, spec
+from ..observe import health
+from ..observe.health import Breakage
 from ..observe.snapshot import NodeStatus
 from .displays import ClusterViews
 from .tools import ClusterTools, HistoryEntry
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from .pipeline_plan import PipelinePlan
 
 START_TIMEOUT_S = spec.START_TIMEOUT_S
+#: How often the watch judges the evidence while no cell runs.
+WATCH_PERIOD_S = 0.5
 
 
 class MLXCluster(ClusterViews, ClusterTools):
@@ -92,7 +96,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         )  # fmt: skip
         self._lock = threading.RLock()
         self._state = "stopped"
-        self._reason: str | None = None
+        self._reason: str | None = None  # who stopped it (``stopped from the status view``)
+        self._breakage: Breakage | None = None
+        self._watch_stop: threading.Event | None = None
         self._run: bringup.Running | None = None
         self._widget: StatusWidget | None = None
         self._history: list[HistoryEntry] = []
@@ -105,7 +111,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         #: Counts starts, so a wait can tell its cluster was restarted under it.
         self.generation = 0
         #: (generation, what the doctor found) once a death with no cause was looked into.
-        self._refusal: tuple[int, str | None] | None = None
+        self._refusal: tuple[int, Breakage | None] | None = None
+        #: ``%%px`` waits on a cell (they judge a loss in the cell's words meanwhile).
+        self.cells_waiting = 0
 
     placement_from = staticmethod(spec.placement_from)
 
@@ -133,8 +141,14 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     @property
     def broken_reason(self) -> str | None:
-        """Why the cluster broke (kept until the next start), else None."""
-        return self._reason if self._state == "broken" else None
+        """Why the cluster broke and what to type (kept until the next start), else None."""
+        return self._breakage.line() if self._state == "broken" and self._breakage else None
+
+    @property
+    def health(self) -> Breakage | None:
+        """Why the cluster broke, as data (``what``, ``advice``, ``cause``, ``hosts``,
+        ``ranks``), while it is broken; else None."""
+        return self._breakage if self._state == "broken" else None
 
     @property
     def running(self) -> bool:
@@ -162,7 +176,7 @@ class MLXCluster(ClusterViews, ClusterTools):
     def not_running_message(self) -> str:
         """Why there is nothing to run on, and what to type."""
         if self._state == "broken":
-            return f"the MLX cluster is broken: {self._reason}; %mlx_cluster restart brings it back"
+            return f"the MLX cluster is broken: {self.broken_reason}"
         if self._state == "starting":
             return "the MLX cluster is still starting"
         return "no cluster is running: start one with %mlx_cluster start"
@@ -189,7 +203,8 @@ class MLXCluster(ClusterViews, ClusterTools):
                     "this cluster is already running: use restart() (%mlx_cluster restart) "
                     "or stop()"
                 )
-            self._state, self._reason, self.banner = "starting", None, None
+            self._state, self._reason, self._breakage = "starting", None, None
+            self.banner = None
             self.generation += 1
             try:
                 self._start()
@@ -199,6 +214,7 @@ class MLXCluster(ClusterViews, ClusterTools):
                 raise
             self._state = "running"
             self._history = []
+            self._watch(self.generation)
         if activate:
             self.activate()
         self._refresh_widget()
@@ -211,7 +227,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         bringup.start_controller(run)
         self._preflight()
         bringup.bring_up(run)
-        bringup.watch_liveness(run, self._lost)
+        generation = self.generation
+        bringup.watch_liveness(run, lambda lost: self.abort(lost, generation=generation))
         if run.status is not None:
             run.status.set_evidence(self._dead_evidence)
             run.status.on_update(self._refresh_widget)
@@ -252,57 +269,57 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _dead_evidence(self) -> dict[int, str]:
         return bringup.dead_evidence(self._run)
 
-    def _lost(self, reason: str) -> None:
-        """The grace ran out with hosts still silent (from the liveness keeper's thread)."""
-        if self._state == "running":
-            self.abort(reason)
-
-    def lost_message(self) -> str | None:
-        """One line when a host no one can reach, or a cable pulled between two hosts, keeps the
-        running cell from finishing (it ends the cell), else None."""
+    def loss(self) -> Breakage | None:
+        """A host no one can reach, a cable pulled between two hosts, or a host whose firewall
+        killed the ranks at their first connection: what it is and what to type, else None."""
         run = self._run
         if run is None:
             return None
         lost = run.liveness.lost_ranks() if run.liveness is not None else {}
         if lost:
-            host = self.placement.ranks[min(lost)].ssh
-            return (
-                f"{lost[min(lost)]}; the cell ended and the cluster was stopped: "
-                f"%mlx_cluster restart --without {host} starts on the others "
-                "(restart alone, once it is back)"
-            )
+            first = min(lost)
+            ranks = tuple(r for r in sorted(lost) if lost[r] == lost[first])
+            return health.lost_host(lost[first], self.placement.ranks[first].ssh, ranks)
         cut = bringup.cut_cables(run)
         if cut:
-            return (
-                f"{cut[0]}: the cell's collectives cannot finish; the cluster was stopped: "
-                "%mlx_cluster restart brings it back once the cable is back"
-            )
-        return self._refused_after_death()
+            return health.cable_down(cut[0])
+        return self._refusal_now()
 
-    def _refused_after_death(self) -> str | None:
+    def _refusal_now(self) -> Breakage | None:
+        """What the doctor found after a death with no cause, once the watch asked it."""
+        found = self._refusal
+        return found[1] if found is not None and found[0] == self.generation else None
+
+    def refusal_pending(self) -> bool:
+        """Ranks died with no word from mpiexec on several hosts and the doctor has not said
+        yet whether a firewall killed them (a cell waits for it before it names the death)."""
+        if self.placement.is_local or not self._dead_evidence() or self.death_cause():
+            return False
+        return self._refusal is None or self._refusal[0] != self.generation
+
+    def _look_for_refusal(self) -> None:
         """Ranks that died with no word from mpiexec on a cluster of several hosts: a host
         whose firewall turns Python away (turned on after start) kills the first connection
         to it. The doctor's inbound check names that host, not the rank that noticed; asked
-        once per run, and only after a death."""
-        if self.placement.is_local or not self._dead_evidence() or self.death_cause():
-            return None
-        if self._refusal is None or self._refusal[0] != self.generation:
-            found = None
-            with contextlib.suppress(MLXClusterError):
-                report = self.doctor(timeout=3.0, advice=False)
-                found = next(
-                    (c for _, c in report.problems() if c.name == "inbound" and c.ok is False),
-                    None,
-                )
-            self._refusal = (self.generation, None)
-            if found is not None:
-                fix = f"; fix: {found.fix}" if found.fix else ""
-                self._refusal = (
-                    self.generation,
-                    f"{found.detail}; the ranks died at their first connection to it; the "
-                    f"cluster was stopped: %mlx_cluster restart once it is allowed{fix}",
-                )
-        return self._refusal[1]
+        once per run, after a death, from the watch's thread (never from a cell's poll)."""
+        if not self.refusal_pending():
+            return
+        found = None
+        with contextlib.suppress(Exception):
+            report = self.doctor(timeout=3.0, advice=False)
+            found = next(
+                (c for _, c in report.problems() if c.name == "inbound" and c.ok is False),
+                None,
+            )
+        refusal = None
+        if found is not None:
+            fix = f"; fix: {found.fix}" if found.fix else ""
+            refusal = Breakage(
+                f"{found.detail}; the ranks died at their first connection to it",
+                f"%mlx_cluster restart once it is allowed{fix}",
+                "firewall",
+            )
+        self._refusal = (self.generation, refusal)
 
     def dead_ranks(self) -> list[int]:
         """Ranks known to be gone (never from silent status reports alone). When mpiexec ended
@@ -335,24 +352,80 @@ class MLXCluster(ClusterViews, ClusterTools):
             f"rank {ranks[0]} on {where}" if len(ranks) == 1 else f"ranks {list(ranks)} on {where}"
         )
 
-    def abort(self, reason: str = "aborted") -> None:
+    def abort(self, reason: str | Breakage = "aborted", *, generation: int | None = None) -> None:
         """Stop every process of a cluster that cannot go on, at once; ``state`` becomes
-        ``broken`` with ``reason`` until the next start."""
+        ``broken`` with ``reason`` until the next start. Only a running cluster breaks (a
+        watch that speaks late about a cluster stopped or restarted meanwhile is ignored):
+        ``generation``, when given, must be the current one."""
+        breakage = reason if isinstance(reason, Breakage) else Breakage(reason)
         with self._lock:
-            run = self._run
+            if self._state != "running" or generation not in (None, self.generation):
+                return
             dead = self._dead_evidence()
+            run = self._run
             if run is not None:
                 ipp_adapter.no_graceful_wait(run.ipp)
             self._teardown(grace=0.5)
-            # Ranks that died stay dead; those the abort killed did not die by themselves.
+            # Ranks that died stay dead; those the abort stopped did not die by themselves.
             self.last_nodes = [
-                dataclasses.replace(
-                    n, state="dead", why=dead.get(n.rank) or "killed by the abort", silent_s=None
+                dataclasses.replace(n, state="dead", why=dead[n.rank], silent_s=None)
+                if n.rank in dead
+                else dataclasses.replace(
+                    n, state="stopped", why=f"stopped: {breakage.what}", silent_s=None
                 )
                 for n in self.last_nodes
             ]
-            self._state, self._reason = "broken", reason
+            self._state, self._breakage = "broken", breakage
         self._refresh_widget()
+
+    # ------------------------------------------------------------------ the watch
+    def _watch(self, generation: int) -> None:
+        """Judge the evidence twice a second while no cell waits, so a rank that died or a
+        host lost while idle breaks the cluster at once, not at the next cell."""
+        stop = self._watch_stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(WATCH_PERIOD_S):
+                if self.generation != generation or self._state != "running":
+                    return
+                with contextlib.suppress(Exception):
+                    self._look_for_refusal()
+                if self.cells_waiting:
+                    continue
+                with contextlib.suppress(Exception):
+                    found = self._evidence_breakage()
+                    if found is not None:
+                        self.abort(found, generation=generation)
+
+        threading.Thread(target=run, name="mlx-cluster-watch", daemon=True).start()
+
+    def judge(self) -> Breakage | None:
+        """Break the cluster now if the evidence says it cannot go on; the reason, else None."""
+        found = self._evidence_breakage() if self._state == "running" else None
+        if found is not None:
+            self.abort(found)
+        return self.health
+
+    def _evidence_breakage(self) -> Breakage | None:
+        """What the evidence says broke the cluster (a lost host, a cut cable, a rank gone,
+        engines the controller unregistered), else None."""
+        dead = self._dead_evidence()
+        loss = self.loss()
+        if loss is not None:
+            return loss
+        if not dead:
+            return None
+        ranks = self.dead_ranks()
+        what = self.describe_ranks(ranks)
+        if all(dead[r] == bringup.HEART_LOST for r in ranks):
+            return Breakage(
+                f"the controller lost {what}: no heartbeat for longer than the grace",
+                health.RESTART,
+                "heartbeat",
+                ranks=tuple(ranks),
+            )
+        cause = self.death_cause()
+        return Breakage(f"{what} died{cause}", health.RESTART, "died", ranks=tuple(ranks))
 
     def stop(self, *, origin: str | None = None) -> None:
         """Stop engines and controller; return once no process of ours is left.
@@ -388,7 +461,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         and a pipeline plan is made again for them."""
         history = list(self._history)
         if without:
-            self.spec = spec.without_hosts(self.spec, without)
+            self.spec = spec.without_hosts(self.spec, without, self.host_aliases())
         # The views say `restarting` (every rank `starting`) from now, not once the old ranks
         # are gone.
         self._restarting = True
@@ -410,9 +483,21 @@ class MLXCluster(ClusterViews, ClusterTools):
             self._replay(history)
         return self
 
+    def host_aliases(self) -> dict[str, str]:
+        """The hostname each host's ranks reported (what the views show) -> its name in the
+        hostfile, for the hosts whose two names differ."""
+        names = [str(r.get("host", "")) for r in self.ranks] or [n.host for n in self.last_nodes]
+        return {
+            shown: self.placement.ranks[rank].ssh
+            for rank, shown in enumerate(names[: self.n])
+            if shown and shown != self.placement.ranks[rank].ssh
+        }
+
     def _teardown(self, grace: float = 5.0) -> None:
         """Stop everything this cluster started; keep each rank's last record for the views."""
         run, self._run = self._run, None
+        if self._watch_stop is not None:
+            self._watch_stop.set()
         _LIVE.discard(self)
         if run is None:
             return

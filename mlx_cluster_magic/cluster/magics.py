@@ -47,6 +47,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
             and default is not None
             and default is not argparse.SUPPRESS
             and not isinstance(default, bool)
+            and default != []
             and "%(default)" not in text
         ):
             text += (
@@ -237,7 +238,8 @@ def _life_cycle_parsers(sub: _Sub) -> None:
         action="append",
         default=[],
         metavar="HOST",
-        help="start on the other hosts only (a Mac that is gone); repeat for several",
+        help="start on the other hosts only (a Mac that is gone), by its name in the hostfile "
+        "or the hostname the views show; repeat for several",
     )
 
     p = sub("status", "Show the live status of every rank.")

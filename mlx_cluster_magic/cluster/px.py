@@ -47,6 +47,7 @@ from IPython.core.magic_arguments import argument, construct_parser, parse_argst
 from ..errors import MLXClusterError
 from ..launch import ipp_adapter
 from ..observe import stack_capture
+from ..observe.health import Breakage
 
 #: Seconds the ranks get to act on an interrupt before the cluster is aborted.
 INTERRUPT_GRACE_S = 2.0
@@ -78,12 +79,15 @@ class PxCluster(Protocol):
     def not_running_message(self) -> str: ...
     def stopped_by(self) -> str | None: ...
     def dead_ranks(self) -> list[int]: ...
-    def lost_message(self) -> str | None: ...
+    def loss(self) -> Breakage | None: ...
+    def judge(self) -> Breakage | None: ...
+    def refusal_pending(self) -> bool: ...
+    cells_waiting: int
     def describe_ranks(self, ranks: Sequence[int]) -> str: ...
     def death_cause(self) -> str: ...
     def hang_verdict(self) -> str | None: ...
     def waits_on_ended(self, pending: Sequence[int]) -> bool: ...
-    def abort(self, reason: str = ...) -> None: ...
+    def abort(self, reason: str | Breakage = ..., *, generation: int | None = ...) -> None: ...
     def nodes(self) -> list[dict[str, Any]]: ...
     def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None: ...
 
@@ -262,6 +266,8 @@ class MLXParallelMagics(ParallelMagics):
         self.cell_timeout: float | None = None
         self.replayable = True
         self._interrupted: threading.Event | None = None  # set once the running cell's is sent
+        #: shows the running cell's streamed output that has arrived (from the cell's thread)
+        self._relay: Callable[[], None] = _nothing
         super().__init__(shell, view)
 
     def _check_cluster(self) -> PxCluster:
@@ -345,10 +351,10 @@ class MLXParallelMagics(ParallelMagics):
             print(f"Parallel execution on engine(s): {_targets_text(targets)}")
         try:
             result = self.view.execute(cell, silent=False, block=False)
-        except error.NoEnginesRegistered:
-            raise UsageError(
-                "the cluster's engines are gone: %mlx_cluster restart brings them back"
-            ) from None
+        except (error.NoEnginesRegistered, KeyError, IndexError):
+            # the controller unregistered engines this view targets (ipyparallel raises a
+            # KeyError from its own lookup): the evidence breaks the cluster; say it in one line
+            raise UsageError(engines_gone(cluster)) from None
         ipp_adapter.name_result(result, "%px")
         self.last_result = result
         if save_name:
@@ -362,9 +368,16 @@ class MLXParallelMagics(ParallelMagics):
 
         stopped: list[tuple[int, str]] | None = None
         try:
-            with ipp_adapter.stream_output(result, hide) if stream_output else nullcontext():
+            streaming = (
+                ipp_adapter.stream_output(result, hide) if stream_output else nullcontext(_nothing)
+            )
+            with streaming as self._relay:
                 try:
-                    self._wait(cluster, result, self.cell_timeout, progress_after)
+                    cluster.cells_waiting += 1
+                    try:
+                        self._wait(cluster, result, self.cell_timeout, progress_after)
+                    finally:
+                        cluster.cells_waiting -= 1
                 except KeyboardInterrupt:
                     stopped = self._interrupt(cluster, result, sig=sig)
                 else:
@@ -403,6 +416,7 @@ class MLXParallelMagics(ParallelMagics):
         try:
             # (``wait`` returns as soon as every reply is in; ``done()`` may lag it a moment)
             while not result.wait(POLL_S):
+                self._relay()
                 loss_since = self._check_loss(cluster, loss_since)
                 self._check_alive(cluster, generation)
                 elapsed = time.monotonic() - start
@@ -430,20 +444,21 @@ class MLXParallelMagics(ParallelMagics):
                 rows += [(t, "busy", "") for t in ipp_adapter.pending_targets(result)]
                 progress.show(Progress.bundle(rows, elapsed, final=True), force=True)
         result.wait_for_output(OUTPUT_WAIT_S)
+        self._relay()
 
     def _check_loss(self, cluster: PxCluster, since: float | None) -> float | None:
         """End the cell when a host no one reaches (already confirmed by its peers) or a cable
         cut for ``LOSS_CONFIRM_S`` keeps it from finishing; returns when the loss was first
         seen (None: none now)."""
-        message = cluster.lost_message()
-        if message is None:
+        loss = cluster.loss()
+        if loss is None:
             return None
         now = time.monotonic()
         since = now if since is None else since
         if now - since < LOSS_CONFIRM_S and not cluster.dead_ranks():
             return since
-        cluster.abort(message.split(";")[0])
-        raise CellAborted(message)
+        cluster.abort(loss)
+        raise CellAborted(f"{loss.what}; the cell ended and the cluster was stopped: {loss.advice}")
 
     def _check_alive(self, cluster: PxCluster, generation: int) -> None:
         if cluster.generation != generation or not cluster.running:
@@ -454,6 +469,8 @@ class MLXParallelMagics(ParallelMagics):
             # a person's own stop or restart (the view, another thread): a plain line
             raise (CellStopped if by or cluster.running else CellAborted)(f"the cell ended: {what}")
         dead = cluster.dead_ranks()
+        if dead and cluster.refusal_pending():
+            return  # the doctor is asked whether a host's firewall killed them (a few s)
         if dead:
             what = cluster.describe_ranks(dead)
             cause = cluster.death_cause()
@@ -487,6 +504,7 @@ class MLXParallelMagics(ParallelMagics):
         hopeless = False
         while time.monotonic() - start < INTERRUPT_GRACE_S and not result.done():
             result.wait(POLL_S)
+            self._relay()
             if not cluster.waits_on_ended(ipp_adapter.pending_targets(result)):
                 hopeless_since = None
             elif hopeless_since is None:
@@ -516,6 +534,19 @@ class MLXParallelMagics(ParallelMagics):
             "was stopped: %mlx_cluster restart brings it back"
             f"{_verdict(verdict)}"
         )
+
+
+def _nothing() -> None:
+    """No streamed output to show (``%%px --no-stream``)."""
+
+
+def engines_gone(cluster: PxCluster) -> str:
+    """The one line for a view whose engines the controller no longer has: the evidence
+    judged (the cluster breaks with its reason), never ipyparallel's own traceback."""
+    cluster.judge()
+    if not cluster.running:
+        return cluster.not_running_message()
+    return "the cluster's engines are gone: %mlx_cluster restart brings them back"
 
 
 def _record_when_done(cluster: PxCluster, result: Any, cell: str, targets: Any) -> threading.Event:

@@ -25,6 +25,7 @@ import psutil
 
 from ..contract import CONNECTION_FILE_VAR, STATUS_VAR
 from ..errors import MLXClusterError
+from ..observe.health import Breakage
 from ..observe.liveness import LivenessKeeper
 from ..observe.snapshot import NodeStatus
 from ..observe.status_receiver import StatusReceiver
@@ -259,6 +260,7 @@ def watch_liveness(run: Running, on_lost: Callable[[Breakage], None]) -> None:
         ssh=run.spec.ssh,
         python=run.spec.python,
         ssh_port=ssh_port(run.spec),
+        pids=lambda: {int(r["rank"]): int(r["pid"]) for r in run.ranks},
     )
     keeper = run.liveness
 
@@ -270,7 +272,7 @@ def watch_liveness(run: Running, on_lost: Callable[[Breakage], None]) -> None:
             if v.state == "unreachable"
         }
 
-    run.status.set_reachability(unreachable)
+    run.status.set_reachability(unreachable, keeper.quiet_hosts)
 
 
 def ssh_port(spec: ClusterSpec) -> int:
@@ -335,6 +337,10 @@ def _in(ip: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool
         return False
 
 
+#: The evidence of a rank the controller unregistered (no heartbeat past the grace).
+HEART_LOST = "the controller's heartbeat lost it"
+
+
 def dead_evidence(run: Running | None) -> dict[int, str]:
     """Ranks whose process is known gone: mpiexec exited (Open MPI ends the whole job), a
     local pid vanished, the controller's heartbeat lost the engine (after the grace), or its
@@ -346,11 +352,12 @@ def dead_evidence(run: Running | None) -> dict[int, str]:
     dead = {r: "process gone" for r, t in run.rank_procs.items() if not t.alive()}
     if run.liveness is not None:
         dead.update(run.liveness.lost_ranks())
+        dead.update(run.liveness.gone_ranks())
     if run.client is not None and run.ranks:
         registered = set(run.client.ids)
         for r in range(run.n):
             if r not in registered:
-                dead.setdefault(r, "the controller's heartbeat lost it")
+                dead.setdefault(r, HEART_LOST)
     return dead
 
 

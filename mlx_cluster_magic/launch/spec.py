@@ -11,7 +11,7 @@ import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psutil
@@ -58,6 +58,8 @@ class ClusterSpec:
     collective_timeout: float = COLLECTIVE_TIMEOUT_S
     verbose: bool = False
     connections_per_ip: int = 1
+    #: ``--controller-ip`` as given (kept by ``restart --without``), else None.
+    explicit_controller_ip: str | None = None
     grace: float = GRACE_S
     control: mpi_job.ControlPlane = field(default_factory=lambda: mpi_job.ControlPlane("127.0.0.1"))
     peers: tuple[tuple[str, str], ...] = ()  # (ssh name, address ssh reaches it at)
@@ -189,17 +191,22 @@ def resolve(
         collective_timeout=collective_timeout,
         verbose=bool(verbose),
         connections_per_ip=connections_per_ip,
+        explicit_controller_ip=controller_ip,
         grace=grace,
         control=control,
         peers=tuple(sorted(peers.items())),
     )
 
 
-def without_hosts(spec: ClusterSpec, names: Sequence[str]) -> ClusterSpec:
+def without_hosts(
+    spec: ClusterSpec, names: Sequence[str], aliases: Mapping[str, str] | None = None
+) -> ClusterSpec:
     """The same cluster on the other hosts: the placement, the control plane and MPI's
-    networks worked out again for them."""
-    placement = leave_out_hosts(spec.placement, names)
-    control, peers, networks = data_plane(placement, spec.ssh)
+    networks worked out again for them (an explicit ``--controller-ip`` kept). ``aliases``
+    maps other names of a host (the hostname its ranks report, as the views show it) to its
+    name in the hostfile."""
+    placement = leave_out_hosts(spec.placement, [(aliases or {}).get(n, n) for n in names])
+    control, peers, networks = data_plane(placement, spec.ssh, spec.explicit_controller_ip)
     return dataclasses.replace(
         spec,
         placement=placement,

@@ -8,8 +8,11 @@ Silence has several causes, each with its own answer:
 - one host silent while the others report: that host or its only cable. The head asks the hosts
   that still report (over ssh, which does not need the silent host) to reach it on its cluster
   addresses; when none can, the host is ``lost``, named at once with what was tried.
-- a host silent whose ssh port still answers the head: the network is fine and its ranks'
-  status threads are starved (a C call holding the GIL): ``unresponsive``, not this module's.
+- a host silent whose ssh port still answers the head: the network is fine. The host is asked
+  over ssh whether its ranks' processes still run: they do (their status threads are starved by
+  a C call holding the GIL): ``quiet``, and the ranks read ``unresponsive``; a process gone is
+  evidence of a death (``gone``). Until a silent host has been judged, its ranks read
+  ``unreachable``: silence alone says nothing of the process.
 
 A reachability probe is a TCP connection: an answer, even a refusal, proves the path; only a
 timeout or an unreachable route counts against it. The keeper runs in its own thread; the
@@ -29,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..fabric.placement import Placement
+from .health import Breakage
 
 #: A host none of whose ranks reported for this long is checked (reports come every 0.5 s).
 SILENT_AFTER_S = 1.2
@@ -61,12 +65,15 @@ print(json.dumps(found))
 
 @dataclass(frozen=True)
 class HostVerdict:
-    """What the head knows of a silent host: ``unreachable`` (waiting) or ``lost`` (evidence)."""
+    """What the head knows of a silent host: ``unreachable`` (waiting), ``lost`` (no one
+    reaches it), ``quiet`` (it answers and its ranks' processes run) or ``gone`` (it answers
+    and ``gone_ranks`` have no process)."""
 
     host: str
     state: str
     silent_since: float  # time.monotonic() of the host's last word
     detail: str
+    gone_ranks: tuple[int, ...] = ()
 
 
 def answers(ip: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -78,6 +85,32 @@ def answers(ip: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
     except OSError:
         return False
     return True
+
+
+#: Run on a host with sh: which of the given pids still run (``kill -0``: ours, same user).
+_ALIVE_PROBE = 'for p in "$@"; do kill -0 "$p" 2>/dev/null && echo "$p"; done; echo end'
+
+
+def ask_alive(
+    host: str, pids: Sequence[int], *, ssh: str | None, timeout: float
+) -> set[int] | None:
+    """Which of ``pids`` run on ``host`` (asked over ssh); None when the host could not be
+    asked."""
+    argv = [
+        *shlex.split(ssh or "ssh"),
+        "-o", "BatchMode=yes",
+        "-o", "ConnectTimeout=2",
+        host,
+        "sh -c " + shlex.quote(_ALIVE_PROBE) + " sh " + " ".join(str(int(p)) for p in pids),
+    ]  # fmt: skip
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.split()
+    if "end" not in lines:
+        return None
+    return {int(x) for x in lines if x.isdigit()}
 
 
 def ask_peer(
@@ -115,10 +148,11 @@ class LivenessKeeper:
         *,
         addresses: Mapping[str, str],
         grace: float,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[Breakage], None],
         ssh: str | None = None,
         python: str = "python3",
         ssh_port: int = 22,
+        pids: Callable[[], Mapping[int, int]] = dict,
     ) -> None:
         self.placement = placement
         self.grace = grace
@@ -126,6 +160,7 @@ class LivenessKeeper:
         self._addresses = dict(addresses)
         self._on_lost = on_lost
         self._ssh, self._python, self._port = ssh, python, ssh_port
+        self._pids = pids
         self._verdicts: dict[str, HostVerdict] = {}
         self._checked_at: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -146,6 +181,16 @@ class LivenessKeeper:
         return {
             r: lost[h.ssh] for r, h in enumerate(self.placement.ranks) if h.ssh in lost
         }
+
+    def gone_ranks(self) -> dict[int, str]:
+        """Ranks whose host answers but has no process for them (asked over ssh)."""
+        return {
+            r: v.detail for v in self.verdicts().values() if v.state == "gone" for r in v.gone_ranks
+        }
+
+    def quiet_hosts(self) -> dict[str, str]:
+        """Silent hosts that answer and whose ranks' processes run: host -> what was seen."""
+        return {h: v.detail for h, v in self.verdicts().items() if v.state == "quiet"}
 
     def close(self) -> None:
         """Stop watching; a probe under way ends within its own time bound."""
@@ -184,7 +229,7 @@ class LivenessKeeper:
         witnesses = [h for h in silence if h not in silent]
         for host, age in silent.items():
             old = self._verdicts.get(host)
-            if old is not None and old.state == "lost":
+            if old is not None and old.state in ("lost", "gone"):
                 continue
             if now - self._checked_at.get(host, 0.0) < RECHECK_S and old is not None:
                 continue
@@ -198,10 +243,10 @@ class LivenessKeeper:
         self._check_grace(now)
 
     def _judge(self, host: str, since: float, witnesses: Sequence[str]) -> HostVerdict | None:
-        """None when the head still reaches the host (its ranks are only quiet)."""
+        """What the silence of ``host`` means, from what answers."""
         address = self._addresses.get(host)
         if address is not None and answers(address, self._port):
-            return None
+            return self._processes_on(host, since)
         with self._lock:  # the views say so while the peers are asked
             if host not in self._verdicts:
                 self._verdicts[host] = HostVerdict(
@@ -238,6 +283,27 @@ class LivenessKeeper:
             f"{', '.join(asked)} (tried {tried}): a pulled cable or a Mac that slept",
         )
 
+    def _processes_on(self, host: str, since: float) -> HostVerdict:
+        """A host that answers the head: do its ranks' processes still run?"""
+        known = self._pids()
+        ranks = {
+            r: known[r] for r, h in enumerate(self.placement.ranks) if h.ssh == host and r in known
+        }
+        running = ask_alive(host, list(ranks.values()), ssh=self._ssh, timeout=PROBE_TIMEOUT_S * 3)
+        if running is None:
+            return HostVerdict(host, "unreachable", since, "it answers, but ssh to it does not")
+        gone = tuple(r for r, pid in ranks.items() if pid not in running)
+        if gone:
+            pids = ", ".join(str(ranks[r]) for r in gone)
+            return HostVerdict(
+                host, "gone", since, f"no process {pids} on {host} (asked over ssh)", gone
+            )
+        return HostVerdict(
+            host, "quiet", since,
+            "process alive (asked over ssh); status reports stopped (a long C call holding "
+            "the GIL?)",
+        )  # fmt: skip
+
     def _addresses_of(self, host: str) -> list[str]:
         """Every address of ``host`` a peer could reach it at: its cluster addresses, then the
         management one."""
@@ -260,8 +326,13 @@ class LivenessKeeper:
         hosts = ", ".join(sorted(v.host for v in overdue))
         everyone = len(waiting) == len({h.ssh for h in self.placement.hosts if not h.is_local})
         what = "the notebook's network" if everyone else "the network to them"
+        advice = "%mlx_cluster restart brings it back once the network is back"
         self._on_lost(
-            f"lost: no word from {hosts} for more than the {self.grace:g} s grace ({what} is "
-            "down?); %mlx_cluster restart brings it back once the network is back"
-            + ("" if everyone else f", or restart --without {overdue[0].host}")
+            Breakage(
+                f"lost: no word from {hosts} for more than the {self.grace:g} s grace ({what} "
+                "is down?)",
+                advice if everyone else f"{advice}, or restart --without {overdue[0].host}",
+                "network",
+                tuple(sorted(v.host for v in overdue)),
+            )
         )

@@ -101,6 +101,8 @@ class ClusterSnapshot:
     #: Per host, its GPU (else CPU) use over the last minute:
     #: ``{"host", "field", "values"}`` (``observe.utilisation.UsageStore.sparklines``).
     sparklines: tuple[dict[str, Any], ...] = ()
+    #: What to type to bring a broken cluster back (``restart --without HOST`` for a lost Mac).
+    advice: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

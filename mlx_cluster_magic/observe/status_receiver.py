@@ -76,6 +76,8 @@ class StatusReceiver:
         self.token = secrets.token_hex(16)
         self._evidence: Evidence = evidence or (lambda: {})
         self._reachability: Reachability = lambda: {}
+        self._remote_evidence = False
+        self._quiet: Callable[[], Mapping[str, str]] = lambda: {}
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -125,9 +127,17 @@ class StatusReceiver:
         """Where proof of a rank's death comes from (set once the ranks' pids are known)."""
         self._evidence = evidence
 
-    def set_reachability(self, reachability: Reachability) -> None:
-        """Where the hosts the head cannot reach come from (``liveness.LivenessKeeper``)."""
+    def set_reachability(
+        self, reachability: Reachability, quiet: Callable[[], Mapping[str, str]] | None = None
+    ) -> None:
+        """Where the hosts the head cannot reach come from (``liveness.LivenessKeeper``), and
+        the silent remote hosts whose ranks' processes were seen running (``quiet``): only
+        those read ``unresponsive``; a remote rank silent without that evidence reads
+        ``unreachable``."""
         self._reachability = reachability
+        self._remote_evidence = quiet is not None
+        if quiet is not None:
+            self._quiet = quiet
 
     def silence(self) -> dict[int, float | None]:
         """Rank -> seconds since its last report (None before its first)."""
@@ -232,8 +242,9 @@ class StatusReceiver:
             dead = {}
         try:
             unreachable = dict(self._reachability())
+            quiet = dict(self._quiet())
         except Exception:
-            unreachable = {}
+            unreachable, quiet = {}, {}
         result = []
         for rank, host in enumerate(self.placement.ranks):
             seen, msg, state_at = latest.get(rank, (None, {}, None))
@@ -245,16 +256,12 @@ class StatusReceiver:
                 state, why = "dead", dead[rank]
             elif seen is None:
                 state = "starting"
-            elif last_seen is not None and last_seen > UNRESPONSIVE_AFTER_S and (
-                host.ssh in unreachable
-            ):
-                state, silent = "unreachable", unreachable[host.ssh][0]
-                why = f"no word from {host.ssh}: {unreachable[host.ssh][1]}"
             elif last_seen is not None and last_seen > UNRESPONSIVE_AFTER_S:
-                state, silent = "unresponsive", last_seen
-                why = "process alive; status reports stopped (a long C call holding the GIL?)"
+                state, silent, why = self._silent(host, last_seen, unreachable, quiet)
             else:
                 state = str(msg.get("state", "idle"))
+            if state == "unreachable":  # nothing the head heard lately: no figures to show
+                msg = {k: msg[k] for k in ("host", "state", "busy_s", "pid", "device") if k in msg}
             was_busy = msg.get("state") == "busy"
             busy = (
                 float(msg.get("busy_s", 0.0)) + (state_age or 0.0)
@@ -281,6 +288,25 @@ class StatusReceiver:
                 )
             )
         return result
+
+    def _silent(
+        self,
+        host: Any,
+        last_seen: float,
+        unreachable: Mapping[str, tuple[float, str]],
+        quiet: Mapping[str, str],
+    ) -> tuple[str, float, str]:
+        """(state, silent seconds, why) of a rank whose reports stopped: ``unresponsive`` only
+        with evidence that its process runs (a local pid, or its host answering for it)."""
+        if host.ssh in unreachable:
+            since, detail = unreachable[host.ssh]
+            return "unreachable", since, f"no word from {host.ssh}: {detail}"
+        if host.is_local or not self._remote_evidence:
+            why = "process alive; status reports stopped (a long C call holding the GIL?)"
+            return "unresponsive", last_seen, why
+        if host.ssh in quiet:
+            return "unresponsive", last_seen, quiet[host.ssh]
+        return "unreachable", last_seen, f"no word from {host.ssh}; asking whether it answers"
 
     def latest(self, rank: int, key: str) -> Any:
         """The newest value of ``key`` that ``rank`` reported (e.g. its flight recorder)."""

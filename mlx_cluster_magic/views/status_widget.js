@@ -52,7 +52,7 @@ function brokenText(s) {
   if (s.state === "stopped" && s.reason) return s.reason.replace(/[. ]+$/, "");
   if (s.state !== "broken") return null;
   const reason = (s.reason || "the cluster was aborted").replace(/[. ]+$/, "");
-  return `broken: ${reason}; \`%mlx_cluster restart\` brings it back.`;
+  return `broken: ${reason}; ${s.advice || "`%mlx_cluster restart` brings it back"}.`;
 }
 
 function endedText(why) {

@@ -81,6 +81,7 @@ def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
         "uptime_s": s.uptime_s,
         "nodes": [{f: getattr(n, f) for f in NODE_FIELDS} for n in s.nodes],
         "reason": s.reason,
+        "advice": s.advice,
         "banner": s.banner,
         "metrics_previous": s.metrics_previous,
         "sparklines": list(s.sparklines),

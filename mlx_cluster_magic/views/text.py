@@ -155,7 +155,7 @@ def broken_text(s: ClusterSnapshot) -> str | None:
     if s.state != "broken":
         return None
     reason = (s.reason or "the cluster was aborted").rstrip(". ")
-    return f"broken: {reason}; {RESTART_HINT}."
+    return f"broken: {reason}; {s.advice or RESTART_HINT}."
 
 
 def _rows(nodes: Sequence[NodeStatus]) -> tuple[list[str], list[list[str]]]:
