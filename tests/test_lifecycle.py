@@ -50,9 +50,42 @@ def test_the_leak_check_sees_every_kind_of_process_we_start(no_leaks) -> None:
         assert all("mlx_cluster_magic.rank.bootstrap" in found[p] for p in ranks)
         kinds = " ".join(found.values())
         assert "launch/processes.py" in kinds, found  # the watchdog
-        assert "ipyparallel.controller" in kinds and re.search(r"(prterun|mpiexec)", kinds)
+        assert "mlx_cluster_magic.launch.controller" in kinds and re.search(r"(prterun|mpiexec)", kinds)
     finally:
         cluster.stop()
+
+
+def test_a_stop_ends_a_start_under_way_in_another_thread(no_leaks) -> None:
+    """The view's Stop (another thread) during a start: the start gives up at once with one
+    line instead of the stop waiting for it, and nothing is left."""
+    from mlx_cluster_magic import MLXClusterError
+
+    cluster = MLXCluster(n=2)
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            cluster.start()
+        except BaseException as e:
+            raised.append(e)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    while cluster.state != "starting":
+        time.sleep(0.01)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    cluster.stop(origin="the status view")
+    took = time.monotonic() - t0
+    starter.join(10)
+    assert not starter.is_alive() and took < 10, took
+    assert len(raised) == 1 and isinstance(raised[0], MLXClusterError), raised
+    assert str(raised[0]) == "the start was stopped from the status view"
+    assert cluster.state == "stopped" and cluster.stopped_by() == "stopped from the status view"
+    assert wait_no_processes(5) == []
+    cluster.start()  # and it starts again as usual
+    cluster.view.execute("x = 1")
+    cluster.stop()
 
 
 def _kernel_with_cluster() -> tuple[KernelManager, object, list[int]]:

@@ -27,7 +27,7 @@ import ipyparallel as ipp
 from ..contract import EXIT_BAD_GROUP
 from ..errors import MLXClusterError
 from ..fabric.placement import Placement
-from ..launch import bringup, ipp_adapter, mpi_job, spec
+from ..launch import bringup, ipp_adapter, mpi_job, processes, spec
 from ..observe import health
 from ..observe.health import Breakage
 from ..observe.snapshot import NodeStatus
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 START_TIMEOUT_S = spec.START_TIMEOUT_S
 #: How often the watch judges the evidence while no cell runs.
 WATCH_PERIOD_S = 0.5
+#: How long a stop waits for a start under way in another thread to give up.
+STOP_A_START_S = 30.0
 
 
 class MLXCluster(ClusterViews, ClusterTools):
@@ -114,6 +116,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._refusal: tuple[int, Breakage | None] | None = None
         #: ``%%px`` waits on a cell (they judge a loss in the cell's words meanwhile).
         self.cells_waiting = 0
+        #: While a start runs: None, or who asked it to stop (" from the status view").
+        self._stop_asked: str | None = None
+        self._started = threading.Event()
 
     placement_from = staticmethod(spec.placement_from)
 
@@ -206,27 +211,57 @@ class MLXCluster(ClusterViews, ClusterTools):
             self._state, self._reason, self._breakage = "starting", None, None
             self.banner = None
             self.generation += 1
+            generation = self.generation
+            self._stop_asked = None
+            started = self._started = threading.Event()
+        try:
+            # Outside the lock: a stop (the view's button, another thread) ends a start that
+            # waits on a host, instead of waiting for it.
             try:
                 self._start()
             except BaseException:
-                self._teardown()
-                self._state = "stopped"
+                self._end_start()
+                if self._stop_asked is not None:
+                    raise MLXClusterError(f"the start was stopped{self._stop_asked}") from None
                 raise
-            self._state = "running"
-            self._history = []
-            self._watch(self.generation)
+            with self._lock:
+                if self._stop_asked is not None:
+                    self._end_start()
+                    raise MLXClusterError(f"the start was stopped{self._stop_asked}")
+                self._state = "running"
+                self._history = []
+                self._watch(generation)
+        finally:
+            started.set()
         if activate:
             self.activate()
         self._refresh_widget()
         return self
 
+    def _end_start(self) -> None:
+        """A start that failed or was stopped: nothing it started is left."""
+        with self._lock:
+            self._teardown()
+            self._state = "stopped"
+            if self._stop_asked is not None:
+                self._reason = f"stopped{self._stop_asked}" if self._stop_asked else None
+
+    def _go_on_starting(self) -> None:
+        """Between the steps of a start: give up at once if a stop was asked meanwhile."""
+        if self._stop_asked is not None:
+            raise MLXClusterError(f"the start was stopped{self._stop_asked}")
+
     def _start(self) -> None:
-        run = self._run = bringup.prepare(self.spec)
-        _LIVE.add(self)
+        with self._lock:
+            run = self._run = bringup.prepare(self.spec)
+            _LIVE.add(self)
         # The controller gets ready (about 0.6 s) while the doctor checks the hosts over ssh.
         bringup.start_controller(run)
+        self._go_on_starting()
         self._preflight()
+        self._go_on_starting()
         bringup.bring_up(run)
+        self._go_on_starting()
         generation = self.generation
         bringup.watch_liveness(run, lambda lost: self.abort(lost, generation=generation))
         if run.status is not None:
@@ -437,11 +472,23 @@ class MLXCluster(ClusterViews, ClusterTools):
         with self._lock:
             if self._state == "stopped":
                 return
-            # Stopped first: a %%px cell waiting in another thread then reports the stop, not
-            # the errors of the ranks the teardown kills.
-            self._state = "stopped"
-            self._reason = f"stopped from {origin}" if origin else None
-            self._teardown()
+            starting = self._state == "starting"
+            if not starting:
+                # Stopped first: a %%px cell waiting in another thread then reports the stop,
+                # not the errors of the ranks the teardown kills.
+                self._state = "stopped"
+                self._reason = f"stopped from {origin}" if origin else None
+                self._teardown()
+            else:
+                self._stop_asked = f" from {origin}" if origin else ""
+                run = self._run
+        if starting:
+            # A start under way in another thread: what it started so far is ended now (its
+            # waits then fail at once), and it tears the rest down and says so.
+            if run is not None:
+                ipp_adapter.no_graceful_wait(run.ipp)
+                processes.terminate(run.tracked)
+            self._started.wait(STOP_A_START_S)
         self._refresh_widget()
 
     def close(self) -> None:
