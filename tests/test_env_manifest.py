@@ -129,3 +129,28 @@ def test_macos_major(version: str, major: str) -> None:
     # 10.13.1: sw_vers -productVersion as shown by scriptingosx.com; 10.3: the sw_vers(1) man
     # page's example; from Big Sur (11) on the first number alone is the major version.
     assert macos_major(version) == major
+
+
+def test_the_check_table_keeps_its_columns_apart() -> None:
+    """A long list of differences widens its column instead of running into the next one."""
+    from mlx_cluster_magic.fabric.env_rollout import HostRow, SetupReport
+
+    rows = [
+        HostRow("mac1", "3.11.2", matching=120),
+        HostRow(
+            "mac2-with-a-long-name",
+            "3.11.2",
+            differ={"mlx": ("0.31.0", "0.32.4"), "mlx-lm": (None, "0.32.2")},
+            extra=["torch"],
+            to_send=812,
+            bytes=912_345_678,
+        ),
+    ]
+    report = SetupReport(rows, "3.11.2", 120, checked_only=True, elapsed=1.0)
+    lines = repr(report).splitlines()
+    header = next(ln for ln in lines if ln.startswith("host"))
+    at = header.index("to send")
+    for line in lines[lines.index(header) + 1 : lines.index(header) + 3]:
+        assert line[at - 2 : at] == "  " and line[at] != " ", (header, line)
+    assert "3 differ: mlx 0.31.0 (head 0.32.4), mlx-lm missing (head 0.32.2), torch" in lines[3]
+    assert lines[3].endswith("812 files, 912.3 MB")

@@ -78,28 +78,21 @@ class SetupReport:
 
     def lines(self) -> list[str]:
         verb = "to send" if self.checked_only else "sent"
+        cells = [_row_cells(r) for r in self.rows]
+        # each column as wide as its widest cell, so a long list of differences never runs
+        # into the next column
+        widths = [
+            max([len(title), *(len(c[i]) for c in cells)])
+            for i, title in enumerate(("host", "python", "distributions"))
+        ]
         head = [
             f"setup{' --check' if self.checked_only else ''}: this kernel runs Python "
             f"{self.python} with {self.dists} distributions ({self.elapsed:.1f} s)",
             *self.notes,
-            f"{'host':<14} {'python':<8} {'distributions':<34} {verb}",
+            _columns(("host", "python", "distributions", verb), widths),
         ]
-        for r in self.rows:
-            py = r.python or "missing"
-            if r.error is not None:
-                dists = r.error
-            elif r.matches:
-                dists = f"all {r.matching} match"
-            else:
-                parts = [
-                    f"{k} {a or 'missing'} (head {b})" for k, (a, b) in sorted(r.differ.items())
-                ]
-                parts += [f"{k} (not on the head)" for k in r.extra]
-                dists = f"{len(parts)} differ: " + ", ".join(parts)
-            moved = f"{r.to_send} files, {size_text(r.bytes)}" + (
-                f"; {r.removed} extra removed" if r.removed else ""
-            )
-            head.append(f"{r.host:<14} {py:<8} {dists:<34} {moved}")
+        for r, row in zip(self.rows, cells):
+            head.append(_columns(row, widths))
             head += [f"  refused: {line}" for line in r.refused]
         if self.checked_only and not self.ok:
             head.append("%mlx_cluster setup makes every host match")
@@ -110,6 +103,27 @@ class SetupReport:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
+
+
+def _row_cells(r: HostRow) -> tuple[str, str, str, str]:
+    """A host's row of the table: host, python, distributions, what moved."""
+    if r.error is not None:
+        dists = r.error
+    elif r.matches:
+        dists = f"all {r.matching} match"
+    else:
+        parts = [f"{k} {a or 'missing'} (head {b})" for k, (a, b) in sorted(r.differ.items())]
+        parts += [f"{k} (not on the head)" for k in r.extra]
+        dists = f"{len(parts)} differ: " + ", ".join(parts)
+    moved = f"{r.to_send} files, {size_text(r.bytes)}" + (
+        f"; {r.removed} extra removed" if r.removed else ""
+    )
+    return r.host, r.python or "missing", dists, moved
+
+
+def _columns(cells: Sequence[str], widths: Sequence[int]) -> str:
+    """One line of the table: every cell but the last padded to its column's width."""
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[-1]
 
 
 def _compare(row: HostRow, got: dict[str, Any], manifest: Manifest) -> None:
