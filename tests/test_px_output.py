@@ -59,6 +59,31 @@ def test_every_ranks_output_shows_in_every_cell_under_load(
         ip.run_line_magic("mlx_cluster", "stop")
 
 
+#: Output that arrives before ``%%px`` starts streaming (a fast cell on a busy notebook
+#: machine), made certain: the ranks' output is in before streaming begins. ipyparallel names
+#: the display of such output after an empty parent id, one for every rank.
+EARLY_OUTPUT = """
+from mlx_cluster_magic.launch import ipp_adapter
+ar = c.view.execute("print(f'early from rank {world.rank()}')", block=False)
+ar.wait_for_output(30)
+with ipp_adapter.stream_output(ar, lambda content: False):  # as %%px streams
+    pass
+"""
+
+
+def _shown_in_one_cell(kc: Any, code: str) -> dict[str, str]:
+    shown: dict[str, str] = {}
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["header"]["msg_type"] in ("display_data", "update_display_data"):
+            display_id = msg["content"].get("transient", {}).get("display_id", "")
+            shown[display_id] = msg["content"]["data"].get("text/plain", "")
+
+    reply = kc.execute_interactive(code, timeout=120, output_hook=hook)
+    assert reply["content"]["status"] == "ok", shown
+    return shown
+
+
 def _outputs_of_each_cell(kc: Any, cells: int) -> list[tuple[int, dict[str, str]]]:
     """Run ``cells`` %%px cells in the kernel; per cell, the text of each display it received
     (streamed output comes as display_data, then update_display_data of the same display id)."""
@@ -96,7 +121,7 @@ def test_every_ranks_output_shows_in_its_cell_of_a_real_kernel_under_load(
     try:
         kc.wait_for_ready(timeout=60)
         reply = kc.execute_interactive(
-            "%load_ext mlx_cluster_magic\n%mlx_cluster start -n 2", timeout=120
+            "%load_ext mlx_cluster_magic\nc = %mlx_cluster start -n 2", timeout=120
         )
         assert reply["content"]["status"] == "ok"
         missing = []
@@ -106,6 +131,10 @@ def test_every_ranks_output_shows_in_its_cell_of_a_real_kernel_under_load(
                 if f"[stdout:{rank}] cell {i} from rank {rank}\n" not in text:
                     missing.append((i, rank, shown))
         assert not missing, f"{len(missing)} of {2 * CELLS} outputs missing: {missing[:3]}"
+        early = _shown_in_one_cell(kc, EARLY_OUTPUT)
+        text = "\n".join(early.values())
+        assert "[stdout:0] early from rank 0" in text and "[stdout:1] early from rank 1" in text
+        assert len(early) == 2, early  # a display each, none replacing another
         kc.execute_interactive("%mlx_cluster stop", timeout=60)
     finally:
         kc.stop_channels()

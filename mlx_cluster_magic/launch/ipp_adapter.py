@@ -280,11 +280,14 @@ def stream_output(
     shows what has arrived so far; call it while waiting (and it is called once more at the
     end).
 
-    ipyparallel shows streamed output from its client's I/O thread. In a real kernel, output
-    published from another thread goes to whichever cell is current when it is sent, so a
-    rank's piece that arrives as its cell ends can land in no cell at all (nbclient saw a
-    ``[stdout:N]`` block missing once in 15 runs of a notebook). Here the I/O thread only
-    queues each message; the cell's thread publishes it, so it always belongs to its cell.
+    Two ways a rank's output left its cell in a real kernel. ipyparallel names each streamed
+    display after the id of the request it answers, but output that had arrived before
+    streaming began is shown with no request id: every rank's such piece became the one
+    display ``-stdout``, each replacing the last (one ``[stdout:N]`` block gone; seen once in
+    60 cells on a busy machine). Here each gets its request's id. And ipyparallel shows output
+    from its client's I/O thread, where a kernel sends it to whichever cell is current at that
+    moment; here the I/O thread only queues it and the cell's own thread shows it, so it
+    belongs to the cell that waits for it.
     Each streamed error whose content (``ename``, ``traceback``...) ``hide_error`` picks is left
     out: the ranks' tracebacks of an interrupt we sent, said in one line per rank instead
     (``%pxresult`` still shows them).
@@ -293,6 +296,11 @@ def stream_output(
     arrived: queue.SimpleQueue[tuple[Any, Any, dict[str, Any]]] = queue.SimpleQueue()
 
     def callback(eid: Any, msg_future: Any, msg: dict[str, Any]) -> None:
+        if not msg.get("parent_header"):
+            # What had arrived before streaming began comes without a parent, and ipyparallel
+            # names its display after the parent's id: every such piece, of every rank and
+            # every cell, would be one display ("-stdout"), each replacing the last.
+            msg = {**msg, "parent_header": {"msg_id": msg_future.msg_id}}
         arrived.put((eid, msg_future, msg))
 
     def relay() -> None:
