@@ -36,13 +36,21 @@ def start(ip: Any, vc: Any, hostfile: Path) -> Any:
     return ip.run_line_magic("mlx_cluster", line)
 
 
+#: Figures a row shows from the rank's last report: none is known of an unreachable rank now.
+FIGURES = ("cpu_percent", "host_cpu_percent", "mem_percent", "rss_bytes", "mlx_active_bytes")
+
+
 def watch(cluster: Any, seconds: float) -> set[str]:
-    """Every rank state and cluster state seen over ``seconds`` (sampled 5 times a second)."""
+    """Every rank state and cluster state seen over ``seconds`` (sampled 5 times a second);
+    ``stale figures`` when an unreachable row showed a figure from before the silence."""
     seen: set[str] = set()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        seen.update(n["state"] for n in cluster.nodes())
+        nodes = cluster.nodes()
+        seen.update(n["state"] for n in nodes)
         seen.add(f"cluster {cluster.state}")
+        if any(n["state"] == "unreachable" and any(n[f] is not None for f in FIGURES) for n in nodes):
+            seen.add("stale figures")
         time.sleep(0.2)
     return seen
 

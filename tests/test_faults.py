@@ -41,7 +41,9 @@ def test_rank_killed_mid_cell_ends_the_cell_naming_rank_and_host(ip) -> None:
     assert elapsed < 10, f"took {elapsed:.1f} s to notice"
     assert "restart" in str(e.value)
     assert not cluster.running
-    assert [n.state for n in cluster.last_nodes] == ["dead", "dead"]
+    # the rank that died reads dead; the one the job's end took with it, stopped
+    states = [n.state for n in cluster.last_nodes]
+    assert states[1] == "dead" and states[0] in ("dead", "stopped"), states
     assert "dead" in cluster._repr_mimebundle_()["text/plain"]
     assert wait_no_processes() == []
     ip.run_line_magic("mlx_cluster", "restart")

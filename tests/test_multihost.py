@@ -299,7 +299,8 @@ def test_cable_pulled_mid_cell_ends_the_cell_naming_the_host(ip, vhosts, tmp_pat
             ip.run_cell_magic("px", "", "import time\ntime.sleep(60)")
         assert time.monotonic() - t - 1.0 < 10
         assert not cluster.running
-        assert [n.state for n in cluster.last_nodes] == ["dead"] * 3
+        # the lost Mac's rank reads dead; the two the cluster stopped on purpose, stopped
+        assert [n.state for n in cluster.last_nodes] == ["stopped", "dead", "stopped"]
     finally:
         timer.join()
         vhosts.cable_up("mac2")

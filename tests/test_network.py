@@ -242,7 +242,8 @@ def test_cable_pulled_between_two_macs_ends_the_cell_naming_both(
         assert re.match(
             rf"^the cable between (mac1 \({a}\) and mac2 \({b}\)|mac2 \({b}\) and mac1 \({a}\)) "
             r"is down \(no link on mac\d's \S+\): the cell's collectives cannot finish; the "
-            r"cluster was stopped: %mlx_cluster restart brings it back once the cable is back$",
+            r"cell ended and the cluster was stopped: %mlx_cluster restart brings it back once "
+            r"the cable is back$",
             message,
         ), message
         assert named < 10, named

@@ -3,6 +3,7 @@ it (start-up is the suite's main cost)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -82,6 +83,10 @@ def test_display_bundle_and_text_fallback(shared) -> None:
     assert bundle["text/plain"].startswith("MLX cluster (running): backend mpi, 2 ranks on 1 host")
     assert "state" in bundle["text/plain"].splitlines()[1]
     assert bundle["text/html"].count("class='mlx-node") == 2
+    # what a saved notebook shows in the live view's place says it is a record, not a cluster
+    # that runs now
+    assert re.search(r"MLX cluster \(running at \d\d:\d\d:\d\d, when saved\)", bundle["text/html"])
+    assert "the live view shows once this notebook's kernel runs the cluster" in bundle["text/html"]
     assert cluster.status_view() is cluster.status_view()  # cached, one live object
 
 

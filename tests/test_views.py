@@ -480,7 +480,7 @@ def test_cluster_views_through_stop_restart_and_abort(no_leaks: None) -> None:
         cluster.restart()
         cluster.abort("aborted by the test")
         s = cluster.snapshot()
-        assert s.state == "broken" and [n.state for n in s.nodes] == ["dead", "dead"]
+        assert s.state == "broken" and [n.state for n in s.nodes] == ["stopped", "stopped"]
         assert [node_cells(n)[3:8] for n in s.nodes] == [["-"] * 5] * 2
 
 

@@ -67,6 +67,8 @@ LOSS_CONFIRM_S = 1.0
 #: Seconds to wait, once every rank has answered, for the output the ranks sent before their
 #: answer (it travels on another channel and may arrive after it, most under CPU load).
 OUTPUT_WAIT_S = 10.0
+#: Seconds a cell whose ranks died with no cause waits for the doctor's word on a firewall.
+REFUSAL_WAIT_S = 8.0
 
 
 class PxCluster(Protocol):
@@ -470,7 +472,13 @@ class MLXParallelMagics(ParallelMagics):
             raise (CellStopped if by or cluster.running else CellAborted)(f"the cell ended: {what}")
         dead = cluster.dead_ranks()
         if dead and cluster.refusal_pending():
-            return  # the doctor is asked whether a host's firewall killed them (a few s)
+            # ranks dead with no word from mpiexec: the watch asks the doctor whether a host's
+            # firewall killed them at their first connection (a few seconds); its answer names
+            # that host instead of the rank that noticed
+            deadline = time.monotonic() + REFUSAL_WAIT_S
+            while cluster.refusal_pending() and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            self._check_loss(cluster, time.monotonic() - LOSS_CONFIRM_S)
         if dead:
             what = cluster.describe_ranks(dead)
             cause = cluster.death_cause()

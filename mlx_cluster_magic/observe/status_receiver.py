@@ -283,7 +283,11 @@ class StatusReceiver:
                     silent_s=silent,
                     why=why,
                     cpu_percent=msg.get("cpu_percent"),
-                    **self.usage.host_fields(str(msg.get("host", host.ssh))),
+                    **(
+                        {}
+                        if state == "unreachable"
+                        else self.usage.host_fields(str(msg.get("host", host.ssh)))
+                    ),
                     waiting=network_wait(self.usage, str(msg.get("host", host.ssh)), msg, state),
                 )
             )

@@ -290,14 +290,26 @@ def snapshot_text(s: ClusterSnapshot) -> str:
     return "\n".join(parts)
 
 
-def snapshot_html(s: ClusterSnapshot) -> str:
-    """The same as static HTML: header, why it broke, banner, table, metric charts, topology."""
+def snapshot_html(s: ClusterSnapshot, saved_at: str | None = None) -> str:
+    """The same as static HTML: header, why it broke, banner, table, metric charts, topology.
+
+    ``saved_at`` marks it as what a notebook keeps beside a live view (shown where the live view
+    cannot be: a notebook opened before its cells run, the docs site): a record of the moment,
+    not a cluster that runs now."""
     colour = CLUSTER_COLOURS.get(s.state, "#000")
+    header = header_text(s)
+    if saved_at is not None:
+        header = header.replace(f"({s.state})", f"({s.state} at {saved_at}, when saved)", 1)
     parts = [
         f"<div class='mlx-cluster-status mlx-static mlx-cluster-{html.escape(s.state)}'>",
         f"<div class='mlx-header'><span style='color:{colour}'>&#9679;</span> "
-        f"<b>{html.escape(header_text(s))}</b></div>",
+        f"<b>{html.escape(header)}</b></div>",
     ]
+    if saved_at is not None:
+        parts.append(
+            "<div class='mlx-saved' style='color:#616161'>a record of this cell's output; the "
+            "live view shows once this notebook's kernel runs the cluster</div>"
+        )
     broken = broken_text(s)
     if broken:
         colour = "#c62828" if s.state == "broken" else "#616161"
