@@ -216,8 +216,6 @@ class ClusterViews:
         snap = self.snapshot()
         bundle = {"text/plain": snapshot_text(snap), "text/html": snapshot_html(snap)}
         if self.running and self.live_status:
-            # beside the live view, the HTML is what a saved notebook shows in its place
-            bundle["text/html"] = snapshot_html(snap, saved_at=time.strftime("%H:%M:%S"))
             widget = self.status_view()._repr_mimebundle_(include=include, exclude=exclude)
             data = widget[0] if isinstance(widget, tuple) else widget
             bundle.update({k: v for k, v in (data or {}).items() if k != "text/plain"})

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -305,5 +306,11 @@ class StatusWidget(anywidget.AnyWidget):
         found = super()._repr_mimebundle_(**kwargs)
         data, meta = (dict(found[0]), dict(found[1])) if found else ({}, {})
         data["text/plain"] = self.text()
-        data["text/html"] = self.html()
+        # beside the live view, the HTML is what a saved notebook shows in its place (opened
+        # before its cells run, the docs site): a record of the moment, said as one
+        data["text/html"] = (
+            snapshot_html(self.last, saved_at=time.strftime("%H:%M:%S"))
+            if self.last is not None
+            else self.html()
+        )
         return data, meta
