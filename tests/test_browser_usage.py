@@ -198,13 +198,14 @@ def test_usage_columns_and_sparkline_in_jupyterlab(
         assert fills == ["#f4f4f8"] * 3, fills
         # narrow: the usage columns follow the table's rules (dropped least needed first)
         page.evaluate("(view) => { document.querySelector(view).style.width = '420px'; }", view)
-        _wait(
-            "columns to drop at 420 px",
-            lambda: page.locator(f"{view} .mlx-hidden-cols").is_visible(),
-            5,
-        )
-        note = page.locator(f"{view} .mlx-hidden-cols").inner_text()
-        assert note.startswith("not shown at this width: device, MLX peak, temp, power"), note
+        hidden_cols = page.locator(f"{view} .mlx-hidden-cols")
+        _wait("columns to drop at 420 px", lambda: hidden_cols.is_visible(), 5)
+        # (the box settles over a few layout passes on a busy machine: the note follows it)
+        expected = "not shown at this width: device, MLX peak, temp, power"
+        with contextlib.suppress(AssertionError):
+            _wait("the note to settle", lambda: hidden_cols.inner_text().startswith(expected), 5)
+        note = hidden_cols.inner_text()
+        assert note.startswith(expected), note
         shown = page.evaluate(
             """(view) => Array.from(document.querySelectorAll(view + ' thead th'))
                 .filter(th => th.offsetParent !== null).map(th => th.textContent.trim())""",
@@ -279,10 +280,10 @@ def test_one_side_panel_across_a_kernel_restart(panel_lab: Lab, artifacts: Path)
         said = broken.inner_text()
         assert "`" not in said and "%mlx_cluster start starts a new one" in said, said
         assert broken.locator("code").inner_text() == "%mlx_cluster start"
-        # the new kernel's view opens its panel: the ended one of the same title goes
-        for index in (0, 1):
-            _run_cell(page, index)
-            _wait_executed(page, index, timeout=60)
+        # the new kernel's view takes the panel's place by itself (no click on "Side panel"):
+        # the ended one of the same notebook goes
+        _run_cell(page, 0)
+        _wait_executed(page, 0, timeout=60)
         _wait(
             "one panel, the new kernel's",
             lambda: _panels(page) == [{"title": title, "states": ["running"]}],

@@ -312,7 +312,13 @@ function press(target) {
 }
 
 // One side panel per notebook, across kernel restarts too: a new panel closes the panels of
-// the same title whose every view has outlived its kernel (the "(ended)" cluster's).
+// the same notebook ("NAME: MLX cluster, N ranks") whose every view has outlived its kernel
+// (the "(ended)" cluster's), whatever its size was.
+function notebookOfTitle(text) {
+  const at = text.indexOf(": MLX cluster");
+  return at < 0 ? text : text.slice(0, at);
+}
+
 function closeEndedTwins(panel) {
   const tab = panelTab(panel);
   const label = tab && tab.querySelector(".lm-TabBar-tabLabel");
@@ -321,7 +327,7 @@ function closeEndedTwins(panel) {
     if (other === panel) continue;
     const otherTab = panelTab(other);
     const otherLabel = otherTab && otherTab.querySelector(".lm-TabBar-tabLabel");
-    if (!otherLabel || otherLabel.textContent !== label.textContent) continue;
+    if (!otherLabel || notebookOfTitle(otherLabel.textContent) !== notebookOfTitle(label.textContent)) continue;
     const views = [...other.querySelectorAll(".mlx-cluster-status")];
     if (!views.length || !views.every((v) => v.dataset.state === "ended")) continue;
     const close = otherTab.querySelector(".lm-TabBar-tabCloseIcon");
@@ -405,8 +411,27 @@ function render({ model, el }) {
       tell(true);
       peers().forEach((v) => v.redraw());
       closeEndedTwins(el.closest(".jupyterlab-sidecar"));
+    } else {
+      followEndedPanel();
     }
     draw();
+  }
+  // After a kernel restart, this notebook's side panel still shows the cluster that ended with
+  // the old kernel: the new kernel's cluster takes its place there (as a click on "Side panel"
+  // would), instead of waiting for that click.
+  function followEndedPanel() {
+    const nb = notebookName(model);
+    if (ended || !nb || !model.get("side_button") || frontendName() !== "jupyterlab") return;
+    const endedPanel = [...document.querySelectorAll(".jupyterlab-sidecar")].some((panel) => {
+      const tab = panelTab(panel);
+      const label = tab && tab.querySelector(".lm-TabBar-tabLabel");
+      const views = [...panel.querySelectorAll(".mlx-cluster-status")];
+      return (
+        label && notebookOfTitle(label.textContent) === nb &&
+        views.length > 0 && views.every((v) => v.dataset.state === "ended")
+      );
+    });
+    if (endedPanel) setTimeout(() => side.click(), 0);
   }
   let forgotten = false;
   function forget() {
