@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
@@ -186,15 +187,20 @@ def _refused(port: int, first: bytes) -> None:
 def test_a_stranger_with_the_sniffed_token_or_answer_is_refused_and_the_transfer_is_whole(
     cluster: MLXCluster,
 ) -> None:
-    from mlx_cluster_magic.rank import stream_auth
     from mlx_cluster_magic.rank.broadcast_receiver import open_listener, receive_broadcast
 
-    token = stream_auth.new_token()
+    token = secrets.token_hex(32)
     port = cluster.client[0].apply_sync(open_listener, "127.0.0.1", token)
     forged = np.full(4, 666, dtype="<f4").tobytes()
     ar = cluster.view.apply_async(receive_broadcast, "x", (4,), "<f4", False, token, 0)
     _refused(port, token.encode() + forged)  # the token, had it crossed the wire in clear
+    ar.wait(0.5)
+    assert not ar.ready(), "the root took a stranger's stream"
+    from mlx_cluster_magic.rank import stream_auth
+
     _refused(port, _recorded_proof(token) + forged)  # an answer seen on another connection
+    ar.wait(0.5)
+    assert not ar.ready(), "the root took a stranger's stream"
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         writer = stream_auth.RecordWriter(conn, stream_auth.prove(conn, token))
         writer.write(np.arange(4, dtype="<f4").tobytes())
@@ -311,12 +317,11 @@ def _listening_ports(pids: set[int]) -> set[int]:
 def test_a_wrong_token_does_not_abort_a_link_measure(cluster: MLXCluster) -> None:
     """A stranger reaches the measuring listener first with a wrong answer: refused, and the
     real peer's stream is measured."""
-    from mlx_cluster_magic.rank import stream_auth
     from mlx_cluster_magic.rank.link_probe import run_plan
 
     pids = set(cluster.client[:].apply_sync(os.getpid))
     ports_before = _listening_ports(pids)
-    step = {"a": 0, "b": 1, "mlx": False, "tcp_ip": "127.0.0.1", "token": stream_auth.new_token()}
+    step = {"a": 0, "b": 1, "mlx": False, "tcp_ip": "127.0.0.1", "token": secrets.token_hex(32)}
     plan = {"steps": [step], "seconds": 0.3, "max_bytes": 1 << 20}
     listening = cluster.client[1].apply_async(run_plan, plan)  # rank 1 opens the listener
     deadline = time.monotonic() + 10
