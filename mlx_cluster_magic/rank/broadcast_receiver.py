@@ -33,7 +33,7 @@ def open_listener(bind_ip: str, token: str) -> int:
     family = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.bind((bind_ip, 0))
-    sock.listen(1)
+    sock.listen(64)  # one is taken; the others must not wait in SYN retries
     sock.settimeout(ACCEPT_TIMEOUT_S)
     _listeners[token] = sock
     return int(sock.getsockname()[1])
