@@ -267,7 +267,7 @@ def test_six_silent_connections_do_not_hold_back_the_real_one(cluster: MLXCluste
     finally:
         for s in silent:
             s.close()
-    assert took < 2.0, f"the real sender waited {took:.1f} s behind silent connections"
+    assert took < 3.0, f"the real sender waited {took:.1f} s behind silent connections"
     assert [v.tolist() for v in cluster.view["y"]] == [[1.0, 1.0, 1.0]] * 2
 
 
@@ -299,7 +299,7 @@ def test_a_sync_host_takes_its_upstream_through_six_silent_connections(
         for s in silent:
             s.close()
     assert stream.error is None and result["error"] is None, (stream.error, result)
-    assert took < 2.0, f"the upstream waited {took:.1f} s behind silent connections"
+    assert took < 3.0, f"the upstream waited {took:.1f} s behind silent connections"
     assert (dest / "file.bin").read_bytes() == b"\x01" * 5000
     assert (dest / "sub" / "inside.txt").read_text() == "inside\n"
 
