@@ -8,7 +8,10 @@
   network the notebook's machine shares with the hosts);
 - ``--shards pipeline`` on a model of several weight files: bytes each host gets of the model;
 - an unchanged second sync of 1,000 small files (target < 1 s);
-- peak memory added to every process taking part while a 1 GiB file is synced (target < 100 MiB).
+- peak memory added to every process taking part while a 1 GiB file is synced (target < 100 MiB);
+- what the MAC costs: sync's own stream (every record signed and checked) from the head to a
+  receiving process over loopback, against the same bytes sent with ``sendfile`` and written as
+  they come, with no MAC (what the stream was before), side by side in one run.
 
 The tree: two large files and 1,000 small ones, ``SYNC_BENCH_MB`` MiB in all (default 256: the
 machine has 2 cores; the rates are scaled down with it: cables 1 Gbit/s, management 250 Mbit/s).
@@ -282,21 +285,133 @@ def _memory(cluster: Any, vc: Any) -> dict[str, Any]:
         shutil.rmtree(src, ignore_errors=True)
 
 
+def _receive_signed(conn: Any, token: str, dest: str, entries: Any, need: Any) -> None:
+    from mlx_cluster_magic.rank import sync_receiver
+
+    conn.send(sync_receiver.open_listener("127.0.0.1", token))
+    conn.send(sync_receiver.receive(token, dest, entries, need, [], []))
+
+
+def _receive_plain(conn: Any, dest: str, entries: Any) -> None:
+    """The baseline's receiver: headers and bytes read with ``recv_into``, written as they
+    come, no MAC (the stream as it was before)."""
+    import socket
+
+    from mlx_cluster_magic.rank.stream_auth import recv_exact
+    from mlx_cluster_magic.rank.sync_receiver import END, HEADER
+
+    lsock = socket.create_server(("127.0.0.1", 0))
+    conn.send(lsock.getsockname()[1])
+    sock, _ = lsock.accept()
+    buf = memoryview(bytearray(1 << 20))
+    while True:
+        idx, _start, count = HEADER.unpack(recv_exact(sock, HEADER.size))
+        if idx == END:
+            break
+        with open(os.path.join(dest, entries[idx][1]), "wb") as f:
+            while count:
+                n = sock.recv_into(buf[: min(count, len(buf))])
+                if not n:
+                    raise ConnectionError("closed early")
+                f.write(buf[:n])
+                count -= n
+    conn.send({"error": None})
+
+
+def _send_plain(port: int, src: Path, entries: Any) -> None:
+    import socket
+
+    from mlx_cluster_magic.rank.sync_receiver import END, HEADER
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for i, (kind, rel, size, *_rest) in enumerate(entries):
+            if kind != "file":
+                continue
+            sock.sendall(HEADER.pack(i, 0, size))
+            with open(src / rel, "rb") as f:
+                offset = 0
+                while offset < size:
+                    offset += sock.sendfile(f, offset, min(1 << 20, size - offset))
+        sock.sendall(HEADER.pack(END, 0, 0))
+
+
+def _one_stream(src: Path, dest: Path, signed: bool) -> float:
+    """One transfer of the tree to a receiving process over loopback; seconds from the
+    connection to the last file written."""
+    import multiprocessing
+    import socket
+
+    from mlx_cluster_magic.cluster.sync_sender import _Stream, manifest
+    from mlx_cluster_magic.rank import stream_auth, sync_receiver
+
+    shutil.rmtree(dest, ignore_errors=True)
+    entries = manifest(src, verify=False)
+    need = sync_receiver.survey(str(dest), entries, False, None)["need"]
+    for kind, rel, *_rest in entries:
+        if kind == "dir" and not signed:
+            (dest / rel).mkdir(parents=True, exist_ok=True)
+    token = stream_auth.new_token()
+    ours, theirs = multiprocessing.get_context("fork").Pipe()
+    args = (theirs, token, str(dest), entries, need) if signed else (theirs, str(dest), entries)
+    child = multiprocessing.get_context("fork").Process(
+        target=_receive_signed if signed else _receive_plain, args=args
+    )
+    child.start()
+    try:
+        port = ours.recv()
+        t = time.perf_counter()
+        if signed:
+            sock = socket.create_connection(("127.0.0.1", port))
+            stream = _Stream(sock, stream_auth.prove(sock, token), src, entries, need, "bench")
+            stream.run()
+            sock.close()
+            assert stream.error is None, stream.error
+        else:
+            _send_plain(port, src, entries)
+        result = ours.recv()
+        took = time.perf_counter() - t
+        assert result["error"] is None, result
+        return took
+    finally:
+        child.join(30)
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def _mac_cost(reps: int, src: Path, nbytes: int, work: str) -> list[dict[str, Any]]:
+    signed: list[float] = []
+    plain: list[float] = []
+    for _ in range(max(reps, 3)):
+        plain.append(_one_stream(src, Path(work) / "plain", signed=False))
+        signed.append(_one_stream(src, Path(work) / "signed", signed=True))
+    mb = nbytes / 1e6
+    return [
+        compare(
+            f"sync's stream of {nbytes >> 20} MiB (2 large + 1,000 small files) to a receiving "
+            "process over loopback, every 1 MiB record signed and checked (HMAC-SHA256), "
+            "throughput",
+            [mb / t for t in signed], [mb / t for t in plain], "MB/s", "report",
+            "the same bytes with sendfile and no MAC (the stream before)",
+            higher_is_better=True,
+        )
+    ]  # fmt: skip
+
+
 def bench_sync(reps: int) -> list[dict[str, Any]]:
-    reason = benchlib.vhost_skip_reason()
-    if reason:
-        print(f"sync: skipped: {reason}", flush=True)
-        return []
-    if shutil.which("rsync") is None:
-        print("sync: skipped: needs rsync (Debian package rsync) for the comparison", flush=True)
-        return []
     total_mb = int(os.environ.get("SYNC_BENCH_MB", "256"))
     src = ROOT / f"bench-tree-{os.getpid()}"
     shutil.rmtree(src, ignore_errors=True)
     try:
         nbytes = _tree(src, total_mb)
         with benchlib.workdir("mcmb-sync-") as work:
-            figures = _star(reps, src, nbytes, work)
+            figures = _mac_cost(reps, src, nbytes, work)
+            reason = benchlib.vhost_skip_reason()
+            if reason:
+                print(f"sync: virtual hosts skipped: {reason}", flush=True)
+                return figures
+            if shutil.which("rsync") is None:
+                print("sync: skipped: needs rsync (Debian package rsync) for the comparison")
+                return figures
+            figures += _star(reps, src, nbytes, work)
             figures += _ring(reps, src, nbytes, work)
         return figures
     finally:

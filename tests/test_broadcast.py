@@ -57,16 +57,19 @@ def test_bad_arguments(cluster) -> None:
 
 
 def test_a_wrong_token_is_dropped_and_only_the_sender_gets_through(cluster) -> None:
+    from mlx_cluster_magic.rank import stream_auth
     from mlx_cluster_magic.rank.broadcast_receiver import open_listener, receive_broadcast
 
-    token = "a" * 32
+    token = stream_auth.new_token()
     port = cluster.client[0].apply_sync(open_listener, "127.0.0.1", token)
     ar = cluster.view.apply_async(receive_broadcast, "x", (4,), "<f4", False, token, 0)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as intruder:
-        intruder.sendall(b"b" * 32)
+        stream_auth.prove(intruder, stream_auth.new_token())  # answers for another token
         assert intruder.recv(1) == b""  # closed by the root
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(token.encode() + np.arange(4, dtype="<f4").tobytes())
+        writer = stream_auth.RecordWriter(conn, stream_auth.prove(conn, token))
+        writer.write(np.arange(4, dtype="<f4").tobytes())
+        writer.flush()
         ar.get(timeout=30)
     assert cluster.view["x"][1].tolist() == [0.0, 1.0, 2.0, 3.0]
     cluster.broadcast("after", np.ones(3))  # the cluster is still healthy

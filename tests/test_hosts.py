@@ -220,3 +220,23 @@ def test_write_entries_list_and_full_form(tmp_path) -> None:
     with pytest.raises(MLXClusterError, match="not an IP address"):
         write_hostfile(tmp_path / "c.json", [{"ssh": "mac1", "ips": ["nope"]}])
     assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize(
+    "parse",
+    [
+        lambda name: parse_hostfile_text(f"{name} slots=1\n"),
+        lambda name: parse_hostfile_text(json.dumps([{"ssh": name, "ips": ["10.0.0.1"]}])),
+        lambda name: parse_hostfile_text(json.dumps({"hosts": [name]})),
+        lambda name: parse_host_list(f"mac1,{name}"),
+        lambda name: parse_host_list(f"{name}=10.0.0.2"),
+    ],
+)
+@pytest.mark.parametrize("name", ["-oProxyCommand=touch${IFS}/tmp/x", "-oProxyCommand", "me@-F"])
+def test_a_host_name_ssh_would_take_as_an_option_is_refused(parse: object, name: str) -> None:
+    """``ssh -oProxyCommand=...`` runs a command: a hostfile or ``--hosts`` never hands ssh a
+    host name that starts with ``-``."""
+    with pytest.raises(MLXClusterError) as e:
+        parse(name)  # type: ignore[operator]
+    msg = str(e.value)
+    assert "\n" not in msg and "starts with '-'" in msg and "real name" in msg, msg

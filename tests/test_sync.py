@@ -508,19 +508,22 @@ def test_a_host_listens_on_its_given_address_only_and_drops_a_wrong_token(
 ) -> None:
     import socket
 
-    from mlx_cluster_magic.rank import sync_receiver
+    from mlx_cluster_magic.rank import stream_auth, sync_receiver
 
     _, c = cluster
-    ip, token = ring.ips[0], "ab" * 16  # mac1's address on the network the head shares
+    ip, token = ring.ips[0], stream_auth.new_token()  # mac1's address on the head's network
     port = c.client[0].apply_sync(sync_receiver.open_listener, ip, token)
     listening = ring.netns_exec("mac1", "ss", "-ltnH").stdout
     assert f"{ip}:{port} " in listening, listening
     assert f"0.0.0.0:{port} " not in listening and f"*:{port} " not in listening, listening
     ar = c.client[0].apply_async(sync_receiver.receive, token, "/srv/mcm-sync/x", [], {}, [], [])
     with socket.create_connection((ip, port), timeout=5) as wrong:
-        wrong.sendall(b"ba" * 16)
-        assert wrong.recv(1) == b""  # closed without a word
+        wrong.sendall(token.encode()[:48])  # the token itself is no answer to the challenge
+        assert wrong.recv(64)  # the challenge
+        assert wrong.recv(1) == b""  # then closed without a word
     with socket.create_connection((ip, port), timeout=5) as right:
-        right.sendall(token.encode() + sync_receiver.HEADER.pack(sync_receiver.END, 0, 0))
+        writer = stream_auth.RecordWriter(right, stream_auth.prove(right, token))
+        writer.write(sync_receiver.HEADER.pack(sync_receiver.END, 0, 0))
+        writer.flush()
         result = ar.get(timeout=10)
     assert result["error"] is None and result["files"] == 0, result

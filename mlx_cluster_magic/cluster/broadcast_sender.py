@@ -3,17 +3,19 @@
 The array is streamed straight to the root rank over one TCP connection (not through the
 controller, which would copy it several times); the ranks pass it on with MPI's buffer
 broadcast, chunk by chunk as it arrives (``rank.broadcast_receiver``). The head connects
-*before* the ranks start waiting, so a connection that fails raises its real error at once.
+*before* the ranks start waiting, so a connection that fails raises its real error at once; it
+proves the listener's token and sends the bytes in checked records (``rank.stream_auth``).
 """
 
 from __future__ import annotations
 
-import secrets
 import socket
 from typing import Any
 
 from ..errors import MLXClusterError
+from ..rank import stream_auth
 from ..rank.broadcast_receiver import (
+    ACCEPT_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     close_listener,
     open_listener,
@@ -33,7 +35,7 @@ def send_broadcast(client: Any, view: Any, name: str, value: Any, *, root: int, 
     arr = np.require(np.asarray(value), requirements="C")  # keeps 0-d arrays 0-d
     if arr.dtype.hasobject:
         raise MLXClusterError("broadcast sends numeric arrays; use view.push for objects")
-    token = secrets.token_hex(16)
+    token = stream_auth.new_token()
     port = client[root].apply_sync(open_listener, ip, token)
     try:
         conn = socket.create_connection((ip, port), timeout=CONNECT_TIMEOUT_S)
@@ -43,11 +45,14 @@ def send_broadcast(client: Any, view: Any, name: str, value: Any, *, root: int, 
             f"broadcast: cannot connect to rank {root} at {ip}:{port}: {e}"
         ) from None
     with conn:
-        conn.sendall(token.encode())
         ar = view.apply_async(
             receive_broadcast, name, arr.shape, arr.dtype.str, to_mlx, token, root
         )
         try:
-            conn.sendall(arr.reshape(-1).view(np.uint8).data)
+            key = stream_auth.prove(conn, token, ACCEPT_TIMEOUT_S)
+            conn.settimeout(ACCEPT_TIMEOUT_S)
+            writer = stream_auth.RecordWriter(conn, key)
+            writer.write(arr.reshape(-1).view(np.uint8).data)
+            writer.flush()
         finally:
             ar.get()

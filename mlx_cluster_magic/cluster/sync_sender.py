@@ -7,10 +7,12 @@
    load. Every refusal (a missing path, a destination that cannot be written, too little
    space, naming the host and the shortfall) comes before a byte is sent.
 3. ``fabric.sync_plan`` routes the bytes along the cables; each host listens on the address
-   its upstream reaches it at, with a per-sync token, and forwards as it receives.
-4. The head streams each file once per direct downstream host (``socket.sendfile``: no copy
-   through Python), showing bytes done, the rate and the time left; an interrupt cuts every
-   connection, so every host stops within a second and keeps only temporary names.
+   its upstream reaches it at, with a token of its own that only it and its upstream are given
+   (through the engines' channel), and forwards as it receives.
+4. The head streams each file once per direct downstream host, in records each signed with
+   the hop's key (``rank.stream_auth``: a stranger can neither join nor alter a stream),
+   showing bytes done, the rate and the time left; an interrupt cuts every connection, so
+   every host stops within a second and keeps only temporary names.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import socket
 import stat
 import threading
@@ -32,12 +33,10 @@ from typing import Any
 
 from ..errors import MLXClusterError
 from ..fabric import sync_plan
-from ..rank import sync_receiver
+from ..rank import stream_auth, sync_receiver
 from ..rank.sync_receiver import HEADER, Entry
 
 SHARDS = ("pipeline", "tensor")
-#: Files up to this size go out with their header in one send (many small files).
-SMALL_BYTES = 64 << 10
 #: Files every rank of a model reads, whatever its layers (mlx-lm's ``sharded_load`` fetches
 #: these before it knows its shard).
 _NON_WEIGHT = re.compile(r"\.(json|py|model|tiktoken|txt|jsonl|jinja)$")
@@ -247,11 +246,12 @@ class Progress:
 # --------------------------------------------------------------------------- sending
 class _Stream(threading.Thread):
     """The head's stream to one direct downstream host: its subtree's files, each from the
-    first byte any host there lacks."""
+    first byte any host there lacks, in records signed with that hop's key."""
 
     def __init__(
         self,
         sock: socket.socket,
+        key: bytes,
         root: Path,
         entries: Sequence[Entry],
         wants: dict[int, int],
@@ -259,6 +259,7 @@ class _Stream(threading.Thread):
     ) -> None:
         super().__init__(name=f"sync-to-{name}", daemon=True)
         self.sock, self.root, self.entries, self.wants, self.host = sock, root, entries, wants, name
+        self.writer = stream_auth.RecordWriter(sock, key)
         self.sent = 0
         self.error: str | None = None
 
@@ -269,34 +270,27 @@ class _Stream(threading.Thread):
                 if kind != "file":
                     continue
                 first = self.wants[i]
-                header = HEADER.pack(i, first, size - first)
+                self.writer.write(HEADER.pack(i, first, size - first))
                 path = self.root / rel if rel else self.root
-                if size - first <= SMALL_BYTES:  # header and bytes in one send
-                    with open(path, "rb") as f:
-                        f.seek(first)
-                        data = f.read(size - first)
-                    if len(data) != size - first:
-                        raise OSError(f"{rel} changed while it was sent")
-                    self.sock.sendall(header + data)
-                    self.sent += len(data)
-                    continue
-                self.sock.sendall(header)
                 with open(path, "rb") as f:
-                    self._send_file(f, first, size - first)
-            self.sock.sendall(HEADER.pack(sync_receiver.END, 0, 0))
+                    f.seek(first)
+                    self._send_file(f, rel, size - first)
+            self.writer.write(HEADER.pack(sync_receiver.END, 0, 0))
+            self.writer.flush()
         except OSError as e:
             self.error = f"{self.host}: {e.strerror or e or 'timed out'}"
         finally:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_WR)
 
-    def _send_file(self, f: Any, offset: int, count: int) -> None:
-        end = offset + count
-        while offset < end:  # in slices, so progress shows and a cut is seen at once
-            n = self.sock.sendfile(f, offset, min(1 << 20, end - offset))
-            if n == 0:
-                raise OSError("the source file shrank while it was sent")
-            offset += n
+    def _send_file(self, f: Any, rel: str, count: int) -> None:
+        buf = memoryview(bytearray(min(count, stream_auth.RECORD_BYTES)))
+        while count:  # a record at a time, so progress shows and a cut is seen at once
+            n = f.readinto(buf[: min(count, len(buf))])
+            if not n:
+                raise OSError(f"{rel or self.root.name} shrank while it was sent")
+            self.writer.write(buf[:n])
+            count -= n
             self.sent += n
 
 
@@ -478,7 +472,8 @@ class _Job:
         self.client, self.source, self.target, self.entries = client, source, target, entries
         self.names, self.first, self.route, self.needs = names, first, route, needs
         self.verify, self.stall_s = verify, stall_s
-        self.token = secrets.token_hex(16)
+        # a token per hop: each host's listener its own, known only to it and its upstream
+        self.tokens = [stream_auth.new_token() for _ in names]
         # what each host's subtree lacks, from its first missing byte
         self.subtree_needs: list[dict[int, int]] = []
         for k in range(len(names)):
@@ -500,7 +495,7 @@ class _Job:
         try:
             opening |= {
                 k: self.client[self.first[k]].apply_async(
-                    sync_receiver.open_listener, self.route.address[k], self.token
+                    sync_receiver.open_listener, self.route.address[k], self.tokens[k]
                 )
                 for k in self.active
             }
@@ -509,7 +504,9 @@ class _Job:
         except Exception:
             for k in opening:
                 with contextlib.suppress(Exception):
-                    self.client[self.first[k]].apply_sync(sync_receiver.close_listener, self.token)
+                    self.client[self.first[k]].apply_sync(
+                        sync_receiver.close_listener, self.tokens[k]
+                    )
             raise
 
     def start_receivers(self) -> None:
@@ -517,11 +514,14 @@ class _Job:
             kids = [c for c in self.route.children(k) if c in self.ports]
             self.receivers[k] = self.client[self.first[k]].apply_async(
                 sync_receiver.receive,
-                self.token,
+                self.tokens[k],
                 self.target,
                 self.entries,
                 self.needs[k],
-                [(self.names[c], self.route.address[c], self.ports[c]) for c in kids],
+                [
+                    (self.names[c], self.route.address[c], self.ports[c], self.tokens[c])
+                    for c in kids
+                ],
                 [self.subtree_needs[c] for c in kids],
                 self.verify,
                 self.stall_s,
@@ -559,13 +559,18 @@ class _Job:
             address, port = self.route.address[k], self.ports[k]
             try:
                 sock = socket.create_connection((address, port), timeout=self.stall_s)
-                sock.settimeout(self.stall_s)
-                sock.sendall(self.token.encode())
             except OSError as e:
                 self.failed[k] = f"cannot connect to {address}:{port}: {e.strerror or e}"
                 continue
+            try:
+                key = stream_auth.prove(sock, self.tokens[k], self.stall_s)
+            except OSError as e:
+                sock.close()
+                self.failed[k] = f"{address}:{port} refused this machine's proof ({e})"
+                continue
+            sock.settimeout(self.stall_s)
             self.streams.append(
-                _Stream(sock, self.source, self.entries, self.subtree_needs[k], self.names[k])
+                _Stream(sock, key, self.source, self.entries, self.subtree_needs[k], self.names[k])
             )
 
     def _send(self, bar: Progress) -> None:
@@ -594,7 +599,7 @@ class _Job:
                     contextlib.suppress(OSError),
                     socket.create_connection((self.route.address[k], self.ports[k]), 1.0) as late,
                 ):
-                    late.sendall(self.token.encode())  # then closed: an empty stream
+                    stream_auth.prove(late, self.tokens[k], 1.0)  # then closed: an empty stream
         _wait(self.receivers.values(), 2.0)
 
 

@@ -559,7 +559,7 @@ def _link_records(
 
 
 def _step(a: int, b: int, mlx_ok: bool, ip: str | None) -> dict[str, Any]:
-    return {"a": a, "b": b, "mlx": mlx_ok, "tcp_ip": ip, "token": secrets.token_hex(16)}
+    return {"a": a, "b": b, "mlx": mlx_ok, "tcp_ip": ip, "token": secrets.token_hex(32)}
 
 
 def _host_names(

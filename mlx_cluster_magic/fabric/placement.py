@@ -141,6 +141,12 @@ def _check_name(name: object, where: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise MLXClusterError(f'{where}: "ssh" must be a non-empty host name, got {name!r}')
     name = name.strip()
+    if name.startswith("-") or name.partition("@")[2].startswith("-"):
+        # ssh would read it as an option (``-oProxyCommand=...`` runs a command)
+        raise MLXClusterError(
+            f"{where}: host name {name!r} starts with '-', which ssh would take as an option; "
+            "give the host's real name"
+        )
     if not _HOSTNAME_RE.match(name):
         raise MLXClusterError(f"{where}: {name!r} is not a valid host name")
     return name

@@ -3,16 +3,16 @@
 The head (``broadcast_sender``) streams the array to the root rank over one TCP connection, and
 the ranks pass it on with MPI's buffer broadcast, chunk by chunk as it arrives
 (``receive_broadcast``, shipped to the engines by ``view.apply``). The listener binds the
-root's cluster address only, accepts only the connection that presents the random token, and is
-always closed.
+root's cluster address only, accepts only the connection that proves it holds the random token
+(``stream_auth``: the token itself never crosses the wire), checks every record of the data, and
+is always closed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hmac
 import socket
-import time
+
+from . import stream_auth
 
 CHUNK_BYTES = 4 << 20
 ACCEPT_TIMEOUT_S = 30.0
@@ -33,55 +33,37 @@ def open_listener(bind_ip: str, token: str) -> int:
     family = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.bind((bind_ip, 0))
-    sock.listen(1)
+    sock.listen(64)  # one is taken; the others must not wait in SYN retries
     sock.settimeout(ACCEPT_TIMEOUT_S)
     _listeners[token] = sock
     return int(sock.getsockname()[1])
 
 
-def _accept(listener: socket.socket, token: str) -> socket.socket | None:
-    """Root: the first connection that presents the token in time; any other is closed."""
-    deadline = time.monotonic() + ACCEPT_TIMEOUT_S
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            listener.settimeout(left)
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return None
-            conn.settimeout(min(left, CONNECT_TIMEOUT_S))
-            got = b""
-            with contextlib.suppress(OSError):
-                while len(got) < len(token):
-                    part = conn.recv(len(token) - len(got))
-                    if not part:
-                        break
-                    got += part
-            if hmac.compare_digest(got, token.encode()):
-                conn.settimeout(ACCEPT_TIMEOUT_S)
-                return conn
-            conn.close()
-        return None
-    finally:
-        listener.close()
+def _accept(listener: socket.socket, token: str) -> tuple[socket.socket, bytes] | None:
+    """Root: the first connection that proves it holds the token, with the stream's key; any
+    other is closed, and none holds the others back."""
+    found = stream_auth.accept(listener, token, ACCEPT_TIMEOUT_S)
+    if found is not None:
+        found[0].settimeout(ACCEPT_TIMEOUT_S)
+    return found
 
 
-def _fill(conn: socket.socket | None, chunk: memoryview) -> socket.socket | None:
-    """Root: read one chunk from the notebook; on failure, drop the connection (the chunk
-    is then broadcast as it is, and the final status tells every rank it failed)."""
-    if conn is None:
+def _fill(
+    stream: stream_auth.RecordReader | None, chunk: memoryview
+) -> stream_auth.RecordReader | None:
+    """Root: read one chunk from the notebook, every record checked; on failure (a broken or
+    altered stream), drop the connection (the chunk is then broadcast as it is, and the final
+    status tells every rank it failed)."""
+    if stream is None:
         return None
     view = chunk
     try:
         while len(view):
-            n = conn.recv_into(view)
-            if n == 0:
-                raise ConnectionError("closed early")
-            view = view[n:]
+            view = view[stream.readinto(view) :]
     except OSError:
-        conn.close()
+        stream.sock.close()
         return None
-    return conn
+    return stream
 
 
 def receive_broadcast(
@@ -96,11 +78,12 @@ def receive_broadcast(
     comm = MPI.COMM_WORLD
     arr = np.empty(shape, dtype=np.dtype(dtype))
     buf = arr.reshape(-1).view(np.uint8).data
-    conn = None
+    conn: stream_auth.RecordReader | None = None
     if comm.Get_rank() == root:
-        conn = _accept(_listeners.pop(token), token)
+        found = _accept(_listeners.pop(token), token)
+        conn = stream_auth.RecordReader(*found) if found is not None else None
     if not comm.bcast(conn is not None if comm.Get_rank() == root else None, root=root):
-        raise ConnectionError("broadcast: the notebook did not connect, or sent a wrong token")
+        raise ConnectionError("broadcast: the notebook did not connect, or did not hold the token")
     # Every rank takes part in every chunk's broadcast, whatever happens on the root's socket,
     # so no rank is left waiting; the final status says whether the data arrived whole. The
     # root reads the next chunk from the socket while the previous one is being broadcast.
@@ -116,9 +99,11 @@ def receive_broadcast(
         pending.Wait()
     whole = comm.bcast(conn is not None if comm.Get_rank() == root else None, root=root)
     if conn is not None:
-        conn.close()
+        conn.sock.close()
     if not whole:
-        raise ConnectionError("broadcast: the notebook's connection broke mid-transfer")
+        raise ConnectionError(
+            "broadcast: the notebook's connection broke or failed its check mid-transfer"
+        )
     ns = get_ipython().user_ns
     if to_mlx:
         import mlx.core as mx

@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import stream_auth
+
 
 def rank_facts(macos_commands: Sequence[Sequence[str]] = ()) -> dict[str, Any]:
     """This rank's host, addresses (with prefix length and interface), each interface's speed
@@ -168,56 +170,27 @@ def _tcp_pair(
     comm: Any, sender: bool, peer: int, ip: str, seconds: float, token: str
 ) -> dict[str, Any]:
     """A TCP stream for ``seconds`` from ``sender`` to a one-connection listener that the peer
-    opens on ``ip`` (its cluster address, never 0.0.0.0) and that checks a token first."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    opens on ``ip`` (its cluster address, never 0.0.0.0); the sender proves it holds the pair's
+    token (``stream_auth``), and a stranger's connection is refused while the sender's gets
+    through."""
     if not sender:
-        try:
-            lsock = socket.socket(family, socket.SOCK_STREAM)
-            lsock.bind((ip, 0))
-        except OSError as e:
-            comm.send(0, dest=peer, tag=_TAG_PORT)
-            raise OSError(f"cannot listen on {ip} ({e})") from None
-        with lsock:
-            lsock.listen(1)
-            lsock.settimeout(0.05)
-            comm.send(int(lsock.getsockname()[1]), dest=peer, tag=_TAG_PORT)
-            deadline = time.monotonic() + 5 + seconds
-            conn = None
-            while conn is None:
-                try:
-                    conn, _ = lsock.accept()
-                except TimeoutError:
-                    if comm.Iprobe(source=peer, tag=_TAG_ABORT):
-                        comm.recv(source=peer, tag=_TAG_ABORT)
-                        return {}
-                    if time.monotonic() > deadline:
-                        raise OSError("no connection from the peer") from None
-        with conn:
-            conn.settimeout(5 + seconds)
-            got = b""
-            while len(got) < len(token):
-                part = conn.recv(len(token) - len(got))
-                if not part:
-                    break
-                got += part
-            if got != token.encode():
-                raise OSError("a connection without the token")
-            buf = bytearray(4 << 20)
-            while conn.recv_into(buf):
-                pass
-            conn.sendall(b"k")
+        _tcp_listen(comm, peer, ip, seconds, token)
         return {}
     port = comm.recv(source=peer, tag=_TAG_PORT)
     if not port:
         raise OSError("the peer could not listen there")
     try:
         conn = socket.create_connection((ip, port), timeout=5)
+        try:
+            stream_auth.prove(conn, token, 5 + seconds)
+        except OSError:
+            conn.close()
+            raise
     except OSError:
         comm.send(1, dest=peer, tag=_TAG_ABORT)
         raise
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sendall(token.encode())
         chunk = memoryview(bytearray(1 << 20))
         sent = 0
         t0 = time.perf_counter()
@@ -231,3 +204,38 @@ def _tcp_pair(
             raise OSError("the peer did not confirm the stream")
         dt = time.perf_counter() - t0
     return {"tcp_gbit_s": sent * 8 / dt / 1e9, "tcp_bytes": sent, "tcp_s": dt}
+
+
+def _tcp_listen(comm: Any, peer: int, ip: str, seconds: float, token: str) -> None:
+    """The receiving end of ``_tcp_pair``: listen, tell the peer the port over MPI, take the
+    connection that proves the token (or stop when the peer gives up), drain it, confirm."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        lsock.bind((ip, 0))
+    except OSError as e:
+        comm.send(0, dest=peer, tag=_TAG_PORT)
+        raise OSError(f"cannot listen on {ip} ({e})") from None
+    lsock.listen(8)
+    comm.send(int(lsock.getsockname()[1]), dest=peer, tag=_TAG_PORT)
+    aborted = False
+
+    def peer_gave_up() -> bool:
+        nonlocal aborted
+        if comm.Iprobe(source=peer, tag=_TAG_ABORT):
+            comm.recv(source=peer, tag=_TAG_ABORT)
+            aborted = True
+        return aborted
+
+    found = stream_auth.accept(lsock, token, 5 + seconds, give_up=peer_gave_up)
+    if found is None:
+        if aborted:
+            return
+        raise OSError("no connection from the peer")
+    conn = found[0]
+    with conn:
+        conn.settimeout(5 + seconds)
+        buf = bytearray(4 << 20)
+        while conn.recv_into(buf):
+            pass
+        conn.sendall(b"k")

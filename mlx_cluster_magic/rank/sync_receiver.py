@@ -10,6 +10,12 @@ thread and a bounded queue each), so a chain of hosts works as a pipeline and no
 a whole file in memory. A file is renamed to its real name only when complete; an interrupted
 one stays under its temporary name, and the next sync resumes it from where it stopped.
 
+Every hop has a token of its own: a host's listener gets its token from the notebook, and so
+does the host upstream of it, which proves it on connecting (``stream_auth``: the token never
+crosses the wire); every record of the stream is checked before a byte of it is written or
+passed on, and re-signed for each downstream hop. Nothing is written through a link
+(``safe_dest``): a destination another user controls is refused.
+
 The stream: per file a header (entry index, first byte, byte count) and the bytes; an index of
 ``END`` closes it. Shipped to the engines by ``view.apply``; imports only the standard library.
 """
@@ -20,16 +26,17 @@ import contextlib
 import hashlib
 import os
 import queue
-import shutil
+import secrets
 import socket
 import stat
 import struct
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from .broadcast_receiver import _accept, close_listener, open_listener
+from . import stream_auth
+from .broadcast_receiver import ACCEPT_TIMEOUT_S, close_listener, open_listener
+from .safe_dest import Destination, DestinationRefused
 
 __all__ = ["close_listener", "open_listener", "receive", "survey"]
 
@@ -50,20 +57,27 @@ class SyncFault(Exception):
 Entry = tuple[str, str, int, int, int, str]
 
 
-def _target(dest: str, rel: str) -> Path:
-    return Path(dest) / rel if rel else Path(dest)
+def part_name(name: str, size: int, mtime_ns: int) -> str:
+    """The temporary name of a file called ``name`` while it arrives: hidden, beside it (the
+    rename is atomic), and naming the source's size and time so a changed source never resumes
+    an old part."""
+    return f".{name}.{size}-{mtime_ns}{PART_SUFFIX}"
 
 
-def part_path(final: Path, size: int, mtime_ns: int) -> Path:
-    """The temporary name of ``final`` while it arrives: hidden, beside it (the rename is
-    atomic), and naming the source's size and time so a changed source never resumes an old
-    part."""
-    return final.with_name(f".{final.name}.{size}-{mtime_ns}{PART_SUFFIX}")
+def _leaf(d: Destination, rel: str) -> str:
+    return d.leaf if rel == "" else rel.rpartition("/")[2]
 
 
-def _sha256(path: Path) -> str:
+def _sha256(d: Destination, rel: str, name: str | None = None) -> str:
+    """The checksum of the entry ``rel`` (or of ``name`` beside it), read without following a
+    link."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    if name is None:
+        fd = d.read_file(rel)
+    else:
+        folder, _ = d.locate(rel)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    with open(fd, "rb") as f:
         while block := f.read(CHUNK_BYTES):
             h.update(block)
     return h.hexdigest()
@@ -87,24 +101,25 @@ def _interfaces() -> list[str]:
     return out
 
 
-def _writable(dest: Path, is_file: bool) -> str | None:
-    """Why ``dest`` cannot be written here, or None (the directory is created)."""
-    folder = dest.parent if is_file else dest
+def _writable(dest: str, is_file: bool) -> tuple[Destination | None, str | None]:
+    """The destination opened (its folder created), or why it cannot be written here."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe-{os.getpid()}{PART_SUFFIX}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        d = Destination(dest, is_file, create=True)
+    except DestinationRefused as e:
+        return None, str(e)
     except OSError as e:
-        return f"cannot write {folder}: {e.strerror or e}"
-    return None
-
-
-def _free(dest: Path) -> int:
-    p = dest
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
+        where = os.path.dirname(dest) if is_file else dest
+        return None, f"cannot write {where}: {e.strerror or e}"
+    probe = f".probe-{secrets.token_hex(8)}{PART_SUFFIX}"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(probe, flags, 0o600, dir_fd=d.top))
+        os.unlink(probe, dir_fd=d.top)
+    except OSError as e:
+        d.close()
+        where = os.path.dirname(dest) if is_file else dest
+        return None, f"cannot write {where}: {e.strerror or e}"
+    return d, None
 
 
 def survey(
@@ -114,57 +129,70 @@ def survey(
     byte it resumes from (0, or the size of its temporary part); also the free space there,
     this host's addresses, and ``error`` when ``dest`` cannot be written."""
     host = socket.gethostname()
-    root = Path(dest)
     is_file = len(entries) == 1 and entries[0][1] == ""
     out: dict[str, Any] = {"host": host, "need": {}, "free": 0, "error": None}
     out["ifaces"] = _interfaces()
-    error = _writable(root, is_file)
-    if error:
+    d, error = _writable(dest, is_file)
+    if d is None:
         out["error"] = error
         return out
-    out["free"] = _free(root)
-    for i in range(len(entries)) if wanted is None else wanted:
-        kind, rel, size, mtime_ns, mode, extra = entries[i]
-        path = _target(dest, rel)
+    with d:
+        out["free"] = d.free_bytes()
         try:
-            st = path.lstat()
-        except OSError:
-            st = None
-        if kind == "dir":
-            if st is None or not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != mode:
-                out["need"][i] = 0
-        elif kind == "link":
-            if st is None or not stat.S_ISLNK(st.st_mode) or os.readlink(path) != extra:
-                out["need"][i] = 0
-        else:
-            same = (
-                st is not None
-                and stat.S_ISREG(st.st_mode)
-                and st.st_size == size
-                and st.st_mtime_ns == mtime_ns
-                and stat.S_IMODE(st.st_mode) == mode
-            )
-            if same and verify and extra:
-                same = _sha256(path) == extra
-            if not same:
-                part = part_path(path, size, mtime_ns)
-                with contextlib.suppress(OSError):
-                    have = part.stat().st_size
-                    out["need"][i] = have if have <= size else 0
-                    continue
-                out["need"][i] = 0
+            for i in range(len(entries)) if wanted is None else wanted:
+                need = _lacks(d, entries[i], verify)
+                if need is not None:
+                    out["need"][i] = need
+        except DestinationRefused as e:
+            out["error"] = str(e)
     return out
+
+
+def _lacks(d: Destination, entry: Entry, verify: bool) -> int | None:
+    """The byte this host's copy of ``entry`` resumes from, or None when it is there."""
+    kind, rel, size, mtime_ns, mode, extra = entry
+    st = d.lstat(rel)
+    if kind == "dir":
+        ok = st is not None and stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == mode
+        return None if ok else 0
+    if kind == "link":
+        ok = st is not None and stat.S_ISLNK(st.st_mode) and d.readlink(rel) == extra
+        return None if ok else 0
+    same = (
+        st is not None
+        and stat.S_ISREG(st.st_mode)
+        and st.st_size == size
+        and st.st_mtime_ns == mtime_ns
+        and stat.S_IMODE(st.st_mode) == mode
+    )
+    if same and verify and extra:
+        same = _sha256(d, rel) == extra
+    if same:
+        return None
+    try:
+        folder, name = d.locate(rel)
+        part = os.stat(part_name(name, size, mtime_ns), dir_fd=folder, follow_symlinks=False)
+    except OSError:
+        return 0
+    return part.st_size if stat.S_ISREG(part.st_mode) and part.st_size <= size else 0
 
 
 class Forward:
     """One downstream connection fed by its own thread from a bounded queue: the reader never
     waits on a slow peer for longer than ``STALL_S``, and a peer that stops taking bytes is
-    dropped (named in ``error``) while the others go on."""
+    dropped (named in ``error``) while the others go on. The thread signs the records with the
+    hop's own key (``stream_auth``), so that work runs beside the reader's."""
 
     def __init__(
-        self, sock: socket.socket | None, name: str, stall_s: float = STALL_S, error: str = ""
+        self,
+        sock: socket.socket | None,
+        name: str,
+        stall_s: float = STALL_S,
+        error: str = "",
+        key: bytes = b"",
     ) -> None:
         self.sock, self.name, self.stall_s = sock, name, stall_s
+        self.writer = stream_auth.RecordWriter(sock, key) if sock is not None else None
         self.error: str | None = error or None
         self.sent = 0
         self._q: queue.Queue[bytes | memoryview | None] = queue.Queue(QUEUE_CHUNKS)
@@ -175,13 +203,15 @@ class Forward:
             self._thread.start()
 
     def _run(self) -> None:
-        assert self.sock is not None
+        assert self.sock is not None and self.writer is not None
         self.sock.settimeout(self.stall_s)
         try:
             while (data := self._q.get()) is not None:
                 if self.error is None:
-                    self.sock.sendall(data)
+                    self.writer.write(data)
                     self.sent += len(data)
+            if self.error is None:
+                self.writer.flush()
         except OSError as e:
             if not self._cut:
                 self._fail(f"{self.name}: {e.strerror or e or 'timed out'}")
@@ -230,32 +260,15 @@ class Forward:
         self.sock.close()
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    while len(view):
-        got = conn.recv_into(view)
-        if got == 0:
-            raise ConnectionError("closed early")
-        view = view[got:]
-    return bytes(buf)
-
-
-def _apply_meta(dest: str, entries: list[Entry], mine: dict[int, int]) -> None:
-    """Directories (created), links (made or replaced) this host needs, before the bytes."""
+def _apply_meta(d: Destination, entries: list[Entry], mine: dict[int, int]) -> None:
+    """Directories (created; a link or file in the way removed, never followed) and links
+    (made or replaced) this host needs, before the bytes."""
     for i in sorted(mine):
         kind, rel, _size, _mtime, mode, extra = entries[i]
-        path = _target(dest, rel)
         if kind == "dir":
-            path.mkdir(parents=True, exist_ok=True)
-            os.chmod(path, mode | stat.S_IWUSR | stat.S_IXUSR)  # writable until the files land
+            d.make_folder(rel, mode | stat.S_IWUSR | stat.S_IXUSR)  # writable until files land
         elif kind == "link":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = part_path(path, 0, 0)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.symlink(extra, tmp)
-            os.replace(tmp, path)
+            d.make_link(rel, extra, part_name(_leaf(d, rel), 0, 0))
 
 
 def receive(
@@ -263,41 +276,84 @@ def receive(
     dest: str,
     entries: list[Entry],
     mine: dict[int, int],
-    children: list[tuple[str, str, int]],
+    children: list[tuple[str, str, int, str]],
     child_needs: list[dict[int, int]],
     verify: bool = False,
     stall_s: float = STALL_S,
 ) -> dict[str, Any]:
     """Receive the stream from upstream and pass it on (see the module docstring).
 
-    ``mine``: the entries this host writes, each with the byte it resumes from; ``children``:
-    (name, ip, port) downstream, each with the entries its part of the chain needs and the
-    first byte it wants of each. Returns what this host wrote and any failure, by name."""
+    ``token``: this host's listener's; ``mine``: the entries this host writes, each with the
+    byte it resumes from; ``children``: (name, ip, port, token) downstream, each with the
+    entries its part of the chain needs and the first byte it wants of each. Returns what this
+    host wrote and any failure, by name."""
     host = socket.gethostname()
     result: dict[str, Any] = {"host": host, "files": 0, "bytes": 0, "error": None, "lost": []}
     # keys arrive as strings when the plan went through JSON; accept both
     mine = {int(k): int(v) for k, v in mine.items()}
     needs = [{int(k): int(v) for k, v in cn.items()} for cn in child_needs]
-    _apply_meta(dest, entries, {i: o for i, o in mine.items() if entries[i][0] != "file"})
+    is_file = len(entries) == 1 and entries[0][1] == ""
     listener = _listener_for(token)
-    conn = _accept(listener, token) if listener is not None else None
-    if conn is None:
-        result["error"] = "the upstream host did not connect, or sent a wrong token"
+    try:
+        d = Destination(dest, is_file, create=True)
+    except (DestinationRefused, OSError) as e:
+        if listener is not None:
+            listener.close()
+        result["error"] = str(e) if isinstance(e, DestinationRefused) else f"{dest}: {e}"
         return result
+    with d:
+        try:
+            _apply_meta(d, entries, {i: o for i, o in mine.items() if entries[i][0] != "file"})
+        except (DestinationRefused, OSError) as e:
+            if listener is not None:
+                listener.close()
+            result["error"] = str(e)
+            return result
+        found = stream_auth.accept(listener, token, ACCEPT_TIMEOUT_S) if listener else None
+        if found is None:
+            result["error"] = "the upstream host did not connect, or did not hold the token"
+            return result
+        _receive_from(found, d, entries, mine, children, needs, verify, stall_s, result)
+        for i in sorted(mine, reverse=True):  # directories get their own mode back, deepest first
+            kind, rel, _size, _mtime, mode, _extra = entries[i]
+            if kind == "dir":
+                d.set_folder_mode(rel, mode)
+    return result
+
+
+def _receive_from(
+    found: tuple[socket.socket, bytes],
+    d: Destination,
+    entries: list[Entry],
+    mine: dict[int, int],
+    children: list[tuple[str, str, int, str]],
+    needs: list[dict[int, int]],
+    verify: bool,
+    stall_s: float,
+    result: dict[str, Any],
+) -> None:
+    """Connect to the children (proving each one's token), then read, write and pass on."""
+    conn, key = found
     conn.settimeout(stall_s)
     outs: list[Forward] = []
     complete = False
     try:
-        for name, ip, port in children:
+        for name, ip, port, child_token in children:
             try:
                 s = socket.create_connection((ip, port), timeout=stall_s)
-                s.sendall(token.encode())
-                outs.append(Forward(s, name, stall_s))
             except OSError as e:
                 outs.append(Forward(None, name, stall_s, f"{name}: {e.strerror or e}"))
-        _pump(conn, dest, entries, mine, outs, needs, verify, result)
+                continue
+            try:
+                child_key = stream_auth.prove(s, child_token, stall_s)
+            except OSError as e:
+                s.close()
+                outs.append(Forward(None, name, stall_s, f"{name}: refused us ({e})"))
+                continue
+            outs.append(Forward(s, name, stall_s, key=child_key))
+        _pump(stream_auth.RecordReader(conn, key), d, entries, mine, outs, needs, verify, result)
         complete = True
-    except SyncFault as e:
+    except (SyncFault, DestinationRefused) as e:
         result["error"] = str(e)
     except OSError as e:
         result["error"] = f"the stream from upstream broke: {getattr(e, 'strerror', None) or e}"
@@ -306,12 +362,6 @@ def receive(
         for out in outs:
             out.close(complete)
     result["lost"] = [out.error for out in outs if out.error]
-    for i in sorted(mine, reverse=True):  # directories get their own mode back, deepest first
-        kind, rel, _size, _mtime, mode, _extra = entries[i]
-        if kind == "dir":
-            with contextlib.suppress(OSError):
-                os.chmod(_target(dest, rel), mode)
-    return result
 
 
 def _listener_for(token: str) -> socket.socket | None:
@@ -321,8 +371,8 @@ def _listener_for(token: str) -> socket.socket | None:
 
 
 def _pump(
-    conn: socket.socket,
-    dest: str,
+    stream: stream_auth.RecordReader,
+    d: Destination,
     entries: list[Entry],
     mine: dict[int, int],
     outs: list[Forward],
@@ -331,56 +381,77 @@ def _pump(
     result: dict[str, Any],
 ) -> None:
     while True:
-        idx, start, count = HEADER.unpack(_recv_exact(conn, HEADER.size))
+        idx, start, count = HEADER.unpack(stream.read_exact(HEADER.size))
         if idx == END:
             return
-        _kind, rel, size, mtime_ns, mode, extra = entries[idx]
+        if idx >= len(entries):
+            raise ConnectionError(f"bad header for entry {idx}")
+        size = entries[idx][2]
         if start + count != size:
             raise ConnectionError(f"bad header for entry {idx}")
         targets = [(o, needs[c][idx]) for c, o in enumerate(outs) if idx in needs[c]]
         for out, first in targets:
             out.put(HEADER.pack(idx, first, size - first))
-        f: Any = None
         own = mine.get(idx)
-        final = _target(dest, rel)
-        part = part_path(final, size, mtime_ns)
-        if own:  # resumed: keep the first ``own`` bytes of the part
-            if not part.exists() or part.stat().st_size < own:
-                raise SyncFault(f"{part.name} changed during the sync; run it again")
-            f = open(part, "r+b")  # noqa: SIM115
-            f.truncate(own)
-            f.seek(own)
-        elif own is not None:
-            try:
-                f = open(part, "wb")  # noqa: SIM115
-            except FileNotFoundError:  # its folder is not there yet
-                final.parent.mkdir(parents=True, exist_ok=True)
-                f = open(part, "wb")  # noqa: SIM115
+        f = None if own is None else _open_part(d, entries[idx], own)
         try:
             pos = start
             while pos < size:
                 buf = bytearray(min(CHUNK_BYTES, size - pos))
-                view = memoryview(buf)
-                n = conn.recv_into(view)
-                if n == 0:
-                    raise ConnectionError("closed early")
-                chunk = view[:n]
+                n = stream.readinto(memoryview(buf))
+                chunk = memoryview(buf)[:n]
                 end = pos + n
-                if f is not None and end > own:
+                if f is not None and own is not None and end > own:
                     f.write(chunk[max(0, own - pos) :])
                 for out, first in targets:
                     if end > first:
                         out.put(chunk[max(0, first - pos) :])
                 pos = end
+            if f is not None:
+                f.flush()
+                _finish(d, entries[idx], f.fileno(), verify)
         finally:
             if f is not None:
                 f.close()
-        if f is not None:
-            os.chmod(part, mode)
-            os.utime(part, ns=(mtime_ns, mtime_ns))
-            if verify and extra and _sha256(part) != extra:
-                part.unlink()
-                raise SyncFault(f"{rel or final.name}: checksum differs after writing")
-            os.replace(part, final)
+        if f is not None and own is not None:
             result["files"] += 1
             result["bytes"] += size - own
+
+
+def _open_part(d: Destination, entry: Entry, own: int) -> Any:
+    """The file's temporary part, opened without following a link: resumed after its first
+    ``own`` bytes, or created afresh."""
+    _kind, rel, size, mtime_ns, _mode, _extra = entry
+    part = part_name(_leaf(d, rel), size, mtime_ns)
+    if own:  # resumed: keep the first ``own`` bytes of the part
+        try:
+            fd = d.open_file(rel, part, new=False)
+        except OSError:
+            raise SyncFault(f"{part} changed during the sync; run it again") from None
+        if os.fstat(fd).st_size < own:
+            os.close(fd)
+            raise SyncFault(f"{part} changed during the sync; run it again")
+        f = open(fd, "r+b")  # noqa: SIM115
+        f.truncate(own)
+        f.seek(own)
+        return f
+    try:
+        fd = d.open_file(rel, part, new=True)
+    except FileNotFoundError:  # its folder is not there yet
+        d.folder(rel.rpartition("/")[0], create=True)
+        fd = d.open_file(rel, part, new=True)
+    return open(fd, "wb")
+
+
+def _finish(d: Destination, entry: Entry, fd: int, verify: bool) -> None:
+    """A complete part: its mode and time on the open file, its checksum with ``verify``, then
+    renamed over the entry (a link there is replaced, not followed)."""
+    _kind, rel, size, mtime_ns, mode, extra = entry
+    part = part_name(_leaf(d, rel), size, mtime_ns)
+    os.fchmod(fd, mode)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
+    if verify and extra and _sha256(d, rel, part) != extra:
+        folder, _ = d.locate(rel)
+        os.unlink(part, dir_fd=folder)
+        raise SyncFault(f"{rel or d.leaf}: checksum differs after writing")
+    d.replace(rel, part)
