@@ -398,6 +398,9 @@ class MLXCluster(ClusterViews, ClusterTools):
                 return
             dead = self._dead_evidence()
             run = self._run
+            # Broken first (as a stop says stopped first): whoever looks meanwhile, a cell in
+            # another thread or the view, reads the reason, not the ranks the teardown kills.
+            self._state, self._breakage = "broken", breakage
             if run is not None:
                 ipp_adapter.no_graceful_wait(run.ipp)
             self._teardown(grace=0.5)
@@ -410,7 +413,6 @@ class MLXCluster(ClusterViews, ClusterTools):
                 )
                 for n in self.last_nodes
             ]
-            self._state, self._breakage = "broken", breakage
         self._refresh_widget()
 
     # ------------------------------------------------------------------ the watch
