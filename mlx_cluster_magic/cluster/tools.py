@@ -144,6 +144,13 @@ class ClusterTools:
         hosts = [str(r["host"]) for r in self.ranks] or [h.ssh for h in self.placement.ranks]
         return hang_verdict.analyze(snaps, dumps, hosts)
 
+    def dropped_status(self) -> dict[str, int]:
+        """Status messages this run's receiver dropped, by reason (``token``, ``size``,
+        ``nesting``, ``json``, ``field``, ``rank``, ``host``, ``requests``, ``error``): junk
+        or forgery on the status port shows here; empty without live status."""
+        run = self._run
+        return {} if run is None or run.status is None else run.status.dropped_reasons()
+
     def gather(self, name: str, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> GatherResult:
         """Fetch ``name`` from every rank: ``.values`` by rank, ``.agree``, ``.diverged``."""
         if not isinstance(name, str) or not name.isidentifier():

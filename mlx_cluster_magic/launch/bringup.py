@@ -221,6 +221,8 @@ def check_ranks(run: Running) -> None:
                 f"{r['mlx_rank']} of {r['mlx_size']}; expected rank {engine_id} of {n}"
             )
     run.ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
+    if run.status is not None:  # records naming another host are forged from now on
+        run.status.expect_hosts([str(r["host"]) for r in run.ranks])
     local = [r for r in run.ranks if placement.is_local or placement.ranks[r["mlx_rank"]].is_local]
     for r in local:
         tracked = processes.Tracked.of(r["pid"])
