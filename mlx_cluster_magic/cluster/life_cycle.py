@@ -368,7 +368,12 @@ class MLXCluster(ClusterViews, ClusterTools):
             # the errors of the ranks the teardown kills.
             self._state = "stopped"
             self._reason = f"stopped from {origin}" if origin else None
-            self._teardown()
+            try:
+                self._teardown()
+            except BaseException as e:
+                # Not stopped while something may be left: a second stop() tries again.
+                self._state, self._reason = "broken", f"the stop did not finish ({e!r})"
+                raise
         self._refresh_widget()
 
     def close(self) -> None:
@@ -411,13 +416,16 @@ class MLXCluster(ClusterViews, ClusterTools):
         return self
 
     def _teardown(self, grace: float = 5.0) -> None:
-        """Stop everything this cluster started; keep each rank's last record for the views."""
-        run, self._run = self._run, None
-        _LIVE.discard(self)
+        """Stop everything this cluster started; keep each rank's last record for the views.
+        The run is forgotten only once its teardown went through (else it is done again)."""
+        run = self._run
         if run is None:
+            _LIVE.discard(self)
             return
         self._keep_metrics_of(run)
         remains = bringup.tear_down(run, grace=grace)
+        self._run = None
+        _LIVE.discard(self)
         if remains is not None:
             self.last_nodes, self._last_recorders = remains.nodes, remains.recorders
         _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log
