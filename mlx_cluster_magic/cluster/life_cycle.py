@@ -205,6 +205,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         return self
 
     def _start(self) -> None:
+        if self._run is not None:  # a stop that failed (the cluster is broken): finish it
+            self._teardown()
         run = self._run = bringup.prepare(self.spec)
         _LIVE.add(self)
         # The controller gets ready (about 0.6 s) while the doctor checks the hosts over ssh.
@@ -404,7 +406,11 @@ class MLXCluster(ClusterViews, ClusterTools):
                 # the cluster was restarted, not the errors of the ranks the teardown kills.
                 self._state, self._reason = "stopped", "restarted"
                 if self._run is not None:
-                    self._teardown()
+                    try:
+                        self._teardown()
+                    except BaseException as e:
+                        self._state, self._reason = "broken", f"the stop did not finish ({e!r})"
+                        raise
             self.start(activate=activate)
         finally:
             self._restarting = False
