@@ -242,7 +242,7 @@ def test_nesting_is_measured_without_parsing() -> None:
     started = time.perf_counter()
     for junk in (b"[]" * 500_000, b'"\\' * 500_000, b"[" * 1_000_000, b'"' * 1_000_000):
         nesting_ok(junk)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0  # linear (quadratic would take hours)
 
 
 def test_the_usage_store_keeps_only_the_clusters_hosts() -> None:
@@ -282,7 +282,7 @@ def test_the_heads_test_listener_takes_only_the_hosts_names() -> None:
             time.sleep(0.01)
         time.sleep(0.1)
         _datagrams("127.0.0.1", port, b"mac1", os.urandom(256), b"mac2\n")
-        assert _wait(lambda: listener.udp_from == {"mac1", "mac2"}, 1.0), listener.udp_from
+        assert _wait(lambda: listener.udp_from == {"mac1", "mac2"}, 5.0), listener.udp_from
         assert listener.connections == 40
     finally:
         for c in conns:
@@ -297,7 +297,7 @@ def test_the_probe_listener_counts_only_its_peers() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    listener = probe.Listener(f"{port}:1:3:127.0.0.1|127.0.0.1")
+    listener = probe.Listener(f"{port}:1:5:127.0.0.1|127.0.0.1")
     others = []
     try:
         for i in range(20):
@@ -310,7 +310,7 @@ def test_the_probe_listener_counts_only_its_peers() -> None:
         time.sleep(0.3)
         assert listener.thread.is_alive() and listener.accepted == 0
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        assert _wait(lambda: listener.accepted == 1, 2.0)
+        assert _wait(lambda: listener.accepted == 1, 4.0)
     finally:
         for c in others:
             c.close()
