@@ -211,6 +211,23 @@ def test_why_signals_and_reads_only_what_the_ranks_said(cluster: MLXCluster, tmp
     _still_works(cluster)
 
 
+def test_a_stack_capture_never_truncates_through_a_link(tmp_path) -> None:
+    from mlx_cluster_magic.observe import stack_capture
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    link = tmp_path / "stack.txt"
+    link.symlink_to(precious)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        assert stack_capture.capture(bystander.pid, str(link), timeout=0.5) == ""
+        time.sleep(0.2)
+        assert precious.read_text() == "keep me\n" and bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 # --------------------------------------------------------------- the receiver alone
 
 
