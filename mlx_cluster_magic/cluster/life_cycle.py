@@ -252,6 +252,8 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     # ------------------------------------------------------------------ faults
     def _dead_evidence(self) -> dict[int, str]:
+        if self._state == "stopped":  # a stop under way kills them: not a death to show
+            return {}
         return bringup.dead_evidence(self._run)
 
     def _lost(self, reason: str) -> None:
