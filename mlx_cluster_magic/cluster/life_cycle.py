@@ -253,6 +253,8 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def _start(self) -> None:
         with self._lock:
+            if self._run is not None:  # a stop that failed (the cluster is broken): finish it
+                self._teardown()
             run = self._run = bringup.prepare(self.spec)
             _LIVE.add(self)
         # The controller gets ready (about 0.6 s) while the doctor checks the hosts over ssh.
@@ -302,6 +304,8 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     # ------------------------------------------------------------------ faults
     def _dead_evidence(self) -> dict[int, str]:
+        if self._state == "stopped":  # a stop under way kills them: not a death to show
+            return {}
         return bringup.dead_evidence(self._run)
 
     def loss(self) -> Breakage | None:
@@ -403,7 +407,9 @@ class MLXCluster(ClusterViews, ClusterTools):
             self._state, self._breakage = "broken", breakage
             if run is not None:
                 ipp_adapter.no_graceful_wait(run.ipp)
-            self._teardown(grace=0.5)
+            # (a teardown that did not go through keeps its run: the next stop finishes it)
+            with contextlib.suppress(Exception):
+                self._teardown(grace=0.5)
             # Ranks that died stay dead; those the abort stopped did not die by themselves.
             self.last_nodes = [
                 dataclasses.replace(n, state="dead", why=dead[n.rank], silent_s=None)
@@ -480,7 +486,15 @@ class MLXCluster(ClusterViews, ClusterTools):
                 # not the errors of the ranks the teardown kills.
                 self._state = "stopped"
                 self._reason = f"stopped from {origin}" if origin else None
-                self._teardown()
+                try:
+                    self._teardown()
+                except BaseException as e:
+                    # Not stopped while something may be left: a second stop() tries again.
+                    self._state = "broken"
+                    self._breakage = Breakage(
+                        f"the stop did not finish ({e!r})", "%mlx_cluster stop tries again"
+                    )
+                    raise
             else:
                 self._stop_asked = f" from {origin}" if origin else ""
                 run = self._run
@@ -521,7 +535,14 @@ class MLXCluster(ClusterViews, ClusterTools):
                 # the cluster was restarted, not the errors of the ranks the teardown kills.
                 self._state, self._reason = "stopped", "restarted"
                 if self._run is not None:
-                    self._teardown()
+                    try:
+                        self._teardown()
+                    except BaseException as e:
+                        self._state = "broken"
+                        self._breakage = Breakage(
+                            f"the stop did not finish ({e!r})", "%mlx_cluster stop tries again"
+                        )
+                        raise
             self.start(activate=activate)
         finally:
             self._restarting = False
@@ -543,15 +564,18 @@ class MLXCluster(ClusterViews, ClusterTools):
         }
 
     def _teardown(self, grace: float = 5.0) -> None:
-        """Stop everything this cluster started; keep each rank's last record for the views."""
-        run, self._run = self._run, None
+        """Stop everything this cluster started; keep each rank's last record for the views.
+        The run is forgotten only once its teardown went through (else it is done again)."""
         if self._watch_stop is not None:
             self._watch_stop.set()
-        _LIVE.discard(self)
+        run = self._run
         if run is None:
+            _LIVE.discard(self)
             return
         self._keep_metrics_of(run)
         remains = bringup.tear_down(run, grace=grace)
+        self._run = None
+        _LIVE.discard(self)
         if remains is not None:
             self.last_nodes, self._last_recorders = remains.nodes, remains.recorders
         _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log

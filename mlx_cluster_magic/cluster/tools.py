@@ -132,17 +132,35 @@ class ClusterTools:
         snaps, run = self._recorders(), self._run
         dumps = None
         if stacks and run is not None:
-            targets: list[tuple[int, str, str | None] | None] = []
-            for r, snap in enumerate(snaps):
-                if not snap or not snap.get("stack_file"):
-                    targets.append(None)
-                    continue
-                local = self.placement.is_local or self.placement.ranks[r].is_local
-                host = None if local else self.placement.ranks[r].ssh
-                targets.append((int(snap["pid"]), str(snap["stack_file"]), host))
+            targets = self._stack_targets(run)
             dumps = stack_capture.capture_all(targets, ssh=self.spec.ssh, timeout=timeout)
         hosts = [str(r["host"]) for r in self.ranks] or [h.ssh for h in self.placement.ranks]
         return hang_verdict.analyze(snaps, dumps, hosts)
+
+    def _stack_targets(self, run: Running) -> list[tuple[int, str, str | None] | None]:
+        """Each rank's (pid, stack file, host or None when local) to signal and read: as the
+        rank itself answered at start over ipyparallel's signed channel (``run.ranks``), never
+        from a status record, which anyone who saw the token can forge. A local rank whose
+        tracked process is gone (its pid may be another's now) is skipped."""
+        targets: list[tuple[int, str, str | None] | None] = []
+        for r, known in enumerate(run.ranks):
+            pid, path = known.get("pid"), known.get("stack_file")
+            local = self.placement.is_local or self.placement.ranks[r].is_local
+            tracked = run.rank_procs.get(r)
+            if not (isinstance(pid, int) and isinstance(path, str) and path) or (
+                local and (tracked is None or tracked.pid != pid or not tracked.alive())
+            ):
+                targets.append(None)
+                continue
+            targets.append((pid, path, None if local else self.placement.ranks[r].ssh))
+        return targets
+
+    def dropped_status(self) -> dict[str, int]:
+        """Status messages this run's receiver dropped, by reason (``token``, ``size``,
+        ``nesting``, ``json``, ``field``, ``rank``, ``host``, ``requests``, ``error``): junk
+        or forgery on the status port shows here; empty without live status."""
+        run = self._run
+        return {} if run is None or run.status is None else run.status.dropped_reasons()
 
     def gather(self, name: str, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> GatherResult:
         """Fetch ``name`` from every rank: ``.values`` by rank, ``.agree``, ``.diverged``."""

@@ -222,6 +222,8 @@ def check_ranks(run: Running) -> None:
                 f"{r['mlx_rank']} of {r['mlx_size']}; expected rank {engine_id} of {n}"
             )
     run.ranks = [dict(r, rank=i) for i, r in enumerate(reports)]
+    if run.status is not None:  # records naming another host are forged from now on
+        run.status.expect_hosts([str(r["host"]) for r in run.ranks])
     local = [r for r in run.ranks if placement.is_local or placement.ranks[r["mlx_rank"]].is_local]
     for r in local:
         tracked = processes.Tracked.of(r["pid"])
@@ -400,33 +402,63 @@ def remove_session_dir(mpiexec_pid: int, since: float) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
-    """Stop everything this run started, by the pids tracked at spawn, and remove its files."""
-    remains = None
-    if run.liveness is not None:
-        run.liveness.close()
-    if run.status is not None:
-        remains = Remains(
+def _remains(run: Running, dead: dict[int, str]) -> Remains | None:
+    """Each rank's last record and recorder for the views, as the ranks were before the kill
+    (``dead``): best effort, as a status that cannot be read must keep nothing running."""
+    status = run.status
+    if status is None:
+        return None
+    try:
+        status.set_evidence(lambda: dead)
+        nodes = status.nodes()
+        return Remains(
             [
                 dataclasses.replace(n, state="stopped", silent_s=None) if n.state != "dead" else n
-                for n in run.status.nodes()
+                for n in nodes
             ],
-            [run.status.latest(r, "recorder") for r in range(run.n)],
+            [status.latest(r, "recorder") for r in range(run.n)],
         )
-        run.status.close()
+    except Exception:
+        return None
+
+
+def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
+    """Stop everything this run started, by the pids tracked at spawn, and remove its files.
+
+    Kills first; the status and every other step are tried whatever an earlier one raised, and
+    the first error is raised at the end. The watchdog stays until every process is reaped,
+    so a teardown that failed can be done again (``stop()`` once more) and a dying kernel
+    still takes the processes with it."""
+    errors: list[Exception] = []
+
+    def attempt(step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as e:
+            errors.append(e)
+
+    dead: dict[int, str] = {}
+    attempt(lambda: dead.update(dead_evidence(run)))
+    if run.liveness is not None:
+        attempt(run.liveness.close)
     if run.client is None:
         # The start failed early: the controller may still be forking its schedulers, and
         # ipyparallel's stop would leave those behind. Reaping pauses it while it looks.
-        processes.reap(run.tracked, grace=grace)
+        attempt(lambda: processes.reap(run.tracked, grace=grace))
     # Local ranks get SIGTERM together with mpiexec, which would pass it on only after about
     # half a second; mpiexec then sees them exit and ends at once.
     launcher = ipp_adapter.engine_launcher(run.ipp)
     mpiexec = launcher.process if launcher is not None else None
-    processes.terminate(run.rank_procs.values())
-    ipp_adapter.stop(run.ipp, run.client, drain=min(1.0, grace))
-    processes.reap(run.tracked, grace=grace)
+    attempt(lambda: processes.terminate(run.rank_procs.values()))
+    attempt(lambda: ipp_adapter.stop(run.ipp, run.client, drain=min(1.0, grace)))
+    attempt(lambda: processes.reap(run.tracked, grace=grace))
+    remains = _remains(run, dead)
+    if run.status is not None:
+        attempt(run.status.close)
     if isinstance(mpiexec, psutil.Process):
-        remove_session_dir(mpiexec.pid, run.started_at)
+        attempt(lambda: remove_session_dir(mpiexec.pid, run.started_at))
+    if errors:
+        raise errors[0]
     if run.watchdog is not None:
         run.watchdog.close()
     shutil.rmtree(run.profile_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -91,7 +92,9 @@ def capture(
     host: str | None = None,
     timeout: float = 2.0,
 ) -> str:
-    """Signal ``pid`` to dump its stacks to ``path`` and return the dump's text.
+    """Signal ``pid`` to dump its stacks to ``path`` and return the dump's text. ``path`` must
+    be a regular file of this user's, never a link (else nothing is truncated or signalled);
+    both come from the rank's own answer (``cluster.why()``), never from a status record.
 
     Local when ``host`` is None (``os.kill``); otherwise over ``ssh`` (the cluster's ssh
     command, ``ssh`` by default) to ``host``: ``: > path; kill -USR2 pid; sleep; cat path``.
@@ -100,9 +103,10 @@ def capture(
     if host is None:
         return _capture_local(pid, path, timeout)
     wait = min(0.3, timeout / 4)
-    script = (
-        f": > {shlex.quote(path)} && kill -USR2 {int(pid)} && sleep {wait:g} && "
-        f"cat {shlex.quote(path)}"
+    quoted = shlex.quote(path)
+    script = (  # a regular file of ours, not a link: what the rank's stack_dump made
+        f"[ -f {quoted} ] && [ ! -L {quoted} ] && [ -O {quoted} ] && : > {quoted} && "
+        f"kill -USR2 {int(pid)} && sleep {wait:g} && cat {quoted}"
     )
     argv = [*shlex.split(ssh or "ssh"), "-o", "BatchMode=yes", host, script]
     try:
@@ -136,8 +140,15 @@ def capture_all(
 
 def _capture_local(pid: int, path: str, timeout: float) -> str:
     try:
-        with open(path, "r+") as f:
-            f.truncate(0)
+        # a regular file of ours, not a link: what the rank's stack_dump made
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                return ""
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
         os.kill(pid, SIGNAL)
     except OSError:
         return ""

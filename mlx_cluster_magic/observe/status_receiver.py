@@ -4,8 +4,11 @@ One ZMQ PULL socket on its own context, bound to the controller's address (loopb
 local cluster) on a random port, for the sidecars' periodic records and a request's numbers;
 a UDP socket on the same address and port number for the notices every request's start and
 end sends. One daemon thread takes what both queued every ``DRAIN_PERIOD_S``. Reports carry a
-random token handed to the engines in their environment (compared in constant time); others,
-and messages over ``MAX_MESSAGE_BYTES``, are dropped. No IPython import.
+random token handed to the engines in their environment, first in the message (compared in
+constant time before anything is parsed); a message over ``MAX_MESSAGE_BYTES``, nested too
+deep, with a field of the wrong type or range (``record_schema``), for a rank or host not in
+the placement, or whose request count leaps ahead, is dropped and counted (``dropped``). No
+message stops the receiving thread. No IPython import.
 
 Liveness comes from evidence, never from silence alone: a rank is ``dead`` only when the
 ``evidence`` callback says its process is gone (local pid, mpiexec, the controller's heart).
@@ -23,20 +26,25 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
 
 from ..fabric.placement import Placement
+from .record_schema import BadField, checked, nesting_ok
 from .snapshot import MetricPoint, NodeStatus
 from .utilisation import UsageStore, network_wait
 
 #: A rank whose reports stopped this long ago (its process alive) is ``unresponsive``.
 UNRESPONSIVE_AFTER_S = 2.0
 #: Larger messages are dropped (a report is a few KiB; metrics at most a few hundred KiB).
-MAX_MESSAGE_BYTES = 4 << 20
+MAX_MESSAGE_BYTES = 1 << 20
+#: How fast a rank's request count may grow (requests per second, plus a start): a record that
+#: claims more is forged, and would otherwise win the ordering against every true one.
+MAX_REQUEST_RATE = 10_000
+REQUEST_SLACK = 1_000
 #: The receiving thread wakes this often and takes every queued report (the kernel and ZMQ's
 #: I/O thread queue them, without the GIL): it never wakes per message, so the notices every
 #: request sends do not compete with the client waiting for that request's reply.
@@ -87,13 +95,19 @@ class StatusReceiver:
             self._sock.setsockopt(zmq.IPV6, 1)
         port, self._udp = self._bind(bind_ip, host)
         self.url = f"tcp://{host}:{port}#{self.token}"
-        self._token = self.token.encode()
+        #: How every message the sidecars send starts (``json.dumps`` keeps the token first).
+        self._prefix = json.dumps({"token": self.token})[:-1].encode()
+        self._started = time.monotonic()
+        #: Rank -> the host name it gave over ipyparallel (``expect_hosts``), once known.
+        self._hosts: list[str] | None = None
+        #: Why messages were dropped, and how many for each reason.
+        self._dropped: Counter[str] = Counter()
         #: rank -> (when last heard, merged record, when its state was set)
         self._latest: dict[int, tuple[float, dict[str, Any], float]] = {}
         self._series: dict[int, dict[str, deque[tuple[float, float | None, float]]]] = {}
         self._lock = threading.Lock()
         #: How hard each host works (CPU, GPU, power, temperature), kept bounded.
-        self.usage = UsageStore()
+        self.usage = UsageStore(max_hosts=len(placement.hosts))
         #: Held while the sockets are read or closed: readers drain too (ZMQ sockets may move
         #: between threads only across a lock), so what arrived is in what they read.
         self._io_lock = threading.Lock()
@@ -122,6 +136,27 @@ class StatusReceiver:
                 udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NOTICE_BUFFER_BYTES)
             return port, udp
         raise OSError(errno.EADDRINUSE, f"no port free for both TCP and UDP on {bind_ip}")
+
+    @property
+    def dropped(self) -> int:
+        """How many messages were dropped (junk, forged, wrong token, too large...)."""
+        with self._lock:
+            return sum(self._dropped.values())
+
+    def dropped_reasons(self) -> dict[str, int]:
+        """Dropped messages by reason (``token``, ``size``, ``nesting``, ``json``, ``field``,
+        ``rank``, ``host``, ``requests``, ``error``)."""
+        with self._lock:
+            return dict(self._dropped)
+
+    def expect_hosts(self, hosts: list[str]) -> None:
+        """The host name each rank gave in its answer over ipyparallel (authenticated): from
+        now on a record naming another host for that rank is dropped, and host figures of any
+        other host are forgotten."""
+        if len(hosts) != self.placement.size:
+            return
+        self._hosts = [str(h) for h in hosts]
+        self.usage.keep_only(set(self._hosts))
 
     def set_evidence(self, evidence: Evidence) -> None:
         """Where proof of a rank's death comes from (set once the ranks' pids are known)."""
@@ -156,7 +191,10 @@ class StatusReceiver:
     def _run(self) -> None:
         last_tick = 0.0
         while not self._stop.wait(DRAIN_PERIOD_S):
-            self._receive()
+            try:
+                self._receive()
+            except Exception:  # a bug, never a message: count it, keep receiving
+                self._drop("error")
             now = time.monotonic()
             if now - last_tick >= 0.5:
                 last_tick = now
@@ -184,22 +222,70 @@ class StatusReceiver:
                 except OSError:  # nothing queued (or an ICMP error): the next drain goes on
                     break
 
+    def _drop(self, why: str) -> None:
+        with self._lock:
+            self._dropped[why] += 1
+
     def _handle(self, raw: bytes) -> None:
+        """Keep one message, or drop and count it; never raises."""
+        try:
+            why = self._take(raw)
+        except Exception:  # whatever a message holds, the receiver goes on
+            why = "error"
+        if why:
+            self._drop(why)
+
+    def _admit(self, raw: bytes) -> dict[str, Any] | str:
+        """The checked record in ``raw``, or why it is dropped. The token (first, as the
+        sidecars send it) is compared before anything is parsed; the nesting before
+        ``json.loads``; every field after (``record_schema``)."""
+        if len(raw) > MAX_MESSAGE_BYTES:
+            return "size"
+        if not hmac.compare_digest(raw[: len(self._prefix)], self._prefix):
+            return "token"
+        if not nesting_ok(raw):
+            return "nesting"
         try:
             msg = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(msg, dict):
-            return
-        token = msg.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
-            return
-        rank = msg.get("rank")
-        if not (isinstance(rank, int) and 0 <= rank < self.placement.size):
-            return
+        except (ValueError, RecursionError):
+            return "json"
+        try:
+            record = checked(msg)
+        except BadField:
+            return "field"
+        rank = record.get("rank")
+        if rank is None or not 0 <= rank < self.placement.size:
+            return "rank"
+        hosts, host = self._hosts, record.get("host")
+        if host is not None and hosts is not None and host != hosts[rank]:
+            return "host"
+        return record
+
+    def _plausible(
+        self, record: dict[str, Any], old: tuple[float, dict[str, Any], float] | None, now: float
+    ) -> bool:
+        """Whether the record's request count could have grown to what it says since the
+        rank's last record (or since the receiver started)."""
+        requests = record.get("requests")
+        if requests is None:
+            return True
+        before, since = 0, self._started
+        if old is not None and isinstance(old[1].get("requests"), int):
+            before, since = old[1]["requests"], old[0]
+        return bool(requests - before <= REQUEST_SLACK + MAX_REQUEST_RATE * (now - since))
+
+    def _take(self, raw: bytes) -> str | None:
+        """Store one message's record; None, or why it was dropped."""
+        msg = self._admit(raw)
+        if isinstance(msg, str):
+            return msg
+        rank = msg["rank"]
+        now = time.monotonic()
+        with self._lock:
+            if not self._plausible(msg, self._latest.get(rank), now):
+                return "requests"
         points = msg.pop("metrics", None)
         self.usage.add(rank, msg)
-        now = time.monotonic()
         with self._lock:
             old = self._latest.get(rank)
             state_at = now
@@ -214,6 +300,7 @@ class StatusReceiver:
             self._latest[rank] = (now, msg, state_at)
             if isinstance(points, list):
                 self._store_points(rank, points)
+        return None
 
     def _store_points(self, rank: int, points: list[Any]) -> None:
         series = self._series.setdefault(rank, {})

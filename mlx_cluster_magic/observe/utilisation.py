@@ -38,11 +38,19 @@ class UsagePoint:
     rank: int | None = None
 
 
-class UsageStore:
-    """Newest figures and bounded series, fed by ``add`` from the receiver's thread."""
+#: Hosts a store keeps figures of when not told how many the cluster has.
+MAX_HOSTS = 64
 
-    def __init__(self, points_per_series: int = POINTS_PER_SERIES) -> None:
+
+class UsageStore:
+    """Newest figures and bounded series, fed by ``add`` from the receiver's thread: at most
+    ``max_hosts`` hosts (the cluster's), so records naming invented hosts cannot grow it."""
+
+    def __init__(
+        self, points_per_series: int = POINTS_PER_SERIES, max_hosts: int = MAX_HOSTS
+    ) -> None:
         self._cap = points_per_series
+        self._max_hosts = max(1, max_hosts)
         self._lock = threading.Lock()
         self._host_latest: dict[str, dict[str, Any]] = {}
         self._series: dict[tuple[str, str, int | None], deque[tuple[float, float]]] = {}
@@ -54,6 +62,9 @@ class UsageStore:
             return
         t = time.time() if now is None else now
         with self._lock:
+            known = self._hosts()
+            if host not in known and len(known) >= self._max_hosts:
+                return
             for name in RANK_FIELDS:
                 self._append(host, name, rank, msg.get(name), t)
             if msg.get("samples_host"):
@@ -63,6 +74,17 @@ class UsageStore:
                 self._host_latest[host] = latest
                 for name in HOST_FIELDS:
                     self._append(host, name, None, msg.get(name), t)
+
+    def _hosts(self) -> set[str]:
+        return set(self._host_latest) | {host for host, _, _ in self._series}
+
+    def keep_only(self, hosts: set[str]) -> None:
+        """Forget every host but ``hosts`` (the cluster's, once its ranks named them)."""
+        with self._lock:
+            for host in [h for h in self._host_latest if h not in hosts]:
+                del self._host_latest[host]
+            for key in [k for k in self._series if k[0] not in hosts]:
+                del self._series[key]
 
     def _append(self, host: str, name: str, rank: int | None, value: Any, t: float) -> None:
         if not _number(value):

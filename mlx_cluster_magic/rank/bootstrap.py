@@ -94,8 +94,12 @@ def _fail(message: str) -> None:
 
 
 def rank_report() -> dict[str, Any]:
-    """What the head checks after start: ids, ranks and sizes must all agree."""
+    """What the head checks after start: ids, ranks and sizes must all agree. The pid and the
+    stack file are what ``why()`` signals and reads: they come from this answer (ipyparallel's
+    signed channel), never from a status record."""
     from mpi4py import MPI
+
+    from . import stack_dump
 
     comm = MPI.COMM_WORLD
     return {
@@ -106,6 +110,7 @@ def rank_report() -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "backend": BACKEND,
+        "stack_file": stack_dump.STACK_FILE,
     }
 
 

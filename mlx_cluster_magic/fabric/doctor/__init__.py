@@ -92,7 +92,7 @@ def _head_listener(address: str | None, hosts: list[Host], port: int) -> HeadLis
     """The head's test listener on the control address, when remote hosts will connect there."""
     if not address or address.startswith("127.") or all(h.is_local for h in hosts):
         return None
-    return HeadListener(address, port + 1)
+    return HeadListener(address, port + 1, {h.ssh for h in hosts if not h.is_local})
 
 
 def _head_link(
@@ -164,13 +164,19 @@ def _checked(python: str | None, timeout: object) -> tuple[str, float]:
     return (python.strip() if python else sys.executable), float(timeout)
 
 
-def _listen_spec(i: int, paths: Sequence[DataPath], port: int, timeout: float) -> str:
-    """What host ``i``'s probe listens on for its peers (``port:count:window:ips``), or ``-``."""
+def _listen_spec(
+    i: int, hosts: Sequence[Host], paths: Sequence[DataPath], port: int, timeout: float
+) -> str:
+    """What host ``i``'s probe listens on for its peers (``port:count:window:ips|peer_ips``),
+    or ``-``. ``peer_ips``: the addresses the peers connect from (every address the hostfile
+    gives them); empty, so any counts, when a peer has none."""
     ips = [ip for q in paths if q.dst == i for ip in q.ips]
     if not ips:
         return "-"
     window = max(1.0, min(probe.LISTEN_S, timeout - 1.0))  # within the probe's own limit
-    return f"{port}:{len(ips)}:{window:g}:{','.join(dict.fromkeys(ips))}"
+    sources = [hosts[q.src].ips for q in paths if q.dst == i]
+    peers = "" if not all(sources) else ",".join(dict.fromkeys(ip for s in sources for ip in s))
+    return f"{port}:{len(ips)}:{window:g}:{','.join(dict.fromkeys(ips))}|{peers}"
 
 
 def _path_results(
@@ -281,7 +287,7 @@ class _Round:
             ips,
             self.advice,
             [f"{ip}:{self.port}" for ip in ips],
-            _listen_spec(i, self.paths, self.port, self.timeout),
+            _listen_spec(i, self.hosts, self.paths, self.port, self.timeout),
             "-" if h.is_local else head,
         )
 

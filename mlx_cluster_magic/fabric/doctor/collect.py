@@ -292,26 +292,33 @@ def _ssh_port(host: Host, ssh: list[str], timeout: float) -> int:
 
 class HeadListener:
     """The head's own test listener, TCP and UDP on the address the controller and the status
-    channel listen on: each host's probe connects and sends its name, as its ranks will."""
+    channel listen on: each host's probe connects and sends its name, as its ranks will.
 
-    def __init__(self, address: str, port: int) -> None:
+    It takes only what it must: a connection is closed at once, unread (the probe itself says
+    whether it connected), and a datagram counts only when it is one of ``names`` (the hosts'),
+    so junk, silent or many connections neither hold it up nor grow what it keeps."""
+
+    def __init__(self, address: str, port: int, names: set[str] | frozenset[str]) -> None:
         import threading
 
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.address = f"{address}:{port}"
-        self.tcp_from: set[str] = set()
+        self.names = frozenset(names)
         self.udp_from: set[str] = set()
+        self.connections = 0
+        self.junk = 0
         self.error: str | None = None
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         try:
             tcp = socket.socket(family, socket.SOCK_STREAM)
+            self._socks.append(tcp)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             tcp.bind((address, port))
             tcp.listen(64)
             udp = socket.socket(family, socket.SOCK_DGRAM)
+            self._socks.append(udp)
             udp.bind((address, port))
-            self._socks = [tcp, udp]
         except OSError as e:
             self.error = e.strerror or str(e)
             for s in self._socks:
@@ -319,25 +326,41 @@ class HeadListener:
             self._socks = []
             return
         for s in self._socks:
-            s.settimeout(0.05)
+            s.setblocking(False)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
+        import selectors
+
         tcp, udp = self._socks
-        while not self._stop.is_set():
+        with selectors.DefaultSelector() as sel:
+            sel.register(tcp, selectors.EVENT_READ)
+            sel.register(udp, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.05):
+                    try:
+                        self._take(tcp, udp, key.fileobj is tcp)
+                    except Exception:  # never stop listening
+                        self.junk += 1
+
+    def _take(self, tcp: socket.socket, udp: socket.socket, connections: bool) -> None:
+        """Everything queued on one socket (a bounded batch, so neither starves the other)."""
+        for _ in range(256):
             try:
-                conn, _ = tcp.accept()
-                with conn:
-                    conn.settimeout(1.0)
-                    self.tcp_from.add(conn.recv(256).decode(errors="replace").strip())
-            except OSError:
-                pass
-            try:
+                if connections:
+                    conn, _ = tcp.accept()
+                    conn.close()
+                    self.connections += 1
+                    continue
                 data, _ = udp.recvfrom(256)
-                self.udp_from.add(data.decode(errors="replace").strip())
-            except OSError:
-                pass
+            except OSError:  # nothing queued
+                return
+            name = data.decode(errors="replace").strip()
+            if name in self.names:
+                self.udp_from.add(name)
+            else:
+                self.junk += 1
 
     def close(self) -> None:
         """Let the last datagrams land, then stop and close."""

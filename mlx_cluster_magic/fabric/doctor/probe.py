@@ -206,18 +206,23 @@ def reach_head(spec: str, retry: float = REFUSED_RETRY_S) -> dict[str, Any]:
 
 class Listener:
     """TCP listeners on this host's cluster addresses, opened by the python the ranks run, for
-    the peers' probes to connect to; open until ``expect`` connections came or the window
-    (``port:expect:seconds:ip,...``) closed."""
+    the peers' probes to connect to; open until ``expect`` connections from the peers came or
+    the window closed (``port:expect:seconds:ip,...|peer_ip,...``). Each connection is closed
+    at once, unread, so junk or silence costs nothing; only one from a peer's address
+    (``peer_ip``; any, when none is given) counts, so others cannot close it early."""
 
     def __init__(self, spec: str) -> None:
         import socket
         import threading
         import time
 
+        spec, _, peers = spec.partition("|")
         port, expect, window, ips = [*spec.split(":", 3), "", "", ""][:4]
         self.expect = int(expect or 0)
         self.window = min(float(window or LISTEN_S), LISTEN_S)
+        self.peers = {p for p in peers.split(",") if p}
         self.accepted = 0
+        self.others = 0
         self.until: float | None = None
         self.bound: dict[str, str] = {}
         self.socks: list[Any] = []
@@ -245,11 +250,14 @@ class Listener:
                 deadline = min(deadline, self.until)
             for s in self.socks:
                 try:
-                    conn, _ = s.accept()
+                    conn, source = s.accept()
                 except OSError:
                     continue
                 conn.close()
-                self.accepted += 1
+                if not self.peers or _plain_ip(source[0]) in self.peers:
+                    self.accepted += 1
+                else:
+                    self.others += 1
 
     def close(self) -> dict[str, Any]:
         """Wait for the peers a little longer (``LISTEN_GRACE_S``: a peer that will come is
@@ -262,7 +270,18 @@ class Listener:
         for s in self.socks:
             s.close()
         until = time.time()  # refusals after this are the closed port's, not a firewall's
-        return {"bound": self.bound, "accepted": self.accepted, "since": self.since, "until": until}
+        return {
+            "bound": self.bound,
+            "accepted": self.accepted,
+            "others": self.others,
+            "since": self.since,
+            "until": until,
+        }
+
+
+def _plain_ip(address: str) -> str:
+    """``::ffff:10.0.0.2`` (an IPv4 peer seen by an IPv6 socket) as ``10.0.0.2``."""
+    return address[7:] if address.startswith("::ffff:") else address
 
 
 def report(
