@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import hmac
 import json
 import secrets
@@ -227,7 +226,7 @@ class StatusReceiver:
     def _checked_notice(self, datagram: bytes) -> bytes | None:
         """A notice whose MAC (keyed by the token) holds, as a report carrying the token."""
         mac, body = datagram[:NOTICE_MAC_BYTES], datagram[NOTICE_MAC_BYTES:]
-        expected = hmac.new(self._token, body, hashlib.sha256).digest()
+        expected = hmac.digest(self._token, body, "sha256")
         if not hmac.compare_digest(mac, expected) or not body.startswith(b"{"):
             return None
         return self._notice_prefix + body[1:]

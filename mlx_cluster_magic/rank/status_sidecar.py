@@ -18,7 +18,6 @@ with an HMAC-SHA256 of its bytes keyed by the token, which never travels in clea
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import json
 import operator
@@ -113,7 +112,7 @@ class Activity:
                 state.encode(),
                 self.requests,
             )
-            mac = hmac.new(self._mac_key, notice, hashlib.sha256).digest()
+            mac = hmac.digest(self._mac_key, notice, "sha256")  # (OpenSSL's one-shot path)
             with contextlib.suppress(OSError):
                 if self._udp_to is None:
                     self._udp.send(mac + notice)
