@@ -133,8 +133,14 @@ def sniffed(macs: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         if hasattr(run.status, "credentials"):
             secrets["the status secret key"] = run.status.credentials["secret_key"].encode()
         sniffer.__exit__()
-        yield {"shell": shell, "cluster": cluster, "sniffer": sniffer, "secrets": secrets}
+        folder = getattr(run, "host_secrets_dir", None)
+        yield {
+            "shell": shell, "cluster": cluster, "sniffer": sniffer, "secrets": secrets,
+            "folder": folder,
+        }  # fmt: skip
     no_leaks_on(macs)
+    if folder is not None:  # (the hosts share the head's disk here: one look covers all)
+        assert not os.path.exists(os.path.join(os.path.expanduser("~"), folder))
 
 
 def test_a_sniffer_on_every_link_finds_no_secret_and_no_code(sniffed: dict[str, Any]) -> None:
@@ -150,6 +156,19 @@ def test_a_sniffer_on_every_link_finds_no_secret_and_no_code(sniffed: dict[str, 
 
 #: Socket types a stranger tries: one of them fits each listener's (ROUTER, PUB, SUB, PULL).
 KINDS = (zmq.DEALER, zmq.SUB, zmq.PUB, zmq.PUSH)
+
+
+def test_each_host_holds_the_secrets_in_a_private_file(sniffed: dict[str, Any], macs: Any) -> None:
+    """What ssh wrote: 0600 in a 0700 folder, as the ranks' login sees it (removed at stop:
+    checked when the module's cluster stops)."""
+    import getpass
+
+    assert sniffed["folder"] is not None
+    folder = os.path.join(os.path.expanduser("~"), sniffed["folder"])
+    me = getpass.getuser()
+    for host in macs.hosts:
+        got = macs.netns_exec(host, "stat", "-c", "%a %U", folder, f"{folder}/secrets.json")
+        assert got.stdout.split("\n")[:2] == [f"700 {me}", f"600 {me}"], got
 
 
 def _handshake(url: str, kind: int = zmq.DEALER, **curve: bytes) -> str:
@@ -227,8 +246,9 @@ def test_every_listener_refuses_a_client_without_the_keys(sniffed: dict[str, Any
 
 
 def test_a_client_without_the_hmac_key_runs_nothing(sniffed: dict[str, Any], tmp_path) -> None:
-    """A client with every address and the controller's public key (what a file of the profile
-    without its ``key`` gives) is not answered."""
+    """A client with every address and the controller's public key (a profile's connection file
+    without its ``key``), signing with no key or a key of its own, is not answered. With
+    ipyparallel's Curve alone (its HMAC key dropped) the one with no key ran code on every rank."""
     import ipyparallel as ipp
 
     from mlx_cluster_magic.launch.ipp_adapter import engine_connection_file
@@ -237,15 +257,17 @@ def test_a_client_without_the_hmac_key_runs_nothing(sniffed: dict[str, Any], tmp
     client_file = engine_connection_file(cluster._run.ipp).replace("-engine.json", "-client.json")
     with open(client_file) as f:
         info = json.load(f)
-    info["key"] = os.urandom(16).hex()
-    forged = tmp_path / "client.json"
-    forged.write_text(json.dumps(info))
-    with pytest.raises(Exception):  # noqa: B017 (a timeout, whatever ipyparallel names it)
-        stranger = ipp.Client(str(forged), timeout=3)
-        try:
-            stranger[:].apply_sync(os.getpid)
-        finally:
-            stranger.close()
+    for key in ("", os.urandom(16).hex()):
+        forged = tmp_path / "client.json"
+        forged.write_text(json.dumps(dict(info, key=key)))
+        ran = None
+        with contextlib.suppress(TimeoutError, ValueError):  # refused: no answer, or unsigned
+            stranger = ipp.Client(str(forged), timeout=3)
+            try:
+                ran = stranger[:].apply_sync(os.getpid)
+            finally:
+                stranger.close()
+        assert ran is None, f"a client signing with {key!r} ran code on the ranks"
     assert cluster.view.apply_sync(abs, -1) == [1, 1]
 
 
