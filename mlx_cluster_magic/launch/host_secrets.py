@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,8 +99,9 @@ def _in_parallel(hosts: list[Host], one: Any, wait: float | None) -> dict[str, s
     threads = [threading.Thread(target=run, args=(h,), daemon=True) for h in hosts]
     for t in threads:
         t.start()
+    deadline = None if wait is None else time.monotonic() + wait
     for t in threads:
-        t.join(wait)
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return errors
 
 
