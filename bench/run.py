@@ -24,6 +24,7 @@ from typing import Any
 from bandwidth import bench_bandwidth
 from broadcast import bench_broadcast
 from cabling import bench_cabling
+from encryption import bench_encryption
 from links import bench_links
 from lm import bench_lm
 from network import bench_network
@@ -159,6 +160,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "sync": bench_sync,
     "network": bench_network,
     "setup": bench_setup,
+    "encryption": bench_encryption,
 }
 
 

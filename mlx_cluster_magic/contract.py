@@ -16,12 +16,16 @@ import signal
 BACKEND_VAR = "MLX_CLUSTER_BACKEND"
 RING_HOSTS_VAR = "MLX_CLUSTER_RING_HOSTS"
 IBV_DEVICES_VAR = "MLX_CLUSTER_IBV_DEVICES"
-STATUS_VAR = "MLX_CLUSTER_STATUS_URL"
-# Ranks on the head read the controller's engine connection file (private directory) instead of
-# waiting for it in their environment, so they start while the controller does.
-CONNECTION_FILE_VAR = "MLX_CLUSTER_CONNECTION_FILE"
-# ipyparallel hands engines their connection in these; remote ranks only get them via ``-x``.
-IPP_VARS = ("IPP_CONNECTION_INFO", "IPP_CLUSTER_ID", "IPP_PROFILE_DIR")
+# The path of the file holding this host's secrets (``launch.host_secrets``): the controller's
+# engine connection (or, on the head, the path of the controller's own file) and the status
+# channel's keys. Relative paths are under the login's home. Only the path is forwarded.
+SECRETS_FILE_VAR = "MLX_CLUSTER_SECRETS_FILE"
+#: In that file: the status channel's keys, and where the engine connection is when not inline.
+STATUS_SECRETS_KEY = "mlx_cluster_status"
+ENGINE_FILE_KEY = "mlx_cluster_engine_file"
+#: Variables that hold a secret: never forwarded by ``mpiexec -x`` (Open MPI carries them in
+#: clear to the hosts).
+SECRET_VARS = ("IPP_CONNECTION_INFO", "IPP_CURVE_SECRETKEY", "IPP_CURVE_PUBLICKEY")
 
 #: A rank exits with this when its MLX group does not span every rank (the head says why).
 EXIT_BAD_GROUP = 3

@@ -283,3 +283,25 @@ def test_mpiexecs_wrapped_notice_names_the_rank_that_died() -> None:
     ]
     assert ipp_adapter.reported_ranks(output) == [0]
     assert ipp_adapter.death_cause(output) == " (mpiexec: rank 0 on mac1 exited on signal Killed)"
+
+
+def test_host_secrets_are_written_private_and_never_through_a_link(tmp_path) -> None:
+    """The ranks' secrets file: 0600 in a 0700 folder; a link planted at its name is refused,
+    not followed."""
+    import stat
+
+    from mlx_cluster_magic.launch import host_secrets
+
+    path = tmp_path / "run" / "secrets.json"
+    data = host_secrets.bundle({"token": "t"}, engine={"key": "k"})
+    host_secrets.write_private(str(path), data)
+    assert json.loads(path.read_bytes()) == {"key": "k", "mlx_cluster_status": {"token": "t"}}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    path.unlink()
+    path.symlink_to(victim)
+    with pytest.raises(OSError):
+        host_secrets.write_private(str(path), data)
+    assert victim.read_text() == "keep"

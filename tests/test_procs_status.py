@@ -123,10 +123,11 @@ def receiver():
 
 
 def _push(receiver: StatusReceiver, *messages: bytes) -> None:
-    url, _, _token = receiver.url.partition("#")
+    """Send as a rank does: over CurveZMQ with the ranks' keys."""
+    from mlx_cluster_magic.rank.status_sidecar import curve_push
+
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.connect(url)
+    sock = curve_push(ctx, receiver.credentials)
     for m in messages:
         sock.send(m)
     time.sleep(0.4)
@@ -205,7 +206,7 @@ def test_request_notices_arrive_as_datagrams_on_the_reports_port(receiver) -> No
 
     from mlx_cluster_magic.rank.status_sidecar import Activity
 
-    url, _, token = receiver.url.partition("#")
+    url, _, _token = receiver.url.partition("#")
     port = int(url.rsplit(":", 1)[1])
     bound = [
         c.laddr
@@ -214,7 +215,7 @@ def test_request_notices_arrive_as_datagrams_on_the_reports_port(receiver) -> No
     ]
     assert [a.ip for a in bound] == ["127.0.0.1"], bound
     activity = Activity()
-    activity.connect(url, token, 1)
+    activity.connect(receiver.credentials, 1)
     activity.started()
     _wait_for(lambda: receiver.nodes()[1].state == "busy")
     assert receiver.requests(1) == 1

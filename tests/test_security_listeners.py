@@ -5,6 +5,7 @@ status token) would. The cluster keeps working after each attack and ``stop()`` 
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import socket
@@ -20,13 +21,14 @@ import pytest
 import zmq
 
 from mlx_cluster_magic import MLXCluster
-from mlx_cluster_magic.contract import STATUS_VAR
+from mlx_cluster_magic.contract import SECRETS_FILE_VAR, STATUS_SECRETS_KEY
 from mlx_cluster_magic.fabric import placement as hosts
 from mlx_cluster_magic.fabric.doctor import probe
 from mlx_cluster_magic.fabric.doctor.collect import HeadListener
 from mlx_cluster_magic.observe.record_schema import nesting_ok
 from mlx_cluster_magic.observe.status_receiver import StatusReceiver
 from mlx_cluster_magic.observe.utilisation import UsageStore
+from mlx_cluster_magic.rank.status_sidecar import curve_push
 
 JUNK_DEPTH = b"[" * 65_000
 
@@ -40,19 +42,25 @@ def _wait(predicate: Any, timeout: float = 10.0) -> Any:
         time.sleep(0.05)
 
 
-def _sniffed(cluster: MLXCluster) -> tuple[str, int, str]:
-    """The status channel's address and token, read as another process of the user can: from
-    a rank's environment (a sniffer on the link reads the same in every record)."""
+def _sniffed(cluster: MLXCluster) -> dict[str, str]:
+    """Every secret of the status channel (address, keys, token), read as another process of
+    the user can: from the ranks' private secrets file. The worst case: whoever holds them sends
+    what a rank would, and the receiver must still check everything."""
     env = psutil.Process(cluster.ranks[0]["pid"]).environ()
-    url, _, token = env[STATUS_VAR].partition("#")
-    host, _, port = url.removeprefix("tcp://").rpartition(":")
-    return host.strip("[]"), int(port), token
+    path = os.path.join(os.path.expanduser("~"), env[SECRETS_FILE_VAR])
+    with open(path) as f:
+        return dict(json.load(f)[STATUS_SECRETS_KEY])
 
 
-def _push(host: str, port: int, *messages: bytes) -> None:
+def _address(creds: dict[str, str]) -> tuple[str, int]:
+    host, _, port = creds["url"].removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _push(creds: dict[str, str], *messages: bytes) -> None:
+    """Sent as a rank sends its records: CurveZMQ with the ranks' own keys."""
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.connect(f"tcp://{host}:{port}")
+    sock = curve_push(ctx, creds)
     for m in messages:
         sock.send(m)
     time.sleep(0.3)
@@ -60,10 +68,19 @@ def _push(host: str, port: int, *messages: bytes) -> None:
     ctx.term()
 
 
-def _datagrams(host: str, port: int, *messages: bytes) -> None:
+def _udp(port: int, *messages: bytes) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for m in messages:
-            s.sendto(m, (host, port))
+            s.sendto(m, ("127.0.0.1", port))
+
+
+def _datagrams(creds: dict[str, str], *messages: bytes, signed: bool = True) -> None:
+    """Sent as a rank sends its notices: each under its HMAC (keyed by the token), unless
+    ``signed`` is False (junk from whoever can reach the port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for m in messages:
+            mac = hmac.digest(creds["token"].encode(), m, "sha256") if signed else b""
+            s.sendto(mac + m, _address(creds))
 
 
 def _forged(token: str, **fields: Any) -> bytes:
@@ -101,21 +118,22 @@ def test_junk_on_the_status_port_is_dropped_and_stop_still_stops(ip: Any) -> Non
     """A datagram of 65,000 ``[``, a 1 MB ZMQ message of them, 2 MiB, garbage: each dropped
     and counted, the receiver lives on, ``%%px`` runs; junk queued at stop keeps no process."""
     cluster = ip.run_line_magic("mlx_cluster", "start -n 2")
-    host, port, token = _sniffed(cluster)
-    deep = b'{"token": "' + token.encode() + b'", "rank": ' + b"[" * 60_000
-    _datagrams(host, port, JUNK_DEPTH, JUNK_DEPTH, b"\xff\x00garbage", b"", deep)
+    creds = _sniffed(cluster)
+    deep = b'{"rank": ' + b"[" * 60_000
+    _datagrams(creds, JUNK_DEPTH, JUNK_DEPTH, b"\xff\x00garbage", b"", signed=False)
+    _datagrams(creds, deep)
     # (the message over the size limit last: ZMQ drops the connection that sends it)
-    _push(host, port, b"[" * 1_000_000, b"\x00" * 100, b"null", b"{" * (2 << 20))
+    _push(creds, b"[" * 1_000_000, b"\x00" * 100, b"null", b"{" * (2 << 20))
     reasons = _wait(
         lambda: sum(cluster.dropped_status().values()) >= 8 and cluster.dropped_status()
     )
-    assert reasons == {"token": 7, "nesting": 1}, cluster.dropped_status()
+    assert reasons == {"mac": 4, "token": 3, "nesting": 1}, cluster.dropped_status()
     ip.run_cell_magic("px", "", "z = 6 * 7")
     assert cluster.view.pull("z") == [42, 42]
     _still_works(cluster)
     # queued, not yet read, when stop() begins
-    _datagrams(host, port, *[JUNK_DEPTH] * 5)
-    _push(host, port, b"[" * 1_000_000)
+    _datagrams(creds, *[JUNK_DEPTH] * 5, signed=False)
+    _push(creds, b"[" * 1_000_000)
     cluster.stop()
     assert cluster.state == "stopped"
 
@@ -123,7 +141,8 @@ def test_junk_on_the_status_port_is_dropped_and_stop_still_stops(ip: Any) -> Non
 def test_forged_records_with_the_real_token_are_dropped(cluster: MLXCluster) -> None:
     """Wrong types, huge numbers, ranks and hosts outside the placement: dropped and counted;
     the views, ``why()`` and ``stop()`` keep working."""
-    host, port, token = _sniffed(cluster)
+    creds = _sniffed(cluster)
+    token = creds["token"]
     forged = [
         _forged(token, rank=0, state="busy", busy_s="abc", requests=10**30),
         _forged(token, rank=0, state="busy", busy_s=1.0, requests=10**12),  # leaps ahead
@@ -139,13 +158,14 @@ def test_forged_records_with_the_real_token_are_dropped(cluster: MLXCluster) -> 
         _forged(token, rank=0, pid=-5),
         json.dumps({"rank": 0, "token": token, "state": "busy"}).encode(),  # token not first
     ]
-    _push(host, port, *forged)
-    _datagrams(host, port, *forged)
-    enough = 2 * len(forged)
+    _push(creds, *forged)
+    # (as a notice, the last is well formed: a notice's token is its MAC, put first on arrival)
+    _datagrams(creds, *forged[:-1])
+    enough = 2 * len(forged) - 1
     reasons = _wait(
         lambda: sum(cluster.dropped_status().values()) >= enough and cluster.dropped_status()
     )
-    assert sum(reasons.values()) == 2 * len(forged), reasons
+    assert sum(reasons.values()) == enough, reasons
     assert {"field", "requests", "rank", "host", "token"} <= set(reasons), reasons
     assert all(n["host"] != "not-a-host-of-ours" for n in cluster.nodes())
     assert (cluster._run.status.requests(0) or 0) < 1000  # type: ignore[union-attr]
@@ -156,14 +176,15 @@ def test_forged_records_with_the_real_token_are_dropped(cluster: MLXCluster) -> 
 
 
 def test_three_thousand_invented_hosts_do_not_grow_the_usage_store(cluster: MLXCluster) -> None:
-    host, port, token = _sniffed(cluster)
+    creds = _sniffed(cluster)
+    token = creds["token"]
     invented = [
         _forged(token, rank=i % 2, host=f"mac{i}", samples_host=True, host_cpu_percent=50.0,
                 cpu_percent=10.0)
         for i in range(3000)
     ]  # fmt: skip
-    _push(host, port, *invented)
-    _datagrams(host, port, *invented[:500])
+    _push(creds, *invented)
+    _datagrams(creds, *invented[:500])
     assert _wait(lambda: cluster.dropped_status().get("host", 0) >= 3500), cluster.dropped_status()
     real = {str(r["host"]) for r in cluster.ranks}
     assert _wait(lambda: set(cluster.utilisation()["host"])) == real
@@ -177,13 +198,13 @@ def test_why_signals_and_reads_only_what_the_ranks_said(cluster: MLXCluster, tmp
     precious.write_text("keep me\n")
     precious.chmod(0o600)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    host, port, token = _sniffed(cluster)
+    creds = _sniffed(cluster)
+    token = creds["token"]
     stop = threading.Event()
 
     def forge() -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUSH)
-        sock.connect(f"tcp://{host}:{port}")
+        sock = curve_push(ctx, creds)
         recorder = {"stack_file": str(precious), "pid": bystander.pid, "main_thread": "0x1"}
         while not stop.is_set():
             for rank in (0, 1):
@@ -234,14 +255,14 @@ def test_a_stack_capture_never_truncates_through_a_link(tmp_path) -> None:
 def test_the_receiver_thread_outlives_junk_and_counts_it() -> None:
     receiver = StatusReceiver("127.0.0.1", hosts.local(2))
     try:
-        url = receiver.url.partition("#")[0]
-        port = int(url.rsplit(":", 1)[1])
-        _datagrams("127.0.0.1", port, JUNK_DEPTH, b'{"token": "' + b"[" * 60_000)
-        _push("127.0.0.1", port, b"[" * 1_000_000)
+        creds = receiver.credentials
+        _datagrams(creds, JUNK_DEPTH, signed=False)
+        _datagrams(creds, b'{"rank": ' + b"[" * 60_000)
+        _push(creds, b"[" * 1_000_000)
         time.sleep(0.3)
         assert receiver._thread.is_alive()
         assert receiver.dropped == 3, receiver.dropped_reasons()
-        _datagrams("127.0.0.1", port, _forged(receiver.token, rank=1, state="busy", requests=1))
+        _datagrams(creds, json.dumps({"rank": 1, "state": "busy", "requests": 1}).encode())
         assert _wait(lambda: receiver.nodes()[1].state == "busy", 2.0)
     finally:
         receiver.close()
@@ -295,10 +316,10 @@ def test_the_heads_test_listener_takes_only_the_hosts_names() -> None:
     conns = _silent_and_garbage(port, 40)
     try:
         for batch in range(20):
-            _datagrams("127.0.0.1", port, *[f"invented{batch}-{i}".encode() for i in range(100)])
+            _udp(port, *[f"invented{batch}-{i}".encode() for i in range(100)])
             time.sleep(0.01)
         time.sleep(0.1)
-        _datagrams("127.0.0.1", port, b"mac1", os.urandom(256), b"mac2\n")
+        _udp(port, b"mac1", os.urandom(256), b"mac2\n")
         assert _wait(lambda: listener.udp_from == {"mac1", "mac2"}, 5.0), listener.udp_from
         assert listener.connections == 40
     finally:

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 import ipyparallel as ipp
 import psutil
 
-from ..contract import CONNECTION_FILE_VAR, STATUS_VAR
+from ..contract import SECRETS_FILE_VAR
 from ..errors import MLXClusterError
 from ..observe.health import Breakage
 from ..observe.liveness import LivenessKeeper
 from ..observe.snapshot import NodeStatus
 from ..observe.status_receiver import StatusReceiver
-from . import ipp_adapter, mpi_job, processes
+from . import host_secrets, ipp_adapter, mpi_job, processes
 from .spec import ClusterSpec
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def heartbeat_misses(grace: float) -> tuple[int, int]:
     patience_ms = (grace + HEARTBEAT_SLACK_S) * 1000
     return math.ceil(patience_ms / HEARTBEAT_MS), math.ceil(patience_ms / ENGINE_CHECK_MS)
 
+
 ENGINE_NAMESPACE = (
     "import mlx.core as mx; from mlx_cluster_magic.rank.bootstrap import WORLD as world; "
     "from mlx_cluster_magic import report"
@@ -75,6 +76,8 @@ class Running:
     tracked: list[processes.Tracked] = field(default_factory=list)
     rank_procs: dict[int, processes.Tracked] = field(default_factory=dict)
     liveness: LivenessKeeper | None = None
+    #: The run's private folder on the hosts (relative to home), once written over ssh.
+    host_secrets_dir: str | None = None
 
     @property
     def n(self) -> int:
@@ -103,9 +106,7 @@ def prepare(spec: ClusterSpec) -> Running:
             f"--HeartMonitor.max_heartmonitor_misses={misses}",
         ],
         timeout=spec.timeout,
-        # Ranks on the head read the connection file and start with the controller; remote ones
-        # need it in their environment, so they wait for it.
-        connection_in_env=not spec.placement.is_local,
+        curve=spec.encrypt,
     )
     status = StatusReceiver(spec.controller_ip, spec.placement) if spec.live_status else None
     return Running(spec, cluster, profile, time.time(), status)
@@ -154,10 +155,7 @@ def bring_up(run: Running) -> None:
         verbose=spec.verbose,
     )
     env.update(spec.placement.envs)
-    if run.status is not None:
-        env[STATUS_VAR] = run.status.url
-    if not run.ipp.send_engines_connection_env:  # as ``prepare`` chose
-        env[CONNECTION_FILE_VAR] = ipp_adapter.engine_connection_file(run.ipp)
+    env[SECRETS_FILE_VAR] = deliver_secrets(run)
     mpi = mpi_job.MPIOptions(
         forward=tuple(sorted(env)),
         prted=spec.prted,
@@ -187,6 +185,24 @@ def bring_up(run: Running) -> None:
     run.view = run.client[list(range(spec.n))]
     run.view.block = True
     check_ranks(run)
+
+
+def deliver_secrets(run: Running) -> str:
+    """Put what the ranks need that is secret (the controller's engine connection with its HMAC
+    key, the status channel's keys) where each host's ranks read it, over ssh only; returns
+    its path, all that mpiexec forwards. Ranks on the head alone read the controller's own file
+    and start while the controller does; remote hosts get a copy once the controller wrote it."""
+    spec = run.spec
+    status = run.status.credentials if run.status is not None else None
+    if spec.placement.is_local:
+        path = os.path.join(run.profile_dir, "security", "mlx-cluster-secrets.json")
+        engine_file = ipp_adapter.engine_connection_file(run.ipp)
+        host_secrets.write_private(path, host_secrets.bundle(status, engine_file=engine_file))
+        return path
+    engine = ipp_adapter.wait_for_engine_connection(run.ipp, spec.timeout)
+    rel_dir = host_secrets.relative_dir(os.path.basename(run.profile_dir))
+    run.host_secrets_dir = rel_dir
+    return host_secrets.ship(spec.placement, spec.ssh, rel_dir, host_secrets.bundle(status, engine))
 
 
 def wait_for_engines(run: Running) -> None:
@@ -461,5 +477,7 @@ def tear_down(run: Running, grace: float = 5.0) -> Remains | None:
         raise errors[0]
     if run.watchdog is not None:
         run.watchdog.close()
+    if run.host_secrets_dir is not None:
+        host_secrets.remove(run.spec.placement, run.spec.ssh, run.host_secrets_dir)
     shutil.rmtree(run.profile_dir, ignore_errors=True)
     return remains

@@ -9,9 +9,11 @@ loudly instead of silently.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +24,8 @@ import psutil
 from ipyparallel.cluster.launcher import LocalControllerLauncher, MPIEngineSetLauncher
 from traitlets import default
 
-from ..contract import LATEST_WORD_OPTIONS
+from ..contract import LATEST_WORD_OPTIONS, SECRET_VARS
+from ..errors import MLXClusterError
 
 #: (object kind, attribute): the private names of ipyparallel used below.
 PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
@@ -37,15 +40,20 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
 
 
 class MLXEngineSetLauncher(MPIEngineSetLauncher):
-    """ipyparallel's MPI engine launcher, forwarding every connection variable to remote ranks.
+    """ipyparallel's MPI engine launcher, forwarding its variables to remote ranks, secrets never.
 
-    ipyparallel sets ``IPP_CONNECTION_INFO`` and friends just before start; Open MPI passes a
-    variable to remote ranks only when named with ``-x NAME`` (its value stays off argv).
+    Open MPI passes a variable to remote ranks only when named with ``-x NAME`` (its value stays
+    off argv), and carries it to the hosts in clear: the connection (with its HMAC key) reaches
+    them over ssh instead (``launch.host_secrets``), so ``IPP_CONNECTION_INFO`` must never be set.
     """
 
     def find_args(self) -> list[str]:
         args: list[str] = super().find_args()
-        forward = sorted(set(self.get_env()) - set(self.forwarded))
+        env = self.get_env()
+        leaked = [name for name in SECRET_VARS if name in env or name in self.forwarded]
+        if leaked:
+            raise RuntimeError(f"refusing to forward a secret through mpiexec: {leaked}")
+        forward = sorted(set(env) - set(self.forwarded))
         extra = [a for name in forward for a in ("-x", name)]
         # super() gives [*mpi_cmd, -n, N, *mpi_args, *program, *program_args]: insert before
         # the program.
@@ -105,15 +113,16 @@ def new_cluster(
     controller_ip: str,
     controller_args: Sequence[str],
     timeout: float,
-    connection_in_env: bool = True,
+    curve: bool = True,
 ) -> ipp.Cluster:
     """An ipyparallel ``Cluster`` whose life cycle we own: no state file, no atexit of its own.
 
-    Without ``connection_in_env`` the engines start at once and read the controller's connection
-    file (``engine_connection_file``) instead of waiting for it in their environment.
+    The engines never get their connection in the environment (``mpiexec -x`` would carry it in
+    clear): they read the controller's connection file, or this host's private copy of it.
     """
+    write_controller_config(profile_dir, curve)
     return ipp.Cluster(
-        send_engines_connection_env=connection_in_env,
+        send_engines_connection_env=False,
         n=n,
         profile_dir=profile_dir,
         cluster_file="",
@@ -126,6 +135,43 @@ def new_cluster(
         engine_timeout=int(timeout),
         log_level=40,
     )
+
+
+def write_controller_config(profile_dir: str, curve: bool) -> None:
+    """The controller's config, in the profile (0700), never on its command line: CurveZMQ on
+    every socket (encrypted and the server authenticated), with our own HMAC key kept.
+
+    ipyparallel 9.2 drops message signing when Curve is enabled unless ``Session.key`` is set
+    (``controller/app.py``), and admits any Curve client (no ZAP handler): with the key kept,
+    and known only to this kernel and, over ssh, the ranks, a client without it is refused.
+    """
+    # A Python config file: the key is bytes, which a JSON one cannot give.
+    config = (
+        f"c.Session.key = {secrets.token_hex(32).encode()!r}\n"
+        f"c.IPController.enable_curve = {bool(curve)!r}\n"
+    )
+    path = os.path.join(profile_dir, "ipcontroller_config.py")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(config)
+
+
+def wait_for_engine_connection(cluster: ipp.Cluster, timeout: float) -> dict[str, Any]:
+    """The controller's engine connection, once it has written it in full (it writes it when
+    its sockets are bound); raises when the controller exits or ``timeout`` passes."""
+    path = engine_connection_file(cluster)
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            found = json.load(f)
+            if isinstance(found, dict) and "key" in found:
+                return found
+        if launcher_exited(cluster.controller) or time.monotonic() > deadline:
+            raise MLXClusterError(
+                f"the controller wrote no connection file within {timeout:g} s (it exited, or "
+                "this machine is overloaded): start again, with a longer --timeout if it recurs"
+            )
+        time.sleep(0.02)
 
 
 def engine_connection_file(cluster: ipp.Cluster) -> str:

@@ -63,6 +63,8 @@ class ClusterSpec:
     grace: float = GRACE_S
     control: mpi_job.ControlPlane = field(default_factory=lambda: mpi_job.ControlPlane("127.0.0.1"))
     peers: tuple[tuple[str, str], ...] = ()  # (ssh name, address ssh reaches it at)
+    #: CurveZMQ on every ipyparallel socket (the HMAC key kept); off only to measure its cost.
+    encrypt: bool = True
 
     @property
     def n(self) -> int:

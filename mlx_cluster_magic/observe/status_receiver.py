@@ -3,12 +3,15 @@
 One ZMQ PULL socket on its own context, bound to the controller's address (loopback for a
 local cluster) on a random port, for the sidecars' periodic records and a request's numbers;
 a UDP socket on the same address and port number for the notices every request's start and
-end sends. One daemon thread takes what both queued every ``DRAIN_PERIOD_S``. Reports carry a
-random token handed to the engines in their environment, first in the message (compared in
-constant time before anything is parsed); a message over ``MAX_MESSAGE_BYTES``, nested too
-deep, with a field of the wrong type or range (``record_schema``), for a rank or host not in
-the placement, or whose request count leaps ahead, is dropped and counted (``dropped``). No
-message stops the receiving thread. No IPython import.
+end sends. One daemon thread takes what both queued every ``DRAIN_PERIOD_S``. The reports'
+socket is a CurveZMQ server (encrypted; ZAP admits only the ranks' own client key) and every
+notice carries an HMAC-SHA256 of its bytes: the keys and the token reach the ranks only over ssh
+(``launch.host_secrets``), so a sniffer learns no secret and cannot forge. Reports carry the
+random token too, first in the message (compared in constant time before anything is parsed);
+a message over ``MAX_MESSAGE_BYTES``, nested too deep, with a field of the wrong type or range
+(``record_schema``), for a rank or host not in the placement, or whose request count leaps
+ahead, is dropped and counted (``dropped``). No message stops the receiving thread. No IPython
+import.
 
 Liveness comes from evidence, never from silence alone: a rank is ``dead`` only when the
 ``evidence`` callback says its process is gone (local pid, mpiexec, the controller's heart).
@@ -31,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
+import zmq.auth.thread
 
 from ..fabric.placement import Placement
 from .record_schema import BadField, checked, nesting_ok
@@ -53,6 +57,8 @@ DRAIN_PERIOD_S = 0.1
 NOTICE_BUFFER_BYTES = 1 << 20
 #: Tries at a port free for both the reports (TCP) and the notices (UDP).
 BIND_TRIES = 50
+#: Bytes of the HMAC-SHA256 that opens every notice datagram.
+NOTICE_MAC_BYTES = 32
 #: Head-side memory bounds for ``report()`` numbers.
 POINTS_PER_SERIES = 5_000
 SERIES_PER_RANK = 64
@@ -63,6 +69,24 @@ Reachability = Callable[[], Mapping[str, tuple[float, str]]]
 
 #: What a record says of the rank's request state (the rest describes the rank).
 _STATE_KEYS = ("state", "busy_s", "requests")
+
+
+class _OneKey:
+    """ZAP's verdict on a CurveZMQ client: only the ranks' own public key is let in."""
+
+    def __init__(self, allowed: bytes) -> None:
+        self.allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return hmac.compare_digest(key, self.allowed)  # (z85, as ZAP hands it over)
+
+
+def _only_key(ctx: zmq.Context[Any], allowed: bytes) -> zmq.auth.thread.ThreadAuthenticator:
+    """A ZAP handler on ``ctx`` (every CURVE server socket of it asks it) admitting ``allowed``."""
+    auth = zmq.auth.thread.ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=_OneKey(allowed))
+    return auth
 
 
 def _progress(msg: Mapping[str, Any]) -> int:
@@ -87,8 +111,13 @@ class StatusReceiver:
         self._remote_evidence = False
         self._quiet: Callable[[], Mapping[str, str]] = lambda: {}
         self._ctx = zmq.Context()
+        self._server_public, server_secret = zmq.curve_keypair()
+        self._client_public, self._client_secret = zmq.curve_keypair()
+        self._auth = _only_key(self._ctx, self._client_public)
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+        self._sock.setsockopt(zmq.CURVE_SECRETKEY, server_secret)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         host = f"[{bind_ip}]" if ":" in bind_ip else bind_ip
         if ":" in bind_ip:
@@ -102,6 +131,10 @@ class StatusReceiver:
         self._hosts: list[str] | None = None
         #: Why messages were dropped, and how many for each reason.
         self._dropped: Counter[str] = Counter()
+        self._token = self.token.encode()
+        self._address = f"tcp://{host}:{port}"
+        # A checked notice is handled as a report that carried the token.
+        self._notice_prefix = b'{"token": "%s", ' % self._token
         #: rank -> (when last heard, merged record, when its state was set)
         self._latest: dict[int, tuple[float, dict[str, Any], float]] = {}
         self._series: dict[int, dict[str, deque[tuple[float, float | None, float]]]] = {}
@@ -145,7 +178,7 @@ class StatusReceiver:
 
     def dropped_reasons(self) -> dict[str, int]:
         """Dropped messages by reason (``token``, ``size``, ``nesting``, ``json``, ``field``,
-        ``rank``, ``host``, ``requests``, ``error``)."""
+        ``rank``, ``host``, ``requests``, ``mac`` (a notice whose MAC fails), ``error``)."""
         with self._lock:
             return dict(self._dropped)
 
@@ -157,6 +190,19 @@ class StatusReceiver:
             return
         self._hosts = [str(h) for h in hosts]
         self.usage.keep_only(set(self._hosts))
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """What a rank needs to report (``rank.status_sidecar``): the address, the server's
+        public key, the ranks' client key pair and the token (also the notices' MAC key).
+        Secret: it travels only over ssh."""
+        return {
+            "url": self._address,
+            "server_key": self._server_public.decode(),
+            "public_key": self._client_public.decode(),
+            "secret_key": self._client_secret.decode(),
+            "token": self.token,
+        }
 
     def set_evidence(self, evidence: Evidence) -> None:
         """Where proof of a rank's death comes from (set once the ranks' pids are known)."""
@@ -205,6 +251,8 @@ class StatusReceiver:
             self._closed = True
             self._sock.close(0)
             self._udp.close()
+        with contextlib.suppress(Exception):
+            self._auth.stop()
         self._ctx.term()
 
     def _receive(self) -> None:
@@ -218,9 +266,20 @@ class StatusReceiver:
                     self._handle(self._sock.recv(zmq.NOBLOCK))
             while True:
                 try:
-                    self._handle(self._udp.recv(65536))
+                    notice = self._checked_notice(self._udp.recv(65536))
                 except OSError:  # nothing queued (or an ICMP error): the next drain goes on
                     break
+                if notice is not None:
+                    self._handle(notice)
+
+    def _checked_notice(self, datagram: bytes) -> bytes | None:
+        """A notice whose MAC (keyed by the token) holds, as a report carrying the token."""
+        mac, body = datagram[:NOTICE_MAC_BYTES], datagram[NOTICE_MAC_BYTES:]
+        expected = hmac.digest(self._token, body, "sha256")
+        if not hmac.compare_digest(mac, expected) or not body.startswith(b"{"):
+            self._drop("mac")
+            return None
+        return self._notice_prefix + body[1:]
 
     def _drop(self, why: str) -> None:
         with self._lock:

@@ -13,15 +13,16 @@ import os
 import socket
 import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 from ..contract import (
     BACKEND_VAR,
-    CONNECTION_FILE_VAR,
+    ENGINE_FILE_KEY,
     EXIT_BAD_GROUP,
     IBV_DEVICES_VAR,
     RING_HOSTS_VAR,
-    STATUS_VAR,
+    SECRETS_FILE_VAR,
+    STATUS_SECRETS_KEY,
 )
 
 #: The MLX group of this rank, set before the engine starts; ``world`` in the engine namespace.
@@ -88,7 +89,7 @@ def init_group(backend: str, rank: int, size: int) -> Any:
     return group
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"mlx_cluster_magic: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_GROUP)
 
@@ -128,6 +129,22 @@ def wait_for_connection_file(path: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             _fail(f"the controller's connection file {path} did not appear in {timeout:g} s")
         time.sleep(0.02)
+
+
+def read_secrets(path: str) -> tuple[str, dict[str, str] | None]:
+    """(the engine's connection file, the status channel's keys) from this host's private
+    secrets file, written over ssh before mpiexec started (``launch.host_secrets``). A
+    relative path is under this login's home."""
+    import json
+
+    full = os.path.join(os.path.expanduser("~"), path)
+    try:
+        with open(full) as f:
+            content = json.load(f)
+    except (OSError, ValueError) as e:
+        _fail(f"cannot read the cluster's private connection file {full}: {e}")
+    status = content.get(STATUS_SECRETS_KEY)
+    return str(content.get(ENGINE_FILE_KEY) or full), status
 
 
 _LINKS: list[Any] = []  # the LinkWatch, made by the sidecar thread on its first record
@@ -174,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # busy/idle is the engine's own request handling, not a guess from stack frames.
     hook_requests(ACTIVITY.started, ACTIVITY.finished)
-    if os.environ.get(STATUS_VAR):
-        start_sidecar(os.environ[STATUS_VAR], rank, extra=_status_extra)
+    engine_file, status = read_secrets(os.environ.get(SECRETS_FILE_VAR, ""))
+    if status:
+        start_sidecar(status, rank, extra=_status_extra)
     from ipyparallel.engine.app import main as ipengine_main
 
     from .reconnect import heartbeat_reconnects_promptly
@@ -183,10 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     heartbeat_reconnects_promptly()
 
     # (ipengine is imported above while the controller may still be starting: the two overlap)
-    if os.environ.get(CONNECTION_FILE_VAR):
-        wait_for_connection_file(os.environ[CONNECTION_FILE_VAR])
+    wait_for_connection_file(engine_file)
 
-    sys.argv = ["ipengine", *argv]
+    sys.argv = ["ipengine", *argv, f"--IPEngine.url_file={engine_file}"]
     ipengine_main()
 
 

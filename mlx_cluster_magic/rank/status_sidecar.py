@@ -9,11 +9,16 @@ how long the current request has run, RSS, MLX's memory, the numbers user code p
 
 A C call that holds the GIL silences this thread; the head then shows the rank
 ``unresponsive``, never ``dead`` (see observe.status_receiver).
+
+Both channels are protected with keys that reached this host over ssh only: the ZMQ records
+are CurveZMQ (encrypted, with the ranks' client key the head admits) and every notice opens
+with an HMAC-SHA256 of its bytes keyed by the token, which never travels in clear.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import operator
 import os
@@ -21,7 +26,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from .host_usage import UsageSampler, first_on_host
@@ -51,19 +56,30 @@ class Activity:
         #: sidecar thread reads both at once (a request's count is never paired with the
         #: previous request's end).
         self.now: tuple[int, float | None] = (0, None)
-        self._target: tuple[str, str, int] | None = None
+        self._target: tuple[Mapping[str, str], int] | None = None
         self._sock: Any = None
         self._udp: socket.socket | None = None
-        self._udp_to: tuple[str, int] = ("", 0)
+        self._udp_to: tuple[str, int] | None = None
+        self._mac_key = b""
         self._prefix = b""  # a notice's constant part, encoded once
 
-    def connect(self, url: str, token: str, rank: int) -> None:
-        self._target = (url, token, rank)
-        host, port = notice_address(url)
+    def connect(self, credentials: Mapping[str, str], rank: int) -> None:
+        """``credentials``: the head's ``StatusReceiver.credentials`` (read from this host's
+        private file)."""
+        self._target = (credentials, rank)
+        host, port = notice_address(credentials["url"])
         udp = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        # connect(): bound to this host's address on the route to the head (never 0.0.0.0),
+        # and answers from anyone but the head's port are not let in.
+        try:
+            udp.connect((host, port))
+            self._udp_to = None  # macOS refuses a sendto() address on a connected socket
+        except OSError:  # no route yet: each send says where instead
+            self._udp_to = (host, port)
         udp.setblocking(False)
-        self._udp, self._udp_to = udp, (host, port)
-        self._prefix = json.dumps({"token": token, "rank": rank, "busy_s": 0.0})[:-1].encode()
+        self._udp = udp
+        self._mac_key = credentials["token"].encode()
+        self._prefix = json.dumps({"rank": rank, "busy_s": 0.0})[:-1].encode()
 
     @property
     def busy_since(self) -> float | None:
@@ -87,8 +103,8 @@ class Activity:
         # A request's numbers leave with its end, so they are on the head when the cell is.
         points = _drain(POINTS_PER_MESSAGE) if state == "idle" and _POINTS else []
         if points:
-            _url, token, rank = self._target
-            msg = {"token": token, "rank": rank, "state": state, "busy_s": 0.0}
+            credentials, rank = self._target
+            msg = {"token": credentials["token"], "rank": rank, "state": state, "busy_s": 0.0}
             msg["requests"] = self.requests
             self._send_reliably(msg, points)
         elif self._udp is not None:
@@ -97,18 +113,19 @@ class Activity:
                 state.encode(),
                 self.requests,
             )
+            mac = hmac.digest(self._mac_key, notice, "sha256")  # (OpenSSL's one-shot path)
             with contextlib.suppress(OSError):
-                self._udp.sendto(notice, self._udp_to)
+                if self._udp_to is None:
+                    self._udp.send(mac + notice)
+                else:
+                    self._udp.sendto(mac + notice, self._udp_to)
 
     def _send_reliably(self, msg: dict[str, Any], points: list[Any]) -> None:
         import zmq
 
         if self._sock is None:
             assert self._target is not None
-            self._sock = zmq.Context().socket(zmq.PUSH)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.SNDHWM, 16)
-            self._sock.connect(self._target[0])
+            self._sock = curve_push(zmq.Context(), self._target[0])
         while points:
             msg["metrics"] = points
             try:
@@ -116,6 +133,25 @@ class Activity:
             except zmq.ZMQError:
                 pass
             points = _drain(POINTS_PER_MESSAGE)
+
+
+def curve_push(ctx: Any, credentials: Mapping[str, str], latest_word: bool = False) -> Any:
+    """A PUSH socket to the head's status receiver, encrypted with CurveZMQ; ``latest_word``
+    for the periodic records, whose connection is made again at once after a drop."""
+    import zmq
+
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 16)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, credentials["server_key"].encode())
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, credentials["public_key"].encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, credentials["secret_key"].encode())
+    if latest_word:
+        # each record replaces the last: after a drop, a new connection at once beats the
+        # records queued in the old one, which TCP would deliver only at its next retransmit
+        reconnect_promptly(sock.setsockopt)
+    sock.connect(credentials["url"])
+    return sock
 
 
 def notice_address(url: str) -> tuple[str, int]:
@@ -173,13 +209,12 @@ class Sidecar(threading.Thread):
 
     def __init__(
         self,
-        url: str,
-        token: str,
+        credentials: Mapping[str, str],
         rank: int,
         extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(name="mlx-cluster-status", daemon=True)
-        self.url, self.token, self.rank = url, token, rank
+        self.credentials, self.token, self.rank = credentials, credentials["token"], rank
         self.extra = extra
         self.stopped = threading.Event()
         self.device = "unknown"
@@ -225,13 +260,7 @@ class Sidecar(threading.Thread):
 
         # Our own context: user code that terminates zmq.Context.instance() cannot blind us.
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 16)
-        # each record replaces the last: after a drop, a new connection at once beats the
-        # records queued in the old one, which TCP would deliver only at its next retransmit
-        reconnect_promptly(sock.setsockopt)
-        sock.connect(self.url)
+        sock = curve_push(ctx, self.credentials, latest_word=True)
         self.device = _device()
         with contextlib.suppress(Exception):  # CPU (and macmon's) figures; one host rank samples
             self.usage = UsageSampler(first_on_host(), PERIOD_S)
@@ -252,11 +281,12 @@ class Sidecar(threading.Thread):
 
 
 def start_sidecar(
-    address: str, rank: int, extra: Callable[[], dict[str, Any]] | None = None
+    credentials: Mapping[str, str],
+    rank: int,
+    extra: Callable[[], dict[str, Any]] | None = None,
 ) -> Sidecar:
-    """``address`` is ``tcp://ip:port#token``, handed over in the environment (never argv)."""
-    url, _, token = address.partition("#")
-    sidecar = Sidecar(url, token, rank, extra)
+    """``credentials`` come from this host's private secrets file (never the environment)."""
+    sidecar = Sidecar(credentials, rank, extra)
     sidecar.start()
-    ACTIVITY.connect(url, token, rank)
+    ACTIVITY.connect(credentials, rank)
     return sidecar
