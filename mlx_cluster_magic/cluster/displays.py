@@ -53,6 +53,8 @@ class ClusterViews:
     #: The last metrics of the run that ended (stop, restart, abort), shown marked as from the
     #: previous run until the new run reports or the user clears them.
     _previous_metrics: tuple[MetricPoint, ...] = ()
+    #: The run the kept metrics came from (its own reports, while it is torn down, are no news).
+    _previous_of: Running | None = None
     #: Set from the moment a restart is asked for until its start is done or failed.
     _restarting: bool = False
 
@@ -125,13 +127,13 @@ class ClusterViews:
         restarting = self._restarting
         if restarting:
             nodes: list[NodeStatus] = [self._starting_row(r) for r in range(self.n)]
-        elif run is None or run.status is None:
-            nodes = self.last_nodes
+        elif run is None or run.status is None or self._state == "broken":
+            nodes = self.last_nodes  # (a broken cluster's rows as they stay, even mid-teardown)
         else:
             nodes = self._node_records()
         live = () if run is None or run.status is None else run.status.metrics(SNAPSHOT_POINTS)
-        if live:
-            self._previous_metrics = ()  # the new run reports: the previous run's give way
+        if live and run is not self._previous_of:  # a new run reports: the previous run's go
+            self._previous_metrics, self._previous_of = (), None
         points = tuple(live) if live else self._previous_metrics
         sparklines: tuple[dict[str, Any], ...] = ()
         if run is not None and run.status is not None and not restarting:
@@ -170,10 +172,11 @@ class ClusterViews:
         if run.status is not None:
             with contextlib.suppress(Exception):
                 self._previous_metrics = tuple(run.status.metrics(SNAPSHOT_POINTS))
+                self._previous_of = run
 
     def clear_previous_metrics(self) -> None:
         """Drop the metrics kept from a run that ended (the view's Clear button)."""
-        self._previous_metrics = ()
+        self._previous_metrics, self._previous_of = (), None
         self._refresh_widget()
 
     def status_view(self) -> StatusWidget:

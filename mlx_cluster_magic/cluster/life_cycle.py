@@ -402,23 +402,20 @@ class MLXCluster(ClusterViews, ClusterTools):
                 return
             dead = self._dead_evidence()
             run = self._run
+            if run is not None and run.status is not None:
+                with contextlib.suppress(Exception):
+                    self.last_nodes = run.status.nodes()
             # Broken first (as a stop says stopped first): whoever looks meanwhile, a cell in
-            # another thread or the view, reads the reason, not the ranks the teardown kills.
+            # another thread or the view, reads the reason and the rows as they will stay, not
+            # the ranks the teardown kills.
+            self.last_nodes = _ended_rows(self.last_nodes, dead, breakage)
             self._state, self._breakage = "broken", breakage
             if run is not None:
                 ipp_adapter.no_graceful_wait(run.ipp)
             # (a teardown that did not go through keeps its run: the next stop finishes it)
             with contextlib.suppress(Exception):
                 self._teardown(grace=0.5)
-            # Ranks that died stay dead; those the abort stopped did not die by themselves.
-            self.last_nodes = [
-                dataclasses.replace(n, state="dead", why=dead[n.rank], silent_s=None)
-                if n.rank in dead
-                else dataclasses.replace(
-                    n, state="stopped", why=f"stopped: {breakage.what}", silent_s=None
-                )
-                for n in self.last_nodes
-            ]
+            self.last_nodes = _ended_rows(self.last_nodes, dead, breakage)
         self._refresh_widget()
 
     # ------------------------------------------------------------------ the watch
@@ -593,6 +590,19 @@ class MLXCluster(ClusterViews, ClusterTools):
         if launcher is None:
             raise MLXClusterError("no cluster is running")
         return shlex.join(launcher.args)
+
+
+def _ended_rows(
+    nodes: Sequence[NodeStatus], dead: dict[int, str], breakage: Breakage
+) -> list[NodeStatus]:
+    """The rows of a cluster that broke: ranks that died stay dead; those the cluster stopped
+    on purpose did not die by themselves."""
+    return [
+        dataclasses.replace(n, state="dead", why=dead[n.rank], silent_s=None)
+        if n.rank in dead
+        else dataclasses.replace(n, state="stopped", why=f"stopped: {breakage.what}", silent_s=None)
+        for n in nodes
+    ]
 
 
 _LIVE: weakref.WeakSet[MLXCluster] = weakref.WeakSet()
