@@ -1,8 +1,8 @@
 """The live status view's side panel in Jupyter Notebook 7 (a real ``python -m notebook`` server,
 seen through a real headless Chromium): the view takes the page for Notebook 7, shows its "Side
 panel" button, and a click opens the view, live, in Notebook 7's right-hand area (through the
-``sidecar`` package and this package's front-end extension). From a hand-built snapshot, no
-cluster. Screenshot: ``tests/artifacts/status-side-panel-notebook7.png``."""
+``sidecar`` package and this package's front-end extension); collapsed with the area's own
+button, "Side panel" brings it back. From a hand-built snapshot, no cluster. Screenshot: ``tests/artifacts/status-side-panel-notebook7.png``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def _output(page: Any, index: int) -> str:
     return page.locator(f"{NB} .jp-Cell").nth(index).locator(".jp-OutputArea").inner_text()
 
 
+@pytest.mark.kernel
 def test_side_panel_opens_in_notebook7s_right_area(notebook7: Lab, artifacts: Path) -> None:
     shot = artifacts / "status-side-panel-notebook7.png"
     failure_shot = artifacts / "status-side-panel-notebook7-failure.png"
@@ -125,6 +126,13 @@ def test_side_panel_opens_in_notebook7s_right_area(notebook7: Lab, artifacts: Pa
         said = _output(page, 1)
         assert said.splitlines()[0] == "notebook7", said
         assert f'already open in the side panel "{TITLE}" on the right' in said, said
+        assert page.locator(f"{SIDE} .mlx-cluster-status").count() == 1
+
+        # the area's own collapse button hides the panel; "Side panel" brings it back
+        page.locator("#jp-right-stack .jp-SidePanel-collapse").click()
+        _wait("the right-hand area collapsed", panel.is_hidden, 10)
+        side.click()
+        _wait("the panel on screen again", panel.is_visible, 15)
         assert page.locator(f"{SIDE} .mlx-cluster-status").count() == 1
 
         # live: an update from the kernel shows in the panel

@@ -549,11 +549,16 @@ function render({ model, el }) {
   document.addEventListener("click", closeMenu);
 
   // Bring this side view's panel on screen (its tab in the side bar), as a click on the tab.
+  // Notebook 7's right-hand area has no tabs: the package's front-end extension there shows
+  // the panel it is asked for (the area may have been collapsed).
   function reveal() {
     const panel = el.closest(".jupyterlab-sidecar");
     if (!panel || panel.offsetParent !== null) return; // already on screen
     const tab = document.querySelector(`.lm-TabBar-tab[data-id="${panel.id}"]`);
-    if (!tab) return;
+    if (!tab) {
+      document.dispatchEvent(new CustomEvent("mlx-cluster-magic:show-panel", { detail: { id: panel.id } }));
+      return;
+    }
     const r = tab.getBoundingClientRect();
     const at = { bubbles: true, cancelable: true, button: 0, clientX: r.left + r.width / 2, clientY: r.top + r.height / 2, pointerId: 1, isPrimary: true, pointerType: "mouse" };
     tab.dispatchEvent(new PointerEvent("pointerdown", { ...at, buttons: 1 }));

@@ -7,7 +7,10 @@
 // `app.shell.add(panel, "right")`. JupyterLab's shell has that tab bar; Notebook 7's right-hand
 // area has none (a panel there is collapsed, not closed), so sidecar's view fails before it adds
 // anything. This plugin gives Notebook 7's right-hand area a signal of that name that nothing
-// emits, and sidecar then opens its panel there. JupyterLab is left as it is.
+// emits, and sidecar then opens its panel there. Where the area was collapsed, the live view
+// asks (an "mlx-cluster-magic:show-panel" event on the document, naming the panel's id) and the
+// plugin shows that panel again, if it is one in the right-hand area. JupyterLab is left as it
+// is (its side bar has a tab for each panel).
 (function () {
   const NO_TAB_CLOSE = { connect: () => true, disconnect: () => true };
   const plugin = {
@@ -18,6 +21,12 @@
       const right = app.shell && app.shell._rightHandler;
       if (!right || right.sideBar !== undefined) return; // JupyterLab, or a shell that has one
       right.sideBar = { tabCloseRequested: NO_TAB_CLOSE };
+      document.addEventListener("mlx-cluster-magic:show-panel", (event) => {
+        const id = event.detail && event.detail.id;
+        if (typeof id === "string" && app.shell.getWidgetArea?.(id) === "right") {
+          app.shell.activateById(id);
+        }
+      });
     },
   };
   const modules = { "./extension": { __esModule: true, default: plugin } };
