@@ -23,15 +23,19 @@ $(PY):
 # engines and tests always run the checkout; the kernel spec (which a regular `pip install`
 # places through data-files) is installed into the venv explicitly. Every tool runs as a module
 # of the venv's python (never `jupyter ...`, which finds its subcommands on PATH, where another
-# active environment's come first).
+# active environment's come first). The same goes for the front-end extension (data-files too)
+# that lets sidecar's side panel open in Jupyter Notebook 7.
 $(VENV)/.deps: pyproject.toml | $(PY)
 	$(PY) -m pip install -q '.[test,lm,docs]'
 	rm -rf build
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(wildcard jupyter-config/kernels/mlx-cluster/*) $(VENV)/.deps
+$(VENV)/.installed: pyproject.toml $(wildcard jupyter-config/kernels/mlx-cluster/*) $(wildcard jupyter-config/labextensions/mlx-cluster-magic/* jupyter-config/labextensions/mlx-cluster-magic/static/*) $(VENV)/.deps
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m jupyter_client.kernelspecapp install --sys-prefix --name mlx-cluster jupyter-config/kernels/mlx-cluster >/dev/null
+	rm -rf $(VENV)/share/jupyter/labextensions/mlx-cluster-magic
+	mkdir -p $(VENV)/share/jupyter/labextensions
+	cp -R jupyter-config/labextensions/mlx-cluster-magic $(VENV)/share/jupyter/labextensions/
 	rm -rf build
 	touch $@
 

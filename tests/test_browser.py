@@ -187,10 +187,13 @@ def _quiet_lab_settings(settings: Path) -> None:
 
 
 class Lab:
-    """A JupyterLab server of our own: started, waited for, shut down (kernels included)."""
+    """A JupyterLab server of our own: started, waited for, shut down (kernels included).
+    ``app`` is the server's module: ``jupyterlab``, or ``notebook`` for Jupyter Notebook 7
+    (the same server and options, another front end)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, app: str = "jupyterlab") -> None:
         self.root = root
+        self.app = app
         self.token = secrets.token_hex(16)
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -211,7 +214,7 @@ class Lab:
             [
                 sys.executable,
                 "-m",
-                "jupyterlab",
+                app,
                 "--no-browser",
                 "--ServerApp.ip=127.0.0.1",
                 f"--ServerApp.port={self.port}",
@@ -230,13 +233,13 @@ class Lab:
     def wait_ready(self, timeout: float = 45.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"jupyter lab exited ({self.proc.returncode}):\n{self.log()}")
+                raise AssertionError(f"{self.app} exited ({self.proc.returncode}):\n{self.log()}")
             try:
                 return "started" in _api(self.base, self.token, "/api/status")
             except (OSError, ValueError):
                 return False
 
-        _wait("jupyter lab to answer /api/status", ready, timeout, period=0.3)
+        _wait(f"{self.app} to answer /api/status", ready, timeout, period=0.3)
 
     def remember_children(self) -> None:
         """The kernel and whatever else the server started, to check they all end."""
@@ -279,7 +282,7 @@ class Lab:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
-                    killed.append(f"jupyter lab server (pid {self.proc.pid})")
+                    killed.append(f"{self.app} server (pid {self.proc.pid})")
         _gone, alive = psutil.wait_procs(list(self._children.values()), timeout=10)
         for p in alive:
             with contextlib.suppress(psutil.Error):
@@ -324,12 +327,12 @@ def _lab_page(lab: Lab, failure_shot: Any) -> Iterator[Any]:
             if page is not None:
                 with contextlib.suppress(Exception):
                     page.screenshot(path=str(failure_shot))
-            print(f"jupyter lab log tail:\n{lab.log()}")
+            print(f"{lab.app} log tail:\n{lab.log()}")
             raise
         finally:
             browser.close()
     killed = lab.stop()
-    assert not killed, f"jupyter lab did not shut down cleanly; killed {killed}"
+    assert not killed, f"{lab.app} did not shut down cleanly; killed {killed}"
 
 
 def _header(page: Any, scope: str = NB) -> Any:

@@ -351,6 +351,38 @@ def test_es_module_and_css_ship_in_the_package() -> None:
     assert '"mlx_cluster_magic.views"' in pyproject.split("[tool.setuptools]")[1].split("\n\n")[0]
 
 
+def test_notebook7_extension_ships_whole_with_the_package() -> None:
+    """The front-end extension that lets sidecar's panel open in Notebook 7: every file of it
+    is a data file of the package, at the place Jupyter looks (``share/jupyter/labextensions``),
+    and its package.json names the script that is there."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    source = root / "jupyter-config" / "labextensions" / "mlx-cluster-magic"
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "data-files"
+    ]
+    shipped = {
+        f"{dest}/{Path(f).name}": f
+        for dest, files in data_files.items()
+        if dest.startswith("share/jupyter/labextensions/")
+        for f in files
+    }
+    expected = {
+        f"share/jupyter/labextensions/mlx-cluster-magic/{p.relative_to(source).as_posix()}": (
+            p.relative_to(root).as_posix()
+        )
+        for p in source.rglob("*")
+        if p.is_file()
+    }
+    assert shipped == expected
+    meta = json.loads((source / "package.json").read_text())
+    assert meta["name"] == "mlx-cluster-magic"
+    script = (source / meta["jupyterlab"]["_build"]["load"]).read_text()
+    assert 'window._JUPYTERLAB = window._JUPYTERLAB || {})["mlx-cluster-magic"]' in script
+    assert meta["jupyterlab"]["_build"]["extension"] in script
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_es_module_renders_the_same_words(tmp_path: Path) -> None:
     """The browser-side formatting matches the Python fallbacks (run under node)."""
@@ -386,7 +418,7 @@ def test_side_panel_outside_a_kernel_falls_back_inline() -> None:
     w = StatusWidget(on_stop=lambda: None, on_restart=lambda replay: None, snapshot=snap())
     assert side.detect_frontend(w)[0] == "terminal"
     said = side.open_side_panel(w)
-    assert said.startswith("shown inline: the side panel needs JupyterLab (terminal:")
+    assert said.startswith("shown inline: the side panel needs JupyterLab or Notebook 7 (terminal:")
     assert w.side_panel is None
 
 

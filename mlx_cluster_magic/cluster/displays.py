@@ -198,7 +198,7 @@ class ClusterViews:
             self.stop(origin="the status view")
 
     def open_side_panel(self) -> str:
-        """Show the live status in a JupyterLab side panel (inline elsewhere)."""
+        """Show the live status in a side panel in JupyterLab or Notebook 7 (inline elsewhere)."""
         from ..views.side_panel import open_side_panel
 
         return open_side_panel(self.status_view())

@@ -244,7 +244,9 @@ def _life_cycle_parsers(sub: _Sub) -> None:
 
     p = sub("status", "Show the live status of every rank.")
     p.add_argument(
-        "--side", action="store_true", help="in a JupyterLab side panel that stays in sight"
+        "--side",
+        action="store_true",
+        help="in a side panel that stays in sight (JupyterLab, Jupyter Notebook 7)",
     )
 
     sub("nodes", "Per-rank status records, as data.")

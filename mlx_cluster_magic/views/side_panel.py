@@ -1,10 +1,13 @@
-"""Show the live status view in a JupyterLab side panel (``sidecar``), or inline elsewhere.
+"""Show the live status view in a side panel (``sidecar``) in JupyterLab or Jupyter Notebook 7,
+or inline elsewhere.
 
 Which front end shows the notebook is known only to the browser, so the widget's view reports
-it (``StatusWidget.frontend``, from JupyterLab's shell element in the page). Before any view
-has rendered, the kernel's ancestry is the best evidence: a kernel started by a ``jupyter lab``
-server is taken to be shown in JupyterLab. The ``sidecar`` panel needs JupyterLab's shell, so
-every other front end (classic Notebook, VS Code, a terminal) gets the inline view.
+it (``StatusWidget.frontend``, from the shell's elements in the page). Before any view has
+rendered, the kernel's ancestry is the best evidence: a kernel started by a ``jupyter lab``
+server is taken to be shown in JupyterLab. The ``sidecar`` panel needs the right-hand area of
+JupyterLab's or Notebook 7's shell (in Notebook 7 with this package's small front-end extension,
+``jupyter-config/labextensions/mlx-cluster-magic``), so every other front end (classic
+Notebook 6, VS Code, a terminal) gets the inline view.
 
 A kernel runs one notebook, so it keeps one panel: titled with the notebook's name and the
 cluster, reused while it is open (a second click, or a new cluster of the same notebook, shows
@@ -40,7 +43,8 @@ def _server_is_jupyter_lab() -> bool:
 
 
 def detect_frontend(widget: Any) -> tuple[str, str]:
-    """``(front end, evidence)``: "jupyterlab", "notebook", "other" or "terminal"."""
+    """``(front end, evidence)``: "jupyterlab", "notebook7" (Jupyter Notebook 7), "notebook"
+    (the classic Notebook 6), "other" or "terminal"."""
     try:
         from IPython import get_ipython
 
@@ -56,6 +60,9 @@ def detect_frontend(widget: Any) -> tuple[str, str]:
         return "jupyterlab", "this kernel was started by a jupyter lab server"
     return "other", "no view has reported its front end and the server is not jupyter lab"
 
+
+#: The front ends whose shell has the right-hand area sidecar opens its panel in, by name.
+SIDE_PANEL_HOSTS = {"jupyterlab": "JupyterLab", "notebook7": "Notebook 7"}
 
 #: This kernel's side panel: {"panel": Sidecar, "widget": the view it shows, "title": str}.
 _PANEL: dict[str, Any] = {}
@@ -86,8 +93,8 @@ def _is_open(shown: Any, asking: Any) -> bool:
 
 
 def open_side_panel(widget: Any, title: str | None = None) -> str:
-    """Show ``widget`` (live) in this notebook's JupyterLab side panel; elsewhere display it
-    inline. Returns one line saying which it did and why.
+    """Show ``widget`` (live) in this notebook's side panel in JupyterLab or Notebook 7;
+    elsewhere display it inline. Returns one line saying which it did and why.
 
     One panel per notebook: while it is open it is reused (it already shows ``widget``, or it
     now shows it in place of an earlier cluster's view); once closed, a new one opens.
@@ -98,7 +105,7 @@ def open_side_panel(widget: Any, title: str | None = None) -> str:
         _display(obj)  # type: ignore[no-untyped-call]
 
     frontend, evidence = detect_frontend(widget)
-    if frontend == "jupyterlab":
+    if frontend in SIDE_PANEL_HOSTS:
         try:
             from sidecar import Sidecar  # type: ignore[import-untyped,unused-ignore]
         except ImportError:
@@ -127,6 +134,6 @@ def open_side_panel(widget: Any, title: str | None = None) -> str:
         _PANEL.update(panel=panel, widget=widget, title=title)
         with contextlib.suppress(AttributeError):
             widget.side_panel = panel
-        return f'opened in a JupyterLab side panel "{title}" ({evidence})'
+        return f'opened in a {SIDE_PANEL_HOSTS[frontend]} side panel "{title}" ({evidence})'
     display(widget)
-    return f"shown inline: the side panel needs JupyterLab ({frontend}: {evidence})"
+    return f"shown inline: the side panel needs JupyterLab or Notebook 7 ({frontend}: {evidence})"

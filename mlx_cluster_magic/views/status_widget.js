@@ -276,11 +276,17 @@ function chartsByName(metrics) {
 }
 
 // ------------------------------------------------------------------ the view
+// Jupyter Notebook 7 has neither: its pages mark the body with `data-notebook` (the page's
+// kind: notebooks, tree, edit...) and its shell has a right-hand area, `#jp-right-stack`.
 function frontendName() {
   if (document.querySelector(".jp-LabShell")) return "jupyterlab";
   if (document.querySelector(".jp-NotebookShell, #notebook-container")) return "notebook";
+  if (document.querySelector("body[data-notebook] #jp-right-stack")) return "notebook7";
   return "other";
 }
+
+// Where "Side panel" opens the view (sidecar's panel on the right), and what it is called there.
+const SIDE_PANEL_HOSTS = { jupyterlab: "JupyterLab", notebook7: "Notebook 7" };
 
 // Every view on this page, by the widget's key (several views of one widget: the notebook's and
 // the side panel's), and the widgets whose kernel has gone. Shared by the views of all notebooks.
@@ -370,10 +376,11 @@ function render({ model, el }) {
   const more = h("button", { class: "mlx-button mlx-restart-more", title: "More restart choices", "aria-label": "More restart choices", text: "▾" });
   const replay = h("button", { class: "mlx-button mlx-restart-replay", title: "Restart, then re-run the cells that completed on every rank", text: "Restart and replay" });
   const menu = h("div", { class: "mlx-menu", hidden: "" }, replay);
-  const side = h("button", { class: "mlx-button mlx-side", title: "Show this view in a JupyterLab side panel", text: "Side panel" });
+  const sideHost = SIDE_PANEL_HOSTS[frontendName()] || "JupyterLab";
+  const side = h("button", { class: "mlx-button mlx-side", title: `Show this view in a ${sideHost} side panel`, text: "Side panel" });
   const buttons = h("span", { class: "mlx-buttons" }, stop, h("span", { class: "mlx-split" }, restart, more, menu), side);
   const notice = h("div", { class: "mlx-notice", hidden: "" });
-  const sideNote = h("div", { class: "mlx-side-note", hidden: "", text: "also shown in the JupyterLab side panel on the right" });
+  const sideNote = h("div", { class: "mlx-side-note", hidden: "", text: `also shown in the ${sideHost} side panel on the right` });
   const broken = h("div", { class: "mlx-broken", hidden: "" });
   const banner = h("div", { class: "mlx-banner", role: "alert", hidden: "" });
   const tbody = h("tbody");
@@ -542,11 +549,16 @@ function render({ model, el }) {
   document.addEventListener("click", closeMenu);
 
   // Bring this side view's panel on screen (its tab in the side bar), as a click on the tab.
+  // Notebook 7's right-hand area has no tabs: the package's front-end extension there shows
+  // the panel it is asked for (the area may have been collapsed).
   function reveal() {
     const panel = el.closest(".jupyterlab-sidecar");
     if (!panel || panel.offsetParent !== null) return; // already on screen
     const tab = document.querySelector(`.lm-TabBar-tab[data-id="${panel.id}"]`);
-    if (!tab) return;
+    if (!tab) {
+      document.dispatchEvent(new CustomEvent("mlx-cluster-magic:show-panel", { detail: { id: panel.id } }));
+      return;
+    }
     const r = tab.getBoundingClientRect();
     const at = { bubbles: true, cancelable: true, button: 0, clientX: r.left + r.width / 2, clientY: r.top + r.height / 2, pointerId: 1, isPrimary: true, pointerType: "mouse" };
     tab.dispatchEvent(new PointerEvent("pointerdown", { ...at, buttons: 1 }));
@@ -663,7 +675,7 @@ function render({ model, el }) {
     restart.disabled = !!ended || busy;
     more.disabled = !!ended || busy;
     replay.disabled = !!ended || busy;
-    side.hidden = !model.get("side_button") || me.side || frontendName() !== "jupyterlab";
+    side.hidden = !model.get("side_button") || me.side || !(frontendName() in SIDE_PANEL_HOSTS);
     side.disabled = !!ended || busy;
     stop.textContent = pending && pending.action === "stop" ? PENDING_TEXT.stop : "Stop";
     restart.textContent = pending && (pending.action === "restart" || pending.action === "replay") ? PENDING_TEXT[pending.action] : "Restart";
