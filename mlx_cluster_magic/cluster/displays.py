@@ -5,6 +5,7 @@ state, never changes its life cycle (the widget's buttons call back into it)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable
@@ -129,9 +130,19 @@ class ClusterViews:
             nodes: list[NodeStatus] = [self._starting_row(r) for r in range(self.n)]
         elif run is None or run.status is None or self._state == "broken":
             nodes = self.last_nodes  # (a broken cluster's rows as they stay, even mid-teardown)
+        elif self._state == "stopped":  # its teardown runs: the rows as they will stay
+            nodes = [
+                n if n.state == "dead" else dataclasses.replace(n, state="stopped", silent_s=None)
+                for n in self.last_nodes
+            ]
         else:
             nodes = self._node_records()
-        live = () if run is None or run.status is None else run.status.metrics(SNAPSHOT_POINTS)
+        # (a cluster stopped or broken shows what it kept, even while its teardown runs)
+        ended = self._state in ("stopped", "broken")
+        live = (
+            () if run is None or run.status is None or ended
+            else run.status.metrics(SNAPSHOT_POINTS)
+        )
         if live and run is not self._previous_of:  # a new run reports: the previous run's go
             self._previous_metrics, self._previous_of = (), None
         points = tuple(live) if live else self._previous_metrics

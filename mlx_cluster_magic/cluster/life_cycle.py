@@ -483,15 +483,7 @@ class MLXCluster(ClusterViews, ClusterTools):
                 # not the errors of the ranks the teardown kills.
                 self._state = "stopped"
                 self._reason = f"stopped from {origin}" if origin else None
-                try:
-                    self._teardown()
-                except BaseException as e:
-                    # Not stopped while something may be left: a second stop() tries again.
-                    self._state = "broken"
-                    self._breakage = Breakage(
-                        f"the stop did not finish ({e!r})", "%mlx_cluster stop tries again"
-                    )
-                    raise
+                self._teardown_or_break()
             else:
                 self._stop_asked = f" from {origin}" if origin else ""
                 run = self._run
@@ -532,14 +524,7 @@ class MLXCluster(ClusterViews, ClusterTools):
                 # the cluster was restarted, not the errors of the ranks the teardown kills.
                 self._state, self._reason = "stopped", "restarted"
                 if self._run is not None:
-                    try:
-                        self._teardown()
-                    except BaseException as e:
-                        self._state = "broken"
-                        self._breakage = Breakage(
-                            f"the stop did not finish ({e!r})", "%mlx_cluster stop tries again"
-                        )
-                        raise
+                    self._teardown_or_break()
             self.start(activate=activate)
         finally:
             self._restarting = False
@@ -559,6 +544,19 @@ class MLXCluster(ClusterViews, ClusterTools):
             for rank, shown in enumerate(names[: self.n])
             if shown and shown != self.placement.ranks[rank].ssh
         }
+
+    def _teardown_or_break(self) -> None:
+        """The teardown of a stop or restart; one that did not go through leaves the cluster
+        broken with its run kept (not stopped while something may be left), so the next
+        stop() tries again."""
+        try:
+            self._teardown()
+        except BaseException as e:
+            self._state = "broken"
+            self._breakage = Breakage(
+                f"the stop did not finish ({e!r})", "%mlx_cluster stop tries again"
+            )
+            raise
 
     def _teardown(self, grace: float = 5.0) -> None:
         """Stop everything this cluster started; keep each rank's last record for the views.
