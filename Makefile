@@ -45,17 +45,21 @@ system-deps:
 demo: $(VENV)/.installed
 	$(PY) notebooks/run.py notebooks/01-quickstart.ipynb
 
-# Two sessions side by side: the tests that build virtual hosts (fixed names, so one at a time)
-# and every other test. Much of either waits on processes and networks rather than the CPU.
+# Three sessions side by side: the tests that build virtual hosts (fixed names, so one at a time
+# per fixture), the network-drop tests (virtual hosts of their own; they mostly wait out drops),
+# and every other test. Much of each waits on processes and networks rather than the CPU.
 # Nothing of theirs goes into .venv: setup's tests copy it to the virtual hosts.
 test: lint system-deps docs
-	@log=$$(mktemp); \
-	$(PY) -m pytest -q -rs -m vhosts -p no:cacheprovider > $$log 2>&1 & hosts=$$!; \
+	@log=$$(mktemp); drops=$$(mktemp); \
+	$(PY) -m pytest -q -rs -m "vhosts and not drops" -p no:cacheprovider > $$log 2>&1 & hosts=$$!; \
+	$(PY) -m pytest -q -rs -m "drops" -p no:cacheprovider > $$drops 2>&1 & dropping=$$!; \
 	$(PY) -m pytest -q -rs -m "not vhosts"; rest=$$?; \
-	wait $$hosts; vhosts=$$?; \
+	wait $$hosts; vhosts=$$?; wait $$dropping; dropped=$$?; \
 	echo "== the tests on virtual hosts (their own session, run alongside) =="; \
 	cat $$log; rm -f $$log; \
-	exit $$(( rest || vhosts ))
+	echo "== the network-drop tests (their own session, run alongside) =="; \
+	cat $$drops; rm -f $$drops; \
+	exit $$(( rest || vhosts || dropped ))
 
 check: lint
 	$(PY) -m pytest -q -m "not cluster and not kernel"

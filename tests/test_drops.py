@@ -19,7 +19,8 @@ import pytest
 
 from conftest import no_leaks_on, our_processes, vhost_pids, virtual_macs
 
-pytestmark = pytest.mark.multihost
+# (make test runs them in a session of their own: they mostly wait out drops)
+pytestmark = [pytest.mark.multihost, pytest.mark.drops]
 
 if shutil.which("iptables") is None:
     pytest.skip("the drop tests need iptables (Debian package iptables)", allow_module_level=True)
