@@ -433,7 +433,8 @@ def test_live_status_widget_in_jupyterlab(no_leaks: None, lab: Lab, artifacts: P
         assert len(lab.kernels()) == 1
         lab.remember_children()
         page.wait_for_selector(
-            ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
+            ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']",
+        timeout=90_000,  # (a kernel starts slowly on a busy machine)
         )
 
         # Load, start, display: Shift+Enter runs a cell and moves to the next.
@@ -706,7 +707,8 @@ def _open_notebook(page: Any, lab: Lab, name: str) -> None:
     )
     lab.remember_children()
     page.wait_for_selector(
-        ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
+        ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']",
+        timeout=90_000,  # (a kernel starts slowly on a busy machine)
     )
 
 
@@ -928,7 +930,8 @@ def _open_from_file_browser(page: Any, lab: Lab, name: str, kernels: int) -> Non
     )
     lab.remember_children()
     page.wait_for_selector(
-        ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator[data-status='idle']"
+        ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator[data-status='idle']",
+        timeout=90_000,  # (a kernel starts slowly on a busy machine)
     )
     tab = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
     assert tab.is_visible()

@@ -92,7 +92,8 @@ def _open(page: Any, lab: Lab, notebook: str) -> None:
     )
     lab.remember_children()
     page.wait_for_selector(
-        ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']"
+        ".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']",
+        timeout=90_000,  # (a kernel starts slowly on a busy machine)
     )
 
 
