@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 import zmq.auth.thread
 
-from ..fabric.placement import Placement
+from ..fabric.placement import Host, Placement
 from .record_schema import BadField, checked, nesting_ok
 from .snapshot import MetricPoint, NodeStatus
 from .utilisation import UsageStore, network_wait
@@ -441,7 +441,7 @@ class StatusReceiver:
 
     def _silent(
         self,
-        host: Any,
+        host: Host,
         last_seen: float,
         unreachable: Mapping[str, tuple[float, str]],
         quiet: Mapping[str, str],
