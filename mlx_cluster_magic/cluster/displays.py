@@ -32,6 +32,8 @@ class ClusterViews:
 
     # provided by MLXCluster
     _run: Running | None
+    _link: Any
+    cluster_id: str | None
     _widget: StatusWidget | None
     _state: str
     _reason: str | None
@@ -124,6 +126,12 @@ class ClusterViews:
         ranks are going, the new ones not there yet). Metrics of a run that ended stay, marked
         ``metrics_previous``, until the new run reports one or ``clear_previous_metrics()``.
         """
+        if self._link is not None and self._state != "stopped":
+            with contextlib.suppress(Exception):
+                snap: ClusterSnapshot = self._link.call("snapshot", timeout=5)
+                return dataclasses.replace(
+                    snap, topology_svg=self._topology_svg or snap.topology_svg, kept=self.cluster_id
+                )
         run = self._run
         restarting = self._restarting
         if restarting:
@@ -163,6 +171,7 @@ class ClusterViews:
             topology_svg=self._topology_svg,
             metrics_previous=not live and bool(points),
             sparklines=sparklines,
+            kept=self.cluster_id,
         )
 
     def _view_reason(self) -> str | None:

@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ from ..launch import bringup, ipp_adapter, mpi_job, processes, spec
 from ..observe import health
 from ..observe.health import Breakage
 from ..observe.snapshot import NodeStatus
+from ..runtime import records
+from . import attached
 from .displays import ClusterViews
 from .tools import ClusterTools, HistoryEntry
 
@@ -88,7 +91,29 @@ class MLXCluster(ClusterViews, ClusterTools):
         verbose: bool = False,
         connections_per_ip: int = 1,
         grace: float = spec.GRACE_S,
+        keep: bool = False,
+        runtime_on: str | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
+        #: What was asked, as given: a kept cluster's runtime resolves it again where it runs.
+        self._options: dict[str, Any] = dict(
+            n=n, hosts=hosts, hostfile=None if hostfile is None else os.fspath(hostfile),
+            backend=backend, mpiexec=mpiexec, mpi_lib=mpi_lib, python=python, workdir=workdir,
+            controller_ip=controller_ip, ring_port=ring_port, ssh=ssh, timeout=timeout,
+            live_status=live_status, check_collectives=check_collectives,
+            collective_timeout=collective_timeout, verbose=verbose,
+            connections_per_ip=connections_per_ip, grace=grace,
+        )  # fmt: skip
+        self.keep = bool(keep or runtime_on)
+        self.runtime_on = runtime_on
+        if idle_timeout is not None and not self.keep:
+            raise MLXClusterError("--idle-timeout is for a kept cluster: add --keep")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise MLXClusterError(f"--idle-timeout must be positive, got {idle_timeout:g}")
+        self.idle_timeout = (
+            (idle_timeout if idle_timeout is not None else records.IDLE_TIMEOUT_S)
+            if self.keep else None
+        )  # fmt: skip
         self.spec = spec.resolve(
             n, hosts=hosts, hostfile=hostfile, backend=backend, mpiexec=mpiexec,
             mpi_lib=mpi_lib, python=python, workdir=workdir, controller_ip=controller_ip,
@@ -96,6 +121,10 @@ class MLXCluster(ClusterViews, ClusterTools):
             check_collectives=check_collectives, collective_timeout=collective_timeout,
             verbose=verbose, connections_per_ip=connections_per_ip, grace=grace,
         )  # fmt: skip
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The fields of a cluster that has not run yet (a new one, or one being attached)."""
         self._lock = threading.RLock()
         self._state = "stopped"
         self._reason: str | None = None  # who stopped it (``stopped from the status view``)
@@ -119,6 +148,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         #: While a start runs: None, or who asked it to stop (" from the status view").
         self._stop_asked: str | None = None
         self._started = threading.Event()
+        #: A kept cluster's link to its runtime (None: the cluster runs in this process).
+        self._link: attached.RuntimeLink | None = None
+        self.cluster_id: str | None = None
 
     placement_from = staticmethod(spec.placement_from)
 
@@ -184,6 +216,8 @@ class MLXCluster(ClusterViews, ClusterTools):
             return f"the MLX cluster is broken: {self.broken_reason}"
         if self._state == "starting":
             return "the MLX cluster is still starting"
+        if self.keep and self.cluster_id and self._reason:  # a kept cluster said why it ended
+            return f"kept cluster {self.cluster_id} {self._reason}"
         return "no cluster is running: start one with %mlx_cluster start"
 
     def _require(self) -> bringup.Running:
@@ -252,6 +286,9 @@ class MLXCluster(ClusterViews, ClusterTools):
             raise MLXClusterError(f"the start was stopped{self._stop_asked}")
 
     def _start(self) -> None:
+        if self.keep:
+            self._start_kept()
+            return
         with self._lock:
             if self._run is not None:  # a stop that failed (the cluster is broken): finish it
                 self._teardown()
@@ -311,6 +348,8 @@ class MLXCluster(ClusterViews, ClusterTools):
     def loss(self) -> Breakage | None:
         """A host no one can reach, a cable pulled between two hosts, or a host whose firewall
         killed the ranks at their first connection: what it is and what to type, else None."""
+        if self._link is not None:
+            return self._remote("loss")  # type: ignore[no-any-return]
         run = self._run
         if run is None:
             return None
@@ -332,6 +371,8 @@ class MLXCluster(ClusterViews, ClusterTools):
     def refusal_pending(self) -> bool:
         """Ranks died with no word from mpiexec on several hosts and the doctor has not said
         yet whether a firewall killed them (a cell waits for it before it names the death)."""
+        if self._link is not None:
+            return self._remote("refusal_pending")  # type: ignore[no-any-return]
         if self.placement.is_local or not self._dead_evidence() or self.death_cause():
             return False
         return self._refusal is None or self._refusal[0] != self.generation
@@ -364,6 +405,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         """Ranks known to be gone (never from silent status reports alone). When mpiexec ended
         the job because some ranks exited, those ranks (the cause), not every rank it took
         down with them."""
+        if self._link is not None:
+            return self._remote("dead_ranks")  # type: ignore[no-any-return]
         dead = self._dead_evidence()
         run = self._run
         launcher = ipp_adapter.engine_launcher(run.ipp if run else None)
@@ -376,6 +419,8 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def death_cause(self) -> str:
         """What mpiexec reported about the rank that died first, if anything."""
+        if self._link is not None:
+            return self._remote("death_cause")  # type: ignore[no-any-return]
         run = self._run
         launcher = ipp_adapter.engine_launcher(run.ipp if run else None)
         return ipp_adapter.death_cause(ipp_adapter.launcher_output(launcher))
@@ -397,6 +442,10 @@ class MLXCluster(ClusterViews, ClusterTools):
         watch that speaks late about a cluster stopped or restarted meanwhile is ignored):
         ``generation``, when given, must be the current one."""
         breakage = reason if isinstance(reason, Breakage) else Breakage(reason)
+        if self._link is not None:
+            self._remote("abort", breakage, generation=generation)
+            self._sync_life()
+            return
         with self._lock:
             if self._state != "running" or generation not in (None, self.generation):
                 return
@@ -423,6 +472,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         """Judge the evidence twice a second while no cell waits, so a rank that died or a
         host lost while idle breaks the cluster at once, not at the next cell."""
         stop = self._watch_stop = threading.Event()
+        if self._link is not None:
+            self._follow(stop)
+            return
 
         def run() -> None:
             while not stop.wait(WATCH_PERIOD_S):
@@ -441,6 +493,10 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def judge(self) -> Breakage | None:
         """Break the cluster now if the evidence says it cannot go on; the reason, else None."""
+        if self._link is not None:
+            self._remote("judge")
+            self._sync_life()
+            return self.health
         found = self._evidence_breakage() if self._state == "running" else None
         if found is not None:
             self.abort(found)
@@ -474,6 +530,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         clusters); a broken one is cleared. Two threads stopping at once stop it once: the
         second waits for the first and returns.
         """
+        if self._link is not None:
+            self._stop_kept(origin)
+            return
         with self._lock:
             if self._state == "stopped":
                 return
@@ -511,6 +570,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         the ``%%px`` cells that had completed (``history()``) again, in order. ``without``
         leaves those hosts out (a Mac that is gone): the ranks are renumbered on the others,
         and a pipeline plan is made again for them."""
+        if self._link is not None:
+            return self._restart_kept(activate, replay, without)
         history = list(self._history)
         if without:
             self.spec = spec.without_hosts(self.spec, without, self.host_aliases())
@@ -563,6 +624,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         The run is forgotten only once its teardown went through (else it is done again)."""
         if self._watch_stop is not None:
             self._watch_stop.set()
+        if self._link is not None:
+            self._detach()
+            return
         run = self._run
         if run is None:
             _LIVE.discard(self)
@@ -575,6 +639,195 @@ class MLXCluster(ClusterViews, ClusterTools):
             self.last_nodes, self._last_recorders = remains.nodes, remains.recorders
         _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log
 
+    # ----------------------------------------------------------------------- kept clusters
+    @classmethod
+    def attach(cls, cluster_id: str | None = None, activate: bool = False) -> MLXCluster:
+        """The user's running kept cluster ``cluster_id`` (the only one, when None), from this
+        kernel: the same engines with what they hold, its live view, ``%%px``, history."""
+        record = attached.find(cluster_id)
+        link = attached.RuntimeLink(record)
+        try:
+            cluster = cls.__new__(cls)
+            cluster.spec = link.call("spec")
+            cluster._options, cluster.runtime_on = {}, record.runtime_on
+            cluster.keep, cluster.idle_timeout = True, record.idle_timeout
+            cluster._init_state()
+            cluster._connect(link, record)
+        except BaseException:
+            link.close()
+            raise
+        if activate and cluster.running:
+            cluster.activate()
+        return cluster
+
+    def _start_kept(self) -> None:
+        """Start the cluster in a runtime of its own and attach this kernel to it."""
+        record = attached.start_runtime(
+            self._options, runtime_on=self.runtime_on, ssh=self.spec.ssh,
+            python=self.spec.python, idle_timeout=self.idle_timeout,
+        )  # fmt: skip
+        link = attached.RuntimeLink(record)
+        try:
+            self.spec = link.call("spec")
+            self._connect(link, record)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                link.call("stop", timeout=60)
+            link.close()
+            raise
+
+    def _connect(self, link: attached.RuntimeLink, record: records.Record) -> None:
+        """This kernel's client on the runtime's controller, and the runtime's state."""
+        life = link.call("life")
+        self._link, self.cluster_id = link, record.id
+        run = None
+        if life["state"] == "running":
+            client, view = link.connect_client(life["connection"], life["n"])
+            status = attached.StatusProxy(link) if self.spec.live_status else None
+            run = attached.AttachedRun(
+                self.spec, client, view, list(life["ranks"]), life["started_at"], status
+            )
+        self._run = run  # type: ignore[assignment]
+        self._apply_life(life)
+        _LIVE.add(self)
+        if self._state in ("running", "broken"):
+            self._watch(self.generation)
+
+    def _remote(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        link = self._link
+        if link is None:
+            raise MLXClusterError(self.not_running_message())
+        return link.call(method, *args, **kwargs)
+
+    def _apply_life(self, life: dict[str, Any]) -> None:
+        """The runtime's state as this kernel's (``state``, reason, rows, generation)."""
+        self._state, self._reason, self._breakage = life["state"], life["reason"], life["breakage"]
+        self.banner, self.activity = life["banner"], life["activity"]
+        self.generation = life["generation"]
+        self._restarting = bool(life["restarting"])
+        if life["last_nodes"]:
+            self.last_nodes = list(life["last_nodes"])
+
+    def _sync_life(self) -> dict[str, Any] | None:
+        """Read the runtime's state once; follow a restart made from another notebook (a new
+        controller: this kernel's client connects to it); let go once it ended."""
+        link = self._link
+        if link is None:
+            return None
+        life: dict[str, Any] = link.call("life", timeout=10)
+        run = self._run
+        renewed = life["state"] == "running" and (
+            run is None or life["generation"] != self.generation
+        )
+        if renewed and isinstance(run, attached.AttachedRun):
+            with contextlib.suppress(Exception):
+                run.client.close()
+        if renewed:
+            client, view = link.connect_client(life["connection"], life["n"])
+            self.spec = link.call("spec")
+            self._run = attached.AttachedRun(  # type: ignore[assignment]
+                self.spec, client, view, list(life["ranks"]), life["started_at"],
+                attached.StatusProxy(link) if self.spec.live_status else None,
+            )
+        self._apply_life(life)
+        if life["state"] == "stopped":
+            self._detach()
+        return life
+
+    def _follow(self, stop: threading.Event) -> None:
+        """Twice a second: the runtime's state into this kernel's views; a runtime that no
+        longer answers and whose process is gone ends the cluster here too."""
+
+        def run() -> None:
+            while not stop.wait(WATCH_PERIOD_S) and self._link is not None:
+                try:
+                    if self._runtime_gone():
+                        self._runtime_died()
+                    else:
+                        self._sync_life()
+                except Exception:
+                    pass  # (a runtime out of reach: its view keeps what it last said)
+                self._refresh_widget()
+
+        threading.Thread(target=run, name="mlx-cluster-follow", daemon=True).start()
+
+    def _runtime_died(self) -> None:
+        """The runtime's process is gone (killed): its watchdog stops every process it
+        started, so the cluster is broken here, with what to type."""
+        link = self._link
+        if link is None:
+            return
+        record = link.record
+        self._detach()
+        self.last_nodes = _ended_rows(self.last_nodes, {}, Breakage("its runtime died"))
+        self._state, self._breakage = "broken", Breakage(
+            f"the cluster's runtime (pid {record.pid} on {record.host}) died; its watchdog "
+            "stops every process it started",
+            "%mlx_cluster stop, then %mlx_cluster start --keep starts a new one",
+            "runtime",
+        )
+
+    def _runtime_gone(self) -> bool:
+        link = self._link
+        if link is None:
+            return True
+        if link.record.runtime_on is None:
+            return not records.runtime_alive(link.record)
+        return False  # another Mac's runtime may be out of reach only: silence is not death
+
+    def _stop_kept(self, origin: str | None) -> None:
+        """Stop a kept cluster for every notebook attached to it."""
+        with self._lock:
+            if self._link is None or self._state == "stopped":
+                return
+            life = self._remote("stop", timeout=120)
+            self._apply_life(life)
+            self._state = "stopped"
+            self._reason = f"stopped from {origin}" if origin else None
+            record = self._link.record
+            self._detach()
+            if record.runtime_on is None:  # stop returns once no process of ours is left
+                deadline = time.monotonic() + attached.RUNTIME_EXIT_S
+                while records.runtime_alive(record) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        self._refresh_widget()
+
+    def _restart_kept(self, activate: bool, replay: bool, without: Sequence[str]) -> MLXCluster:
+        self._restarting = True
+        self._refresh_widget()
+        try:
+            self._remote("restart", timeout=600, replay=replay, without=list(without))
+            self._sync_life()
+        finally:
+            self._restarting = False
+            self._refresh_widget()
+        if activate and self.running:
+            self.activate()
+        return self
+
+    def detach(self) -> None:
+        """Let go of a kept cluster without stopping it (``attach`` takes it up again)."""
+        if self._link is None:
+            raise MLXClusterError("this cluster is not kept: stop() ends it")
+        self._state, self._reason = "stopped", "detached: %mlx_cluster attach takes it up again"
+        self._detach()
+        self._refresh_widget()
+
+    def _detach(self) -> None:
+        """This kernel's client and link go; the runtime and its cluster stay."""
+        link, run = self._link, self._run
+        self._link, self._run = None, None
+        if self._watch_stop is not None:
+            self._watch_stop.set()
+        if isinstance(run, attached.AttachedRun):
+            with contextlib.suppress(Exception):
+                run.client.close()
+        if link is not None:
+            with contextlib.suppress(Exception):
+                link.call("detach", timeout=1)
+            link.close()
+        _LIVE.discard(self)
+
     # ----------------------------------------------------------------------- context manager
     def __enter__(self) -> MLXCluster:
         return self if self.running else self.start()
@@ -584,6 +837,9 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def mpiexec_command(self) -> str:
         """The mpiexec command line the engines are started with (for logs and debugging)."""
+        if self._link is not None:
+            self._require()
+            return self._remote("mpiexec_command")  # type: ignore[no-any-return]
         launcher = ipp_adapter.engine_launcher(self._require().ipp)
         if launcher is None:
             raise MLXClusterError("no cluster is running")

@@ -87,6 +87,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``12h``: seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1.0)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (90s, 30m, 12h)"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -211,6 +226,31 @@ def _add_start_options(p: _Parser) -> None:
     p.add_argument(
         "--verbose", action="store_true", help="MLX's own verbose logging of the backend"
     )
+    _add_keep_options(p)
+
+
+def _add_keep_options(p: _Parser) -> None:
+    """A cluster that outlives the kernel: ``--keep``, where its runtime runs, when it ends."""
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the cluster when this kernel restarts or ends: it runs in a runtime of its "
+        "own; %%mlx_cluster attach takes it up from any notebook of yours, stop ends it",
+    )
+    p.add_argument(
+        "--runtime-on",
+        default=None,
+        metavar="HOST",
+        help="run the kept cluster's runtime on this Mac of the cluster (implies --keep): the "
+        "notebook's machine may sleep or leave; it attaches again over ssh",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_duration,
+        default=None,
+        metavar="T",
+        help="end a kept cluster no notebook used for this long: 90s, 30m, 12h (default: 12h)",
+    )
 
 
 def _life_cycle_parsers(sub: _Sub) -> None:
@@ -250,6 +290,16 @@ def _life_cycle_parsers(sub: _Sub) -> None:
     )
 
     sub("nodes", "Per-rank status records, as data.")
+
+    p = sub(
+        "attach",
+        "Take up a kept cluster (after a kernel restart, or from another notebook of yours).",
+    )
+    p.add_argument(
+        "id", nargs="?", default=None, help="its id, as list shows it (default: the only one)"
+    )
+    sub("list", "Your running kept clusters: id, hosts, ranks, runtime, started, notebooks, idle.")
+    sub("detach", "Let go of a kept cluster in this notebook; it runs on for the others.")
 
 
 def _data_parsers(sub: _Sub) -> None:
@@ -475,6 +525,21 @@ class History(list):  # type: ignore[type-arg]
         p.text(repr(self))
 
 
+def kept_line(cluster: MLXCluster) -> str:
+    """What a kept cluster's start says: how to take it up again, and how it ends."""
+    where = f"its runtime on {cluster.runtime_on}" if cluster.runtime_on else "its own runtime"
+    idle = cluster.idle_timeout or 0
+    hours = (
+        f"{idle / 3600:g} h" if idle >= 3600 else f"{idle / 60:g} min" if idle >= 60
+        else f"{idle:g} s"
+    )  # fmt: skip
+    return (
+        f"kept cluster {cluster.cluster_id} ({where}): it outlives this kernel; after a kernel "
+        f"restart, or from another notebook: %mlx_cluster attach {cluster.cluster_id}; "
+        f"%mlx_cluster stop ends it for every notebook (so does {hours} unused)"
+    )
+
+
 def _describe(cluster: MLXCluster) -> str:
     """``2 ranks on 1 host`` / ``6 ranks on 3 hosts``."""
     hosts = 1 if cluster.placement.is_local else len(cluster.placement.hosts)
@@ -563,18 +628,53 @@ class MLXClusterMagics(Magics):
             verbose=args.verbose,
             connections_per_ip=args.connections_per_ip,
             grace=args.grace,
+            keep=args.keep,
+            runtime_on=args.runtime_on,
+            idle_timeout=args.idle_timeout,
         )
         cluster.start(activate=True)
         self.cluster = cluster
+        if cluster.keep:
+            print(kept_line(cluster))
         return cluster
+
+    def _attach(self, args: argparse.Namespace) -> MLXCluster:
+        current = self.cluster
+        if current is not None and current.running and current.cluster_id != args.id:
+            raise MLXClusterError(
+                f"this notebook runs a cluster already ({current.n} ranks): %mlx_cluster stop "
+                "(or detach, for a kept one) first"
+            )
+        cluster = MLXCluster.attach(args.id, activate=True)
+        self.cluster = cluster
+        print(
+            f"attached to kept cluster {cluster.cluster_id}: {_describe(cluster)}, "
+            f"{cluster.state}; %%px on every rank"
+        )
+        return cluster
+
+    def _list(self, args: argparse.Namespace) -> Any:
+        from .attached import KeptClusters
+
+        return KeptClusters.now()
+
+    def _detach(self, args: argparse.Namespace) -> None:
+        cluster = self._any("to detach from")
+        cluster.detach()
+        print(
+            f"detached from kept cluster {cluster.cluster_id}: it runs on; "
+            f"%mlx_cluster attach {cluster.cluster_id} takes it up again"
+        )
 
     def _stop(self, args: argparse.Namespace) -> None:
         cluster = self.cluster
         if cluster is None or cluster.state == "stopped":
             print("no MLX cluster is running: nothing to stop")
             return
+        kept = cluster.cluster_id if cluster.keep else None
         cluster.stop()  # a broken cluster stops too
-        print(f"MLX cluster stopped: {_describe(cluster)}, no process left")
+        also = f" (kept cluster {kept}, for every notebook attached)" if kept else ""
+        print(f"MLX cluster stopped{also}: {_describe(cluster)}, no process left")
 
     def _restart(self, args: argparse.Namespace) -> MLXCluster:
         cluster = self._any("to restart")

@@ -52,6 +52,8 @@ class ClusterTools:
 
     # provided by MLXCluster
     _run: Running | None
+    _link: Any
+    _remote: Callable[..., Any]
     pipeline_plan: PipelinePlan | None
     _history: list[HistoryEntry]
     _last_recorders: list[dict[str, Any] | None]
@@ -107,6 +109,8 @@ class ClusterTools:
         flight recorders disagree (ranks blocked for at least ``threshold_s``); else None."""
         from ..observe import hang_verdict
 
+        if self._link is not None:
+            return self._remote("hang_verdict", threshold_s)  # type: ignore[no-any-return]
         return hang_verdict.stuck(self._recorders(), threshold_s)
 
     def waits_on_ended(self, pending: Sequence[int]) -> bool:
@@ -114,6 +118,8 @@ class ClusterTools:
         the cell (``why.waits_on_ended`` on the latest status records)."""
         from ..observe import hang_verdict
 
+        if self._link is not None:
+            return bool(self._remote("waits_on_ended", list(pending)))
         return hang_verdict.waits_on_ended(self._recorders(), pending)
 
     def _recorders(self) -> list[dict[str, Any] | None]:
@@ -129,6 +135,8 @@ class ClusterTools:
         disagree. Works while a cell runs (nothing queues behind it) and after an abort."""
         from ..observe import hang_verdict, stack_capture
 
+        if self._link is not None:  # the runtime signals and reads the ranks (its own, or ssh)
+            return self._remote("why", stacks, timeout, timeout=timeout + 30)  # type: ignore[no-any-return]
         snaps, run = self._recorders(), self._run
         dumps = None
         if stacks and run is not None:
@@ -293,6 +301,11 @@ class ClusterTools:
 
     def check_collectives(self, on: bool = True) -> None:
         """Compare every collective's signature across the ranks before MLX runs it."""
+        if self._link is not None:
+            self._require()
+            self._remote("check_collectives", on)
+            self.spec = dataclasses.replace(self.spec, check_collectives=on)
+            return
         self._set_checks(self._require(), on)
         self.spec = dataclasses.replace(self.spec, check_collectives=on)
 
@@ -311,6 +324,9 @@ class ClusterTools:
     def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None:
         """Remember a cell that completed (``%%px`` calls this as each completes, from any
         thread; ``--no-replay`` skips it)."""
+        if self._link is not None:
+            self._remote("record_cell", cell, None if targets is None else list(targets))
+            return
         full = targets is None or sorted(targets) == list(range(self.n))
         m = _PX_HEADER.match(cell)
         header, cell = (m.group(0), cell[m.end() :]) if m else ("", cell)
@@ -319,4 +335,6 @@ class ClusterTools:
     def history(self) -> list[HistoryEntry]:
         """The ``%%px`` cells that completed since the cluster started, in the order they
         completed (blocking or ``--noblock``)."""
+        if self._link is not None:
+            return list(self._remote("history"))
         return list(self._history)

@@ -180,6 +180,12 @@ def engine_connection_file(cluster: ipp.Cluster) -> str:
     return os.path.join(cluster.profile_dir, "security", f"{prefix}-engine.json")
 
 
+def client_connection_file(cluster: ipp.Cluster) -> str:
+    """Where the controller writes the clients' connection (its keys: a 0600 file)."""
+    prefix = f"ipcontroller-{cluster.cluster_id}" if cluster.cluster_id else "ipcontroller"
+    return os.path.join(cluster.profile_dir, "security", f"{prefix}-client.json")
+
+
 def stop(cluster: ipp.Cluster, client: ipp.Client | None = None, drain: float = 1.0) -> None:
     """Engines first, then the controller, once the hub has heard every engine's nanny say
     goodbye (at most ``drain`` seconds): a nanny whose goodbye finds no controller lingers 3 s

@@ -21,7 +21,8 @@ class Breakage:
     ``cause``: ``lost`` (a host no one reaches), ``network`` (every host silent past the
     grace), ``cable`` (a cable between two hosts), ``died`` (a rank's process gone),
     ``heartbeat`` (the controller lost engines), ``hung`` (a cell that could not be
-    interrupted) or ``aborted`` (anything else, in ``what``'s words).
+    interrupted), ``runtime`` (a kept cluster's runtime was killed) or ``aborted``
+    (anything else, in ``what``'s words).
     """
 
     what: str

@@ -103,6 +103,8 @@ class ClusterSnapshot:
     sparklines: tuple[dict[str, Any], ...] = ()
     #: What to type to bring a broken cluster back (``restart --without HOST`` for a lost Mac).
     advice: str | None = None
+    #: A kept cluster's id: it outlives the notebook's kernel (``%mlx_cluster attach ID``).
+    kept: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -55,7 +55,9 @@ function brokenText(s) {
   return `broken: ${reason}; ${s.advice || "`%mlx_cluster restart` brings it back"}.`;
 }
 
-function endedText(why) {
+function endedText(why, kept) {
+  // A kept cluster runs on without the kernel: say what brings it back.
+  if (kept) return `this view ended with its kernel (${why}); the cluster runs on: \`%mlx_cluster attach ${kept}\` brings it back.`;
   return `${ENDED} (${why}); \`%mlx_cluster start\` starts a new one.`;
 }
 
@@ -621,7 +623,7 @@ function render({ model, el }) {
     el.dataset.state = state;
     dot.className = `mlx-dot mlx-cluster-${state}`;
     header.textContent = headerText({ ...s, state });
-    const b = ended ? endedText(ended) : brokenText(s);
+    const b = ended ? endedText(ended, s.kept) : brokenText(s);
     withCode(broken, b);
     broken.hidden = !b;
     broken.classList.toggle("mlx-stopped-by", !ended && s.state === "stopped");

@@ -86,6 +86,7 @@ def snapshot_state(s: ClusterSnapshot) -> dict[str, Any]:
         "banner": s.banner,
         "metrics_previous": s.metrics_previous,
         "sparklines": list(s.sparklines),
+        "kept": s.kept,
     }
 
 
