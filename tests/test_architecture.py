@@ -425,3 +425,26 @@ def test_every_package_folder_is_in_the_distribution() -> None:
     listed = set(config["tool"]["setuptools"]["packages"])
     found = {_module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
     assert found == listed
+
+
+#: Modules that start, watch or stop the cluster's processes (the runtime's side).
+PROCESS_OWNERS = {
+    f"{PKG}.launch.processes", f"{PKG}.launch.bringup", f"{PKG}.launch.controller",
+    f"{PKG}.observe.status_receiver", f"{PKG}.observe.liveness", f"{PKG}.cluster.runtime_server",
+}
+#: The notebook's side: the magics, %%px, what a cluster shows and does, the link to a kept
+#: cluster's runtime, the views.
+CLIENT_MODULES = {f"{PKG}.cluster.{m}" for m in ("magics", "px", "displays", "tools", "attached")}
+
+
+def test_the_client_imports_no_process_owning_module() -> None:
+    graph = _graph()
+    client = CLIENT_MODULES | {m for m in graph if m.startswith(f"{PKG}.views")}
+    wrong = sorted(f"{m} imports {d}" for m in client for d in graph[m] & PROCESS_OWNERS)
+    assert wrong == []
+    # the link to a runtime reaches none of them, however deep
+    assert _transitive(f"{PKG}.cluster.attached", graph) & PROCESS_OWNERS == set()
+    # the runtime's wire and record import nothing of the head's
+    for module in (f"{PKG}.runtime.channel", f"{PKG}.runtime.records"):
+        assert _transitive(module, graph) <= {f"{PKG}.errors"}, module
+

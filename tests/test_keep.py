@@ -14,16 +14,17 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 import zmq
+from kernels import Notebook
 
 from conftest import wait_no_processes
 
@@ -32,63 +33,6 @@ pytestmark = pytest.mark.kernel
 STRANGER = "mcmK-stranger"
 SYSTEM_PYTHON = "/usr/bin/python3"
 RUNTIMES = Path.home() / ".mlx-cluster" / "runtimes"
-
-
-class Notebook:
-    """A real kernel, driven as a notebook drives it; ``run`` returns what the cell showed."""
-
-    def __init__(self) -> None:
-        from jupyter_client.manager import KernelManager
-
-        self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel()
-        self._connect()
-
-    def _connect(self) -> None:
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=90)
-
-    def run(self, code: str, timeout: float = 180) -> tuple[str, str]:
-        """(status, everything the cell showed: streams, results, displays, the error)."""
-        shown: list[str] = []
-
-        def hook(msg: dict[str, Any]) -> None:
-            kind, content = msg["header"]["msg_type"], msg["content"]
-            if kind == "stream":
-                shown.append(content["text"])
-            elif kind in ("execute_result", "display_data", "update_display_data"):
-                shown.append(content["data"].get("text/plain", ""))
-            elif kind == "error":
-                shown.append(f"{content['ename']}: {content['evalue']}")
-
-        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-        return reply["content"]["status"], "\n".join(shown)
-
-    def ok(self, code: str, timeout: float = 180) -> str:
-        status, out = self.run(code, timeout)
-        assert status == "ok", out
-        return out
-
-    def value(self, expression: str) -> Any:
-        out = self.ok(f"import json as _j; print(_j.dumps({expression}))")
-        return json.loads(out.strip().splitlines()[-1])
-
-    def restart(self, now: bool = False) -> None:
-        """The menu's restart (a shutdown request first), or ``now``: the kernel killed."""
-        self.kc.stop_channels()
-        self.km.restart_kernel(now=now)
-        self._connect()
-
-    def kill(self) -> None:
-        """The kernel and its whole process group killed, as Jupyter kills a kernel."""
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=True)
-
-    def close(self) -> None:
-        self.kc.stop_channels()
-        if self.km.is_alive():
-            self.km.shutdown_kernel(now=True)
 
 
 @pytest.fixture
@@ -106,7 +50,15 @@ def notebooks(no_leaks: None) -> Iterator[list[Notebook]]:
 
 
 def _runtime_folders() -> list[str]:
-    return sorted(p.name for p in RUNTIMES.iterdir()) if RUNTIMES.is_dir() else []
+    """This machine's runtimes' folders (the virtual Macs share the home: theirs are not)."""
+    here = socket.gethostname()
+    found = []
+    for folder in sorted(RUNTIMES.iterdir()) if RUNTIMES.is_dir() else []:
+        record = folder / "record.json"
+        # (one without a record is a runtime starting, maybe on a virtual Mac)
+        if record.exists() and json.loads(record.read_text()).get("host") == here:
+            found.append(folder.name)
+    return found
 
 
 def _stop_every_kept_cluster() -> None:
@@ -343,3 +295,17 @@ def test_only_its_owner_attaches_and_its_channel_survives_junk(
     assert nb.value("c.view.apply_sync(lambda: world.rank())") == [0, 1]
     assert nb.value("[c.state, len(c.nodes())]") == ["running", 2]
     nb.ok("%mlx_cluster stop")
+
+
+def test_one_current_cluster_however_it_was_started(notebooks: list[Notebook]) -> None:
+    """A cluster started from Python with activate=True is the one %%px runs on and the one
+    %mlx_cluster stops."""
+    nb = Notebook()
+    notebooks.append(nb)
+    nb.ok("%load_ext mlx_cluster_magic\nfrom mlx_cluster_magic import MLXCluster\n"
+          "c = MLXCluster(n=2).start(activate=True)")  # fmt: skip
+    out = nb.ok("%%px\nprint(f'rank {world.rank()} here')")
+    assert "rank 0 here" in out and "rank 1 here" in out, out
+    out = nb.ok("%mlx_cluster stop")
+    assert "MLX cluster stopped: 2 ranks on 1 host, no process left" in out, out
+    assert nb.value("c.state") == "stopped"

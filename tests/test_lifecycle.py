@@ -202,3 +202,21 @@ def test_hmac_key_never_on_a_command_line(no_leaks) -> None:
                     assert key not in f.read(), f"key on the command line of pid {p.pid}"
             except OSError:
                 continue
+
+
+def test_a_stop_reads_stopping_until_nothing_is_left_then_stopped(no_leaks: None) -> None:
+    """The states are an enum with a ``stopping`` step: a stop in another thread is seen as
+    ``stopping`` (the header says so, the Stop button's work under way) until its teardown ends."""
+    from mlx_cluster_magic.observe.snapshot import ClusterState
+
+    cluster = MLXCluster(n=2).start()
+    assert cluster.state is ClusterState.RUNNING and cluster.state == "running"
+    seen: list[str] = []
+    stopper = threading.Thread(target=cluster.stop, kwargs={"origin": "the status view"})
+    stopper.start()
+    while stopper.is_alive():
+        seen.append(str(cluster.snapshot().state))
+    stopper.join()
+    assert "stopping" in seen and seen[-1] in ("stopping", "stopped"), sorted(set(seen))
+    assert cluster.state is ClusterState.STOPPED
+    assert cluster.stopped_by() == "stopped from the status view"

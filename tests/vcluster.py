@@ -703,6 +703,13 @@ class VirtualCluster:
     def undrop(self, *hosts: str, on: str = "eth0") -> None:
         self.drop(*hosts, on=on, undo=True)
 
+    def drop_head(self, undo: bool = False) -> None:
+        """Drop everything between the head and the hosts (the head's firewall, on its bridge
+        port), as a laptop that sleeps or leaves: the hosts still reach one another."""
+        verb = "-D" if undo else "-I"
+        _run(f"iptables {verb} INPUT -i {self.bridge} -j DROP")
+        _run(f"iptables {verb} OUTPUT -o {self.bridge} -j DROP")
+
     def pull_cable(self, k: int, plug: bool = False) -> None:
         """Pull cable ``k`` between two hosts out at one end (both ends lose their link, as a
         Thunderbolt cable's do); ``plug`` puts it back."""

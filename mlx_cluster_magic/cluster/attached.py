@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ipyparallel as ipp
 
@@ -90,7 +90,10 @@ def _run_json(argv: list[str], stdin: str, doing: str, host: str | None) -> dict
         last = (err.strip().splitlines() or ["no output"])[-1]
         raise MLXClusterError(f"cannot {doing}{where}: {last}") from None
     if not reply.get("ok"):
-        raise MLXClusterError(str(reply.get("error", "failed")))
+        error = str(reply.get("error", "failed"))
+        if reply.get("gone"):
+            raise RuntimeGone(error, str(reply["gone"]))
+        raise MLXClusterError(error)
     record: dict[str, Any] = reply["record"]
     return record
 
@@ -151,7 +154,12 @@ def _stale(folder: Path) -> bool:
 
 
 class RuntimeGone(MLXClusterError):
-    """The runtime of a kept cluster is not running any more."""
+    """The runtime of a kept cluster is not running any more: it ``died`` (its record says
+    so) or ``ended`` (its record is gone)."""
+
+    def __init__(self, line: str, how: str = "died") -> None:
+        super().__init__(line)
+        self.how = how
 
 
 def remote_record(cluster_id: str, host: str, ssh: str | None, python: str) -> Record:
@@ -160,9 +168,12 @@ def remote_record(cluster_id: str, host: str, ssh: str | None, python: str) -> R
     argv = [*ssh_argv(ssh), "-o", "BatchMode=yes", host, remote]
     try:
         reply = _run_json(argv, "", f"read cluster {cluster_id}'s record", host)
-    except MLXClusterError as e:
-        if "is gone" in str(e) or "no kept cluster" in str(e):
-            raise RuntimeGone(str(e)) from None
+    except RuntimeGone as e:
+        if e.how == "ended":
+            raise RuntimeGone(
+                f"cluster {cluster_id} on {host} is gone: its runtime ended (its record is no "
+                "longer there); removed from the list", "ended"
+            ) from None
         raise
     record = Record.of(reply)
     record.runtime_on, record.ssh = host, ssh
@@ -198,6 +209,23 @@ def find(cluster_id: str | None) -> Record:
     return found[0].record
 
 
+def seen_from_here(spec: ClusterSpec, record: Record) -> ClusterSpec:
+    """A runtime's spec as this notebook sees it: the Mac the runtime runs on is ``localhost``
+    to the runtime, and its ssh name here."""
+    import dataclasses
+
+    from ..fabric.placement import Placement
+
+    if record.runtime_on is None:
+        return spec
+    p = spec.placement
+    hosts = tuple(
+        dataclasses.replace(h, ssh=record.runtime_on) if h.is_local else h for h in p.hosts
+    )
+    placement = Placement(hosts, p.per_host, p.backend, p.envs)
+    return dataclasses.replace(spec, placement=placement)
+
+
 # ---------------------------------------------------------------------------- the link
 class RuntimeLink:
     """An attached notebook's connection to a runtime: its channel, and for a runtime on
@@ -219,6 +247,25 @@ class RuntimeLink:
         if record.runtime_on is None and not records.runtime_alive(record):
             return f"the cluster's runtime (pid {record.pid} on {record.host}) is gone"
         return None
+
+    def gone_there(self) -> bool:
+        """Whether the Mac the runtime runs on says, over ssh, that it is not running."""
+        record = self.record
+        assert record.runtime_on is not None
+        pointer = next((p for p in records.pointers() if p.get("id") == record.id), {})
+        try:
+            remote_record(record.id, record.runtime_on, record.ssh,
+                          str(pointer.get("python") or "python3"))  # fmt: skip
+        except RuntimeGone:
+            records.remove_pointer(record.id)
+            return True
+        except MLXClusterError:
+            return False  # out of reach: not known gone
+        return False
+
+    def notify(self, method: str, *args: Any) -> None:
+        """Send ``method`` without waiting for its answer (the runtime takes calls in order)."""
+        self.channel.notify(method, *args)
 
     def call(self, method: str, *args: Any, timeout: float = channel.CALL_TIMEOUT_S,
              **kwargs: Any) -> Any:  # fmt: skip
@@ -283,13 +330,12 @@ class RuntimeLink:
         return str(self.record.connection["interface"]).removeprefix("tcp://")
 
     def _reforward(self, conn: dict[str, Any]) -> None:
-        """A restarted controller listens on new ports: forward those instead."""
+        """A restarted controller listens on new ports: forward those instead (the channel's
+        local port stays, so its socket reconnects by itself)."""
         self._close_tunnel()
-        self._forwards.clear()
+        self._forwards = {"channel": self._forwards["channel"]}
         self.record.connection = conn
-        url = self._open_tunnel(self.record)
-        self.channel.close()
-        self.channel = channel.ChannelClient(url, self.record.channel_key, self._gone)
+        self._open_tunnel(self.record)
 
     def connect_client(self, connection: dict[str, Any], n: int) -> tuple[ipp.Client, Any]:
         """An ipyparallel Client on the runtime's controller, with every rank registered."""
@@ -363,6 +409,22 @@ class StatusProxy:
 
     def dropped_reasons(self) -> Any:
         return self._link.call("dropped_reasons")
+
+
+class Run(Protocol):
+    """What the views and tools read of a run, whoever holds its processes: this kernel
+    (``bringup.Running``) or a kept cluster's runtime (``AttachedRun``)."""
+
+    spec: ClusterSpec
+    client: Any
+    view: Any
+    ranks: list[dict[str, Any]]
+    started_at: float
+    status: Any
+    rank_procs: dict[int, Any]
+
+    @property
+    def n(self) -> int: ...
 
 
 @dataclass

@@ -17,9 +17,9 @@ from ..observe.snapshot import ClusterSnapshot, MetricPoint, NodeStatus
 
 if TYPE_CHECKING:
     from ..fabric.placement import Placement
-    from ..launch.bringup import Running
     from ..launch.spec import ClusterSpec
     from ..views.status_widget import StatusWidget
+    from .attached import Run as Running
 
 #: A cell blocked this long in collectives that other ranks have not reached shows a banner.
 HANG_BANNER_S = 10.0
@@ -35,7 +35,7 @@ class ClusterViews:
     _link: Any
     cluster_id: str | None
     _widget: StatusWidget | None
-    _state: str
+    _state: str  # (a ClusterState: a str)
     _reason: str | None
     health: Any
     _topology_svg: str | None
@@ -138,7 +138,7 @@ class ClusterViews:
             nodes: list[NodeStatus] = [self._starting_row(r) for r in range(self.n)]
         elif run is None or run.status is None or self._state == "broken":
             nodes = self.last_nodes  # (a broken cluster's rows as they stay, even mid-teardown)
-        elif self._state == "stopped":  # its teardown runs: the rows as they will stay
+        elif self._state in ("stopped", "stopping"):  # its teardown runs: rows as they will stay
             nodes = [
                 n if n.state == "dead" else dataclasses.replace(n, state="stopped", silent_s=None)
                 for n in self.last_nodes
@@ -146,7 +146,7 @@ class ClusterViews:
         else:
             nodes = self._node_records()
         # (a cluster stopped or broken shows what it kept, even while its teardown runs)
-        ended = self._state in ("stopped", "broken")
+        ended = self._state in ("stopped", "stopping", "broken")
         live = (
             () if run is None or run.status is None or ended
             else run.status.metrics(SNAPSHOT_POINTS)

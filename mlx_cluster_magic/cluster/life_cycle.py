@@ -31,7 +31,7 @@ from ..fabric.placement import Placement
 from ..launch import bringup, ipp_adapter, mpi_job, processes, spec
 from ..observe import health
 from ..observe.health import Breakage
-from ..observe.snapshot import NodeStatus
+from ..observe.snapshot import ClusterState, NodeStatus
 from ..runtime import records
 from . import attached
 from .displays import ClusterViews
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 START_TIMEOUT_S = spec.START_TIMEOUT_S
 #: How often the watch judges the evidence while no cell runs.
 WATCH_PERIOD_S = 0.5
+#: How old a kept cluster's last state may be to answer a cell's wait without asking again.
+LIFE_FRESH_S = 1.0
 #: How long a stop waits for a start under way in another thread to give up.
 STOP_A_START_S = 30.0
 
@@ -126,7 +128,7 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _init_state(self) -> None:
         """The fields of a cluster that has not run yet (a new one, or one being attached)."""
         self._lock = threading.RLock()
-        self._state = "stopped"
+        self._state: ClusterState = ClusterState.STOPPED
         self._reason: str | None = None  # who stopped it (``stopped from the status view``)
         self._breakage: Breakage | None = None
         self._watch_stop: threading.Event | None = None
@@ -150,6 +152,11 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._started = threading.Event()
         #: A kept cluster's link to its runtime (None: the cluster runs in this process).
         self._link: attached.RuntimeLink | None = None
+        self._sync_lock = threading.Lock()
+        #: The runtime's last state and when it was read.
+        self._life: tuple[dict[str, Any] | None, float] = (None, 0.0)
+        #: The runtime's start our ipyparallel client is connected to.
+        self._client_generation = -1
         self.cluster_id: str | None = None
 
     placement_from = staticmethod(spec.placement_from)
@@ -172,24 +179,26 @@ class MLXCluster(ClusterViews, ClusterTools):
         return self.spec.n
 
     @property
-    def state(self) -> str:
-        """``stopped``, ``starting``, ``running`` or ``broken`` (see ``broken_reason``)."""
+    def state(self) -> ClusterState:
+        """``stopped``, ``starting``, ``running``, ``stopping`` or ``broken`` (see
+        ``broken_reason``): a ``ClusterState``, equal to its name as a string."""
         return self._state
 
     @property
     def broken_reason(self) -> str | None:
         """Why the cluster broke and what to type (kept until the next start), else None."""
-        return self._breakage.line() if self._state == "broken" and self._breakage else None
+        broken = self._state == ClusterState.BROKEN and self._breakage is not None
+        return self._breakage.line() if broken and self._breakage else None
 
     @property
     def health(self) -> Breakage | None:
         """Why the cluster broke, as data (``what``, ``advice``, ``cause``, ``hosts``,
         ``ranks``), while it is broken; else None."""
-        return self._breakage if self._state == "broken" else None
+        return self._breakage if self._state == ClusterState.BROKEN else None
 
     @property
     def running(self) -> bool:
-        return self._state == "running"
+        return self._state == ClusterState.RUNNING
 
     @property
     def started_at(self) -> float | None:
@@ -212,9 +221,9 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def not_running_message(self) -> str:
         """Why there is nothing to run on, and what to type."""
-        if self._state == "broken":
+        if self._state == ClusterState.BROKEN:
             return f"the MLX cluster is broken: {self.broken_reason}"
-        if self._state == "starting":
+        if self._state == ClusterState.STARTING:
             return "the MLX cluster is still starting"
         if self.keep and self.cluster_id and self._reason:  # a kept cluster said why it ended
             return f"kept cluster {self.cluster_id} {self._reason}"
@@ -222,7 +231,7 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def _require(self) -> bringup.Running:
         run = self._run
-        if self._state != "running" or run is None or run.client is None:
+        if self._state != ClusterState.RUNNING or run is None or run.client is None:
             raise MLXClusterError(self.not_running_message())
         return run
 
@@ -237,12 +246,12 @@ class MLXCluster(ClusterViews, ClusterTools):
         On any failure everything started so far is stopped before the error is raised.
         """
         with self._lock:
-            if self._state in ("running", "starting"):
+            if self._state in (ClusterState.RUNNING, ClusterState.STARTING):
                 raise MLXClusterError(
                     "this cluster is already running: use restart() (%mlx_cluster restart) "
                     "or stop()"
                 )
-            self._state, self._reason, self._breakage = "starting", None, None
+            self._state, self._reason, self._breakage = ClusterState.STARTING, None, None
             self.banner = None
             self.generation += 1
             generation = self.generation
@@ -262,7 +271,7 @@ class MLXCluster(ClusterViews, ClusterTools):
                 if self._stop_asked is not None:
                     self._end_start()
                     raise MLXClusterError(f"the start was stopped{self._stop_asked}")
-                self._state = "running"
+                self._state = ClusterState.RUNNING
                 self._history = []
                 self._watch(generation)
         finally:
@@ -276,7 +285,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         """A start that failed or was stopped: nothing it started is left."""
         with self._lock:
             self._teardown()
-            self._state = "stopped"
+            self._state = ClusterState.STOPPED
             if self._stop_asked is not None:
                 self._reason = f"stopped{self._stop_asked}" if self._stop_asked else None
 
@@ -334,6 +343,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         from .px import MLXParallelMagics
 
         shell = get_ipython()
+        set_current(self)
         if shell is not None:
             view = self.client[list(range(self.n))]
             view.block = True
@@ -341,7 +351,7 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     # ------------------------------------------------------------------ faults
     def _dead_evidence(self) -> dict[int, str]:
-        if self._state == "stopped":  # a stop under way kills them: not a death to show
+        if self._state in (ClusterState.STOPPED, ClusterState.STOPPING):  # a stop kills them
             return {}
         return bringup.dead_evidence(self._run)
 
@@ -349,7 +359,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         """A host no one can reach, a cable pulled between two hosts, or a host whose firewall
         killed the ranks at their first connection: what it is and what to type, else None."""
         if self._link is not None:
-            return self._remote("loss")  # type: ignore[no-any-return]
+            return self._fresh("loss")  # type: ignore[no-any-return]
         run = self._run
         if run is None:
             return None
@@ -406,7 +416,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         the job because some ranks exited, those ranks (the cause), not every rank it took
         down with them."""
         if self._link is not None:
-            return self._remote("dead_ranks")  # type: ignore[no-any-return]
+            return self._fresh("dead_ranks")  # type: ignore[no-any-return]
         dead = self._dead_evidence()
         run = self._run
         launcher = ipp_adapter.engine_launcher(run.ipp if run else None)
@@ -447,7 +457,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             self._sync_life()
             return
         with self._lock:
-            if self._state != "running" or generation not in (None, self.generation):
+            if self._state != ClusterState.RUNNING or generation not in (None, self.generation):
                 return
             dead = self._dead_evidence()
             run = self._run
@@ -458,7 +468,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             # another thread or the view, reads the reason and the rows as they will stay, not
             # the ranks the teardown kills.
             self.last_nodes = _ended_rows(self.last_nodes, dead, breakage)
-            self._state, self._breakage = "broken", breakage
+            self._state, self._breakage = ClusterState.BROKEN, breakage
             if run is not None:
                 ipp_adapter.no_graceful_wait(run.ipp)
             # (a teardown that did not go through keeps its run: the next stop finishes it)
@@ -478,7 +488,7 @@ class MLXCluster(ClusterViews, ClusterTools):
 
         def run() -> None:
             while not stop.wait(WATCH_PERIOD_S):
-                if self.generation != generation or self._state != "running":
+                if self.generation != generation or self._state != ClusterState.RUNNING:
                     return
                 with contextlib.suppress(Exception):
                     self._look_for_refusal()
@@ -497,7 +507,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             self._remote("judge")
             self._sync_life()
             return self.health
-        found = self._evidence_breakage() if self._state == "running" else None
+        found = self._evidence_breakage() if self._state == ClusterState.RUNNING else None
         if found is not None:
             self.abort(found)
         return self.health
@@ -534,15 +544,17 @@ class MLXCluster(ClusterViews, ClusterTools):
             self._stop_kept(origin)
             return
         with self._lock:
-            if self._state == "stopped":
+            if self._state == ClusterState.STOPPED:
                 return
-            starting = self._state == "starting"
+            starting = self._state == ClusterState.STARTING
             if not starting:
-                # Stopped first: a %%px cell waiting in another thread then reports the stop,
+                # Stopping first: a %%px cell waiting in another thread then reports the stop,
                 # not the errors of the ranks the teardown kills.
-                self._state = "stopped"
+                self._state = ClusterState.STOPPING
                 self._reason = f"stopped from {origin}" if origin else None
+                self._refresh_widget()
                 self._teardown_or_break()
+                self._state = ClusterState.STOPPED
             else:
                 self._stop_asked = f" from {origin}" if origin else ""
                 run = self._run
@@ -561,7 +573,8 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def stopped_by(self) -> str | None:
         """Who stopped the cluster, when it was not a call in the cell itself."""
-        return self._reason if self._state == "stopped" else None
+        stopped = (ClusterState.STOPPED, ClusterState.STOPPING)
+        return self._reason if self._state in stopped else None
 
     def restart(
         self, activate: bool = False, replay: bool = False, without: Sequence[str] = ()
@@ -583,9 +596,10 @@ class MLXCluster(ClusterViews, ClusterTools):
             with self._lock:
                 # Stopped first, as in stop(): a %%px cell waiting in another thread then says
                 # the cluster was restarted, not the errors of the ranks the teardown kills.
-                self._state, self._reason = "stopped", "restarted"
+                self._state, self._reason = ClusterState.STOPPING, "restarted"
                 if self._run is not None:
                     self._teardown_or_break()
+                self._state = ClusterState.STOPPED
             self.start(activate=activate)
         finally:
             self._restarting = False
@@ -613,7 +627,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         try:
             self._teardown()
         except BaseException as e:
-            self._state = "broken"
+            self._state = ClusterState.BROKEN
             self._breakage = Breakage(
                 f"the stop did not finish ({e!r})", "%mlx_cluster stop tries again"
             )
@@ -648,7 +662,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         link = attached.RuntimeLink(record)
         try:
             cluster = cls.__new__(cls)
-            cluster.spec = link.call("spec")
+            cluster.spec = attached.seen_from_here(link.call("spec"), record)
             cluster._options, cluster.runtime_on = {}, record.runtime_on
             cluster.keep, cluster.idle_timeout = True, record.idle_timeout
             cluster._init_state()
@@ -668,7 +682,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         )  # fmt: skip
         link = attached.RuntimeLink(record)
         try:
-            self.spec = link.call("spec")
+            self.spec = attached.seen_from_here(link.call("spec"), record)
             self._connect(link, record)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -683,6 +697,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         run = None
         if life["state"] == "running":
             client, view = link.connect_client(life["connection"], life["n"])
+            self._client_generation = life["generation"]
             status = attached.StatusProxy(link) if self.spec.live_status else None
             run = attached.AttachedRun(
                 self.spec, client, view, list(life["ranks"]), life["started_at"], status
@@ -690,7 +705,7 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._run = run  # type: ignore[assignment]
         self._apply_life(life)
         _LIVE.add(self)
-        if self._state in ("running", "broken"):
+        if self._state in (ClusterState.RUNNING, ClusterState.BROKEN):
             self._watch(self.generation)
 
     def _remote(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -699,9 +714,19 @@ class MLXCluster(ClusterViews, ClusterTools):
             raise MLXClusterError(self.not_running_message())
         return link.call(method, *args, **kwargs)
 
+    def _fresh(self, method: str) -> Any:
+        """What the runtime's last state said of ``method`` (a cell's wait asks it every few
+        ms), asked anew once that is older than the follow thread's period."""
+        life, at = self._life
+        if life is not None and method in life and time.monotonic() - at < LIFE_FRESH_S:
+            return life[method]
+        return self._remote(method)
+
     def _apply_life(self, life: dict[str, Any]) -> None:
         """The runtime's state as this kernel's (``state``, reason, rows, generation)."""
-        self._state, self._reason, self._breakage = life["state"], life["reason"], life["breakage"]
+        self._life = (life, time.monotonic())
+        self._state = ClusterState(life["state"])
+        self._reason, self._breakage = life["reason"], life["breakage"]
         self.banner, self.activity = life["banner"], life["activity"]
         self.generation = life["generation"]
         self._restarting = bool(life["restarting"])
@@ -711,26 +736,31 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _sync_life(self) -> dict[str, Any] | None:
         """Read the runtime's state once; follow a restart made from another notebook (a new
         controller: this kernel's client connects to it); let go once it ended."""
+        with self._sync_lock:  # (the follow thread and a call in the cell)
+            return self._sync_life_now()
+
+    def _sync_life_now(self) -> dict[str, Any] | None:
         link = self._link
         if link is None:
             return None
         life: dict[str, Any] = link.call("life", timeout=10)
         run = self._run
         renewed = life["state"] == "running" and (
-            run is None or life["generation"] != self.generation
+            run is None or life["generation"] != self._client_generation
         )
         if renewed and isinstance(run, attached.AttachedRun):
             with contextlib.suppress(Exception):
                 run.client.close()
         if renewed:
             client, view = link.connect_client(life["connection"], life["n"])
-            self.spec = link.call("spec")
+            self._client_generation = life["generation"]
+            self.spec = attached.seen_from_here(link.call("spec"), link.record)
             self._run = attached.AttachedRun(  # type: ignore[assignment]
                 self.spec, client, view, list(life["ranks"]), life["started_at"],
                 attached.StatusProxy(link) if self.spec.live_status else None,
             )
         self._apply_life(life)
-        if life["state"] == "stopped":
+        if life["state"] == "stopped" and not life["restarting"]:
             self._detach()
         return life
 
@@ -739,14 +769,16 @@ class MLXCluster(ClusterViews, ClusterTools):
         longer answers and whose process is gone ends the cluster here too."""
 
         def run() -> None:
+            misses = 0
             while not stop.wait(WATCH_PERIOD_S) and self._link is not None:
                 try:
-                    if self._runtime_gone():
+                    if self._runtime_gone(misses):
                         self._runtime_died()
                     else:
                         self._sync_life()
+                        misses = 0
                 except Exception:
-                    pass  # (a runtime out of reach: its view keeps what it last said)
+                    misses += 1  # (a runtime out of reach: its view keeps what it last said)
                 self._refresh_widget()
 
         threading.Thread(target=run, name="mlx-cluster-follow", daemon=True).start()
@@ -760,32 +792,36 @@ class MLXCluster(ClusterViews, ClusterTools):
         record = link.record
         self._detach()
         self.last_nodes = _ended_rows(self.last_nodes, {}, Breakage("its runtime died"))
-        self._state, self._breakage = "broken", Breakage(
+        self._state, self._breakage = ClusterState.BROKEN, Breakage(
             f"the cluster's runtime (pid {record.pid} on {record.host}) died; its watchdog "
             "stops every process it started",
             "%mlx_cluster stop, then %mlx_cluster start --keep starts a new one",
             "runtime",
         )
 
-    def _runtime_gone(self) -> bool:
+    def _runtime_gone(self, misses: int = 0) -> bool:
+        """Evidence that the runtime ended: its process gone here; on another Mac, after calls
+        that went unanswered, that Mac says so over ssh (silence alone is not death)."""
         link = self._link
         if link is None:
             return True
         if link.record.runtime_on is None:
             return not records.runtime_alive(link.record)
-        return False  # another Mac's runtime may be out of reach only: silence is not death
+        return misses >= 3 and misses % 3 == 0 and link.gone_there()
 
     def _stop_kept(self, origin: str | None) -> None:
         """Stop a kept cluster for every notebook attached to it."""
         with self._lock:
-            if self._link is None or self._state == "stopped":
+            if self._link is None or self._state == ClusterState.STOPPED:
                 return
             life = self._remote("stop", timeout=120)
             self._apply_life(life)
-            self._state = "stopped"
+            self._state = ClusterState.STOPPED
             self._reason = f"stopped from {origin}" if origin else None
             record = self._link.record
             self._detach()
+            if record.runtime_on is not None:
+                records.remove_pointer(record.id)
             if record.runtime_on is None:  # stop returns once no process of ours is left
                 deadline = time.monotonic() + attached.RUNTIME_EXIT_S
                 while records.runtime_alive(record) and time.monotonic() < deadline:
@@ -809,7 +845,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         """Let go of a kept cluster without stopping it (``attach`` takes it up again)."""
         if self._link is None:
             raise MLXClusterError("this cluster is not kept: stop() ends it")
-        self._state, self._reason = "stopped", "detached: %mlx_cluster attach takes it up again"
+        self._state = ClusterState.STOPPED
+        self._reason = "detached: %mlx_cluster attach takes it up again"
         self._detach()
         self._refresh_widget()
 
@@ -860,6 +897,18 @@ def _ended_rows(
 
 
 _LIVE: weakref.WeakSet[MLXCluster] = weakref.WeakSet()
+#: The notebook's current cluster: the one ``%%px`` runs on and ``%mlx_cluster`` acts on, however
+#: it was started (the magic, or ``MLXCluster(...).start(activate=True)``) or attached.
+_CURRENT: list[MLXCluster] = []
+
+
+def current() -> MLXCluster | None:
+    """The notebook's current cluster (None before any start)."""
+    return _CURRENT[0] if _CURRENT else None
+
+
+def set_current(cluster: MLXCluster | None) -> None:
+    _CURRENT[:] = [] if cluster is None else [cluster]
 _REMOVE_AT_EXIT: set[str] = set()
 
 

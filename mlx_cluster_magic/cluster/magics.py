@@ -9,7 +9,6 @@ subcommand; ``%mlx_cluster help all`` and ``%mlx_cluster?`` show every option. M
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
 import shlex
 from collections.abc import Callable
@@ -21,8 +20,8 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from ..errors import MLXClusterError
 from ..fabric.placement import BACKENDS
 from ..launch.mpi_job import DEFAULT_RING_PORT
-from ..launch.spec import COLLECTIVE_TIMEOUT_S, GRACE_S, START_TIMEOUT_S, data_plane
-from .life_cycle import MLXCluster
+from ..launch.spec import COLLECTIVE_TIMEOUT_S, GRACE_S, START_TIMEOUT_S
+from .life_cycle import MLXCluster, current, set_current
 
 HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
 START_HINT = "start one with %mlx_cluster start -n 2"
@@ -550,9 +549,16 @@ def _describe(cluster: MLXCluster) -> str:
 # --------------------------------------------------------------------------- the magic
 @magics_class
 class MLXClusterMagics(Magics):
-    """The ``%mlx_cluster`` line magic; holds the notebook's current cluster."""
+    """The ``%mlx_cluster`` line magic, on the notebook's current cluster (the one ``%%px``
+    runs on: ``life_cycle.current()``)."""
 
-    cluster: MLXCluster | None = None
+    @property
+    def cluster(self) -> MLXCluster | None:
+        return current()
+
+    @cluster.setter
+    def cluster(self, cluster: MLXCluster | None) -> None:
+        set_current(cluster)
 
     @line_magic
     def mlx_cluster(self, line: str) -> Any:
@@ -767,54 +773,22 @@ class MLXClusterMagics(Magics):
         return cluster.plan_pipeline(args.model_dir, memory=memory, headroom=args.headroom)
 
     def _doctor(self, args: argparse.Namespace) -> Any:
-        from ..fabric.doctor import run_doctor
+        from .tools import doctor_hosts
 
         if args.hosts is None and args.hostfile is None and self.cluster is not None:
-            cluster = self.cluster
-            if args.python is None and args.ssh is None:
-                return cluster.doctor(timeout=args.timeout, backend=args.backend)
-            return run_doctor(
-                cluster.placement,
-                python=args.python or cluster.spec.python,
-                ssh=args.ssh or cluster.spec.ssh,
-                timeout=args.timeout,
-                backend=args.backend or cluster.backend,
-                networks=cluster.spec.subnet.split(",") if cluster.spec.subnet else None,
-                addresses=dict(cluster.spec.peers),
-                head_address=cluster.spec.controller_ip,
+            return self.cluster.doctor(
+                timeout=args.timeout, backend=args.backend, python=args.python, ssh=args.ssh
             )
-        placement = MLXCluster.placement_from(args.n, hosts=args.hosts, hostfile=args.hostfile)
-        networks: list[str] | None = None
-        addresses: dict[str, str] = {}
-        head: str | None = None
-        if not placement.is_local:
-            # The networks a start would pin MPI to, so the doctor tests what a start needs.
-            with contextlib.suppress(MLXClusterError):
-                control, addresses, networks = data_plane(placement, args.ssh)
-                head = control.address
-        return run_doctor(
-            placement,
-            python=args.python,
-            ssh=args.ssh,
-            timeout=args.timeout,
-            backend=args.backend or placement.backend,
-            networks=networks,
-            addresses=addresses,
-            head_address=head,
-        )
+        return doctor_hosts(
+            args.n, hosts=args.hosts, hostfile=args.hostfile, python=args.python, ssh=args.ssh,
+            timeout=args.timeout, backend=args.backend,
+        )  # fmt: skip
 
     def _setup(self, args: argparse.Namespace) -> Any:
         from .environment import setup
 
         if args.hosts is None and args.hostfile is None and self.cluster is not None:
-            if args.ssh is None:
-                return self.cluster.setup(check=args.check, verify=args.verify)
-            return setup(
-                on=self.cluster.placement.hosts,
-                ssh=args.ssh,
-                check=args.check,
-                verify=args.verify,
-            )
+            return self.cluster.setup(check=args.check, verify=args.verify, ssh=args.ssh)
         return setup(args.hosts, args.hostfile, ssh=args.ssh, check=args.check, verify=args.verify)
 
     def _hosts(self, args: argparse.Namespace) -> Any:

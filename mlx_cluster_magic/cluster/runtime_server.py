@@ -129,7 +129,18 @@ class Runtime:
             "generation": c.generation, "banner": c.banner, "activity": c.activity,
             "ranks": c.ranks, "started_at": c.started_at, "restarting": c._restarting,
             "n": c.n, "last_nodes": c.last_nodes, "connection": self.record.connection,
+            **self.evidence(),
         }  # fmt: skip
+
+    def evidence(self) -> dict[str, Any]:
+        """What a cell's wait asks of the cluster every few ms, sent with every state."""
+        c = self.cluster
+        if c.state != "running":
+            return {}
+        try:
+            return {"loss": c.loss(), "dead_ranks": c.dead_ranks()}
+        except Exception:
+            return {}
 
     def summary(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -239,7 +250,9 @@ def serve(folder: Path) -> int:
         id=folder.name, pid=proc.pid, pid_started=proc.create_time(),
         host=socket.gethostname(), started=time.time(), channel="",
         channel_key=channel.new_key(), connection=client_connection(cluster),
-        hosts=[h.ssh for h in cluster.placement.hosts], n=cluster.n, backend=cluster.backend,
+        hosts=[ask.get("runtime_on") or "localhost" if h.is_local else h.ssh
+               for h in cluster.placement.hosts],
+        n=cluster.n, backend=cluster.backend,
         idle_timeout=ask.get("idle_timeout"), runtime_on=ask.get("runtime_on"),
         ssh=options.get("ssh"),
     )  # fmt: skip
@@ -309,11 +322,12 @@ def show(cluster_id: str) -> int:
     try:
         record = records.read_record(cluster_id)
     except MLXClusterError as e:
-        print(json.dumps({"ok": False, "error": str(e)}))
+        missing = not (records.folder_of(cluster_id) / records.RECORD).exists()
+        print(json.dumps({"ok": False, "error": str(e), "gone": "ended" if missing else None}))
         return 1
     if not records.runtime_alive(record):
         records.remove_folder(records.folder_of(cluster_id))
-        print(json.dumps({"ok": False, "error": records.died_line(record)}))
+        print(json.dumps({"ok": False, "error": records.died_line(record), "gone": "died"}))
         return 1
     print(json.dumps({"ok": True, "record": record.as_dict()}))
     return 0

@@ -21,9 +21,9 @@ from ..views.gather_view import GatherResult
 if TYPE_CHECKING:
     from ..fabric.doctor import DoctorReport
     from ..fabric.placement import Placement
-    from ..launch.bringup import Running
     from ..launch.spec import ClusterSpec
     from ..observe.hang_verdict import WhyReport
+    from .attached import Run as Running
     from .pipeline_plan import PipelinePlan
 
 
@@ -72,17 +72,18 @@ class ClusterTools:
     _refresh_widget: Callable[[], None]
 
     def doctor(
-        self, timeout: float = 10.0, backend: str | None = None, advice: bool = True
-    ) -> DoctorReport:
+        self, timeout: float = 10.0, backend: str | None = None, advice: bool = True,
+        python: str | None = None, ssh: str | None = None,
+    ) -> DoctorReport:  # fmt: skip
         """Check every host is ready (ssh, python, versions, the MLX backend, mpiexec/prted,
         IP, MTU, routes) and advise a backend, as data (``advice=False`` skips the Mac
-        discovery the advice needs)."""
+        discovery the advice needs); ``python`` and ``ssh`` in place of the cluster's."""
         from ..fabric.doctor import run_doctor
 
         return run_doctor(
             self.placement,
-            python=self.spec.python,
-            ssh=self.spec.ssh,
+            python=python or self.spec.python,
+            ssh=ssh or self.spec.ssh,
             timeout=timeout,
             backend=backend or self.backend,
             advice=advice,
@@ -91,14 +92,17 @@ class ClusterTools:
             head_address=self.spec.controller_ip,
         )
 
-    def setup(self, check: bool = False, verify: bool = False, progress: bool = True) -> Any:
+    def setup(
+        self, check: bool = False, verify: bool = False, progress: bool = True,
+        ssh: str | None = None,
+    ) -> Any:  # fmt: skip
         """Make every host's Python environment this kernel's (``%mlx_cluster setup``): what
         differs is copied, extra files removed, then a table of what each host runs."""
         from .environment import setup
 
         return setup(
             on=self.placement.hosts,
-            ssh=self.spec.ssh,
+            ssh=ssh or self.spec.ssh,
             check=check,
             verify=verify,
             progress=progress,
@@ -324,8 +328,8 @@ class ClusterTools:
     def record_cell(self, cell: str, targets: Sequence[int] | None = None) -> None:
         """Remember a cell that completed (``%%px`` calls this as each completes, from any
         thread; ``--no-replay`` skips it)."""
-        if self._link is not None:
-            self._remote("record_cell", cell, None if targets is None else list(targets))
+        if self._link is not None:  # (sent, not waited for: the runtime keeps the order)
+            self._link.notify("record_cell", cell, None if targets is None else list(targets))
             return
         full = targets is None or sorted(targets) == list(range(self.n))
         m = _PX_HEADER.match(cell)
@@ -338,3 +342,28 @@ class ClusterTools:
         if self._link is not None:
             return list(self._remote("history"))
         return list(self._history)
+
+
+def doctor_hosts(
+    n: int | None, *, hosts: str | None, hostfile: str | None, python: str | None,
+    ssh: str | None, timeout: float, backend: str | None,
+) -> DoctorReport:  # fmt: skip
+    """The doctor on hosts no cluster runs on yet, checking the networks a start would pin MPI
+    to (so it tests what a start needs)."""
+    from ..fabric.doctor import run_doctor
+    from ..launch.spec import data_plane, placement_from
+
+    placement = placement_from(n, hosts=hosts, hostfile=hostfile)
+    networks: list[str] | None = None
+    addresses: dict[str, str] = {}
+    head: str | None = None
+    if not placement.is_local:
+        with contextlib.suppress(MLXClusterError):
+            control, addresses, networks = data_plane(placement, ssh)
+            head = control.address
+    return run_doctor(
+        placement, python=python, ssh=ssh, timeout=timeout,
+        backend=backend or placement.backend, networks=networks, addresses=addresses,
+        head_address=head,
+    )  # fmt: skip
+

@@ -7,12 +7,26 @@ and callbacks, never the cluster itself; this module imports nothing of the pack
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 #: Every state a rank can be in, in the order the views explain them.
 NODE_STATES = ("starting", "idle", "busy", "unresponsive", "unreachable", "dead", "stopped")
+class ClusterState(StrEnum):
+    """The cluster's life cycle: ``stopped`` -> ``starting`` -> ``running`` -> ``stopping`` ->
+    ``stopped``; ``broken`` (with its reason) after an abort, until the next stop or start. A
+    ``StrEnum``: each state is its own name as a string (``ClusterState.RUNNING == "running"``),
+    so the views and the records that carry it read plain text."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    BROKEN = "broken"
+
+
 #: Every state of the cluster's life cycle.
-CLUSTER_STATES = ("stopped", "starting", "running", "broken")
+CLUSTER_STATES = tuple(str(s) for s in ClusterState)
 #: What a view's header can say: the life cycle, plus ``restarting`` from the moment a restart is
 #: asked for until its new start is done (the old ranks stopping, the new ones starting).
 VIEW_STATES = (*CLUSTER_STATES, "restarting")

@@ -165,6 +165,13 @@ class ChannelClient:
         self._sock.linger = 0
         self._sock.connect(self._url)
 
+    def notify(self, method: str, *args: Any) -> None:
+        """Send a call whose answer nobody waits for (a later call skips it)."""
+        with self._lock:
+            assert self._sock is not None
+            body = pickle.dumps((next(self._ids), method, args, {}))
+            self._sock.send_multipart([_sign(self._key, body), body])
+
     def call(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S, **kwargs: Any) -> Any:
         with self._lock:
             assert self._sock is not None

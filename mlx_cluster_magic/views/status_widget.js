@@ -49,7 +49,7 @@ function headerText(s) {
 }
 
 function brokenText(s) {
-  if (s.state === "stopped" && s.reason) return s.reason.replace(/[. ]+$/, "");
+  if ((s.state === "stopped" || s.state === "stopping") && s.reason) return s.reason.replace(/[. ]+$/, "");
   if (s.state !== "broken") return null;
   const reason = (s.reason || "the cluster was aborted").replace(/[. ]+$/, "");
   return `broken: ${reason}; ${s.advice || "`%mlx_cluster restart` brings it back"}.`;
@@ -626,7 +626,7 @@ function render({ model, el }) {
     const b = ended ? endedText(ended, s.kept) : brokenText(s);
     withCode(broken, b);
     broken.hidden = !b;
-    broken.classList.toggle("mlx-stopped-by", !ended && s.state === "stopped");
+    broken.classList.toggle("mlx-stopped-by", !ended && (s.state === "stopped" || s.state === "stopping"));
     broken.classList.toggle("mlx-ended", !!ended);
     banner.textContent = ended ? "" : s.banner || "";
     banner.hidden = ended || !s.banner;
@@ -673,7 +673,7 @@ function render({ model, el }) {
     usageHint.hidden = !hint;
     colourTopology();
     const busy = pending !== null;
-    stop.disabled = !!ended || busy || s.state === "stopped";
+    stop.disabled = !!ended || busy || s.state === "stopped" || s.state === "stopping";
     restart.disabled = !!ended || busy;
     more.disabled = !!ended || busy;
     replay.disabled = !!ended || busy;

@@ -29,6 +29,7 @@ CLUSTER_COLOURS = {
     "running": "#2e7d32",
     "starting": "#8a8a8a",
     "restarting": "#8a8a8a",
+    "stopping": "#616161",
     "stopped": "#616161",
     "broken": "#c62828",
 }
