@@ -38,21 +38,27 @@ RUNTIME_EXIT_S = 10.0
 
 
 # ---------------------------------------------------------------------------- starting one
-def start_runtime(
-    options: dict[str, Any], *, runtime_on: str | None, ssh: str | None, python: str | None,
-    idle_timeout: float | None,
-) -> Record:  # fmt: skip
-    """Start a runtime for a cluster of ``options`` and return its record once it runs."""
+def runtime_ask(
+    options: dict[str, Any], *, runtime_on: str | None, idle_timeout: float | None
+) -> dict[str, Any]:
+    """What a runtime is started with: the start options as given, the hostfile's text (the
+    runtime may run on another Mac), where it runs, when it ends unused."""
     ask: dict[str, Any] = {"options": dict(options), "idle_timeout": idle_timeout,
-                           "runtime_on": runtime_on}  # fmt: skip
+                           "runtime_on": runtime_on, "hostfile_text": None}  # fmt: skip
     hostfile = options.get("hostfile")
     if hostfile is not None:
         try:
             with open(hostfile, encoding="utf-8") as f:
-                ask["hostfile_content"] = json.load(f)
-        except (OSError, ValueError) as e:
+                ask["hostfile_text"] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
             raise MLXClusterError(f"cannot read the hostfile {hostfile}: {e}") from None
-        ask["options"]["hostfile"] = None
+        ask["options"]["hostfile"] = os.path.basename(hostfile)
+    return ask
+
+
+def start_runtime(ask: dict[str, Any], *, ssh: str | None, python: str | None) -> Record:
+    """Start a runtime for ``ask`` and return its record once its cluster runs."""
+    runtime_on = ask["runtime_on"]
     if runtime_on is None:
         argv = [sys.executable, "-m", RUNTIME_MODULE, "start"]
     else:

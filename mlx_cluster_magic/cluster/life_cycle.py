@@ -107,6 +107,8 @@ class MLXCluster(ClusterViews, ClusterTools):
             connections_per_ip=connections_per_ip, grace=grace,
         )  # fmt: skip
         self.keep = bool(keep or runtime_on)
+        #: What a kept cluster's runtime was started with (to start the same one again).
+        self._ask: dict[str, Any] | None = None
         self.runtime_on = runtime_on
         if idle_timeout is not None and not self.keep:
             raise MLXClusterError("--idle-timeout is for a kept cluster: add --keep")
@@ -664,6 +666,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             cluster = cls.__new__(cls)
             cluster.spec = attached.seen_from_here(link.call("spec"), record)
             cluster._options, cluster.runtime_on = {}, record.runtime_on
+            cluster._ask = link.call("ask")
             cluster.keep, cluster.idle_timeout = True, record.idle_timeout
             cluster._init_state()
             cluster._connect(link, record)
@@ -676,10 +679,11 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def _start_kept(self) -> None:
         """Start the cluster in a runtime of its own and attach this kernel to it."""
-        record = attached.start_runtime(
-            self._options, runtime_on=self.runtime_on, ssh=self.spec.ssh,
-            python=self.spec.python, idle_timeout=self.idle_timeout,
-        )  # fmt: skip
+        ask = self._ask or attached.runtime_ask(
+            self._options, runtime_on=self.runtime_on, idle_timeout=self.idle_timeout
+        )
+        record = attached.start_runtime(ask, ssh=self.spec.ssh, python=self.spec.python)
+        self._ask = ask
         link = attached.RuntimeLink(record)
         try:
             self.spec = attached.seen_from_here(link.call("spec"), record)

@@ -55,8 +55,12 @@ STATUS_CALLS = frozenset({"metrics", "latest", "dropped_reasons", "usage_points"
 class Runtime:
     """Serves one cluster to the notebooks that attach, and ends it when asked or idle."""
 
-    def __init__(self, cluster: MLXCluster, record: records.Record, folder: Path) -> None:
+    def __init__(
+        self, cluster: MLXCluster, record: records.Record, folder: Path, ask: dict[str, Any]
+    ) -> None:
         self.cluster, self.record, self.folder = cluster, record, folder
+        #: What it was started with: a notebook that attached can start the same again.
+        self.ask = ask
         self.server = channel.ChannelServer(record.channel_key)
         record.channel = self.server.url
         self.peers: dict[bytes, float] = {}
@@ -85,6 +89,8 @@ class Runtime:
             return self.cluster._node_records()
         if method == "spec":
             return self.cluster.spec
+        if method == "ask":
+            return self.ask
         if method == "summary":
             return self.summary()
         if method == "stop":
@@ -232,9 +238,11 @@ def serve(folder: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     options: dict[str, Any] = dict(ask["options"])
-    if ask.get("hostfile_content") is not None:
-        hostfile = folder / "hosts.json"
-        records.write_private(hostfile, ask["hostfile_content"])
+    if ask.get("hostfile_text") is not None:  # (its own name: the format may go by it)
+        hostfile = folder / os.path.basename(str(options["hostfile"]) or "hosts")
+        fd = os.open(hostfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(ask["hostfile_text"])
         options["hostfile"] = str(hostfile)
     cluster = MLXCluster(**options)
     try:
@@ -256,7 +264,7 @@ def serve(folder: Path) -> int:
         idle_timeout=ask.get("idle_timeout"), runtime_on=ask.get("runtime_on"),
         ssh=options.get("ssh"),
     )  # fmt: skip
-    runtime.append(Runtime(cluster, record, folder))
+    runtime.append(Runtime(cluster, record, folder, ask))
     try:
         runtime[0].serve()
     finally:

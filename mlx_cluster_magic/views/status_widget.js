@@ -640,8 +640,9 @@ function render({ model, el }) {
     }
     const sparkShown = new Set();
     const rows = nodes.map((given) => {
-      // The kernel took the cluster with it: every rank is stopped.
-      const node = ended ? { ...given, state: "stopped" } : given;
+      // The kernel took the cluster with it: every rank is stopped. A kept cluster runs on
+      // without this view: its rows stay as last seen (attach shows them live again).
+      const node = ended && !s.kept ? { ...given, state: "stopped" } : given;
       const c = cells(node);
       const u = usageCells(node);
       const tr = h("tr", { class: `mlx-node mlx-${node.state}`, "data-rank": String(node.rank) });
