@@ -257,9 +257,16 @@ def _apply_setter(state: dict[str, Any], verb: str, rest: list[str]) -> None:
 
 
 def reboot(state: dict[str, Any]) -> None:
-    """What a reboot keeps: the services' preferences, applied again to clean interfaces."""
+    """What a reboot keeps: the services' preferences, applied again to clean interfaces (the
+    bridge's members are its preference's; ``ifconfig`` changes are gone)."""
     for p in state["ports"]:
-        _set_address(p["device"], None, None)
+        if Path(f"/sys/class/net/{p['device']}").exists():
+            _set_address(p["device"], None, None)
+    bridge = state["bridge"]
+    if not bridge.get("real"):
+        enabled = state["services"].get(BRIDGE, {}).get("enabled", True)
+        bridge["enabled"] = enabled
+        bridge["members"] = list(bridge.get("pref_members", [])) if enabled else []
     for name, svc in state["services"].items():
         device = _device_of(state, name)
         manual = svc.get("method") == "Manual" and svc.get("enabled", True)

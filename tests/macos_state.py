@@ -88,6 +88,7 @@ def _state(vc: Any, i: int) -> dict[str, Any]:
             "real": real_bridge,
             "enabled": True,
             "members": cabled if in_bridge else [],
+            "pref_members": cabled if in_bridge else [],
             "link_local": f"169.254.{10 + i}.{20 + i}",
         },
         "services": {

@@ -384,19 +384,30 @@ def _configure(
 
 
 def _verify(report: NetworkReport, ssh: str | None, timeout: float) -> None:
-    """Read the Macs again: every planned address must now be on its port."""
+    """Read every Mac's interfaces again (``ifconfig -a`` alone): each planned address must
+    now be on its port."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .netif import parse_ifconfig
+
     plan = report.plan
     assert plan is not None
-    again = discover_hosts(plan.names, ssh, timeout)
+
+    def read(host: str) -> dict[str, Any]:
+        rc, out, _ = run_script(host, "ifconfig -a </dev/null\n", ssh, timeout)
+        return dict(parse_ifconfig(out)) if rc == 0 else {}
+
+    with ThreadPoolExecutor(max_workers=max(1, len(plan.names))) as pool:
+        again = list(pool.map(read, plan.names))
     missing = []
     for a in plan.assignments:
-        iface = again[a.host].interfaces.get(a.device or "")
+        iface = again[a.host].get(a.device or "")
         if iface is None or a.address not in iface.addresses:
             missing.append(f"{plan.names[a.host]} {a.device} {a.address}")
     if missing:
         raise MLXClusterError(
-            f"network --configure: the commands ran but {', '.join(missing)} "
-            "is not in place; run network again to see what each Mac has"
+            f"network --configure: the commands ran but {', '.join(missing)} is not in place; "
+            "run network again to see what each Mac has"
         )
 
 
