@@ -27,6 +27,7 @@ from mlx_cluster_magic.fabric.network_plan import (
     PlanRefused,
     find_cables,
     plan_network,
+    route_warnings,
     used_networks,
 )
 
@@ -192,3 +193,24 @@ def test_refusals_are_one_line_with_the_fix() -> None:
         network()
     with pytest.raises(MLXClusterError, match="--layout 'hub' is not one of"):
         network("mac1,mac2", layout="hub")
+
+
+def test_a_default_route_or_a_lease_through_the_cables_is_named() -> None:
+    """The captured routing table with its default route re-keyed to the bridge (bridge0), and
+    the MacBook's captured bridge0 given an address its DHCP service holds."""
+    routes = fixture(NETSTAT).replace("UGScg             en0", "UGScg             bridge0")
+    ifaces = fixture(MBP_IFCONFIG).replace(
+        "\tConfiguration:",
+        "\tinet 192.168.64.23 netmask 0xffffff00 broadcast 192.168.64.255\n\tConfiguration:",
+        1,
+    )
+    lines = [f"{MARK} begin", f"{MARK} macos 15.5"]
+    for name, text in (("hwports", fixture(MBP_PORTS)), ("ifaces", ifaces), ("routes", routes)):
+        lines += [f"{MARK} {name}-begin", text, f"{MARK} {name}-end"]
+    lines += [f"{MARK} info-begin Thunderbolt Bridge", "DHCP Configuration", f"{MARK} info-end"]
+    mac = parse_discovery("mbp", "\n".join([*lines, f"{MARK} end"]))
+    found = route_warnings([mac])
+    assert len(found) == 2, found
+    assert found[0].startswith("mbp: its default route goes through bridge0")
+    assert "took a DHCP lease (192.168.64.23)" in found[1]
+    assert route_warnings([_mac("mbp", M5_PROFILE)]) == []  # en0 (Wi-Fi): nothing to say

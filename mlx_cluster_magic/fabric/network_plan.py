@@ -197,7 +197,8 @@ def loops(macs: Sequence[MacNetwork], cables: Sequence[Cable]) -> list[str]:
 
 
 def route_warnings(macs: Sequence[MacNetwork]) -> list[str]:
-    """A default route (a DHCP lease's router) through a Thunderbolt port or the bridge."""
+    """A default route through a Thunderbolt port or the bridge, and a bridge that took a DHCP
+    lease (a router answered on the cables): internet traffic may take the cable."""
     out = []
     for m in macs:
         thunderbolt = {p.device for p in m.ports if p.is_thunderbolt and p.device}
@@ -208,7 +209,24 @@ def route_warnings(macs: Sequence[MacNetwork]) -> list[str]:
                     f"port or bridge, via {r.gateway}): internet traffic takes the cable; the "
                     "plan gives the cables no router"
                 )
+        bridge = m.device_of(THUNDERBOLT_BRIDGE)
+        info = m.service_info.get(THUNDERBOLT_BRIDGE)
+        leased = _routable(m, bridge)
+        if info is not None and info.method == "DHCP" and leased:
+            out.append(
+                f"{m.host}: the Thunderbolt Bridge ({bridge}) took a DHCP lease ({leased[0]}): "
+                "a DHCP server answers on the cables; the plan sets the addresses by hand"
+            )
     return out
+
+
+def _routable(m: MacNetwork, device: str | None) -> list[str]:
+    iface = m.interfaces.get(device or "")
+    return [
+        str(ipaddress.IPv4Interface(c).ip)
+        for c in (iface.inet if iface else ())
+        if not ipaddress.IPv4Interface(c).is_link_local
+    ]
 
 
 def used_networks(macs: Sequence[MacNetwork], extra: Iterable[str] = ()) -> list[Net]:
