@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ def _reboot_all(vc: Any) -> None:
         reboot(vc, host)
 
 
+CELLS: dict[str, list[float]] = {"network": [], "setup": [], "start": [], "all_sum": []}
+
+
 def _ours(vc: Any, work: Path) -> tuple[float, float]:
     from mlx_cluster_magic import MLXCluster
     from mlx_cluster_magic.cluster.environment import setup
@@ -59,10 +63,12 @@ def _ours(vc: Any, work: Path) -> tuple[float, float]:
     assert done.applied and "every Mac reaches" in str(done), str(done)
     configured = time.perf_counter() - t
     setup(hostfile=hostfile, ssh=vc.rsh_agent, progress=False)
+    set_up = time.perf_counter() - t
     cluster = MLXCluster(
         hostfile=str(hostfile), ssh=vc.rsh_agent, ring_port=RING_PORT, live_status=False, timeout=60
     )
     cluster.start()
+    started = time.perf_counter() - t
     try:
         cluster.view.execute(
             "s = mx.distributed.all_sum(mx.arange(4, dtype=mx.float32) * (world.rank() + 1))"
@@ -70,6 +76,9 @@ def _ours(vc: Any, work: Path) -> tuple[float, float]:
         )
         assert cluster.view["s"] == [RIGHT] * 4
         elapsed = time.perf_counter() - t
+        marks = (configured, set_up, started, elapsed)
+        for times, a, b in zip(CELLS.values(), (0.0, *marks[:3]), marks, strict=True):
+            times.append(b - a)
     finally:
         cluster.stop()
     network(HOSTS, undo=True, write=hostfile, ssh=vc.rsh_agent)
@@ -150,6 +159,8 @@ def bench_cabled(reps: int) -> list[dict[str, Any]]:
             base.append(_baseline(vc, Path(work), env))
 
         benchlib.alternate(max(reps, 3), one_of_ours, one_baseline)
+    each = ", ".join(f"{cell} {statistics.median(t):.2f} s" for cell, t in CELLS.items())
+    print(f"cabled: our cells, medians: {each}", flush=True)
     return [
         compare(
             "cabled and ssh working to a right all_sum, ring of 4 virtual Macs (ours: network "
