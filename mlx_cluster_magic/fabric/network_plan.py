@@ -357,7 +357,11 @@ def _cable_assignments(
 def _star_assignments(
     macs: Sequence[MacNetwork], cables: Sequence[Cable], master: int, pool: Net, taken: list[Net]
 ) -> list[Assignment]:
-    """One subnet for the star: the master's bridge first, then each other Mac's port."""
+    """One subnet for the star: the master's bridge first, then each other Mac's port; a star
+    whose bridge and ports already share a subnet of their own keeps it."""
+    kept = _kept_star(macs, cables, master, taken)
+    if kept:
+        return kept
     n = len(macs)
     prefix = 32 - max(3, (n + 1).bit_length())
     net = next(_free_subnets(pool, prefix, taken), None)
@@ -373,6 +377,26 @@ def _star_assignments(
         worker = c.other(master)
         port, device = c.end(worker)
         out.append(Assignment(worker, port, device, addresses[k + 1], net))
+    return out
+
+
+def _kept_star(
+    macs: Sequence[MacNetwork], cables: Sequence[Cable], master: int, taken: list[Net]
+) -> list[Assignment]:
+    bridge = macs[master].device_of(THUNDERBOLT_BRIDGE)
+    hub = _existing(macs[master], bridge)
+    if hub is None:
+        return []
+    out = [Assignment(master, THUNDERBOLT_BRIDGE, bridge, str(hub.ip), hub.network, True)]
+    for c in (c for c in cables if master in (c.a, c.b)):
+        worker = c.other(master)
+        port, device = c.end(worker)
+        have = _existing(macs[worker], device)
+        if have is None or have.network != hub.network:
+            return []
+        out.append(Assignment(worker, port, device, str(have.ip), have.network, True))
+    if any(t != hub.network and t.overlaps(hub.network) for t in taken):
+        return []  # another network (a LAN, a VPN) overlaps it
     return out
 
 
@@ -526,8 +550,8 @@ def _mac_commands(m: MacNetwork, i: int, plan: Plan) -> tuple[list[str], list[st
             undo.append(f"sudo networksetup -setnetworkserviceenabled {svc} off")
         for dev in cabled:
             if dev and dev not in members:
-                do.append(f"sudo ifconfig {bridge} addm {dev}")
-                undo.append(f"sudo ifconfig {bridge} deletem {dev}")
+                do.append(f"sudo ifconfig {quote(bridge)} addm {quote(dev)}")
+                undo.append(f"sudo ifconfig {quote(bridge)} deletem {quote(dev)}")
     elif bridge and any(d in members for d in cabled):
         svc = quote(THUNDERBOLT_BRIDGE)
         if m.services.get(THUNDERBOLT_BRIDGE, False):
@@ -535,8 +559,8 @@ def _mac_commands(m: MacNetwork, i: int, plan: Plan) -> tuple[list[str], list[st
             undo.append(f"sudo networksetup -setnetworkserviceenabled {svc} on")
         for dev in cabled:
             if dev in members:
-                do.append(f"sudo ifconfig {bridge} deletem {dev}")
-                undo.append(f"sudo ifconfig {bridge} addm {dev}")
+                do.append(f"sudo ifconfig {quote(bridge)} deletem {quote(dev)}")
+                undo.append(f"sudo ifconfig {quote(bridge)} addm {quote(dev)}")
     for a in mine:
         svc = quote(a.port)
         if a.port not in m.services:
