@@ -133,7 +133,7 @@ def _persists_and_undoes(ip: Any, ring: Any, hostfile: Path, hosts: str, address
     )
     assert "nothing to change" in str(again) and not again.applied
     undone = ip.run_line_magic(
-        "mlx_cluster", line(ring, "network", hosts, "--undo --write", str(hostfile))
+        "mlx_cluster", line(ring, "network --hostfile", str(hostfile), "--undo")
     )
     assert "undone on mac1, mac2, mac3, mac4" in str(undone)
     assert "inet 10.91.61." not in ifconfig(ring, "mac1", "en1")

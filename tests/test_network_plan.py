@@ -193,6 +193,10 @@ def test_refusals_are_one_line_with_the_fix() -> None:
         network()
     with pytest.raises(MLXClusterError, match="--layout 'hub' is not one of"):
         network("mac1,mac2", layout="hub")
+    with pytest.raises(MLXClusterError, match="--subnets 'lan' is not an IPv4 network: give"):
+        network("mac1,mac2", subnets="lan")
+    with pytest.raises(MLXClusterError, match="smaller than one /30"):
+        network("mac1,mac2", subnets="10.76.0.0/31")
 
 
 def test_a_default_route_or_a_lease_through_the_cables_is_named() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import ipaddress
 import json
 import os
 import time
@@ -269,6 +270,12 @@ def _undo(
 ) -> NetworkReport:
     record = _read_record(record_path)
     todo = {m.host: record[m.host] for m in macs if m.host in record}
+    unread = [f"{m.host} ({m.error})" for m in macs if m.error and m.host in todo]
+    if unread:
+        raise MLXClusterError(
+            f"network --undo: could not read {', '.join(unread)}; nothing was undone: run it "
+            "again once ssh reaches every Mac"
+        )
     if not todo:
         raise MLXClusterError(
             f"network --undo: no record of a change to these Macs in {record_path}; nothing to undo"
@@ -314,6 +321,18 @@ def network(
         raise MLXClusterError(f"network: --layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if over not in ("thunderbolt", "lan"):
         raise MLXClusterError(f"network: --over {over!r}: use thunderbolt or lan")
+    try:
+        pool = ipaddress.IPv4Network(subnets)
+    except ValueError:
+        raise MLXClusterError(
+            f"network: --subnets {subnets!r} is not an IPv4 network: give one such as "
+            f"{DEFAULT_POOL}"
+        ) from None
+    if pool.prefixlen > 30:
+        raise MLXClusterError(
+            f"network: --subnets {subnets} is smaller than one /30: give a "
+            f"larger one such as {DEFAULT_POOL}"
+        )
     names = _names(hosts, hostfile)
     t0 = time.monotonic()
     macs = discover_hosts(names, ssh, timeout)
