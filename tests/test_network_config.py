@@ -93,6 +93,7 @@ def test_a_ring_from_ssh_to_a_right_all_sum(ip: Any, ring: Any, tmp_path: Path) 
     assert "mac2 Thunderbolt 2 (en2) -- mac3 Thunderbolt 1 (en1)  80 Gb/s  Envoy Ultra" in text
     assert text.count("a layer-2 loop, a broadcast storm") == 4  # each Mac bridges its two
     assert "<svg" in seen._repr_html_() and "en1/en1" in seen.picture()
+    assert "mac2 - mac3 (en2/en1 through Envoy Ultra)" in seen.picture()
     # a star over the bridges of a ring is refused, with the per-cable plan as the fix
     with pytest.raises(UsageError, match=r"broadcast storm\): use --layout ring") as refused:
         ip.run_line_magic("mlx_cluster", line(ring, "network", hosts, "--configure --layout star"))

@@ -403,7 +403,11 @@ def _network_parser(sub: _Sub) -> None:
         "network",
         "Every Mac's Thunderbolt cables over ssh; --configure gives them addresses and a hostfile.",
     )
-    p.add_argument("--hosts", default=None, help="comma-separated ssh names, e.g. mac1,mac2,mac3")
+    p.add_argument(
+        "--hosts",
+        default=None,
+        help="comma-separated ssh names, e.g. mac1,mac2,mac3 (default: the cluster's hosts)",
+    )
     p.add_argument("--hostfile", default=None, help="a hostfile whose ssh names to read")
     p.add_argument(
         "--configure",
@@ -770,8 +774,11 @@ class MLXClusterMagics(Magics):
     def _network(self, args: argparse.Namespace) -> Any:
         from ..fabric.network import network
 
+        hosts = args.hosts
+        if hosts is None and args.hostfile is None and self.cluster is not None:
+            hosts = ",".join(h.ssh for h in self.cluster.placement.hosts if not h.is_local)
         return network(
-            args.hosts,
+            hosts or None,
             args.hostfile,
             configure=args.configure,
             undo=args.undo,
