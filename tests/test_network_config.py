@@ -133,10 +133,13 @@ def _persists_and_undoes(ip: Any, ring: Any, hostfile: Path, hosts: str, address
         "mlx_cluster", line(ring, "network", hosts, "--configure --write", str(hostfile))
     )
     assert "nothing to change" in str(again) and not again.applied
+    record = hostfile.with_name(hostfile.name + ".undo.json")
+    assert record.stat().st_mode & 0o777 == 0o600
     undone = ip.run_line_magic(
         "mlx_cluster", line(ring, "network --hostfile", str(hostfile), "--undo")
     )
     assert "undone on mac1, mac2, mac3, mac4" in str(undone)
+    assert not record.exists()
     assert "inet 10.91.61." not in ifconfig(ring, "mac1", "en1")
     assert re.findall(r"member: (\S+)", ifconfig(ring, "mac1", "bridge0")) == ["en1", "en2"]
     services = ring.ssh("mac1", "networksetup -listallnetworkservices").stdout.splitlines()

@@ -120,8 +120,7 @@ class NetworkReport:
         cells: list[list[Any]] = [[None] * n for _ in range(n)]
         for c in self.cables:
             via = f" through {', '.join(c.via)}" if c.via else ""
-            cells[c.a][c.b] = f"{c.dev_a}/{c.dev_b}{via}"
-            cells[c.b][c.a] = f"{c.dev_b}/{c.dev_a}{via}"
+            cells[c.a][c.b] = f"{c.dev_a}/{c.dev_b}{via}"  # one entry per cable
         hosts = tuple(Host(m.host, (), None, tuple(cells[i])) for i, m in enumerate(self.macs))
         master = star_master(n, self.cables)
         hub = self.names[master] if master is not None and n > 2 else None
