@@ -23,6 +23,7 @@ from typing import Any
 
 from bandwidth import bench_bandwidth
 from broadcast import bench_broadcast
+from cabled import bench_cabled
 from cabling import bench_cabling
 from encryption import bench_encryption
 from keep import bench_keep
@@ -156,6 +157,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "recorder": bench_recorder,
     "links": bench_links,
     "cabling": bench_cabling,
+    "cabled": bench_cabled,
     "pipeline": bench_pipeline,
     "lm": bench_lm,
     "sync": bench_sync,

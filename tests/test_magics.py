@@ -79,6 +79,18 @@ OPTIONS: dict[str, dict[str, str | None]] = {
         "--verify": "sha256",
     },
     "hosts": {"--discover": None, "--write": None},
+    "network": {
+        "--hosts": None,
+        "--hostfile": None,
+        "--configure": None,
+        "--undo": None,
+        "--over": "default: thunderbolt",
+        "--layout": "default: auto",
+        "--subnets": "default: 10.76.0.0/16",
+        "--write": None,
+        "--ssh": None,
+        "--timeout": "default: 20",
+    },
     "help": {"subcommand": None},
 }
 

@@ -122,6 +122,7 @@ class VirtualCluster:
         memory: dict[str, int] | None = None,
         private_dirs: list[str] | None = None,
         private_size: str = "4g",
+        macos: bool | dict[str, dict[str, object]] = False,
     ) -> None:
         net = ipaddress.ip_network(subnet)
         if n < 1 or net.num_addresses < 12 + n:
@@ -177,6 +178,16 @@ class VirtualCluster:
             raise ValueError(f"cable subnet {cable_subnet} too small for {len(self.cables)} cables")
         # Head-side names while a cable is being made (they move into the namespaces at once).
         self.cable_links = [f"{prefix}c{k}" for k in range(len(self.cables))]
+        # Macs as a person unpacks them (``macos``): the management port is en0, the cables
+        # are the Thunderbolt ports en1, en2, ... without addresses (in the Thunderbolt Bridge,
+        # as macOS ships), and macOS's network commands (tests/macos_shims.py) are on the
+        # hosts' PATH only, printing real formats and applying what they are told. A dict
+        # gives per-host options (sudo, macos, rdma, dock, lan, bridge, model).
+        self.macos: dict[str, dict[str, object]] | None = None
+        if macos:
+            self.macos = {h: dict((macos if isinstance(macos, dict) else {}).get(h, {}))
+                          for h in self.hosts}  # fmt: skip
+        self.mgmt_iface = "en0" if self.macos is not None else "eth0"
 
     @staticmethod
     def _cable_list(cables: str | list[tuple[int, int]] | None, n: int) -> list[tuple[int, int]]:
@@ -222,6 +233,9 @@ class VirtualCluster:
         me, peer = (i, j) if end == 0 else (j, i)
         if me == -1:  # the head's end keeps its (unique) link name
             return f"{self.cable_links[k]}{'ab'[end]}"
+        if self.macos is not None:  # Thunderbolt N on enN, in the host's cable order
+            mine = [c for c, pair in enumerate(self.cables) if me in pair]
+            return f"en{mine.index(k) + 1}"
         same = [c for c, (a, b) in enumerate(self.cables) if {a, b} == {me, peer}]
         suffix = f"c{same.index(k)}" if len(same) > 1 else ""
         return f"tb{peer + 1}{suffix}"
@@ -300,14 +314,18 @@ class VirtualCluster:
         for i, host in enumerate(self.hosts):
             ns, veth, ip = self.namespaces[i], self.veths[i], self.ips[i]
             _run(f"ip netns add {ns}")
-            _run(f"ip link add {veth} type veth peer name eth0 netns {ns}")
+            _run(f"ip link add {veth} type veth peer name {self.mgmt_iface} netns {ns}")
             _run(f"ip link set {veth} master {self.bridge}")
             _run(f"ip link set {veth} up")
             _run(f"ip netns exec {ns} ip link set lo up")
-            _run(f"ip netns exec {ns} ip addr add {ip}/{self.prefixlen} dev eth0")
-            _run(f"ip netns exec {ns} ip link set eth0 up")
+            _run(f"ip netns exec {ns} ip addr add {ip}/{self.prefixlen} dev {self.mgmt_iface}")
+            _run(f"ip netns exec {ns} ip link set {self.mgmt_iface} up")
             self._start_sshd(host, ns, ip)
         self._build_cables()
+        if self.macos is not None:
+            from macos_state import write_states
+
+            write_states(self)
         self._write_ssh_config()
         self._wait_ready(timeout)
 
@@ -328,7 +346,8 @@ class VirtualCluster:
             _run(f"{on(master)}ip link add {bridge} type bridge")
             _run(f"{on(master)}ip link set {bridge} up")
             first = self.cable_ips(0)[0]
-            _run(f"{on(master)}ip addr add {first}/{self.cable_prefixlen} dev {bridge}")
+            if self.macos is None:
+                _run(f"{on(master)}ip addr add {first}/{self.cable_prefixlen} dev {bridge}")
         for k, (i, j) in enumerate(self.cables):
             link = self.cable_links[k]
             _run(f"ip link add {link}a type veth peer name {link}b")
@@ -339,6 +358,8 @@ class VirtualCluster:
                     _run(f"{on(host_i)}ip link set {name} name {iface}")
                 if self.bridged and end == 0:  # the master's port joins its bridge
                     _run(f"{on(host_i)}ip link set {iface} master {bridge}")
+                elif self.macos is not None:
+                    pass  # a Mac's Thunderbolt port has no address until it is given one
                 else:
                     ip = f"{self.cable_ips(k)[end]}/{self.cable_prefixlen}"
                     _run(f"{on(host_i)}ip addr add {ip} dev {iface}")
@@ -372,7 +393,7 @@ class VirtualCluster:
                     # The hosts share the head's home: a login shell that runs `pyenv init` would
                     # rehash the head's shared shims, and a session killed mid-rehash leaves its
                     # lock, on which every later login then waits 60 s. Try once, never wait.
-                    "SetEnv PYENV_REHASH_TIMEOUT=0",
+                    "SetEnv PYENV_REHASH_TIMEOUT=0" + self._macos_env(host),
                     "LogLevel INFO",
                     "",
                 ]
@@ -408,6 +429,13 @@ class VirtualCluster:
             group.mkdir(exist_ok=True)
             (group / "memory.limit_in_bytes").write_text(str(self.memory[host]))
             (group / "cgroup.procs").write_text(str(proc.pid))
+
+    def _macos_env(self, host: str) -> str:
+        """A virtual Mac's sessions find macOS's commands first on PATH, and their state."""
+        if self.macos is None:
+            return ""
+        path = f"{self.dir / 'macos-bin'}:{SSHD_ENV['PATH']}"
+        return f" PATH={path} MACOS_SHIM_STATE={self.dir / host / 'macos.json'}"
 
     def _cgroup_mount(self, host: str) -> str:
         """Shell commands that give a capped host the memory cgroup hierarchy a Linux machine
@@ -690,17 +718,18 @@ class VirtualCluster:
         """Plug ``host``'s cable back in."""
         _run(f"ip link set {self.veth(host)} up")
 
-    def drop(self, *hosts: str, on: str = "eth0", undo: bool = False) -> None:
+    def drop(self, *hosts: str, on: str | None = None, undo: bool = False) -> None:
         """Drop everything ``hosts`` send or receive on ``on`` (their management network by
         default), both ways, with each host's own firewall (iptables): the link stays up, as a
         Wi-Fi that roams or an access point that stalls. ``undo`` lets it through again."""
         verb = "-D" if undo else "-I"
+        on = on or self.mgmt_iface
         for host in hosts or tuple(self.hosts):
             ns = self.namespace(host)
             _run(f"ip netns exec {ns} iptables {verb} INPUT -i {on} -j DROP")
             _run(f"ip netns exec {ns} iptables {verb} OUTPUT -o {on} -j DROP")
 
-    def undrop(self, *hosts: str, on: str = "eth0") -> None:
+    def undrop(self, *hosts: str, on: str | None = None) -> None:
         self.drop(*hosts, on=on, undo=True)
 
     def drop_head(self, undo: bool = False) -> None:
@@ -731,13 +760,13 @@ class VirtualCluster:
             raise ValueError("shape() needs a rate or a delay")
         for ns, veth in zip(self.namespaces, self.veths, strict=True):
             _run(f"tc qdisc replace dev {veth} root {qdisc}")
-            _run(f"ip netns exec {ns} tc qdisc replace dev eth0 root {qdisc}")
+            _run(f"ip netns exec {ns} tc qdisc replace dev {self.mgmt_iface} root {qdisc}")
 
     def unshape(self) -> None:
         """Remove any shaping from every cable."""
         for ns, veth in zip(self.namespaces, self.veths, strict=True):
             _run(f"tc qdisc del dev {veth} root", check=False)
-            _run(f"ip netns exec {ns} tc qdisc del dev eth0 root", check=False)
+            _run(f"ip netns exec {ns} tc qdisc del dev {self.mgmt_iface} root", check=False)
         for k in range(len(self.cables)):
             self.shape_cable(k, None)
 

@@ -438,8 +438,54 @@ def _preparation_parsers(sub: _Sub) -> None:
         "--write", default=None, metavar="FILE", help="append this Mac to a JSON hostfile"
     )
 
+    _network_parser(sub)
+
     p = sub("help", "This overview; help SUBCOMMAND: its options; help all: every option.")
     p.add_argument("subcommand", nargs="?", default=None, help="the subcommand to describe, or all")
+
+
+def _network_parser(sub: _Sub) -> None:
+    """network: the Macs' cables, their addresses and the hostfile, over ssh."""
+    from ..fabric.network_plan import DEFAULT_POOL, LAYOUTS
+
+    p = sub(
+        "network",
+        "Every Mac's Thunderbolt cables over ssh; --configure gives them addresses and a hostfile.",
+    )
+    p.add_argument(
+        "--hosts",
+        default=None,
+        help="comma-separated ssh names, e.g. mac1,mac2,mac3 (default: the cluster's hosts)",
+    )
+    p.add_argument("--hostfile", default=None, help="a hostfile whose ssh names to read")
+    p.add_argument(
+        "--configure",
+        action="store_true",
+        help="apply the plan (with passwordless sudo; otherwise print each Mac's commands)",
+    )
+    p.add_argument(
+        "--undo", action="store_true", help="put back what the last --configure changed"
+    )
+    p.add_argument(
+        "--over",
+        choices=("thunderbolt", "lan"),
+        default="thunderbolt",
+        help="lan: a hostfile on the addresses ssh reaches the Macs by (Ethernet, Wi-Fi)",
+    )
+    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="ring, mesh or star")
+    p.add_argument(
+        "--subnets",
+        default=DEFAULT_POOL,
+        metavar="CIDR",
+        help="where cable subnets come from; anything a Mac uses is skipped",
+    )
+    p.add_argument("--write", default=None, metavar="FILE", help="write the hostfile here")
+    p.add_argument(
+        "--ssh", default=None, help="ssh command to reach the Macs, e.g. 'ssh -F ~/.ssh/tb'"
+    )
+    p.add_argument(
+        "--timeout", type=_positive_float, default=20.0, metavar="S", help="seconds per Mac"
+    )
 
 
 PARSERS = _build_parsers()
@@ -797,6 +843,26 @@ class MLXClusterMagics(Magics):
         if not args.discover and not args.write:
             raise MLXClusterError("%mlx_cluster hosts: give --discover or --write FILE")
         return macos.discover_command(write=args.write)
+
+
+    def _network(self, args: argparse.Namespace) -> Any:
+        from ..fabric.network import network
+
+        hosts = args.hosts
+        if hosts is None and args.hostfile is None and self.cluster is not None:
+            hosts = ",".join(h.ssh for h in self.cluster.placement.hosts if not h.is_local)
+        return network(
+            hosts or None,
+            args.hostfile,
+            configure=args.configure,
+            undo=args.undo,
+            over=args.over,
+            layout=args.layout,
+            subnets=args.subnets,
+            write=args.write,
+            ssh=args.ssh,
+            timeout=args.timeout,
+        )
 
 
 MLXClusterMagics.mlx_cluster.__doc__ = full_help()

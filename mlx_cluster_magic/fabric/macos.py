@@ -213,8 +213,10 @@ class ThunderboltDevice:
 class ThunderboltBus:
     """One local Thunderbolt/USB4 controller and its receptacle.
 
-    ``peer`` follows ``mlx.distributed_config``: the first device directly on
-    the bus that has a domain UUID.  A Mac behind a dock is not a direct cable.
+    ``peer`` is the first device with a domain UUID (another Mac) on the bus,
+    directly or behind a dock or hub: ``mlx.distributed_config`` reads only the
+    top level of ``_items`` and so misses a Mac cabled through a dock, although
+    IP over Thunderbolt reaches it. ``peer_via`` names what lies between.
     """
 
     name: str  # "thunderboltusb4_bus_0"
@@ -240,12 +242,35 @@ class ThunderboltBus:
 
     @property
     def peer(self) -> ThunderboltDevice | None:
-        return next((d for d in self.devices if d.is_host), None)
+        found = _first_host(self.devices, ())
+        return None if found is None else found[0]
+
+    @property
+    def peer_via(self) -> tuple[str, ...]:
+        """The devices (docks, hubs) between this receptacle and its peer; empty for a direct
+        cable or no peer."""
+        found = _first_host(self.devices, ())
+        return () if found is None else found[1]
 
     @property
     def peer_domain_uuid(self) -> str | None:
         peer = self.peer
         return None if peer is None else peer.domain_uuid
+
+
+def _first_host(
+    devices: Sequence[ThunderboltDevice], via: tuple[str, ...]
+) -> tuple[ThunderboltDevice, tuple[str, ...]] | None:
+    """The first host on a chain, breadth first (a direct cable before a Mac behind a dock),
+    with the names of the devices passed through."""
+    for d in devices:
+        if d.is_host:
+            return d, via
+    for d in devices:
+        found = _first_host(d.devices, (*via, d.name))
+        if found is not None:
+            return found
+    return None
 
 
 def _str(value: Any) -> str | None:

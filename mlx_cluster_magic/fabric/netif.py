@@ -20,6 +20,7 @@ __all__ = [
     "Interface",
     "Route",
     "RouteFinding",
+    "TableRoute",
     "expected_interface",
     "interface_for",
     "local_interfaces",
@@ -27,6 +28,7 @@ __all__ = [
     "parse_ifconfig",
     "parse_ip_addr",
     "parse_ip_route_get",
+    "parse_netstat_routes",
     "parse_route",
     "parse_route_get",
     "route_checks",
@@ -71,6 +73,68 @@ class Interface:
                 except ValueError:
                     return None
         return None
+
+
+# --------------------------------------------------------------------------
+# macOS: netstat -rn (the whole IPv4 routing table)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableRoute:
+    """One IPv4 line of ``netstat -rn``: the destination as a network ("default" is
+    0.0.0.0/0), its gateway as printed, flags and the interface."""
+
+    network: ipaddress.IPv4Network
+    gateway: str
+    flags: str
+    interface: str
+
+    @property
+    def is_default(self) -> bool:
+        return self.network.prefixlen == 0
+
+    @property
+    def via_gateway(self) -> bool:
+        return "G" in self.flags
+
+
+def _netstat_network(destination: str) -> ipaddress.IPv4Network | None:
+    """macOS drops a network's trailing zero octets: "192.168.64" is 192.168.64.0/24, "127"
+    127.0.0.0/8, "224.0.0/4" as written; a bare four-octet address is a host (/32)."""
+    if destination == "default":
+        return ipaddress.IPv4Network("0.0.0.0/0")
+    address, _, length = destination.partition("/")
+    octets = address.split(".")
+    if not 1 <= len(octets) <= 4 or not all(o.isdigit() for o in octets):
+        return None
+    prefix = int(length) if length.isdigit() else 8 * len(octets)
+    try:
+        return ipaddress.IPv4Network(".".join(octets + ["0"] * (4 - len(octets))) + f"/{prefix}",
+                                     strict=False)  # fmt: skip
+    except ValueError:
+        return None
+
+
+def parse_netstat_routes(text: str | bytes) -> list[TableRoute]:
+    """The IPv4 part ("Internet:") of macOS ``netstat -rn``, in listed order; lines it cannot
+    read are left out, never guessed."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    routes: list[TableRoute] = []
+    section = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.endswith(":") and " " not in line:
+            section = line[:-1]
+            continue
+        tokens = line.split()
+        if section != "Internet" or len(tokens) < 4 or tokens[0] == "Destination":
+            continue
+        network = _netstat_network(tokens[0])
+        if network is not None:
+            routes.append(TableRoute(network, tokens[1], tokens[2], tokens[3]))
+    return routes
 
 
 # --------------------------------------------------------------------------
