@@ -2,7 +2,7 @@
 
 back in business: after a kernel restart, ``attach`` (the ranks still hold the model) against
 ``start`` plus loading the same state again (mlx-lm imported, a 0.8 GB Llama checkpoint loaded
-and warmed by a first generation of 64 tokens on each of 2 local ranks: at least 20 s here).
+and warmed by a first generation of 96 tokens on each of 2 local ranks: at least 20 s here).
 Target <= 0.1x, and ``attach`` alone under 2 s.
 
 ``%%px pass`` through an attached runtime (the kept cluster's controller reached directly, the
@@ -31,7 +31,7 @@ MODEL_SHAPE = {"hidden_size": 1024, "num_layers": 16, "intermediate_size": 2816,
 RELOAD = (
     "from mlx_lm import load, generate\n"
     "model, tokenizer = load({path!r})\n"
-    "warm = generate(model, tokenizer, 'the quick cat', max_tokens=64)\n"
+    "warm = generate(model, tokenizer, 'the quick cat', max_tokens=96)\n"
 )
 
 
@@ -145,7 +145,7 @@ def bench_keep(reps: int) -> list[dict[str, Any]]:
             "back in business after a kernel restart: attach to the kept cluster (the model "
             "still loaded on 2 local ranks)",
             attach_s, fresh_s, "s", "<= 0.1x",
-            "start + load the same state again (mlx-lm, a 0.8 GB Llama, its first 64 tokens)",
+            "start + load the same state again (mlx-lm, a 0.8 GB Llama, its first 96 tokens)",
         ),
         compare(
             "attach alone (a new kernel's client, every rank answering)",

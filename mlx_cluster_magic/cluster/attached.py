@@ -358,6 +358,7 @@ class RuntimeLink:
             time.sleep(0.05)
         view = client[list(range(n))]
         view.block = True
+        _until_output_arrives(client, view)
         return client, view
 
     def _close_tunnel(self) -> None:
@@ -374,6 +375,21 @@ class RuntimeLink:
         with contextlib.suppress(Exception):
             self.channel.close()
         self._close_tunnel()
+
+
+def _until_output_arrives(client: ipp.Client, view: Any) -> None:
+    """A new client's output subscription takes a moment to reach the controller: output sent
+    before it did is lost, and a blocking ``execute`` waits for it for ever. Engines that
+    registered long ago answer at once, so wait until an empty request's output arrives."""
+    deadline = time.monotonic() + ATTACH_WAIT_S
+    while True:
+        result = view.execute("", block=False)
+        result.get(timeout=ATTACH_WAIT_S)
+        if result.wait_for_output(timeout=0.1):
+            return
+        if time.monotonic() > deadline:
+            client.close()
+            raise MLXClusterError("the cluster's controller sends no output to this notebook")
 
 
 def _free_port() -> int:

@@ -225,7 +225,7 @@ class ClusterViews:
 
     def _refresh_widget(self) -> None:
         """Called about twice a second by the status thread (and on every change)."""
-        if self._run is not None:
+        if self._run is not None and self._link is None:  # (a runtime sets its own banner)
             with contextlib.suppress(Exception):
                 verdict = self.hang_verdict(threshold_s=HANG_BANNER_S)
                 self.banner = f"the cell may be hung: {verdict}" if verdict else None
