@@ -587,12 +587,13 @@ class MLXCluster(ClusterViews, ClusterTools):
         and a pipeline plan is made again for them."""
         if self._link is not None:
             return self._restart_kept(activate, replay, without)
-        history = list(self._history)
-        if without:
-            self.spec = spec.without_hosts(self.spec, without, self.host_aliases())
-        # The views say `restarting` (every rank `starting`) from now, not once the old ranks
-        # are gone.
-        self._restarting = True
+        with self._lock:  # (every field a restart changes, under the lock)
+            history = list(self._history)
+            if without:
+                self.spec = spec.without_hosts(self.spec, without, self.host_aliases())
+            # The views say `restarting` (every rank `starting`) from now, not once the old
+            # ranks are gone.
+            self._restarting = True
         self._refresh_widget()
         try:
             with self._lock:
@@ -604,7 +605,8 @@ class MLXCluster(ClusterViews, ClusterTools):
                 self._state = ClusterState.STOPPED
             self.start(activate=activate)
         finally:
-            self._restarting = False
+            with self._lock:
+                self._restarting = False
             self._refresh_widget()
         if without and self.pipeline_plan is not None:
             self._replan()
@@ -728,14 +730,15 @@ class MLXCluster(ClusterViews, ClusterTools):
 
     def _apply_life(self, life: dict[str, Any]) -> None:
         """The runtime's state as this kernel's (``state``, reason, rows, generation)."""
-        self._life = (life, time.monotonic())
-        self._state = ClusterState(life["state"])
-        self._reason, self._breakage = life["reason"], life["breakage"]
-        self.banner, self.activity = life["banner"], life["activity"]
-        self.generation = life["generation"]
-        self._restarting = bool(life["restarting"])
-        if life["last_nodes"]:
-            self.last_nodes = list(life["last_nodes"])
+        with self._lock:
+            self._life = (life, time.monotonic())
+            self._state = ClusterState(life["state"])
+            self._reason, self._breakage = life["reason"], life["breakage"]
+            self.banner, self.activity = life["banner"], life["activity"]
+            self.generation = life["generation"]
+            self._restarting = bool(life["restarting"])
+            if life["last_nodes"]:
+                self.last_nodes = list(life["last_nodes"])
 
     def _sync_life(self) -> dict[str, Any] | None:
         """Read the runtime's state once; follow a restart made from another notebook (a new

@@ -54,6 +54,7 @@ class ClusterTools:
     _run: Running | None
     _link: Any
     _remote: Callable[..., Any]
+    _lock: Any
     pipeline_plan: PipelinePlan | None
     _history: list[HistoryEntry]
     _last_recorders: list[dict[str, Any] | None]
@@ -305,13 +306,13 @@ class ClusterTools:
 
     def check_collectives(self, on: bool = True) -> None:
         """Compare every collective's signature across the ranks before MLX runs it."""
-        if self._link is not None:
+        if self._link is not None:  # the runtime sets them, and keeps them over a restart
             self._require()
             self._remote("check_collectives", on)
+        else:
+            self._set_checks(self._require(), on)
+        with self._lock:
             self.spec = dataclasses.replace(self.spec, check_collectives=on)
-            return
-        self._set_checks(self._require(), on)
-        self.spec = dataclasses.replace(self.spec, check_collectives=on)
 
     def _replay(self, history: list[HistoryEntry]) -> None:
         for i, entry in enumerate(history, 1):
