@@ -142,6 +142,8 @@ def test_a_kept_cluster_through_a_kernel_restart_and_a_second_notebook_in_jupyte
         _run(page, 5)
         _wait("the live view back, every rank idle", lambda: _last_view(page)["idle"] == 3,
               timeout=30)  # fmt: skip
+        assert re.search(rf"MLX cluster \(running\): backend mpi, 3 ranks on 3 hosts, uptime "
+                         rf"[^,]+, kept {cluster_id}", _last_view(page)["said"])  # fmt: skip
         _run(page, 6, timeout=180)
         _run(page, 7)
         assert _shown(page, 7) == [pids, said, [209715200] * 3]

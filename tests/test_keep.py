@@ -111,6 +111,9 @@ def test_a_kept_cluster_outlives_restarts_and_is_shared_until_one_notebook_stops
     out = nb.ok("%%px\nprint(big.nbytes, mx.distributed.all_sum(mx.array([checksum])).item())")
     assert f"209715200 {sum(sums)}" in out
     assert nb.value("c.nodes()[0]['state']") in ("idle", "busy")
+    shown = nb.ok("c").splitlines()[0]  # the view's text: the header names the kept cluster
+    assert re.match(rf"MLX cluster \(running\): backend mpi, 2 ranks on 1 host, uptime [^,]+, "
+                    rf"kept {cluster_id}$", shown), shown  # fmt: skip
 
     # A kernel killed outright (its whole process group): the cluster stays.
     nb.restart(now=True)

@@ -45,7 +45,8 @@ function humanSeconds(s) {
 
 function headerText(s) {
   const uptime = s.state === "running" ? humanSeconds(s.uptime_s) : "-";
-  return `MLX cluster (${s.state}): backend ${s.backend}, ${s.n} ranks on ${s.hosts} host${s.hosts !== 1 ? "s" : ""}, uptime ${uptime}`;
+  const kept = s.kept ? `, kept ${s.kept}` : ""; // (it outlives the kernel: attach ID)
+  return `MLX cluster (${s.state}): backend ${s.backend}, ${s.n} ranks on ${s.hosts} host${s.hosts !== 1 ? "s" : ""}, uptime ${uptime}${kept}`;
 }
 
 function brokenText(s) {

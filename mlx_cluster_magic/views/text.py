@@ -142,9 +142,10 @@ def usage_columns(nodes: Sequence[NodeStatus]) -> list[str]:
 def header_text(s: ClusterSnapshot) -> str:
     """``MLX cluster (running): backend mpi, 2 ranks on 1 host, uptime 3.2 s``."""
     uptime = human_seconds(s.uptime_s) if s.state == "running" else "-"
+    kept = f", kept {s.kept}" if s.kept else ""  # (it outlives the kernel: attach ID)
     return (
         f"MLX cluster ({s.state}): backend {s.backend}, {s.n} ranks on "
-        f"{s.hosts} host{'s' if s.hosts != 1 else ''}, uptime {uptime}"
+        f"{s.hosts} host{'s' if s.hosts != 1 else ''}, uptime {uptime}{kept}"
     )
 
 
