@@ -62,3 +62,28 @@ class Notebook:
         self.kc.stop_channels()
         if self.km.is_alive():
             self.km.shutdown_kernel(now=True)
+
+
+def stop_our_kept_clusters(ssh: str | None = None) -> None:
+    """Stop the kept clusters this test session started and left running: here, the runtimes
+    that carry this session's marker; on virtual Macs, those reached with ``ssh`` (the rig's
+    own ssh config). Nobody else's is touched (other sessions run beside this one)."""
+    import contextlib
+    import socket
+
+    from mlx_cluster_magic import MLXCluster, MLXClusterError
+    from mlx_cluster_magic.runtime import records
+
+    from conftest import _has_marker
+
+    ids = []
+    for cluster_id, folder in records.local_records():
+        with contextlib.suppress(MLXClusterError, OSError):
+            record = records.Record.of(records.read_private(folder / records.RECORD))
+            if ssh is None and record.host == socket.gethostname() and _has_marker(record.pid):
+                ids.append(cluster_id)
+    if ssh is not None:
+        ids += [str(p["id"]) for p in records.pointers() if p.get("ssh") == ssh]
+    for cluster_id in ids:
+        with contextlib.suppress(MLXClusterError):
+            MLXCluster.attach(cluster_id).stop()

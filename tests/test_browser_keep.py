@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+from kernels import stop_our_kept_clusters
 from test_browser import (
     NB,
     Lab,
@@ -29,7 +30,7 @@ from test_browser import (
     _wait_executed,
     _write_notebook,
 )
-from test_keep_hosts import nothing_left, stop_every_kept_cluster
+from test_keep_hosts import nothing_left
 
 from conftest import virtual_macs
 
@@ -84,7 +85,7 @@ def lab(tmp_path: Path, macs: Any) -> Iterator[Lab]:
         yield server
     finally:
         server.stop()
-        stop_every_kept_cluster()
+        stop_our_kept_clusters()
         nothing_left(macs)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
-from kernels import Notebook
+from kernels import Notebook, stop_our_kept_clusters
 
 from conftest import wait_no_processes
 
@@ -45,30 +45,29 @@ def notebooks(no_leaks: None) -> Iterator[list[Notebook]]:
     finally:
         for nb in opened:
             nb.close()
-        _stop_every_kept_cluster()
+        stop_our_kept_clusters()
         assert not _runtime_folders(), "a runtime's folder was left"
 
 
 def _runtime_folders() -> list[str]:
-    """This machine's runtimes' folders (the virtual Macs share the home: theirs are not)."""
+    """This machine's runtimes' folders that are this session's (a live runtime with our
+    marker) or whose runtime is gone; the virtual Macs share the home, and other sessions run
+    beside this one: their runtimes are not ours to count."""
+    from mlx_cluster_magic.runtime import records
+
+    from conftest import _has_marker
+
     here = socket.gethostname()
     found = []
     for folder in sorted(RUNTIMES.iterdir()) if RUNTIMES.is_dir() else []:
         record = folder / "record.json"
-        # (one without a record is a runtime starting, maybe on a virtual Mac)
-        if record.exists() and json.loads(record.read_text()).get("host") == here:
+        if not record.exists():  # (a runtime starting, maybe on a virtual Mac)
+            continue
+        content = json.loads(record.read_text())
+        alive = records.runtime_alive(records.Record.of(content))
+        if content.get("host") == here and (not alive or _has_marker(content["pid"])):
             found.append(folder.name)
     return found
-
-
-def _stop_every_kept_cluster() -> None:
-    code = (
-        "from mlx_cluster_magic import MLXCluster\n"
-        "from mlx_cluster_magic.cluster.attached import running_clusters\n"
-        "for f in running_clusters()[0]:\n"
-        "    MLXCluster.attach(f.record.id).stop()\n"
-    )
-    subprocess.run([sys.executable, "-c", code], timeout=120, check=False)
 
 
 PIDS = "[int(p) for p in c.view['pid']]"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kernels import Notebook
+from kernels import Notebook, stop_our_kept_clusters
 
 from conftest import our_processes, vhost_pids, virtual_macs, wait_no_processes
 
@@ -60,6 +60,7 @@ def test_the_notebooks_machine_away_for_five_minutes_loses_nothing(
         nb.ok("%mlx_cluster stop")
     finally:
         nb.close()
+        stop_our_kept_clusters(macs.rsh_agent)
     deadline = time.monotonic() + 30
     while our_processes(vhost_pids(macs)) and time.monotonic() < deadline:
         time.sleep(0.3)

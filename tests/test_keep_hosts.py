@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kernels import Notebook
+from kernels import Notebook, stop_our_kept_clusters
 
 from conftest import our_processes, vhost_pids, virtual_macs, wait_no_processes
 
@@ -44,16 +42,6 @@ def nothing_left(macs: Any, timeout: float = 30.0) -> None:
     assert wait_no_processes(5) == []
 
 
-def stop_every_kept_cluster() -> None:
-    code = (
-        "from mlx_cluster_magic import MLXCluster\n"
-        "from mlx_cluster_magic.cluster.attached import running_clusters\n"
-        "for f in running_clusters()[0]:\n"
-        "    MLXCluster.attach(f.record.id).stop()\n"
-    )
-    subprocess.run([sys.executable, "-c", code], timeout=120, check=False)
-
-
 @pytest.fixture
 def notebooks(macs: Any) -> Iterator[list[Notebook]]:
     opened: list[Notebook] = []
@@ -62,7 +50,7 @@ def notebooks(macs: Any) -> Iterator[list[Notebook]]:
     finally:
         for nb in opened:
             nb.close()
-        stop_every_kept_cluster()
+        stop_our_kept_clusters(macs.rsh_agent)
         nothing_left(macs)
 
 

@@ -187,22 +187,12 @@ def remote_record(cluster_id: str, host: str, ssh: str | None, python: str) -> R
 
 
 def find(cluster_id: str | None) -> Record:
-    """The record to attach to: by id, or the only running cluster."""
-    if cluster_id is not None and os.sep not in cluster_id:
-        records.folder_of(cluster_id)  # an id as list shows it, else one line
+    """The record to attach to: by id (or a record's folder), else the only running cluster."""
+    if cluster_id is not None:
+        return _by_id(cluster_id)
     found, gone = running_clusters()
     for line in gone:
         print(line)
-    if cluster_id is not None:
-        if os.sep in cluster_id:  # a record's folder given by path (another user's is refused)
-            path = os.path.join(cluster_id, records.RECORD)
-            return Record.of(records.read_private(Path(path)))
-        for f in found:
-            if f.record.id == cluster_id:
-                return f.record
-        raise MLXClusterError(
-            f"no running cluster {cluster_id!r} of yours; %mlx_cluster list shows them"
-        )
     if not found:
         raise MLXClusterError(
             "no kept cluster is running: start one with %mlx_cluster start --keep"
@@ -213,6 +203,32 @@ def find(cluster_id: str | None) -> Record:
             f"{len(found)} kept clusters run ({ids}): name one, %mlx_cluster attach ID"
         )
     return found[0].record
+
+
+def _by_id(cluster_id: str) -> Record:
+    """One cluster's record, looked up where it lives (this machine's runtimes, or the Mac a
+    pointer names): no other record is read."""
+    if os.sep in cluster_id:  # a record's folder given by path (another user's is refused)
+        return Record.of(records.read_private(Path(cluster_id) / records.RECORD))
+    folder = records.folder_of(cluster_id)  # an id as list shows it, else one line
+    missing = f"no running cluster {cluster_id!r} of yours; %mlx_cluster list shows them"
+    record: Record | None = None
+    if (folder / records.RECORD).exists():
+        record = Record.of(records.read_private(folder / records.RECORD))
+    if record is not None and record.host == socket.gethostname():
+        if records.runtime_alive(record):
+            return record
+        records.remove_folder(folder)
+        raise RuntimeGone(records.died_line(record))
+    for pointer in records.pointers():
+        if pointer.get("id") == cluster_id:
+            try:
+                return remote_record(cluster_id, str(pointer["host"]), pointer.get("ssh"),
+                                     str(pointer.get("python") or "python3"))  # fmt: skip
+            except RuntimeGone:
+                records.remove_pointer(cluster_id)
+                raise
+    raise MLXClusterError(missing)
 
 
 def seen_from_here(spec: ClusterSpec, record: Record) -> ClusterSpec:
