@@ -280,10 +280,11 @@ def plan_route(hosts: Sequence[Host], listings: Sequence[HostListing]) -> sync_p
             "environment over this machine's link; list the cables' addresses as each host's "
             '"ips" to relay it over them'
         )
-    head = {name: [*i.inet, *i.inet6] for name, i in netif.local_interfaces().items() if i.inet}
+    here = netif.local_interfaces()
+    head = {name: [*i.inet, *i.inet6] for name, i in here.items() if i.inet}
     bridges = [
         name
-        for name, i in netif.local_interfaces().items()
+        for name, i in here.items()
         if i.members or name.startswith("bridge") or Path(f"/sys/class/net/{name}/bridge").exists()
     ]
     nodes = [
@@ -452,6 +453,7 @@ class Relay:
         self.hosts, self.ssh, self.plans, self.relay, self.show = hosts, ssh, plans, relay, show
         self.route = relay.route
         self.receivers: dict[int, Receiver] = {}
+        self.touched: set[tuple[int, int]] = set()  # (host, directory) a receiver wrote in
         self.got = [0] * len(hosts)  # content bytes each host received
         self.stop = threading.Event()
         self.t0 = time.monotonic()
@@ -534,6 +536,7 @@ class Relay:
                 merged |= mine[j]
             if merged:
                 subtree[k] = merged
+        self.touched |= {(k, index) for k in subtree}  # each has a staging folder now
         tokens = {k: stream_auth.new_token() for k in subtree}
         for k in subtree:
             local = self.route.parent[k] == sync_plan.HEAD and self.route.via_management[k]
@@ -670,8 +673,8 @@ class Relay:
         todo = [
             (k, p)
             for k, ps in enumerate(self.plans)
-            for p in ps
-            if not p.idle or (k in self.receivers and p.send)
+            for index, p in enumerate(ps)
+            if not p.idle or (k, index) in self.touched
         ]
         errors = parallel(lambda kp: apply_root(self.hosts[kp[0]], self.ssh, kp[1]), todo)
         failed = [e for e in errors if e]
