@@ -230,3 +230,45 @@ def test_an_interrupted_relay_stops_every_mac_and_resumes(
     assert report.ok, repr(report)
     again = shell.run_line_magic("mlx_cluster", setup_line(ring, cabled, "--check"))
     assert [r.to_send for r in again.rows] == [0, 0, 0], repr(again)
+
+
+def test_a_cable_pulled_mid_relay_is_named_and_the_others_finish(
+    ring: Any, shell: Any, cabled: Path
+) -> None:
+    big = ["transformers", "pandas", "playwright"]
+    for h in ring.hosts:
+        on(ring, h, " ".join(["rm -rf", *(f"{VENV}/{SITE}/{p}" for p in big)]))
+    # the chain runs mac1 -> mac2 -> mac3 over the cables: pull the mac2-mac3 one
+    k = ring.cable("mac2", "mac3")
+    iface = ring.cable_iface(k, 1 if ring.cables[k][1] == 2 else 0)
+    down = ["ip", "netns", "exec", ring.namespace("mac3"), "ip", "link", "set", iface, "down"]
+    for kk in range(len(ring.cables)):
+        ring.shape_cable(kk, "100mbit")
+    pull = threading.Timer(3.0, subprocess.run, (down,))
+    try:
+        pull.start()
+        t0 = time.monotonic()
+        with pytest.raises(UsageError) as e:
+            shell.run_line_magic("mlx_cluster", setup_line(ring, cabled))
+        took = time.monotonic() - t0
+        pull.join()
+    finally:
+        up = [*down[:-1], "up"]
+        subprocess.run(up, check=False)
+        for kk in range(len(ring.cables)):
+            ring.shape_cable(kk, None)
+    msg = str(e.value)
+    print(msg, f"({took:.1f} s)")
+    assert "\n" not in msg and msg.startswith("setup: the cable from mac2 to mac3 (10.93.61."), msg
+    assert msg.endswith("run setup again to finish"), msg
+    for h in ring.hosts:  # nothing of the relay still runs
+        assert on(ring, h, "sleep 1; pgrep -f '[-]I -S -c import sys' || true").strip() == "", h
+    # mac1 and mac2 have it all, in place; mac3 what arrived whole, staged
+    check = shell.run_line_magic("mlx_cluster", setup_line(ring, cabled, "--check"))
+    assert [r.to_send for r in check.rows][:2] == [0, 0], repr(check)
+    assert check.rows[2].to_send > 0, repr(check)
+    time.sleep(1.0)  # the cable's link comes back
+    report = shell.run_line_magic("mlx_cluster", setup_line(ring, cabled))
+    assert report.ok, repr(report)
+    again = shell.run_line_magic("mlx_cluster", setup_line(ring, cabled, "--check"))
+    assert [r.to_send for r in again.rows] == [0, 0, 0], repr(again)

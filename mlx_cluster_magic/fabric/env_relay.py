@@ -454,6 +454,8 @@ class Relay:
         self.route = relay.route
         self.receivers: dict[int, Receiver] = {}
         self.touched: set[tuple[int, int]] = set()  # (host, directory) a receiver wrote in
+        self.completed: set[tuple[int, int]] = set()  # (host, directory) all staged
+        self.failed: dict[int, str] = {}  # host: why it did not get everything
         self.got = [0] * len(hosts)  # content bytes each host received
         self.stop = threading.Event()
         self.t0 = time.monotonic()
@@ -519,7 +521,8 @@ class Relay:
         """Stream one environment directory along the route: every Mac stages what it lacks
         and passes the rest on; raises with one line per Mac that failed."""
         root = self.plans[0][index].root
-        sent = [ps[index].send for ps in self.plans]
+        # a Mac that failed is left out from here on (and so is every Mac it fed)
+        sent = [[] if k in self.failed else ps[index].send for k, ps in enumerate(self.plans)]
         if not any(sent):
             return
         # the folders above what a Mac lacks are made in its staging folder first (the ones it
@@ -531,6 +534,8 @@ class Relay:
         mine = [{where[rel]: 0 for rel in w} for w in wanted]
         subtree: dict[int, dict[int, int]] = {}
         for k in self.receivers:
+            if k in self.failed:
+                continue
             merged: dict[int, int] = {}
             for j in [k, *self.route.subtree(k)]:
                 merged |= mine[j]
@@ -560,7 +565,7 @@ class Relay:
         heads = [k for k in self.route.children(sync_plan.HEAD) if k in subtree]
         streams, tunnels = self._connect(heads, ports, tokens, entries, subtree, root)
         try:
-            self._pump(streams, {k: self.receivers[k] for k in subtree}, entries, mine)
+            self._pump(index, streams, {k: self.receivers[k] for k in subtree}, entries, mine)
         finally:
             for s in streams:
                 s.sock.close()
@@ -620,12 +625,14 @@ class Relay:
 
     def _pump(
         self,
+        index: int,
         streams: list[TreeStream],
         receivers: dict[int, Receiver],
         entries: list[tuple[str, str, int, int, int, str]],
         mine: list[dict[int, int]],
     ) -> None:
-        """Run the notebook's streams, showing progress, until every receiver answered."""
+        """Run the notebook's streams, showing progress, until every receiver answered; note
+        which Macs finished this directory and why the others did not."""
         base = self.done
         for s in streams:
             s.start()
@@ -642,14 +649,30 @@ class Relay:
             time.sleep(0.05)
         for s in streams:
             s.join(STALL_S)
-        errors = [
-            f"{self.hosts[k].ssh}: {res['error']}" for k, res in results.items() if res.get("error")
-        ]
-        errors += [f"{s.host}: {s.error}" for s in streams if s.error]
-        if errors:
-            raise MLXClusterError("\n".join(dict.fromkeys(errors)))
-        for k in results:
-            self.got[k] += sum(entries[i][2] for i in mine[k])
+        # what the sending side saw of each broken hop, by the receiving Mac's name
+        sender_saw = {s.host: s.error for s in streams if s.error}
+        for res in results.values():
+            for lost in res.get("lost") or []:
+                who, _, why = str(lost).partition(": ")
+                sender_saw[who] = why
+        for k, res in results.items():
+            if res.get("error"):
+                self.failed[k] = self._failure(k, str(res["error"]), sender_saw)
+            else:
+                self.completed.add((k, index))
+                self.got[k] += sum(entries[i][2] for i in mine[k])
+
+    def _failure(self, k: int, error: str, sender_saw: dict[str, str]) -> str:
+        """One Mac's failure in words: the link that broke (and from which Mac), or its own."""
+        name, up = self.hosts[k].ssh, self.route.parent[k]
+        if not error.startswith(("the stream from upstream", "the upstream host")):
+            return f"{name}: {error}"
+        why = sender_saw.get(name) or error.split(": ", 1)[-1]
+        if up == sync_plan.HEAD:
+            return f"this machine's link to {name} broke ({why})"
+        return (
+            f"the cable from {self.hosts[up].ssh} to {name} ({self.route.address[k]}) broke ({why})"
+        )
 
     def progress(self, final: bool = False) -> str:
         took = time.monotonic() - self.t0
@@ -670,11 +693,11 @@ class Relay:
 
     def apply(self) -> None:
         """Each Mac removes its extras and moves what it staged into place."""
-        todo = [
+        todo = [  # a directory whose files a Mac has all staged, or that needs no bytes
             (k, p)
             for k, ps in enumerate(self.plans)
             for index, p in enumerate(ps)
-            if not p.idle or (k, index) in self.touched
+            if (k, index) in self.completed or (not p.send and not p.idle)
         ]
         errors = parallel(lambda kp: apply_root(self.hosts[kp[0]], self.ssh, kp[1]), todo)
         failed = [e for e in errors if e]
@@ -753,6 +776,12 @@ def run_relay(
         ) from None
     finally:
         job.close()
-    job.apply()
+    job.apply()  # what each Mac has whole moves into place, even when another failed
+    if job.failed:
+        raise MLXClusterError(
+            "setup: "
+            + "; ".join(job.failed[k] for k in sorted(job.failed))
+            + ": what arrived is kept; run setup again to finish"
+        )
     if show is not None:
         show(job.progress(final=True), True)
