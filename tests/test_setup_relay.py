@@ -272,3 +272,25 @@ def test_a_cable_pulled_mid_relay_is_named_and_the_others_finish(
     assert report.ok, repr(report)
     again = shell.run_line_magic("mlx_cluster", setup_line(ring, cabled, "--check"))
     assert [r.to_send for r in again.rows] == [0, 0, 0], repr(again)
+
+
+def test_a_mac_whose_receiver_cannot_start_gets_it_directly_and_one_line_says_why(
+    ring: Any, shell: Any, cabled: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # mac2 lacks a file of the interpreter (so it would run its receiver from what it is sent
+    # first) on a disk that runs nothing (noexec)
+    on(ring, "mac2", f"rm -f {BASE}/lib/python3.*/socket.py")
+    for h in ("mac2", "mac3"):
+        on(ring, h, f"rm -rf {VENV}/{SITE}/mpi4py {VENV}/{SITE}/mpi4py-*.dist-info")
+    on(ring, "mac2", f"mount -o remount,noexec {BASE}")
+    try:
+        shell.run_line_magic("mlx_cluster", setup_line(ring, cabled))
+    finally:
+        on(ring, "mac2", f"mount -o remount,exec {BASE}")
+    out = capsys.readouterr().out
+    why = [ln for ln in out.splitlines() if "relay could not start" in ln]
+    assert len(why) == 1 and "mac2" in why[0] and "over this machine's link" in why[0], out
+    assert out.rstrip().splitlines()[-1].startswith("setup: sent mac1 "), out
+    assert on(ring, "mac2", "pgrep -f '[-]I -S -c import sys' || true").strip() == ""
+    again = shell.run_line_magic("mlx_cluster", setup_line(ring, cabled, "--check"))
+    assert again.ok and [r.to_send for r in again.rows] == [0, 0, 0], repr(again)

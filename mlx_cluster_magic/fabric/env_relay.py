@@ -162,6 +162,10 @@ def _first_lines(probe: bool = False) -> str:
     return json.dumps(DRIVER) + "\n" + json.dumps(setup) + "\n"
 
 
+class RelayUnavailable(MLXClusterError):
+    """A Mac's receiver could not start: nothing was relayed yet, so setup sends directly."""
+
+
 # --------------------------------------------------------------------------- the interpreter
 @dataclass(frozen=True)
 class Bootstrap:
@@ -514,7 +518,10 @@ class Relay:
             lib = f"{boot.root.path}/{STAGING}/lib" if staged else None
             self.receivers[k] = Receiver(self.hosts[k], self.ssh, self.relay.pythons[k], lib)
         for r in self.receivers.values():
-            r.answer("ready", START_TIMEOUT_S)
+            try:
+                r.answer("ready", START_TIMEOUT_S)
+            except MLXClusterError as e:
+                raise RelayUnavailable(str(e)) from None
 
     # -- one environment directory
     def send_root(self, index: int) -> None:
