@@ -60,3 +60,38 @@ def test_a_hostfile_without_cable_addresses_says_why_in_one_line() -> None:
     assert why.startswith("the hostfile names no cable addresses"), why
     by_name = env_relay.plan_route([Host(f"mac{i}") for i in (1, 2, 3)], listings)
     assert isinstance(by_name, str) and by_name.startswith("the hostfile names no cable"), by_name
+
+
+def test_macs_whose_addresses_are_on_this_machines_own_network_are_not_relayed() -> None:
+    """Macs on the notebook's own LAN (or Wi-Fi): passing the bytes from one to the next would
+    carry them over that network again."""
+    import ipaddress
+
+    from mlx_cluster_magic.fabric import netif
+
+    own = next(
+        (
+            ipaddress.ip_interface(a)
+            for i in netif.local_interfaces().values()
+            for a in i.inet
+            if not a.startswith("127.") and ipaddress.ip_interface(a).network.num_addresses >= 16
+        ),
+        None,
+    )
+    if own is None:
+        import pytest
+
+        pytest.skip("this machine has no network of 16 addresses or more")
+    net = own.network
+    spare = [str(a) for a in net.hosts() if a != own.ip][-3:]
+    listings, hosts = [], []
+    for i, ip in enumerate(spare, 1):
+        lst = HostListing(f"mac{i}")
+        lst.values["os"] = "Linux"
+        lst.values["sshconn"] = f"10.9.0.1 50000 10.9.0.{10 + i} 22"
+        lst.addresses = f"2: en0    inet {ip}/{net.prefixlen} brd {net.broadcast_address} scope global en0"
+        listings.append(lst)
+        hosts.append(Host(f"mac{i}", (ip,)))
+    why = env_relay.plan_route(hosts, listings)
+    assert isinstance(why, str) and "\n" not in why, why
+    assert "over a network this machine is on" in why, why

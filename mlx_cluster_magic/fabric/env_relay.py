@@ -300,12 +300,16 @@ def plan_route(hosts: Sequence[Host], listings: Sequence[HostListing]) -> sync_p
     relayed = [k for k, up in enumerate(route.parent) if up != sync_plan.HEAD]
     if not relayed:
         return "this machine has a link of its own to every Mac: it sends to each directly"
+    # a hop between two Macs on a network this machine is on (its LAN, its Wi-Fi) would carry
+    # the bytes over that network a second time
+    own = [ipaddress.ip_interface(a).network for addrs in head.values() for a in addrs]
     for k in relayed:
         hop = ipaddress.ip_address(route.address[k])
-        if any(hop == ipaddress.ip_address(m) for m in mgmt):
+        if any(hop == ipaddress.ip_address(m) for m in mgmt) or any(hop in n for n in own):
             return (
-                f"the cable addresses lead {hosts[k].ssh} over the network ssh uses, which the "
-                "relay would cross again: each Mac gets the environment over this machine's link"
+                f"the hostfile's addresses lead {hosts[k].ssh} over a network this machine is "
+                "on, which the relay would cross again: each Mac gets the environment over "
+                "this machine's link"
             )
     return route
 
