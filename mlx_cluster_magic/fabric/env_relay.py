@@ -166,6 +166,19 @@ class RelayUnavailable(MLXClusterError):
     """A Mac's receiver could not start: nothing was relayed yet, so setup sends directly."""
 
 
+class RelayIncomplete(MLXClusterError):
+    """Some Macs did not get everything over the cables (``failed``: host index -> why, in
+    words); the others have it in place."""
+
+    def __init__(self, failed: dict[int, str], completed: set[tuple[int, int]]) -> None:
+        self.failed, self.completed = failed, completed  # (host, directory) in place
+        super().__init__(
+            "setup: "
+            + "; ".join(failed[k] for k in sorted(failed))
+            + ": what arrived is kept; run setup again to finish"
+        )
+
+
 # --------------------------------------------------------------------------- the interpreter
 @dataclass(frozen=True)
 class Bootstrap:
@@ -679,6 +692,13 @@ class Relay:
         if not error.startswith(("the stream from upstream", "the upstream host")):
             return f"{name}: {error}"
         why = sender_saw.get(name) or error.split(": ", 1)[-1]
+        if error.startswith("the upstream host"):  # never connected: a cable out, a firewall
+            source = "this machine" if up == sync_plan.HEAD else self.hosts[up].ssh
+            return (
+                f"{source} could not reach {name}'s receiver at {self.route.address[k]} ({why}; "
+                f"is the cable in, and does {name}'s firewall let python take connections? "
+                "%mlx_cluster doctor checks both)"
+            )
         if up == sync_plan.HEAD:
             return f"this machine's link to {name} broke ({why})"
         return (
@@ -789,10 +809,6 @@ def run_relay(
         job.close()
     job.apply()  # what each Mac has whole moves into place, even when another failed
     if job.failed:
-        raise MLXClusterError(
-            "setup: "
-            + "; ".join(job.failed[k] for k in sorted(job.failed))
-            + ": what arrived is kept; run setup again to finish"
-        )
+        raise RelayIncomplete(job.failed, job.completed)
     if show is not None:
         show(job.progress(final=True), True)

@@ -320,4 +320,20 @@ def _send(
             show(line, True)
         _Sender(hosts, plans, ssh).run(show)
         return [line]
+    except env_relay.RelayIncomplete as e:  # the others have it; these get the rest directly
+        failed = sorted(e.failed)
+        names = ", ".join(hosts[k].ssh for k in failed)
+        line = (
+            "setup: "
+            + "; ".join(e.failed[k] for k in failed)
+            + f": {names} {'gets' if len(failed) == 1 else 'get'} the rest over this machine's link"
+        )
+        if show is not None:
+            show(line, True)
+        rest = [  # a directory a Mac had whole over the cables is in place already
+            [RootPlan(p.root) if (k, i) in e.completed else p for i, p in enumerate(plans[k])]
+            for k in failed
+        ]
+        _Sender([hosts[k] for k in failed], rest, ssh).run(show)
+        return [*relay.lines(hosts), line]
     return relay.lines(hosts)
