@@ -12,7 +12,13 @@ binary, its library, the standard modules it imports; about 3 % of a venv with M
 where they belong, so they are never sent twice. The tokens and the receiver's code reach each
 Mac through ssh's standard input, never a command line; the notebook's hop rides ssh too
 (``ssh -W`` to the first Mac's loopback), so only ssh crosses the notebook's network. Then each
-Mac moves what it staged into place, as a direct setup does. No IPython import.
+Mac moves what it staged into place, as a direct setup does.
+
+Where it cannot help, setup sends to each Mac directly and says why in one line (``prepare``
+returns the reason): no cable addresses in the hostfile, a link of the notebook's own to every
+Mac, hops that would cross the notebook's own network, an interpreter outside the environment,
+a receiver that cannot start (:class:`RelayUnavailable`). A Mac cut off mid-relay is named with
+the link that broke and gets the rest directly (:class:`RelayIncomplete`). No IPython import.
 """
 
 from __future__ import annotations
