@@ -169,7 +169,8 @@ def _first_lines(probe: bool = False) -> str:
 
 
 class RelayUnavailable(MLXClusterError):
-    """A Mac's receiver could not start: nothing was relayed yet, so setup sends directly."""
+    """A Mac's receiver could not start, or the notebook could not reach it: setup sends to
+    each Mac directly (what the relay staged is sent again and moved into place)."""
 
 
 class RelayIncomplete(MLXClusterError):
@@ -628,7 +629,7 @@ class Relay:
                 try:
                     sock = socket.create_connection((self.route.address[k], ports[k]), STALL_S)
                 except OSError as e:
-                    raise MLXClusterError(
+                    raise RelayUnavailable(
                         f"{name}: cannot reach its receiver at {self.route.address[k]}: "
                         f"{e.strerror or e}"
                     ) from None
@@ -637,7 +638,8 @@ class Relay:
             except OSError as e:
                 sock.close()
                 why = _ended(tunnels[-1]) if self.route.via_management[k] else ""
-                raise MLXClusterError(self._refused(k, why or str(e))) from None
+                # (an sshd that forwards nothing says "stdio forwarding failed")
+                raise RelayUnavailable(self._refused(k, why or str(e))) from None
             sock.settimeout(STALL_S)
             streams.append(TreeStream(sock, key, Path(root.path), entries, subtree[k], name))
         return streams, tunnels
