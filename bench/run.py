@@ -36,6 +36,7 @@ from px_parity import bench_px_parity
 from rank_import import bench_rank_import
 from recorder import bench_recorder
 from recovery import bench_recovery, bench_report
+from relay import bench_relay
 from scaling import bench_scaling
 from setup_env import bench_setup
 from sync import bench_sync
@@ -163,6 +164,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "sync": bench_sync,
     "network": bench_network,
     "setup": bench_setup,
+    "relay": bench_relay,
     "encryption": bench_encryption,
     "keep": bench_keep,
 }

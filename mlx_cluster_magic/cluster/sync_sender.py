@@ -24,7 +24,6 @@ import os
 import re
 import socket
 import stat
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ from typing import Any
 from ..errors import MLXClusterError
 from ..fabric import sync_plan
 from ..rank import stream_auth, sync_receiver
-from ..rank.sync_receiver import HEADER, Entry
+from ..rank.sync_receiver import Entry
+from ..rank.sync_stream import TreeStream as _Stream
 
 SHARDS = ("pipeline", "tensor")
 #: Files every rank of a model reads, whatever its layers (mlx-lm's ``sharded_load`` fetches
@@ -244,56 +244,6 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- sending
-class _Stream(threading.Thread):
-    """The head's stream to one direct downstream host: its subtree's files, each from the
-    first byte any host there lacks, in records signed with that hop's key."""
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        key: bytes,
-        root: Path,
-        entries: Sequence[Entry],
-        wants: dict[int, int],
-        name: str,
-    ) -> None:
-        super().__init__(name=f"sync-to-{name}", daemon=True)
-        self.sock, self.root, self.entries, self.wants, self.host = sock, root, entries, wants, name
-        self.writer = stream_auth.RecordWriter(sock, key)
-        self.sent = 0
-        self.error: str | None = None
-
-    def run(self) -> None:
-        try:
-            for i in sorted(self.wants):
-                kind, rel, size, _mtime, _mode, _extra = self.entries[i]
-                if kind != "file":
-                    continue
-                first = self.wants[i]
-                self.writer.write(HEADER.pack(i, first, size - first))
-                path = self.root / rel if rel else self.root
-                with open(path, "rb") as f:
-                    f.seek(first)
-                    self._send_file(f, rel, size - first)
-            self.writer.write(HEADER.pack(sync_receiver.END, 0, 0))
-            self.writer.flush()
-        except OSError as e:
-            self.error = f"{self.host}: {e.strerror or e or 'timed out'}"
-        finally:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-
-    def _send_file(self, f: Any, rel: str, count: int) -> None:
-        buf = memoryview(bytearray(min(count, stream_auth.RECORD_BYTES)))
-        while count:  # a record at a time, so progress shows and a cut is seen at once
-            n = f.readinto(buf[: min(count, len(buf))])
-            if not n:
-                raise OSError(f"{rel or self.root.name} shrank while it was sent")
-            self.writer.write(buf[:n])
-            count -= n
-            self.sent += n
-
-
 def _head_interfaces() -> tuple[dict[str, list[str]], list[str]]:
     from ..launch import mpi_job
 

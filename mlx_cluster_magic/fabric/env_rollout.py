@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MLXClusterError
+from . import env_relay
 from .doctor.collect import ssh_argv
 from .env_manifest import Manifest, SetupRefused, build_manifest, list_files
 from .env_setup import (
@@ -267,11 +268,12 @@ def run_setup(
         )
         for h, ps, r in zip(remote, plans, refused)
     ]
+    notes = list(manifest.notes)
     if not check:
         lines = [line for r in refused for line in r]
         if lines:
             raise SetupRefused("\n".join(lines))
-        _Sender(remote, plans, argv).run(show)
+        notes += _send(remote, listings, plans, manifest, argv, show)
         changed = [i for i, ps in enumerate(plans) if not all(p.idle for p in ps)]
         again = parallel(host_versions, [remote[i] for i in changed], argv, manifest.python, 30.0)
         for i, got in zip(changed, again):
@@ -284,5 +286,54 @@ def run_setup(
         len(manifest.dists),
         check,
         time.monotonic() - t0,
-        list(manifest.notes),
+        notes,
     )
+
+
+def _send(
+    hosts: list[Host],
+    listings: list[HostListing],
+    plans: list[list[RootPlan]],
+    manifest: Manifest,
+    ssh: list[str],
+    show: Show | None,
+) -> list[str]:
+    """Send what each host lacks: over the cables when they have addresses (the environment
+    crosses this machine's link once, :mod:`.env_relay`), else to each host directly. Returns
+    the lines that say which, for the report."""
+    needy = [k for k, ps in enumerate(plans) if any(p.send for p in ps)]
+    if len(needy) < 2:
+        _Sender(hosts, plans, ssh).run(show)
+        return []
+    relay = env_relay.prepare(hosts, listings, plans, manifest)
+    if isinstance(relay, str):
+        line = f"setup: {relay}"
+        if show is not None:
+            show(line, True)
+        _Sender(hosts, plans, ssh).run(show)
+        return [line]
+    try:
+        env_relay.run_relay(hosts, ssh, plans, relay, show)
+    except env_relay.RelayUnavailable as e:  # what was staged for it is used all the same
+        line = f"setup: the relay could not start ({e}): each Mac gets it over this machine's link"
+        if show is not None:
+            show(line, True)
+        _Sender(hosts, plans, ssh).run(show)
+        return [line]
+    except env_relay.RelayIncomplete as e:  # the others have it; these get the rest directly
+        failed = sorted(e.failed)
+        names = ", ".join(hosts[k].ssh for k in failed)
+        line = (
+            "setup: "
+            + "; ".join(e.failed[k] for k in failed)
+            + f": {names} {'gets' if len(failed) == 1 else 'get'} the rest over this machine's link"
+        )
+        if show is not None:
+            show(line, True)
+        rest = [  # a directory a Mac had whole over the cables is in place already
+            [RootPlan(p.root) if (k, i) in e.completed else p for i, p in enumerate(plans[k])]
+            for k in failed
+        ]
+        _Sender([hosts[k] for k in failed], rest, ssh).run(show)
+        return [*relay.lines(hosts), line]
+    return relay.lines(hosts)

@@ -52,6 +52,13 @@ echo "$M machine $(uname -m)"
 # -f FORMAT with %HT the file type in words, %z size, %m mtime, %Lp permissions, %N the name,
 # %Y a link's target (man page at unix.com/man-page/osx/1/stat).
 [ "$OS" = Darwin ] && echo "$M macos $(sw_vers -productVersion 2>/dev/null)"
+# The address ssh reached this host at (sshd sets SSH_CONNECTION to "client port server port")
+# and every address with its prefix, for the relay's route over the cables (ifconfig(8) on
+# macOS, `ip -o addr show` on Linux: fabric.netif parses both).
+echo "$M sshconn $SSH_CONNECTION"
+echo "$M addr-begin"
+if [ "$OS" = Darwin ]; then ifconfig -a 2>/dev/null; else ip -o addr show 2>/dev/null; fi
+echo "$M addr-end"
 while [ $# -gt 1 ]; do
   R=$1; P=$2; shift 2
   A=$R
@@ -121,6 +128,7 @@ class HostListing:
     error: str | None = None
     values: dict[str, str] = field(default_factory=dict)
     roots: dict[str, HostRoot] = field(default_factory=dict)
+    addresses: str = ""  # its `ifconfig -a` (macOS) or `ip -o addr show` (Linux) output
 
 
 _KINDS = {"regular file": "f", "regular empty file": "f", "directory": "d", "symbolic link": "l"}
@@ -153,9 +161,12 @@ def parse_listing(host: str, out: str) -> HostListing:
     found = HostListing(host)
     root: HostRoot | None = None
     section: str | None = None
+    addresses: list[str] = []
     for line in out.splitlines():
         if not line.startswith(MARK + " "):
-            if section == "list" and root is not None and (item := parse_stat_line(line)):
+            if section == "addr":
+                addresses.append(line)
+            elif section == "list" and root is not None and (item := parse_stat_line(line)):
                 rel, entry = item
                 if rel == STAGING:
                     continue
@@ -179,6 +190,7 @@ def parse_listing(host: str, out: str) -> HostListing:
             _root_fact(root, key, value)
         else:
             found.values[key] = value
+    found.addresses = "\n".join(addresses)
     return found
 
 
@@ -430,20 +442,24 @@ def send_root(
 ) -> str | None:
     """Stream the plan's files as a tar into the host's staging directory, then move them into
     place; None on success, else the error in one line."""
-    root = plan.root.path
     if plan.send:
-        err = _stream(host, ssh, plan, tick, stop)
+        err = stream_root(host, ssh, plan, tick, stop)
         if err:
             return err
+    return apply_root(host, ssh, plan)
+
+
+def apply_root(host: Host, ssh: list[str], plan: RootPlan) -> str | None:
+    """Remove the extras and move what is staged into place; None, or the error in one line."""
     res = run(_ssh(ssh, host, "sh -s"), timeout=600, stdin=apply_script(plan))
     if res.rc != 0:
         text = (res.err or res.out).strip().splitlines()
         why = text[-1] if text else f"exit {res.rc}"
-        return f"{host.ssh}: moving files into place under {root} failed: {why}"
+        return f"{host.ssh}: moving files into place under {plan.root.path} failed: {why}"
     return None
 
 
-def _stream(
+def stream_root(
     host: Host,
     ssh: list[str],
     plan: RootPlan,
