@@ -19,7 +19,7 @@ import shlex
 import shutil
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
@@ -31,7 +31,9 @@ from ..launch import bringup, ipp_adapter, mpi_job, processes, spec
 from ..observe import health
 from ..observe.health import Breakage
 from ..observe.snapshot import NodeStatus
+from ..views.sweep_view import text as sweep_text
 from .displays import ClusterViews
+from .farm import Farm
 from .tools import ClusterTools, HistoryEntry
 
 if TYPE_CHECKING:
@@ -88,6 +90,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         verbose: bool = False,
         connections_per_ip: int = 1,
         grace: float = spec.GRACE_S,
+        farm: bool = False,
+        when_idle: float | str | None = None,
+        yield_policy: str = "finish",
     ) -> None:
         self.spec = spec.resolve(
             n, hosts=hosts, hostfile=hostfile, backend=backend, mpiexec=mpiexec,
@@ -95,6 +100,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             ring_port=ring_port, ssh=ssh, timeout=timeout, live_status=live_status,
             check_collectives=check_collectives, collective_timeout=collective_timeout,
             verbose=verbose, connections_per_ip=connections_per_ip, grace=grace,
+            farm=farm, when_idle=when_idle, yield_policy=yield_policy,
         )  # fmt: skip
         self._lock = threading.RLock()
         self._state = "stopped"
@@ -119,6 +125,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         #: While a start runs: None, or who asked it to stop (" from the status view").
         self._stop_asked: str | None = None
         self._started = threading.Event()
+        #: A farm's members and sweep (``farm=True``), while it runs.
+        self._farm: Farm | None = None
 
     placement_from = staticmethod(spec.placement_from)
 
@@ -262,10 +270,16 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._go_on_starting()
         self._preflight()
         self._go_on_starting()
-        bringup.bring_up(run)
-        self._go_on_starting()
         generation = self.generation
-        bringup.watch_liveness(run, lambda lost: self.abort(lost, generation=generation))
+        # ---- farm: independent engines, and a Mac lost is the farm's to handle (cluster.farm)
+        if self.spec.farm:
+            self._farm = Farm.start(run, self._farm_spec)
+            self._farm.watch_liveness(lambda lost: self._farm_lost(lost, generation))
+        # ---- end farm
+        else:
+            bringup.bring_up(run)
+            self._go_on_starting()
+            bringup.watch_liveness(run, lambda lost: self.abort(lost, generation=generation))
         if run.status is not None:
             run.status.set_evidence(self._dead_evidence)
             run.status.on_update(self._refresh_widget)
@@ -298,7 +312,8 @@ class MLXCluster(ClusterViews, ClusterTools):
 
         shell = get_ipython()
         if shell is not None:
-            view = self.client[list(range(self.n))]
+            slots = self._farm.live_slots() if self._farm is not None else range(self.n)
+            view = self.client[list(slots)]
             view.block = True
             shell.magics_manager.register(MLXParallelMagics(shell, view, self))
 
@@ -306,6 +321,8 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _dead_evidence(self) -> dict[int, str]:
         if self._state == "stopped":  # a stop under way kills them: not a death to show
             return {}
+        if self._farm is not None:  # farm: only engines gone for good (their Mac lost, left)
+            return self._farm.dead_evidence()
         return bringup.dead_evidence(self._run)
 
     def loss(self) -> Breakage | None:
@@ -449,6 +466,9 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _evidence_breakage(self) -> Breakage | None:
         """What the evidence says broke the cluster (a lost host, a cut cable, a rank gone,
         engines the controller unregistered), else None."""
+        if self._farm is not None:  # farm: a lost Mac leaves the farm; the cluster goes on
+            self._farm.refresh()
+            return None
         dead = self._dead_evidence()
         loss = self.loss()
         if loss is not None:
@@ -563,6 +583,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         The run is forgotten only once its teardown went through (else it is done again)."""
         if self._watch_stop is not None:
             self._watch_stop.set()
+        if self._farm is not None:
+            self._farm.close()
+            self._farm = None
         run = self._run
         if run is None:
             _LIVE.discard(self)
@@ -574,6 +597,62 @@ class MLXCluster(ClusterViews, ClusterTools):
         if remains is not None:
             self.last_nodes, self._last_recorders = remains.nodes, remains.recorders
         _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log
+
+    # ----------------------------------------------------------------------- farm
+    def _farm_spec(self, grown: spec.ClusterSpec) -> None:
+        """A Mac added to the farm: its slots are part of the spec from now on."""
+        self.spec = grown
+
+    def _farm_lost(self, lost: Breakage, generation: int) -> None:
+        """Every Mac of a farm silent past the grace: the farm's engines are gone."""
+        if self._farm is not None and self.generation == generation:
+            self._farm.refresh()
+            if not self._farm.live_slots():
+                self.abort(lost, generation=generation)
+
+    def _farm_of(self) -> Farm:
+        self._require()
+        if self._farm is None:
+            raise MLXClusterError(
+                "this cluster is not a farm: start one with %mlx_cluster start --farm "
+                "(MLXCluster(farm=True))"
+            )
+        return self._farm
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        retries: int = 0,
+        block: bool = True,
+    ) -> Any:
+        """A farm's sweep: ``fn(item)`` for each item on the next free engine; results in item
+        order (a failed item holds its error, named in one line). ``retries`` re-runs a
+        failing task elsewhere; a Mac lost, removed or taken back has its task run elsewhere,
+        and each item's result counts once. The progress shows in the cell. With
+        ``block=False`` returns the running sweep: iterate it for results in item order as
+        they come, ``.result()`` waits for all; ``%mlx_cluster add``/``remove`` meanwhile."""
+        from .farm import cell_display
+
+        farm = self._farm_of()
+        shown = cell_display()
+        results = farm.map(fn, items, retries=retries, block=block, show=shown)
+        if block and shown is None:
+            print(sweep_text(results.progress) if results.progress else "")
+        return results
+
+    def farm_hosts(self) -> list[dict[str, Any]]:
+        """Each Mac of the farm: lent, in use by its owner, draining, left or lost, and why."""
+        return self._farm_of().hosts()
+
+    def add(self, host: str, n: int | None = None) -> None:
+        """A Mac joins the running farm (``n`` engines, default as the first Mac's)."""
+        self._farm_of().add(host, n)
+
+    def remove(self, host: str, drain: bool = False) -> None:
+        """A Mac leaves the farm: at once (its task runs elsewhere), or with ``drain`` once its
+        task has ended."""
+        self._farm_of().remove(host, drain)
 
     # ----------------------------------------------------------------------- context manager
     def __enter__(self) -> MLXCluster:

@@ -211,6 +211,32 @@ def _add_start_options(p: _Parser) -> None:
     p.add_argument(
         "--verbose", action="store_true", help="MLX's own verbose logging of the backend"
     )
+    _add_farm_options(p)
+
+
+def _add_farm_options(p: _Parser) -> None:
+    """A farm's options: independent engines for cluster.map, Macs lent only while idle."""
+    p.add_argument(
+        "--farm",
+        action="store_true",
+        help="a farm: independent engines (-n per host, each with a group of one) for "
+        "cluster.map(fn, items); Macs may come and go (%%mlx_cluster add / remove)",
+    )
+    p.add_argument(
+        "--when-idle",
+        default=None,
+        metavar="TIME",
+        help="farm: a Mac takes tasks only while its owner has not touched keyboard or mouse "
+        "for TIME (5m, 90s; macOS's HID idle time)",
+    )
+    p.add_argument(
+        "--yield-policy",
+        "--yield",
+        choices=("finish", "requeue"),
+        default="finish",
+        help="farm with --when-idle: when the owner comes back, the Mac's task finishes there "
+        "or is handed back to run elsewhere",
+    )
 
 
 def _life_cycle_parsers(sub: _Sub) -> None:
@@ -250,6 +276,17 @@ def _life_cycle_parsers(sub: _Sub) -> None:
     )
 
     sub("nodes", "Per-rank status records, as data.")
+
+    p = sub("add", "A Mac joins the running farm and takes tasks at once.")
+    p.add_argument("host", help="the Mac's ssh name (a hostfile's name, or user@host)")
+    p.add_argument(
+        "-n", type=_positive_int, default=None, help="engines on it (default: as the first Mac)"
+    )
+    p = sub("remove", "A Mac leaves the running farm; its task runs elsewhere.")
+    p.add_argument("host", help="the Mac's name in the farm (as %%mlx_cluster status shows)")
+    p.add_argument(
+        "--drain", action="store_true", help="let it finish the task it runs, then leave"
+    )
 
 
 def _data_parsers(sub: _Sub) -> None:
@@ -475,6 +512,11 @@ class History(list):  # type: ignore[type-arg]
         p.text(repr(self))
 
 
+def _farm_line(cluster: MLXCluster) -> str:
+    """``mac1 lent, mac2 draining, mac4 lent``."""
+    return ", ".join(f"{h['host']} {h['state']}" for h in cluster.farm_hosts())
+
+
 def _describe(cluster: MLXCluster) -> str:
     """``2 ranks on 1 host`` / ``6 ranks on 3 hosts``."""
     hosts = 1 if cluster.placement.is_local else len(cluster.placement.hosts)
@@ -563,10 +605,24 @@ class MLXClusterMagics(Magics):
             verbose=args.verbose,
             connections_per_ip=args.connections_per_ip,
             grace=args.grace,
+            farm=args.farm,
+            when_idle=args.when_idle,
+            yield_policy=args.yield_policy,
         )
         cluster.start(activate=True)
         self.cluster = cluster
         return cluster
+
+    def _add(self, args: argparse.Namespace) -> None:
+        cluster = self._running()
+        cluster.add(args.host, args.n)
+        print(f"{args.host} joined the farm: {_farm_line(cluster)}")
+
+    def _remove(self, args: argparse.Namespace) -> None:
+        cluster = self._running()
+        cluster.remove(args.host, drain=args.drain)
+        how = "drains: it leaves once its task ends" if args.drain else "left the farm"
+        print(f"{args.host} {how}: {_farm_line(cluster)}")
 
     def _stop(self, args: argparse.Namespace) -> None:
         cluster = self.cluster
