@@ -100,6 +100,10 @@ def _kill(pids: list[int], timeout: float = 3.0) -> None:
             return
 
 
+#: The PATH sshd gives a session (Debian's default), after ``path_first``.
+SSH_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 class VirtualCluster:
     """N namespaced "Macs" behind a bridge, each reachable over ssh by name.
 
@@ -122,6 +126,7 @@ class VirtualCluster:
         memory: dict[str, int] | None = None,
         private_dirs: list[str] | None = None,
         private_size: str = "4g",
+        path_first: str | None = None,
     ) -> None:
         net = ipaddress.ip_network(subnet)
         if n < 1 or net.num_addresses < 12 + n:
@@ -157,6 +162,9 @@ class VirtualCluster:
         # the other hosts keep their own view of those paths.
         self.private_dirs = [str(Path(d)) for d in private_dirs or []]
         self.private_size = private_size
+        # A folder put first on PATH for every ssh session on the hosts (not on the head's):
+        # shims of macOS commands, as a Mac would have them.
+        self.path_first = path_first
         if any(not Path(d).is_absolute() for d in self.private_dirs):
             raise ValueError("private_dirs must be absolute paths")
         if bridged and cables not in ("star", "star-head"):
@@ -372,7 +380,8 @@ class VirtualCluster:
                     # The hosts share the head's home: a login shell that runs `pyenv init` would
                     # rehash the head's shared shims, and a session killed mid-rehash leaves its
                     # lock, on which every later login then waits 60 s. Try once, never wait.
-                    "SetEnv PYENV_REHASH_TIMEOUT=0",
+                    "SetEnv PYENV_REHASH_TIMEOUT=0"
+                    + (f" PATH={self.path_first}:{SSH_DEFAULT_PATH}" if self.path_first else ""),
                     "LogLevel INFO",
                     "",
                 ]

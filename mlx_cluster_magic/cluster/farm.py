@@ -130,9 +130,14 @@ class Farm:
     def yield_policy(self) -> str:
         return self.run.spec.yield_policy
 
-    def host_rows(self) -> list[HostProgress]:
+    def host_rows(self) -> list[tuple[HostProgress, list[int]]]:
+        """Each member's row (its tasks counted by the sweep) and slots."""
         return [
-            HostProgress(m.host.ssh, m.state, len(m.slots), 0, 0, m.idle_s) for m in self.members
+            (
+                HostProgress(m.host.ssh, m.state, len(m.slots), 0, 0, m.idle_s),
+                [s.slot for s in m.slots],
+            )
+            for m in self.members
         ]
 
     def hosts(self) -> list[dict[str, Any]]:
@@ -349,9 +354,10 @@ class Farm:
         self._stop.set()
         if self.sweep is not None:
             self.sweep.stop()
-        active = [s for m in self.members if m.state in ACTIVE for s in m.slots]
+        # every slot: a lost Mac that came back may still run its old engine
+        every = [s for m in self.members for s in m.slots]
         with contextlib.suppress(Exception):
-            farm_engines.end(self.run, active, graceful=True)
+            farm_engines.end(self.run, every, graceful=True)
 
 
 def _run_quietly(sweep: Sweep) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,7 +50,7 @@ class FarmLike(Protocol):
     def refresh(self) -> None: ...
     def submit(self, fn: Callable[..., Any], item: Any, slot: int) -> Any: ...
     def take_back(self, futures: Sequence[Any], slot: int, interrupt: bool) -> None: ...
-    def host_rows(self) -> list[HostProgress]: ...
+    def host_rows(self) -> list[tuple[HostProgress, list[int]]]: ...
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Sweep:
         self.results: list[Any] = [None] * n
         self.done = [False] * n
         self.hosts: list[str | None] = [None] * n
+        self.slots: list[int | None] = [None] * n
         self.retries_left = [retries] * n
         self.avoid: dict[int, int] = {}
         self.live: dict[int, Attempt] = {}  # item -> its current attempt
@@ -104,6 +106,10 @@ class Sweep:
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        #: (time.time(), item, slot, why) of each task taken back from an engine.
+        self.moved: list[tuple[float, int, int, str]] = []
+        #: item -> the future whose result counted (its metadata: engine, started, completed).
+        self.counted: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SweepResults:
@@ -175,12 +181,13 @@ class Sweep:
         except Exception as e:  # the task's error, as ipyparallel raises it
             self._failed(attempt, e)
             return
+        self.counted[item] = attempt.future
         self._accept(item, value, attempt.slot)
 
     def _accept(self, item: int, value: Any, slot: int) -> None:
         assert not self.done[item], f"item {item} counted twice"
         self.results[item], self.done[item] = value, True
-        self.hosts[item] = self.farm.host_of(slot)
+        self.hosts[item], self.slots[item] = self.farm.host_of(slot), slot
         text = repr(value)
         self.last_result = f"[{item}] {text if len(text) <= 80 else text[:77] + '...'}"
         with self._changed:
@@ -224,10 +231,12 @@ class Sweep:
             back = attempts if everything else attempts[1:]
             if not back:
                 continue
+            now = time.time()
             for a in back:
                 del self.live[a.item]
                 self.pending.appendleft(a.item)
                 self.rerun += 1
+                self.moved.append((now, a.item, slot, state))
             self.farm.take_back(
                 [a.future for a in back], slot, interrupt=everything and state == "in use"
             )
@@ -246,11 +255,15 @@ class Sweep:
         eta = None
         if done:
             eta = (len(self.items) - done) * elapsed / done
-        running_on = collections.Counter(self.farm.host_of(a.slot) for a in self.live.values())
-        done_on = collections.Counter(h for h in self.hosts if h is not None)
+        running_on = collections.Counter(a.slot for a in self.live.values())
+        done_on = collections.Counter(s for s in self.slots if s is not None)
         rows = tuple(
-            HostProgress(r.host, r.state, r.engines, done_on[r.host], running_on[r.host], r.idle_s)
-            for r in self.farm.host_rows()
+            dataclasses.replace(
+                row,
+                done=sum(done_on[s] for s in slots),
+                running=sum(running_on[s] for s in slots),
+            )
+            for row, slots in self.farm.host_rows()
         )
         running = len(self.live)
         return SweepProgress(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shlex
 import subprocess
@@ -26,11 +27,28 @@ from ..contract import FARM_SLOT_VAR, FARM_TIED_VAR, SECRETS_FILE_VAR
 from ..errors import MLXClusterError
 from ..fabric.placement import Host, Placement
 from . import host_secrets, ipp_adapter, processes
-from .bringup import ENGINE_NAMESPACE, Running, deliver_secrets, heartbeat_misses
+from .bringup import (
+    ENGINE_NAMESPACE,
+    HEARTBEAT_SLACK_S,
+    Running,
+    deliver_secrets,
+    heartbeat_misses,
+)
 
-#: ssh's own keep-alive for an engine's session: a session to a Mac that is gone ends (and the
-#: ssh process with it) instead of waiting forever.
-SERVER_ALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
+#: ssh's own keep-alive for an engine's session (seconds between probes): a session to a Mac
+#: that is gone ends, and the ssh process with it, once the grace and the engines' own
+#: heartbeat slack have passed, instead of never.
+SERVER_ALIVE_S = 5
+
+
+def server_alive(grace: float) -> list[str]:
+    """ssh's keep-alive options for a session that outlives a drop shorter than ``grace``."""
+    count = math.ceil((grace + HEARTBEAT_SLACK_S) / SERVER_ALIVE_S)
+    return ["-o", f"ServerAliveInterval={SERVER_ALIVE_S}", "-o", f"ServerAliveCountMax={count}"]
+
+
+#: Seconds an engine asked to shut down has to unregister before its process is ended.
+SHUTDOWN_WAIT_S = 2.0
 
 
 @dataclass
@@ -80,8 +98,9 @@ def _spawn(run: Running, slot: Slot, secrets_path: str) -> None:
         env[FARM_TIED_VAR] = "1"
         base = shlex.split(spec.ssh or "ssh")
         argv = [
-            base[0], "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", *SERVER_ALIVE, *base[1:],
-            slot.host.ssh, remote_command(spec.python, spec.workdir, env, args),
+            base[0], "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+            *server_alive(spec.grace), *base[1:], slot.host.ssh,
+            remote_command(spec.python, spec.workdir, env, args),
         ]  # fmt: skip
         full_env, cwd = dict(os.environ), None
     with os.fdopen(fd, "wb") as log:
@@ -183,6 +202,9 @@ def end(run: Running, slots: list[Slot], *, graceful: bool = True) -> None:
         if live:
             with contextlib.suppress(Exception):
                 run.client.shutdown(targets=live, block=False)
+            deadline = time.monotonic() + SHUTDOWN_WAIT_S
+            while set(live) & set(run.client.ids) and time.monotonic() < deadline:
+                time.sleep(0.02)
     procs = [s.process for s in slots if s.process is not None]
     for proc in procs:
         with contextlib.suppress(OSError, ValueError):
