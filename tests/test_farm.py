@@ -139,6 +139,8 @@ def test_forty_tasks_with_a_mac_lost_and_one_added_mid_sweep(farm: Any, macs: An
     assert results.rerun >= 1 and results.errors == {}
     states = {h["host"]: h["state"] for h in cluster.farm_hosts()}
     assert states == {"mac1": "lent", "mac2": "lent", "mac3": "lost", "mac4": "lent"}
+    # the live view says which Macs take tasks
+    assert cluster.snapshot().banner == "farm: mac1 lent, mac2 lent, mac3 lost, mac4 lent"
     progress = results.progress
     assert (progress.done, progress.total, progress.failed) == (40, 40, 0)
     # report() from inside the tasks, as on every cluster: one point per counted task at least
@@ -245,6 +247,8 @@ def test_only_idle_macs_take_tasks(farm: Any, shim: Path, policy: str) -> None:
             assert results.hosts[running.item] == "mac1" and on_mac1 == done_before + 1
         shown = {h["host"]: h["state"] for h in cluster.farm_hosts()}
         assert shown == {"mac1": "in use", "mac2": "lent", "mac3": "in use"}
+        banner = cluster.snapshot().banner
+        assert banner.startswith("farm: mac1 in use (its owner is using it), mac2 lent, "), banner
         assert "in use" in results.progress.hosts[0].state
     finally:
         for host in ("mac1", "mac2", "mac3"):

@@ -29,7 +29,7 @@ from ..launch import bringup, farm_engines, mpi_job, spec
 from ..launch.bringup import Running
 from ..launch.farm_engines import Slot
 from ..observe.health import Breakage
-from ..views.sweep_view import HostProgress, SweepProgress, SweepTable, text
+from ..views.sweep_view import HostProgress, SweepProgress, SweepTable, summary_line, text
 from .sweep import Sweep, SweepResults
 
 #: How often each Mac's HID idle time is read (``--when-idle``).
@@ -59,13 +59,16 @@ class Farm:
     run: Running
     on_spec: Callable[[spec.ClusterSpec], None]
     members: list[Member] = field(default_factory=list)
-    lview: Any = None
     sweep: Sweep | None = None
     secrets_path: str = ""
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _drain_asked: float = 0.0
+    #: A load-balanced view per engine (its tasks go through the scheduler to it alone).
+    _views: dict[int, Any] = field(default_factory=dict)
     _on_lost: Callable[[Breakage], None] | None = None
+    #: Told a line for the live view (each Mac lent or in use, the sweep's progress).
+    on_activity: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -79,7 +82,6 @@ class Farm:
         farm_engines.start(run, slots, farm.secrets_path)
         for host in dict.fromkeys(s.host for s in slots):
             farm.members.append(Member(host, [s for s in slots if s.host == host], "lent"))
-        farm.lview = run.client.load_balanced_view()
         farm._publish()
         if run.spec.when_idle is not None:
             farm._read_idle()
@@ -108,6 +110,19 @@ class Farm:
         if run.status is not None:
             run.status.placement = run.spec.placement
             run.status.expect_hosts([str(r["host"]) for r in run.ranks])
+        self.tell()
+
+    def tell(self, progress: SweepProgress | None = None) -> None:
+        """The live view's line: each Mac's state and, while a sweep runs, its progress."""
+        if self.on_activity is None:
+            return
+        macs = ", ".join(
+            f"{m.host.ssh} {m.state}" + (f" ({m.why})" if m.state == "in use" and m.why else "")
+            for m in self.members
+        )
+        sweep = f"; {summary_line(progress)}" if progress is not None else ""
+        with contextlib.suppress(Exception):
+            self.on_activity(f"farm: {macs}{sweep}")
 
     # ------------------------------------------------------------------ reading
     def lendable(self) -> list[int]:
@@ -164,8 +179,12 @@ class Farm:
 
     # ------------------------------------------------------------------ acting
     def submit(self, fn: Callable[..., Any], item: Any, slot: int) -> Any:
-        with self.lview.temp_flags(targets=[slot], block=False):
-            return self.lview.apply_async(fn, item)
+        """``fn(item)`` as a task of ipyparallel's scheduler, for ``slot``'s engine only."""
+        view = self._views.get(slot)
+        if view is None and self.run.client is not None:
+            view = self._views[slot] = self.run.client.load_balanced_view(targets=[slot])
+        assert view is not None
+        return view.apply_async(fn, item)
 
     def take_back(self, futures: Sequence[Any], slot: int, interrupt: bool) -> None:
         """Tasks no longer wanted where they are: aborted if they wait, the engine interrupted
@@ -314,6 +333,7 @@ class Farm:
                 )
             )
         with self._lock:
+            before = [m.state for m in self.members]
             for m, idle in zip(chosen, readings, strict=True):
                 if m.state not in ("lent", "in use"):
                     continue
@@ -322,6 +342,8 @@ class Farm:
                 m.why = "" if m.state == "lent" else (
                     "its owner is using it" if idle is not None else "its idle time cannot be read"
                 )  # fmt: skip
+            if before != [m.state for m in self.members]:
+                self.tell()
 
     def _idle_loop(self) -> None:
         while not self._stop.wait(IDLE_POLL_S):
@@ -343,7 +365,12 @@ class Farm:
                 "a sweep is still running on this farm: wait for it (sweep.result()) or "
                 "sweep.stop() it"
             )
-        sweep = self.sweep = Sweep(self, fn, items, retries, on_progress=show)
+        def progress(p: SweepProgress) -> None:
+            self.tell(None if p.finished else p)
+            if show is not None:
+                show(p)
+
+        sweep = self.sweep = Sweep(self, fn, items, retries, on_progress=progress)
         if block:
             return sweep.run()
         threading.Thread(target=_run_quietly, args=(sweep,), name="mlx-sweep", daemon=True).start()

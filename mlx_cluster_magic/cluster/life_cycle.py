@@ -274,6 +274,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         # ---- farm: independent engines, and a Mac lost is the farm's to handle (cluster.farm)
         if self.spec.farm:
             self._farm = Farm.start(run, self._farm_spec)
+            self._farm.on_activity = self._farm_activity
+            self._farm.tell()
             self._farm.watch_liveness(lambda lost: self._farm_lost(lost, generation))
         # ---- end farm
         else:
@@ -585,7 +587,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             self._watch_stop.set()
         if self._farm is not None:
             self._farm.close()
-            self._farm = None
+            self._farm, self.activity = None, None
         run = self._run
         if run is None:
             _LIVE.discard(self)
@@ -602,6 +604,12 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _farm_spec(self, grown: spec.ClusterSpec) -> None:
         """A Mac added to the farm: its slots are part of the spec from now on."""
         self.spec = grown
+
+    def _farm_activity(self, line: str) -> None:
+        """The live view's line about the farm (its Macs, the sweep's progress)."""
+        self.activity = line
+        if self._widget is not None:
+            self._refresh_widget()
 
     def _farm_lost(self, lost: Breakage, generation: int) -> None:
         """Every Mac of a farm silent past the grace: the farm's engines are gone."""

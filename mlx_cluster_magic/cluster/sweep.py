@@ -19,8 +19,8 @@ progress goes to a callback (``cluster.farm`` shows it in the cell).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -105,6 +105,8 @@ class Sweep:
         self._shown = 0.0
         self._changed = threading.Condition()
         self._stop = threading.Event()
+        #: Attempts whose future ended, put there by ipyparallel's thread.
+        self._ended: queue.SimpleQueue[Attempt] = queue.SimpleQueue()
         self.error: BaseException | None = None
         #: (time.time(), item, slot, why) of each task taken back from an engine.
         self.moved: list[tuple[float, int, int, str]] = []
@@ -114,10 +116,14 @@ class Sweep:
     # ------------------------------------------------------------------ the loop
     def run(self) -> SweepResults:
         """Until every item has its result (or its last failure)."""
+        looked = 0.0
         try:
             while not all(self.done) and not self._stop.is_set():
-                self.farm.refresh()
-                self._take_back()
+                now = time.monotonic()
+                if now - looked >= TICK_S:  # the farm's states, not at every result
+                    looked = now
+                    self.farm.refresh()
+                    self._take_back()
                 self._fill()
                 self._wait()
                 self._show()
@@ -137,15 +143,17 @@ class Sweep:
         self._stop.set()
 
     def _wait(self) -> None:
-        futures = [a.future for a in self.live.values()]
-        if not futures:
-            time.sleep(TICK_S)
+        """Collect what ended, waiting up to ``TICK_S`` for the first."""
+        try:
+            attempt = self._ended.get(timeout=TICK_S)
+        except queue.Empty:
             return
-        concurrent.futures.wait(
-            futures, timeout=TICK_S, return_when=concurrent.futures.FIRST_COMPLETED
-        )
-        for attempt in [a for a in self.live.values() if a.future.done()]:
+        while True:
             self._collect(attempt)
+            try:
+                attempt = self._ended.get_nowait()
+            except queue.Empty:
+                return
 
     def _fill(self) -> None:
         """Each lendable engine gets tasks up to ``DEPTH``, the least loaded first."""
@@ -153,13 +161,16 @@ class Sweep:
             return
         load = collections.Counter(a.slot for a in self.live.values())
         slots = sorted(self.farm.lendable(), key=lambda s: load[s])
-        for slot in slots:
-            while load[slot] < DEPTH and self.pending:
+        for depth in range(1, DEPTH + 1):  # every engine one task before any gets a second
+            for slot in slots:
+                if load[slot] >= depth or not self.pending:
+                    continue
                 item = self._next_for(slot, len(slots) > 1)
                 if item is None:
-                    break
+                    continue
                 future = self.farm.submit(self.fn, self.items[item], slot)
-                self.live[item] = Attempt(item, slot, future, time.monotonic())
+                attempt = self.live[item] = Attempt(item, slot, future, time.monotonic())
+                future.add_done_callback(lambda _, a=attempt: self._ended.put(a))
                 load[slot] += 1
 
     def _next_for(self, slot: int, others: bool) -> int | None:
