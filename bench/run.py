@@ -25,6 +25,7 @@ from bandwidth import bench_bandwidth
 from broadcast import bench_broadcast
 from cabling import bench_cabling
 from encryption import bench_encryption
+from farm import bench_farm
 from links import bench_links
 from lm import bench_lm
 from network import bench_network
@@ -161,6 +162,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "network": bench_network,
     "setup": bench_setup,
     "encryption": bench_encryption,
+    "farm": bench_farm,
 }
 
 
