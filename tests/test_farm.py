@@ -152,6 +152,11 @@ def test_forty_tasks_with_a_mac_lost_and_one_added_mid_sweep(farm: Any, macs: An
     assert [h["state"] for h in cluster.farm_hosts()] == ["lent", "lent", "lost", "lent", "lent"]
     again = cluster.map(square_slowly, range(12))
     assert [r[0] for r in again] == [x * x for x in range(12)] and "mac3" in again.hosts
+    # %%px runs on every engine of the farm now, the lost Mac's old one left out
+    ip.run_cell_magic("px", "", "import socket\nwhere = (socket.gethostname(), world.size())")
+    assert cluster.client[[0, 1, 3, 4]]["where"] == [
+        ("mac1", 1), ("mac2", 1), ("mac4", 1), ("mac3", 1)
+    ]  # fmt: skip
 
 
 def test_remove_drain_lets_the_task_finish_and_remove_hands_it_back(farm: Any, ip: Any) -> None:
@@ -176,6 +181,11 @@ def test_remove_drain_lets_the_task_finish_and_remove_hands_it_back(farm: Any, i
     assert cluster.client.ids == [0]
     with pytest.raises(Exception, match="mac2 is not a Mac of this farm"):
         ip.run_line_magic("mlx_cluster", "remove mac2")
+    with pytest.raises(Exception) as refused:  # the doctor's word, before any engine
+        ip.run_line_magic("mlx_cluster", "add mac9")
+    line = str(refused.value)
+    assert line.startswith("mac9: ssh: ") and "\n" not in line, line
+    assert [h["host"] for h in cluster.farm_hosts()] == ["mac1", "mac2", "mac3"]
 
 
 @interactive

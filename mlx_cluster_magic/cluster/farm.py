@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import MLXClusterError
 from ..fabric import hid_idle
+from ..fabric.doctor import run_doctor
 from ..fabric.placement import Host
 from ..launch import bringup, farm_engines, mpi_job, spec
 from ..launch.bringup import Running
@@ -276,6 +277,13 @@ class Farm:
         first = run.spec.placement.size
         slots = [Slot(first + i, host) for i in range(count)]
         peers = {} if host.is_local else mpi_job.ssh_addresses(new, run.spec.ssh)
+        if not host.is_local:  # the doctor's checks, as a start's preflight makes them
+            bringup.refuse_failed_hosts(
+                run_doctor(
+                    new, python=run.spec.python, ssh=run.spec.ssh, backend="ring", advice=False,
+                    addresses=peers, head_address=run.spec.controller_ip,
+                )
+            )  # fmt: skip
         grown = dataclasses.replace(
             run.spec,
             placement=farm_engines.grown(run.spec.placement, host, count),

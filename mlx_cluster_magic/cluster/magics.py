@@ -616,11 +616,14 @@ class MLXClusterMagics(Magics):
     def _add(self, args: argparse.Namespace) -> None:
         cluster = self._running()
         cluster.add(args.host, args.n)
+        cluster.activate()  # %%px on every engine of the farm, the new ones too
         print(f"{args.host} joined the farm: {_farm_line(cluster)}")
 
     def _remove(self, args: argparse.Namespace) -> None:
         cluster = self._running()
         cluster.remove(args.host, drain=args.drain)
+        if not args.drain:
+            cluster.activate()
         how = "drains: it leaves once its task ends" if args.drain else "left the farm"
         print(f"{args.host} {how}: {_farm_line(cluster)}")
 
