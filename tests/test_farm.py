@@ -273,3 +273,55 @@ def test_the_shim_is_on_the_virtual_hosts_path_only(macs: Any, shim: Path) -> No
         assert shutil.which("ioreg", path=os.environ.get("PATH")) is None
     finally:
         (shim / "idle-mac2").unlink(missing_ok=True)
+
+
+def test_a_farm_on_this_machine_streams_its_results_in_item_order(ip: Any) -> None:
+    """Two engines here (no hostfile): the sweep's results as they come, in item order, a
+    failing task named in one line, and nothing left after the stop (the ``ip`` fixture)."""
+    cluster = ip.run_line_magic("mlx_cluster", "start --farm -n 2")
+    assert cluster.view.apply_sync(interactive(lambda: world.size())) == [1, 1]  # noqa: F821
+    sweep = cluster.map(square_slowly, range(10), block=False)
+    streamed = []
+    for result in sweep:  # each as soon as it and those before it are in
+        streamed.append((result[0], sum(sweep.done)))
+    assert [r for r, _ in streamed] == [x * x for x in range(10)]
+    assert streamed[0][1] < 10  # the first came before the last was done
+    assert sweep.result().errors == {}
+    cluster.map(square_in_4s, range(4), block=False)
+    with pytest.raises(Exception, match="a sweep is still running on this farm"):
+        cluster.map(square_in_4s, range(4))
+
+
+@pytest.mark.kernel
+def test_the_sweep_table_is_replaced_in_place_in_a_real_kernel(no_leaks: None) -> None:
+    """Through a real ipykernel (jupyter_client, as a notebook runs it): one display, then
+    updates of that display only, the last one the finished sweep."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        start = "%load_ext mlx_cluster_magic\nc = %mlx_cluster start --farm -n 2"
+        assert kc.execute_interactive(start, timeout=120)["content"]["status"] == "ok"
+        seen: list[dict[str, Any]] = []
+        cell = (
+            "import time\n"
+            "def wait(x):\n    import time; time.sleep(0.3); return x\n"
+            "r = c.map(wait, range(8))"
+        )
+        reply = kc.execute_interactive(cell, timeout=120, output_hook=seen.append)
+        assert reply["content"]["status"] == "ok"
+        kinds = [m["msg_type"] for m in seen if m["msg_type"].endswith("display_data")]
+        assert kinds[0] == "display_data" and set(kinds[1:]) == {"update_display_data"}, kinds
+        ids = {m["content"]["transient"]["display_id"] for m in seen if "transient" in m["content"]}
+        assert len(ids) == 1 and len(kinds) >= 3
+        last = [m for m in seen if m["msg_type"].endswith("display_data")][-1]["content"]["data"]
+        assert "sweep 8/8 done" in last["text/plain"] and "finished" in last["text/plain"]
+        assert "mlx-cluster-sweep" in last["text/html"]
+        kc.execute_interactive("%mlx_cluster stop", timeout=60)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
