@@ -186,6 +186,9 @@ def test_remove_drain_lets_the_task_finish_and_remove_hands_it_back(farm: Any, i
     line = str(refused.value)
     assert line.startswith("mac9: ssh: ") and "\n" not in line, line
     assert [h["host"] for h in cluster.farm_hosts()] == ["mac1", "mac2", "mac3"]
+    ip.run_line_magic("mlx_cluster", "restart")  # on the Macs that are in the farm now
+    assert [r["host"] for r in cluster.ranks] == ["mac1"] and cluster.client.ids == [0]
+    assert list(cluster.map(square_slowly, range(3))) == [(x * x, "mac1") for x in range(3)]
 
 
 @interactive

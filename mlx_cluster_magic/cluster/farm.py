@@ -169,6 +169,18 @@ class Farm:
             for m in self.members
         ]
 
+    def restart_spec(self) -> spec.ClusterSpec:
+        """The farm as it stands, for a restart: its Macs that are still in it, in order."""
+        active = [m for m in self.members if m.state in ACTIVE]
+        if not active:
+            return self.run.spec
+        placement = dataclasses.replace(
+            self.run.spec.placement,
+            hosts=tuple(m.host for m in active),
+            per_host=tuple(len(m.slots) for m in active),
+        )
+        return dataclasses.replace(self.run.spec, placement=placement)
+
     def dead_evidence(self) -> dict[int, str]:
         """Slots whose engine is gone for good: their Mac was lost, or left the farm."""
         return {

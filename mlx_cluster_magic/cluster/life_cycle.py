@@ -534,6 +534,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         leaves those hosts out (a Mac that is gone): the ranks are renumbered on the others,
         and a pipeline plan is made again for them."""
         history = list(self._history)
+        if self._farm is not None:  # a farm restarts on the Macs that are in it now
+            self.spec = self._farm.restart_spec()
         if without:
             self.spec = spec.without_hosts(self.spec, without, self.host_aliases())
         # The views say `restarting` (every rank `starting`) from now, not once the old ranks
