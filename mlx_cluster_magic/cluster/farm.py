@@ -259,12 +259,20 @@ class Farm:
                 a.slot in slots for a in list(self.sweep.live.values())
             )
             if not busy and not mine:
-                self._leave(m, "removed (drained)")
+                self._leave(m, "removed (drained)", wait=False)
 
-    def _leave(self, member: Member, why: str) -> None:
+    def _leave(self, member: Member, why: str, wait: bool = True) -> None:
+        """``member`` leaves: its engines shut down (in the background unless ``wait``: a
+        sweep that noticed a drain end must not wait for it)."""
         member.state, member.why = "left", why
         self._publish()
-        farm_engines.end(self.run, member.slots, graceful=True)
+        slots = list(member.slots)
+        if wait:
+            farm_engines.end(self.run, slots, graceful=True)
+            return
+        threading.Thread(
+            target=lambda: farm_engines.end(self.run, slots, graceful=True), daemon=True
+        ).start()
 
     # ------------------------------------------------------------------ add / remove
     def find(self, name: str) -> Member:

@@ -113,13 +113,16 @@ def _spawn(run: Running, slot: Slot, secrets_path: str) -> None:
         run.watchdog.watch(tracked)
 
 
-def output_tail(slot: Slot, lines: int = 4) -> str:
-    """The last lines an engine (or its ssh) printed: for a failed start's one line."""
-    with contextlib.suppress(OSError), open(slot.log, errors="replace") as f:
-        said = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
-        ours = [ln.split("mlx_cluster_magic: ", 1)[1] for ln in said if "mlx_cluster_magic: " in ln]
-        return (ours or said[-lines:] or ["(no output)"])[0 if ours else -1]
-    return "(no output)"
+def output_tail(slot: Slot, lines: int = 3) -> str:
+    """What an engine (or its ssh) said last: our own one-line message if there is one, else
+    its last lines, for a failed start's one line."""
+    try:
+        with open(slot.log, errors="replace") as f:
+            said = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+    except OSError:
+        return "(no output)"
+    ours = [ln.split("mlx_cluster_magic: ", 1)[1] for ln in said if "mlx_cluster_magic: " in ln]
+    return ours[0] if ours else " | ".join(said[-lines:]) or "(no output)"
 
 
 def start(run: Running, slots: list[Slot], secrets_path: str) -> None:
