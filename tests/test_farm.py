@@ -85,6 +85,18 @@ def square_slowly(x: int) -> tuple[int, str]:
 
 
 @interactive
+def square_in_1s(x: int) -> tuple[int, str]:
+    import socket
+    import time
+
+    from mlx_cluster_magic import report
+
+    time.sleep(1.0)
+    report(step=x, x_squared=float(x * x))
+    return x * x, socket.gethostname()
+
+
+@interactive
 def square_in_4s(x: int) -> tuple[int, str]:
     import socket
     import time
@@ -116,16 +128,21 @@ def test_forty_tasks_with_a_mac_lost_and_one_added_mid_sweep(farm: Any, macs: An
     """The issue's "done when": 40 results, each once, mac3 unplugged (its network dropped for
     good) while it runs a task, mac4 added meanwhile and taking tasks."""
     cluster = farm()
-    sweep = cluster.map(square_slowly, range(40), block=False)
+    # 1 s tasks: mac4 (its doctor's checks and its engine's start take seconds) joins in time
+    # and mac3 is dropped while it runs one
+    sweep = cluster.map(square_in_1s, range(40), block=False)
     mac3 = cluster._farm.members[2]
-    wait_for(lambda: sum(sweep.done) >= 6, 30, "no progress")
+    wait_for(lambda: sum(sweep.done) >= 3, 30, "no progress")
+    t_add = time.monotonic()
+    ip.run_line_magic("mlx_cluster", "add mac4")
+    print(f"add took {time.monotonic() - t_add:.1f} s, {sum(sweep.done)} done by then")
+    assert not all(sweep.done)
     wait_for(
         lambda: any(a.slot == mac3.slots[0].slot for a in list(sweep.live.values())), 10, "idle"
     )
     on_mac3 = [a.item for a in list(sweep.live.values()) if a.slot == mac3.slots[0].slot]
     macs.drop("mac3")
     dropped = time.monotonic()
-    ip.run_line_magic("mlx_cluster", "add mac4")
     results = sweep.result(timeout=120)
     assert [r[0] for r in results] == [x * x for x in range(40)]
     assert len(sweep.counted) == 40 and all(sweep.done)

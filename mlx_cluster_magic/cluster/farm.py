@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MLXClusterError
 from ..fabric import hid_idle
@@ -393,6 +393,7 @@ class Farm:
                 "a sweep is still running on this farm: wait for it (sweep.result()) or "
                 "sweep.stop() it"
             )
+
         def progress(p: SweepProgress) -> None:
             self.tell(None if p.finished else p)
             if show is not None:
@@ -413,6 +414,83 @@ class Farm:
         every = [s for m in self.members for s in m.slots]
         with contextlib.suppress(Exception):
             farm_engines.end(self.run, every, graceful=True)
+
+
+class ClusterFarm:
+    """What ``MLXCluster`` does as a farm (``farm=True``): ``map``, ``add``, ``remove``,
+    ``farm_hosts``, and the farm's hooks into the life cycle. Mixed into ``MLXCluster``."""
+
+    # provided by MLXCluster
+    spec: spec.ClusterSpec
+    activity: str | None
+    generation: int
+    _farm: Farm | None
+    _widget: Any
+
+    if TYPE_CHECKING:
+
+        def _require(self) -> Running: ...
+        def _refresh_widget(self) -> None: ...
+        def abort(self, reason: str | Breakage = ..., *, generation: int | None = None) -> None: ...
+
+    def _farm_spec(self, grown: spec.ClusterSpec) -> None:
+        """A Mac added to the farm: its slots are part of the spec from now on."""
+        self.spec = grown
+
+    def _farm_activity(self, line: str) -> None:
+        """The live view's line about the farm (its Macs, the sweep's progress)."""
+        self.activity = line
+        if self._widget is not None:
+            self._refresh_widget()
+
+    def _farm_lost(self, lost: Breakage, generation: int) -> None:
+        """Every Mac of a farm silent past the grace: the farm's engines are gone."""
+        if self._farm is not None and self.generation == generation:
+            self._farm.refresh()
+            if not self._farm.live_slots():
+                self.abort(lost, generation=generation)
+
+    def _farm_of(self) -> Farm:
+        self._require()
+        if self._farm is None:
+            raise MLXClusterError(
+                "this cluster is not a farm: start one with %mlx_cluster start --farm "
+                "(MLXCluster(farm=True))"
+            )
+        return self._farm
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        retries: int = 0,
+        block: bool = True,
+    ) -> Any:
+        """A farm's sweep: ``fn(item)`` for each item on the next free engine; results in item
+        order (a failed item holds its error, named in one line). ``retries`` re-runs a
+        failing task elsewhere; a Mac lost, removed or taken back has its task run elsewhere,
+        and each item's result counts once. The progress shows in the cell. With
+        ``block=False`` returns the running sweep: iterate it for results in item order as
+        they come, ``.result()`` waits for all; ``%mlx_cluster add``/``remove`` meanwhile."""
+        farm = self._farm_of()
+        shown = cell_display()
+        results = farm.map(fn, items, retries=retries, block=block, show=shown)
+        if block and shown is None:
+            print(text(results.progress) if results.progress else "")
+        return results
+
+    def farm_hosts(self) -> list[dict[str, Any]]:
+        """Each Mac of the farm: lent, in use by its owner, draining, left or lost, and why."""
+        return self._farm_of().hosts()
+
+    def add(self, host: str, n: int | None = None) -> None:
+        """A Mac joins the running farm (``n`` engines, default as the first Mac's)."""
+        self._farm_of().add(host, n)
+
+    def remove(self, host: str, drain: bool = False) -> None:
+        """A Mac leaves the farm: at once (its task runs elsewhere), or with ``drain`` once its
+        task has ended."""
+        self._farm_of().remove(host, drain)
 
 
 def _run_quietly(sweep: Sweep) -> None:
@@ -442,4 +520,4 @@ def cell_display() -> Callable[[SweepProgress], None] | None:
     return show
 
 
-__all__ = ["Farm", "Member", "cell_display", "text"]
+__all__ = ["ClusterFarm", "Farm", "Member", "cell_display"]

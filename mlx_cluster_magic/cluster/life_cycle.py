@@ -19,7 +19,7 @@ import shlex
 import shutil
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
@@ -31,9 +31,8 @@ from ..launch import bringup, ipp_adapter, mpi_job, processes, spec
 from ..observe import health
 from ..observe.health import Breakage
 from ..observe.snapshot import NodeStatus
-from ..views.sweep_view import text as sweep_text
 from .displays import ClusterViews
-from .farm import Farm
+from .farm import ClusterFarm, Farm
 from .tools import ClusterTools, HistoryEntry
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ WATCH_PERIOD_S = 0.5
 STOP_A_START_S = 30.0
 
 
-class MLXCluster(ClusterViews, ClusterTools):
+class MLXCluster(ClusterViews, ClusterTools, ClusterFarm):
     """An MLX cluster: ipyparallel engines under ``mpiexec`` with MLX's group ready on every rank.
 
     >>> cluster = MLXCluster(n=2).start()
@@ -601,68 +600,6 @@ class MLXCluster(ClusterViews, ClusterTools):
         if remains is not None:
             self.last_nodes, self._last_recorders = remains.nodes, remains.recorders
         _REMOVE_AT_EXIT.add(run.profile_dir)  # ipyparallel may still write a late log
-
-    # ----------------------------------------------------------------------- farm
-    def _farm_spec(self, grown: spec.ClusterSpec) -> None:
-        """A Mac added to the farm: its slots are part of the spec from now on."""
-        self.spec = grown
-
-    def _farm_activity(self, line: str) -> None:
-        """The live view's line about the farm (its Macs, the sweep's progress)."""
-        self.activity = line
-        if self._widget is not None:
-            self._refresh_widget()
-
-    def _farm_lost(self, lost: Breakage, generation: int) -> None:
-        """Every Mac of a farm silent past the grace: the farm's engines are gone."""
-        if self._farm is not None and self.generation == generation:
-            self._farm.refresh()
-            if not self._farm.live_slots():
-                self.abort(lost, generation=generation)
-
-    def _farm_of(self) -> Farm:
-        self._require()
-        if self._farm is None:
-            raise MLXClusterError(
-                "this cluster is not a farm: start one with %mlx_cluster start --farm "
-                "(MLXCluster(farm=True))"
-            )
-        return self._farm
-
-    def map(
-        self,
-        fn: Callable[[Any], Any],
-        items: Sequence[Any],
-        retries: int = 0,
-        block: bool = True,
-    ) -> Any:
-        """A farm's sweep: ``fn(item)`` for each item on the next free engine; results in item
-        order (a failed item holds its error, named in one line). ``retries`` re-runs a
-        failing task elsewhere; a Mac lost, removed or taken back has its task run elsewhere,
-        and each item's result counts once. The progress shows in the cell. With
-        ``block=False`` returns the running sweep: iterate it for results in item order as
-        they come, ``.result()`` waits for all; ``%mlx_cluster add``/``remove`` meanwhile."""
-        from .farm import cell_display
-
-        farm = self._farm_of()
-        shown = cell_display()
-        results = farm.map(fn, items, retries=retries, block=block, show=shown)
-        if block and shown is None:
-            print(sweep_text(results.progress) if results.progress else "")
-        return results
-
-    def farm_hosts(self) -> list[dict[str, Any]]:
-        """Each Mac of the farm: lent, in use by its owner, draining, left or lost, and why."""
-        return self._farm_of().hosts()
-
-    def add(self, host: str, n: int | None = None) -> None:
-        """A Mac joins the running farm (``n`` engines, default as the first Mac's)."""
-        self._farm_of().add(host, n)
-
-    def remove(self, host: str, drain: bool = False) -> None:
-        """A Mac leaves the farm: at once (its task runs elsewhere), or with ``drain`` once its
-        task has ended."""
-        self._farm_of().remove(host, drain)
 
     # ----------------------------------------------------------------------- context manager
     def __enter__(self) -> MLXCluster:

@@ -438,9 +438,7 @@ def overview() -> str:
     """The first screen of help: what each subcommand does."""
     width = max(len(name) for name in SUBCOMMANDS)
     lines = [
-        "usage: %mlx_cluster SUBCOMMAND [options]",
-        "",
-        "Start, stop and inspect an MLX cluster from the notebook.",
+        "usage: %mlx_cluster SUBCOMMAND [options]: start, stop and inspect an MLX cluster",
         "%mlx_cluster SUBCOMMAND -h shows one subcommand's options; %mlx_cluster help all (or",
         "%mlx_cluster?) shows every option of every subcommand.",
         "",
