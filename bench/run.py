@@ -26,6 +26,7 @@ from broadcast import bench_broadcast
 from cabled import bench_cabled
 from cabling import bench_cabling
 from encryption import bench_encryption
+from farm import bench_farm
 from keep import bench_keep
 from links import bench_links
 from lm import bench_lm
@@ -167,6 +168,7 @@ SECTIONS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
     "relay": bench_relay,
     "encryption": bench_encryption,
     "keep": bench_keep,
+    "farm": bench_farm,
 }
 
 

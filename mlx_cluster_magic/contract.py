@@ -20,6 +20,10 @@ IBV_DEVICES_VAR = "MLX_CLUSTER_IBV_DEVICES"
 # engine connection (or, on the head, the path of the controller's own file) and the status
 # channel's keys. Relative paths are under the login's home. Only the path is forwarded.
 SECRETS_FILE_VAR = "MLX_CLUSTER_SECRETS_FILE"
+#: A farm's engine (``rank.farm_engine``): its slot, the engine id and status rank it takes.
+FARM_SLOT_VAR = "MLX_CLUSTER_FARM_SLOT"
+#: Set for a farm engine started over ssh: it ends when its ssh session does (stdin closes).
+FARM_TIED_VAR = "MLX_CLUSTER_FARM_TIED"
 #: In that file: the status channel's keys, and where the engine connection is when not inline.
 STATUS_SECRETS_KEY = "mlx_cluster_status"
 ENGINE_FILE_KEY = "mlx_cluster_engine_file"

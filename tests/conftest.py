@@ -22,7 +22,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 # (``-m mlx_cluster_magic.rank.bootstrap``), the watchdog (``launch/processes.py``), the
 # controller, mpiexec and its daemons, and the ssh sessions mpiexec opens to start them.
 OURS = re.compile(
-    r"mlx_cluster_magic[./](rank[./]bootstrap|launch[./](processes|controller)"
+    r"mlx_cluster_magic[./](rank[./](bootstrap|farm_engine)|launch[./](processes|controller)"
     r"|cluster[./]runtime_server)"
     r"|ipyparallel\.(controller|engine)|ipcontroller|ipengine"
     r"|(^|/)(prterun|prted|mpiexec|mpirun)(\s|$)|(^|/)ssh\s.*\bprted\b"

@@ -377,7 +377,7 @@ MAX_TOP_LEVEL_MODULES = 9
 #: What the head's package holds (MLXCluster and what a person drives from the notebook).
 HEAD_MODULES = {
     "life_cycle", "tools", "displays", "px", "magics", "broadcast_sender", "sync_sender",
-    "pipeline_plan", "environment", "attached", "runtime_server",
+    "pipeline_plan", "environment", "attached", "runtime_server", "farm", "sweep",
 }
 
 

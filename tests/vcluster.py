@@ -100,6 +100,10 @@ def _kill(pids: list[int], timeout: float = 3.0) -> None:
             return
 
 
+#: The PATH sshd gives a session (Debian's default), after ``path_first``.
+SSH_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 class VirtualCluster:
     """N namespaced "Macs" behind a bridge, each reachable over ssh by name.
 
@@ -123,6 +127,7 @@ class VirtualCluster:
         private_dirs: list[str] | None = None,
         private_size: str = "4g",
         macos: bool | dict[str, dict[str, object]] = False,
+        path_first: str | None = None,
     ) -> None:
         net = ipaddress.ip_network(subnet)
         if n < 1 or net.num_addresses < 12 + n:
@@ -158,6 +163,9 @@ class VirtualCluster:
         # the other hosts keep their own view of those paths.
         self.private_dirs = [str(Path(d)) for d in private_dirs or []]
         self.private_size = private_size
+        # A folder put first on PATH for every ssh session on the hosts (not on the head's):
+        # shims of macOS commands, as a Mac would have them.
+        self.path_first = path_first
         if any(not Path(d).is_absolute() for d in self.private_dirs):
             raise ValueError("private_dirs must be absolute paths")
         if bridged and cables not in ("star", "star-head"):
@@ -393,7 +401,7 @@ class VirtualCluster:
                     # The hosts share the head's home: a login shell that runs `pyenv init` would
                     # rehash the head's shared shims, and a session killed mid-rehash leaves its
                     # lock, on which every later login then waits 60 s. Try once, never wait.
-                    "SetEnv PYENV_REHASH_TIMEOUT=0" + self._macos_env(host),
+                    "SetEnv PYENV_REHASH_TIMEOUT=0" + self._session_env(host),
                     "LogLevel INFO",
                     "",
                 ]
@@ -430,11 +438,13 @@ class VirtualCluster:
             (group / "memory.limit_in_bytes").write_text(str(self.memory[host]))
             (group / "cgroup.procs").write_text(str(proc.pid))
 
-    def _macos_env(self, host: str) -> str:
-        """A virtual Mac's sessions find macOS's commands first on PATH, and their state."""
+    def _session_env(self, host: str) -> str:
+        """What a virtual Mac's sessions find first on PATH (``path_first``, then macOS's
+        commands with their state, when the rig has them)."""
+        first = f"{self.path_first}:" if self.path_first else ""
         if self.macos is None:
-            return ""
-        path = f"{self.dir / 'macos-bin'}:{SSHD_ENV['PATH']}"
+            return f" PATH={first}{SSH_DEFAULT_PATH}" if first else ""
+        path = f"{first}{self.dir / 'macos-bin'}:{SSHD_ENV['PATH']}"
         return f" PATH={path} MACOS_SHIM_STATE={self.dir / host / 'macos.json'}"
 
     def _cgroup_mount(self, host: str) -> str:

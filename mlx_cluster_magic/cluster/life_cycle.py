@@ -35,6 +35,7 @@ from ..observe.snapshot import ClusterState, NodeStatus
 from ..runtime import records
 from . import attached
 from .displays import ClusterViews
+from .farm import ClusterFarm, Farm
 from .tools import ClusterTools, HistoryEntry
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ LIFE_FRESH_S = 1.0
 STOP_A_START_S = 30.0
 
 
-class MLXCluster(ClusterViews, ClusterTools):
+class MLXCluster(ClusterViews, ClusterTools, ClusterFarm):
     """An MLX cluster: ipyparallel engines under ``mpiexec`` with MLX's group ready on every rank.
 
     >>> cluster = MLXCluster(n=2).start()
@@ -96,6 +97,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         keep: bool = False,
         runtime_on: str | None = None,
         idle_timeout: float | None = None,
+        farm: bool = False,
+        when_idle: float | str | None = None,
+        yield_policy: str = "finish",
     ) -> None:
         #: What was asked, as given: a kept cluster's runtime resolves it again where it runs.
         self._options: dict[str, Any] = dict(
@@ -107,6 +111,11 @@ class MLXCluster(ClusterViews, ClusterTools):
             connections_per_ip=connections_per_ip, grace=grace,
         )  # fmt: skip
         self.keep = bool(keep or runtime_on)
+        if self.keep and farm:  # (a sweep's engines and its table live in the notebook)
+            raise MLXClusterError(
+                "a farm is not kept: start it without --keep/--runtime-on (its sweep runs "
+                "from this notebook)"
+            )
         #: What a kept cluster's runtime was started with (to start the same one again).
         self._ask: dict[str, Any] | None = None
         self.runtime_on = runtime_on
@@ -124,6 +133,7 @@ class MLXCluster(ClusterViews, ClusterTools):
             ring_port=ring_port, ssh=ssh, timeout=timeout, live_status=live_status,
             check_collectives=check_collectives, collective_timeout=collective_timeout,
             verbose=verbose, connections_per_ip=connections_per_ip, grace=grace,
+            farm=farm, when_idle=when_idle, yield_policy=yield_policy,
         )  # fmt: skip
         self._init_state()
 
@@ -160,6 +170,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         #: The runtime's start our ipyparallel client is connected to.
         self._client_generation = -1
         self.cluster_id: str | None = None
+        #: A farm's members and sweep (``farm=True``), while it runs.
+        self._farm: Farm | None = None
 
     placement_from = staticmethod(spec.placement_from)
 
@@ -310,10 +322,18 @@ class MLXCluster(ClusterViews, ClusterTools):
         self._go_on_starting()
         self._preflight()
         self._go_on_starting()
-        bringup.bring_up(run)
-        self._go_on_starting()
         generation = self.generation
-        bringup.watch_liveness(run, lambda lost: self.abort(lost, generation=generation))
+        # ---- farm: independent engines, and a Mac lost is the farm's to handle (cluster.farm)
+        if self.spec.farm:
+            self._farm = Farm.start(run, self._farm_spec)
+            self._farm.on_activity = self._farm_activity
+            self._farm.tell()
+            self._farm.watch_liveness(lambda lost: self._farm_lost(lost, generation))
+        # ---- end farm
+        else:
+            bringup.bring_up(run)
+            self._go_on_starting()
+            bringup.watch_liveness(run, lambda lost: self.abort(lost, generation=generation))
         if run.status is not None:
             run.status.set_evidence(self._dead_evidence)
             run.status.on_update(self._refresh_widget)
@@ -347,7 +367,8 @@ class MLXCluster(ClusterViews, ClusterTools):
         shell = get_ipython()
         set_current(self)
         if shell is not None:
-            view = self.client[list(range(self.n))]
+            slots = self._farm.live_slots() if self._farm is not None else range(self.n)
+            view = self.client[list(slots)]
             view.block = True
             shell.magics_manager.register(MLXParallelMagics(shell, view, self))
 
@@ -355,6 +376,8 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _dead_evidence(self) -> dict[int, str]:
         if self._state in (ClusterState.STOPPED, ClusterState.STOPPING):  # a stop kills them
             return {}
+        if self._farm is not None:  # farm: only engines gone for good (their Mac lost, left)
+            return self._farm.dead_evidence()
         return bringup.dead_evidence(self._run)
 
     def loss(self) -> Breakage | None:
@@ -517,6 +540,9 @@ class MLXCluster(ClusterViews, ClusterTools):
     def _evidence_breakage(self) -> Breakage | None:
         """What the evidence says broke the cluster (a lost host, a cut cable, a rank gone,
         engines the controller unregistered), else None."""
+        if self._farm is not None:  # farm: a lost Mac leaves the farm; the cluster goes on
+            self._farm.refresh()
+            return None
         dead = self._dead_evidence()
         loss = self.loss()
         if loss is not None:
@@ -589,6 +615,8 @@ class MLXCluster(ClusterViews, ClusterTools):
             return self._restart_kept(activate, replay, without)
         with self._lock:  # (every field a restart changes, under the lock)
             history = list(self._history)
+            if self._farm is not None:  # a farm restarts on the Macs that are in it now
+                self.spec = self._farm.restart_spec()
             if without:
                 self.spec = spec.without_hosts(self.spec, without, self.host_aliases())
             # The views say `restarting` (every rank `starting`) from now, not once the old
@@ -645,6 +673,9 @@ class MLXCluster(ClusterViews, ClusterTools):
         if self._link is not None:
             self._detach()
             return
+        if self._farm is not None:
+            self._farm.close()
+            self._farm, self.activity = None, None
         run = self._run
         if run is None:
             _LIVE.discard(self)

@@ -226,6 +226,7 @@ def _add_start_options(p: _Parser) -> None:
         "--verbose", action="store_true", help="MLX's own verbose logging of the backend"
     )
     _add_keep_options(p)
+    _add_farm_options(p)
 
 
 def _add_keep_options(p: _Parser) -> None:
@@ -249,6 +250,31 @@ def _add_keep_options(p: _Parser) -> None:
         default=None,
         metavar="T",
         help="end a kept cluster no notebook used for this long: 90s, 30m, 12h (default: 12h)",
+    )
+
+
+def _add_farm_options(p: _Parser) -> None:
+    """A farm's options: independent engines for cluster.map, Macs lent only while idle."""
+    p.add_argument(
+        "--farm",
+        action="store_true",
+        help="a farm: independent engines (-n per host, each with a group of one) for "
+        "cluster.map(fn, items); Macs may come and go (%%mlx_cluster add / remove)",
+    )
+    p.add_argument(
+        "--when-idle",
+        default=None,
+        metavar="TIME",
+        help="farm: a Mac takes tasks only while its owner has not touched keyboard or mouse "
+        "for TIME (5m, 90s; macOS's HID idle time)",
+    )
+    p.add_argument(
+        "--yield-policy",
+        "--yield",
+        choices=("finish", "requeue"),
+        default="finish",
+        help="farm with --when-idle: when the owner comes back, the Mac's task finishes there "
+        "or is handed back to run elsewhere",
     )
 
 
@@ -299,6 +325,17 @@ def _life_cycle_parsers(sub: _Sub) -> None:
     )
     sub("list", "Your running kept clusters: id, hosts, ranks, runtime, started, notebooks, idle.")
     sub("detach", "Let go of a kept cluster in this notebook; it runs on for the others.")
+
+    p = sub("add", "A Mac joins the running farm and takes tasks at once.")
+    p.add_argument("host", help="the Mac's ssh name (a hostfile's name, or user@host)")
+    p.add_argument(
+        "-n", type=_positive_int, default=None, help="engines on it (default: as the first Mac)"
+    )
+    p = sub("remove", "A Mac leaves the running farm; its task runs elsewhere.")
+    p.add_argument("host", help="the Mac's name in the farm (as %%mlx_cluster status shows)")
+    p.add_argument(
+        "--drain", action="store_true", help="let it finish the task it runs, then leave"
+    )
 
 
 def _data_parsers(sub: _Sub) -> None:
@@ -581,6 +618,11 @@ def kept_line(cluster: MLXCluster) -> str:
     )
 
 
+def _farm_line(cluster: MLXCluster) -> str:
+    """``mac1 lent, mac2 draining, mac4 lent``."""
+    return ", ".join(f"{h['host']} {h['state']}" for h in cluster.farm_hosts())
+
+
 def _describe(cluster: MLXCluster) -> str:
     """``2 ranks on 1 host`` / ``6 ranks on 3 hosts``."""
     hosts = 1 if cluster.placement.is_local else len(cluster.placement.hosts)
@@ -679,6 +721,9 @@ class MLXClusterMagics(Magics):
             keep=args.keep,
             runtime_on=args.runtime_on,
             idle_timeout=args.idle_timeout,
+            farm=args.farm,
+            when_idle=args.when_idle,
+            yield_policy=args.yield_policy,
         )
         cluster.start(activate=True)
         self.cluster = cluster
@@ -713,6 +758,20 @@ class MLXClusterMagics(Magics):
             f"detached from kept cluster {cluster.cluster_id}: it runs on; "
             f"%mlx_cluster attach {cluster.cluster_id} takes it up again"
         )
+
+    def _add(self, args: argparse.Namespace) -> None:
+        cluster = self._running()
+        cluster.add(args.host, args.n)
+        cluster.activate()  # %%px on every engine of the farm, the new ones too
+        print(f"{args.host} joined the farm: {_farm_line(cluster)}")
+
+    def _remove(self, args: argparse.Namespace) -> None:
+        cluster = self._running()
+        cluster.remove(args.host, drain=args.drain)
+        if not args.drain:
+            cluster.activate()
+        how = "drains: it leaves once its task ends" if args.drain else "left the farm"
+        print(f"{args.host} {how}: {_farm_line(cluster)}")
 
     def _stop(self, args: argparse.Namespace) -> None:
         cluster = self.cluster

@@ -65,6 +65,12 @@ class ClusterSpec:
     peers: tuple[tuple[str, str], ...] = ()  # (ssh name, address ssh reaches it at)
     #: CurveZMQ on every ipyparallel socket (the HMAC key kept); off only to measure its cost.
     encrypt: bool = True
+    #: A farm (``--farm``): independent engines, one per slot, for ``cluster.map``.
+    farm: bool = False
+    #: Farm only: seconds a Mac's owner must have left it alone before it takes tasks.
+    when_idle: float | None = None
+    #: Farm only: what a Mac's running task does when its owner comes back.
+    yield_policy: str = "finish"
 
     @property
     def n(self) -> int:
@@ -143,10 +149,14 @@ def resolve(
     verbose: bool = False,
     connections_per_ip: int = 1,
     grace: float = GRACE_S,
+    farm: bool = False,
+    when_idle: float | str | None = None,
+    yield_policy: str = "finish",
 ) -> ClusterSpec:
     """Check every option; raise ``MLXClusterError`` (one line, with the fix) on the first bad
     one."""
     placement = placement_from(n, hosts=hosts, hostfile=hostfile)
+    idle = _farm_options(farm, when_idle, yield_policy)
     chosen = check_backend(backend or placement.backend or "mpi")
     if not (isinstance(connections_per_ip, int) and 1 <= connections_per_ip <= 16):
         raise MLXClusterError(
@@ -197,7 +207,32 @@ def resolve(
         grace=grace,
         control=control,
         peers=tuple(sorted(peers.items())),
-    )
+        farm=bool(farm), when_idle=idle, yield_policy=yield_policy,
+    )  # fmt: skip
+
+
+YIELD_POLICIES = ("finish", "requeue")
+
+
+def _farm_options(farm: bool, when_idle: float | str | None, yield_policy: str) -> float | None:
+    """``--when-idle`` in seconds (``5m``, ``90s``, a number), checked with ``--yield``."""
+    from ..fabric.hid_idle import parse_duration
+
+    if yield_policy not in YIELD_POLICIES:
+        raise MLXClusterError(
+            f"--yield must be finish or requeue, got {yield_policy!r}: what a Mac's running "
+            "task does when its owner comes back"
+        )
+    if when_idle is None:
+        return None
+    if not farm:
+        raise MLXClusterError(
+            "--when-idle is for a farm: start with --farm (a cluster of ranks cannot lose one)"
+        )
+    try:
+        return parse_duration(str(when_idle))
+    except ValueError as e:
+        raise MLXClusterError(f"--when-idle {e}") from None
 
 
 def without_hosts(
