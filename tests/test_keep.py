@@ -200,6 +200,7 @@ def test_the_options_and_their_refusals_read_as_one_line(notebooks: list[Noteboo
         ("attach 12", "no running cluster '12' of yours; %mlx_cluster list shows them"),
         ("attach zz", "'zz' is not a cluster id (see %mlx_cluster list)"),
         ("detach", "no cluster to detach from"),
+        ("start -n 2 --keep --farm", "a farm is not kept: start it without --keep/--runtime-on"),
     ]:
         status, out = nb.run(f"%mlx_cluster {line}")
         assert status == "error" and said in out and "Traceback" not in out, (line, out)
