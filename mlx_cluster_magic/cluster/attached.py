@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import ipyparallel as ipp
 
 from ..errors import MLXClusterError
+from ..fabric.doctor import collect
 from ..runtime import channel, records
 from ..runtime.records import Record
 
@@ -105,7 +106,8 @@ def _run_json(argv: list[str], stdin: str, doing: str, host: str | None) -> dict
 
 
 def ssh_argv(ssh: str | None) -> list[str]:
-    return [*shlex.split(ssh or "ssh"), "-x", "-o", "ConnectTimeout=10"]
+    """The user's ssh (as the doctor splits it), no X11, a bounded connect."""
+    return [*collect.ssh_argv(ssh), "-x", "-o", "ConnectTimeout=10"]
 
 
 # ---------------------------------------------------------------------------- finding them
@@ -519,7 +521,7 @@ def _cells(r: dict[str, Any]) -> tuple[str, ...]:
     notebooks = "?" if r["notebooks"] is None else str(r["notebooks"])
     return (
         r["id"], ",".join(r["hosts"]), str(r["ranks"]), r["runtime"], _clock(r["started"]),
-        notebooks, _clock(r["idle_since"]), _span(r["idle_timeout"]),
+        notebooks, _clock(r["idle_since"]), records.span(r["idle_timeout"]),
     )  # fmt: skip
 
 
@@ -541,11 +543,3 @@ def _row(record: Record) -> dict[str, Any]:
 
 def _clock(t: float | None) -> str:
     return "?" if t is None else time.strftime("%H:%M:%S", time.localtime(t))
-
-
-def _span(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    if seconds >= 3600:
-        return f"{seconds / 3600:g} h"
-    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"

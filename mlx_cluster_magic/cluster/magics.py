@@ -21,6 +21,7 @@ from ..errors import MLXClusterError
 from ..fabric.placement import BACKENDS
 from ..launch.mpi_job import DEFAULT_RING_PORT
 from ..launch.spec import COLLECTIVE_TIMEOUT_S, GRACE_S, START_TIMEOUT_S
+from ..runtime.records import span
 from .life_cycle import MLXCluster, current, set_current
 
 HELP_WIDTH = 100  # fixed, so the help reads the same in a terminal, a notebook and `?`
@@ -606,11 +607,7 @@ class History(list):  # type: ignore[type-arg]
 def kept_line(cluster: MLXCluster) -> str:
     """What a kept cluster's start says: how to take it up again, and how it ends."""
     where = f"its runtime on {cluster.runtime_on}" if cluster.runtime_on else "its own runtime"
-    idle = cluster.idle_timeout or 0
-    hours = (
-        f"{idle / 3600:g} h" if idle >= 3600 else f"{idle / 60:g} min" if idle >= 60
-        else f"{idle:g} s"
-    )  # fmt: skip
+    hours = span(cluster.idle_timeout)
     return (
         f"kept cluster {cluster.cluster_id} ({where}): it outlives this kernel; after a kernel "
         f"restart, or from another notebook: %mlx_cluster attach {cluster.cluster_id}; "

@@ -38,6 +38,8 @@ from .life_cycle import MLXCluster
 LINGER_S = 3.0
 #: A notebook that polled within this many seconds counts as attached (it polls twice a second).
 ATTACHED_S = 2.0
+#: How often the runtime looks whether it has been idle past its timeout.
+IDLE_CHECK_S = 1.0
 #: The runtime answers these from a thread of their own (they take seconds).
 LONG_CALLS = frozenset({"stop", "restart", "why", "abort", "judge", "check_collectives"})
 #: Calls that mean someone is using the cluster (the idle timeout counts from the last).
@@ -175,12 +177,16 @@ class Runtime:
     # ------------------------------------------------------------------ the loop
     def serve(self) -> None:
         write_record_quietly(self.record)
+        checked = 0.0
         while not self.done.is_set():
             self.server.serve_once(self.handle, LONG_CALLS)
             timeout = self.record.idle_timeout
-            if timeout is not None and time.time() - self.idle_since() > timeout:
+            if timeout is None or time.monotonic() - checked < IDLE_CHECK_S:
+                continue
+            checked = time.monotonic()  # (the rows are read once a second, not every request)
+            if time.time() - self.idle_since() > timeout:
                 threading.Thread(
-                    target=self.stop, args=(None, f"stopped: idle for {_duration(timeout)}"),
+                    target=self.stop, args=(None, f"stopped: idle for {records.span(timeout)}"),
                     daemon=True,
                 ).start()  # fmt: skip
                 self.done.wait(30)
@@ -193,14 +199,6 @@ class Runtime:
         while waiting - self.told and time.monotonic() < deadline:
             self.server.serve_once(self.handle, frozenset(), timeout_ms=100)
         self.server.close()
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g} h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
 
 
 def client_connection(cluster: MLXCluster) -> dict[str, Any]:

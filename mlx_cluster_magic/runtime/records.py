@@ -179,6 +179,15 @@ def remove_folder(folder: Path) -> None:
         folder.parent.rmdir()
 
 
+def span(seconds: float | None) -> str:
+    """``12 h``, ``30 min``, ``4 s`` (an idle timeout as a person reads it); ``never``."""
+    if seconds is None:
+        return "never"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
 def runtime_alive(record: Record) -> bool:
     """Whether the runtime's process (same pid, same start time) still runs on this machine."""
     import psutil
